@@ -4,7 +4,15 @@ Axis names used across the package (in jaxtyping shapes and einops patterns):
 ``layer head kv_head batch pos query_pos key_pos seed d_model d_head d_vocab``.
 """
 
-from mechicl.evaluation import EvalResult, answer_batch, choice_logprobs, evaluate
+from mechicl.evaluation import (
+    EvalResult,
+    answer_batch,
+    answer_losses,
+    choice_logprobs,
+    evaluate,
+    masked_choice_logprobs,
+)
+from mechicl.importance import ffn_importance, head_importance
 from mechicl.induction import (
     SCORES,
     ScanResult,
@@ -15,6 +23,7 @@ from mechicl.induction import (
     prefix_matching_scores,
     previous_token_scores,
 )
+from mechicl.masks import ActivationMeans, Mask, mean_activations
 from mechicl.models import (
     BUILTIN_MODELS,
     FoldedWeights,
@@ -26,7 +35,8 @@ from mechicl.models import (
     load_model,
 )
 from mechicl.plotting import head_heatmap, save_figure
-from mechicl.results import HeadScores
+from mechicl.pruning import PruneCurve, prune_curve
+from mechicl.results import HeadScores, LayerScores
 from mechicl.tasks import (
     Example,
     Prompt,
@@ -43,6 +53,16 @@ from mechicl.tokens import FrequencyRanking, frequency_ranking
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationMeans",
+    "LayerScores",
+    "Mask",
+    "PruneCurve",
+    "answer_losses",
+    "ffn_importance",
+    "head_importance",
+    "masked_choice_logprobs",
+    "mean_activations",
+    "prune_curve",
     "BUILTIN_MODELS",
     "EvalResult",
     "Example",

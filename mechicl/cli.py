@@ -7,6 +7,15 @@ heatmap (PNG + HTML) and a summary table, plus ``summary.json``.
 ``mechicl eval --model smollm2-135m --task sentiment,boolq --shots 0,1,5 --n 100 --out DIR``
 evaluates k-shot accuracy and writes one result folder per task and shot count plus
 ``eval-summary.csv`` / ``.md``.
+
+``mechicl importance --model smollm2-135m --task country_capital --shots 0,1,5 --method bansal
+--out DIR`` computes head importance (and ``--ffn``: FFN knock-out importance) per task and shot
+count: result folders, layer x head heatmaps, ``importance-summary.md``.
+
+``mechicl prune --model smollm2-135m --task country_capital --shots 5 --rankings
+same,antonyms,prefix,copying --draws 3 --out DIR`` computes the rankings (importance on prompts
+disjoint from the evaluated ones, induction scores from a scan) and writes the pruning curves
+(parquet + JSON), their figures and ``prune-summary.md``.
 """
 
 import argparse
@@ -76,6 +85,18 @@ def parse_tasks(text: str) -> list[str]:
     return names
 
 
+def parse_methods(text: str) -> list[str]:
+    """``"bansal,ablation"`` -> ``["bansal", "ablation"]``; unknown names raise."""
+    from mechicl.importance import IMPORTANCE_METHODS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in IMPORTANCE_METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown importance methods {unknown or [text]}; allowed: {list(IMPORTANCE_METHODS)}")
+    return list(dict.fromkeys(names))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechicl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -114,6 +135,62 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt template for task files (built-in tasks have their own)")
     ev.add_argument("--out", type=Path, required=True, help="output folder")
     ev.add_argument("--no-progress", action="store_true")
+
+    imp = sub.add_parser("importance", help="head (and FFN) importance on ICL tasks")
+    imp.add_argument("--model", default="smollm2-135m")
+    imp.add_argument("--task", type=parse_tasks, required=True, help="comma-separated task names")
+    imp.add_argument("--shots", type=parse_int_list, default=[0, 1, 5])
+    imp.add_argument("--method", type=parse_methods, default=["bansal"],
+                     help="comma-separated from bansal,michel,ablation (default bansal); with "
+                          "several, the summary adds their rank correlations")
+    imp.add_argument("--ablation", choices=("zero", "mean"), default="zero",
+                     help="for --method ablation and --ffn")
+    imp.add_argument("--metric", choices=("loss", "accuracy"), default="loss",
+                     help="for --method ablation")
+    imp.add_argument("--normalize-layers", action="store_true",
+                     help="divide each layer by its L2 norm (Michel et al.)")
+    imp.add_argument("--token-normalization", choices=("reference", "uniform"),
+                     default="reference",
+                     help="bansal: last layer / answer tokens as llm-interpret (reference), or "
+                          "every layer / (N-1) tokens (uniform)")
+    imp.add_argument("--ffn", action="store_true", help="also FFN knock-out importance (accuracy)")
+    imp.add_argument("--n", type=_positive, default=100, help="prompts per task and shot count")
+    imp.add_argument("--seed", type=int, default=0)
+    imp.add_argument("--batch-tokens", type=_positive, default=None)
+    imp.add_argument("--shared-scale", action="store_true",
+                     help="one colour scale for all shot counts of a task and method")
+    imp.add_argument("--formats", default="png,html")
+    imp.add_argument("--out", type=Path, required=True)
+    imp.add_argument("--no-progress", action="store_true")
+
+    pr = sub.add_parser("prune", help="accuracy while pruning heads / FFNs by a ranking")
+    pr.add_argument("--model", default="smollm2-135m")
+    pr.add_argument("--task", type=parse_tasks, required=True, help="comma-separated task names")
+    pr.add_argument("--shots", type=parse_int_list, default=[5])
+    pr.add_argument("--rankings", default="same",
+                    help="comma-separated head rankings: 'same' (importance on this task), "
+                         "another task's name, an induction score (prefix, copying, ov, previous, "
+                         "duplicate) or a saved HeadScores folder; random draws via --draws")
+    pr.add_argument("--ffn-rankings", default="",
+                    help="FFN rankings: 'same' (FFN knock-out importance) and/or other tasks")
+    pr.add_argument("--percents", type=parse_int_list, default=list(range(0, 100, 10)),
+                    help="head percentages (default 0,10,...,90)")
+    pr.add_argument("--ffn-percents", type=parse_int_list, default=[0],
+                    help="FFN percentages (default 0; with --percents: a combined grid)")
+    pr.add_argument("--draws", type=int, default=3, help="random-ranking draws (default 3)")
+    pr.add_argument("--method", choices=("bansal", "michel", "ablation"), default="bansal",
+                    help="importance method for task rankings (default bansal)")
+    pr.add_argument("--n", type=_positive, default=100, help="evaluated prompts")
+    pr.add_argument("--importance-n", type=_positive, default=50,
+                    help="prompts for the importance ranking (disjoint from the evaluated ones)")
+    pr.add_argument("--scan-seeds", type=_positive, default=20,
+                    help="random sequences for induction-score rankings")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--ablation", choices=("zero", "mean"), default="zero")
+    pr.add_argument("--batch-tokens", type=_positive, default=4096)
+    pr.add_argument("--formats", default="png,html")
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -188,6 +265,193 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _formats(text: str) -> list[str]:
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
+def _load_task(name: str, template: str = "{input}") -> Any:
+    from mechicl.tasks import load_task, task_from_file
+
+    if name.endswith((".jsonl", ".csv", ".tsv")):
+        return task_from_file(name, template=template)
+    return load_task(name)
+
+
+def _slug(task_name: str) -> str:
+    return Path(task_name).stem if task_name.endswith((".jsonl", ".csv", ".tsv")) else task_name
+
+
+def run_importance(args: argparse.Namespace) -> list[dict]:
+    """Importance per task x shots x method; heatmaps share one colour scale per task and
+    method; with several methods, rank correlations against the first one."""
+    import pandas as pd
+
+    import mechicl
+    from mechicl._io import atomic_write_text
+    from mechicl.overlap import kendall, spearman, top_k_overlap
+    from mechicl.plotting import head_heatmap, layer_bars, save_figure
+
+    model = mechicl.load_model(args.model)
+    out: Path = args.out
+    formats = _formats(args.formats)
+    rows = []
+    for name in args.task:
+        task = _load_task(name)
+        results: dict[tuple[str, int], Any] = {}
+        for shots in args.shots:
+            for method in args.method:
+                start = time.perf_counter()
+                scores = mechicl.head_importance(
+                    model, task, shots=shots, method=method, n=args.n, seed=args.seed,
+                    normalize_layers=args.normalize_layers,
+                    ablation=args.ablation if method == "ablation" else "zero",
+                    metric=args.metric if method == "ablation" else "loss",
+                    token_normalization=args.token_normalization,
+                    batch_tokens=args.batch_tokens, progress=not args.no_progress)
+                seconds = time.perf_counter() - start
+                scores.save(out / "results" / f"{task.name}-{shots}shot-{method}")
+                results[method, shots] = scores
+                row = {"task": task.name, "shots": shots, "method": method,
+                       "n": scores.params["n"], "seconds": round(seconds, 1),
+                       "top_heads": " ".join(f"{a}.{b}" for a, b in scores.top_heads(5))}
+                first = results[args.method[0], shots]
+                if method != args.method[0]:
+                    row |= {"vs": args.method[0], "spearman": spearman(scores, first),
+                            "kendall": kendall(scores, first),
+                            "top10_overlap": top_k_overlap(scores, first,
+                                                           min(10, scores.mean.numel()))}
+                rows.append(row)
+            if args.ffn:
+                ffn = mechicl.ffn_importance(model, task, shots=shots, n=args.n, seed=args.seed,
+                                             ablation=args.ablation,
+                                             progress=not args.no_progress)
+                ffn.save(out / "results" / f"{task.name}-{shots}shot-ffn")
+                save_figure(layer_bars(ffn, title=f"{task.name} {shots}-shot: FFN knock-out",
+                                       yaxis_title="accuracy drop"),
+                            out / f"{task.name}-{shots}shot-ffn", formats)
+                order = mechicl.pruning.prune_order(ffn.mean).tolist()
+                rows.append({"task": task.name, "shots": shots, "method": "ffn knock-out",
+                             "n": ffn.params["n"],
+                             "top_heads": "layers " + " ".join(map(str, order[::-1][:5]))})
+        for method in args.method:
+            maps = [s for (m, _), s in results.items() if m == method]
+            # Token-normalised scores shrink with prompt length, so one scale across shot counts
+            # would leave the many-shot maps dark: each map gets its own unless asked.
+            shared = (min(0.0, min(float(s.mean.min()) for s in maps)),
+                      max(float(s.mean.max()) for s in maps))
+            for shots in args.shots:
+                scores = results[method, shots]
+                zmin, zmax = shared if args.shared_scale else (min(0.0, float(scores.mean.min())),
+                                                                float(scores.mean.max()))
+                fig = head_heatmap(scores, title=f"{task.name} {shots}-shot: {method} importance",
+                                   zmin=zmin, zmax=zmax, kv_group_size=model.group_size,
+                                   colorbar_title="importance")
+                save_figure(fig, out / f"{task.name}-{shots}shot-{method}", formats)
+    table = pd.DataFrame(rows)
+    atomic_write_text(out / "importance-summary.csv", table.to_csv(index=False))
+    atomic_write_text(out / "importance-summary.md", markdown_table(table.astype(object).fillna("")))
+    return rows
+
+
+def run_prune(args: argparse.Namespace) -> list[dict]:
+    """Pruning curves per task x shots for the requested rankings."""
+    import pandas as pd
+
+    import mechicl
+    from mechicl._io import atomic_write_text
+    from mechicl.plotting import prune_curve_figure, save_figure
+    from mechicl.results import HeadScores
+    from mechicl.tasks import build_prompts
+
+    model = mechicl.load_model(args.model)
+    out: Path = args.out
+    formats = _formats(args.formats)
+    head_specs = [r.strip() for r in args.rankings.split(",") if r.strip()]
+    ffn_specs = [r.strip() for r in args.ffn_rankings.split(",") if r.strip()]
+    scan_cache: dict[str, Any] = {}
+    imp_cache: dict[tuple[str, int, str], Any] = {}
+
+    def prompts_of(task_name: str, shots: int) -> tuple[list, list]:
+        task = _load_task(task_name)
+        prompts = build_prompts(task, shots=shots, seed=args.seed)
+        k, n = args.importance_n, args.n
+        if len(prompts) < k + 1:
+            raise SystemExit(f"task {task_name!r} has {len(prompts)} evaluation examples; "
+                             f"--importance-n {k} leaves none to evaluate")
+        return prompts[:k], prompts[k: k + n]
+
+    def importance(task_name: str, shots: int, kind: str) -> Any:
+        key = (task_name, shots, kind)
+        if key not in imp_cache:
+            imp_prompts, _ = prompts_of(task_name, shots)
+            if kind == "ffn":
+                imp_cache[key] = mechicl.ffn_importance(model, task_name, shots=shots,
+                                                        prompts=imp_prompts,
+                                                        ablation=args.ablation,
+                                                        progress=not args.no_progress)
+            else:
+                imp_cache[key] = mechicl.head_importance(model, task_name, shots=shots,
+                                                         prompts=imp_prompts, method=args.method,
+                                                         progress=not args.no_progress)
+            stem = f"{_slug(task_name)}-{shots}shot-{'ffn' if kind == 'ffn' else args.method}"
+            imp_cache[key].save(out / "rankings" / stem)
+        return imp_cache[key]
+
+    def resolve(spec: str, task_name: str, shots: int, kind: str) -> tuple[str, Any]:
+        from mechicl.tasks import TASKS
+
+        if spec == "same":
+            return f"same task ({task_name})", importance(task_name, shots, kind)
+        if spec in TASKS:
+            return f"other task ({spec})", importance(spec, shots, kind)
+        if kind == "heads" and spec in SCORE_ALIASES:
+            score = SCORE_ALIASES[spec]
+            if score not in scan_cache:
+                scan = mechicl.induction_scan(model, scores=(score,), n_seeds=args.scan_seeds,
+                                              seed=args.seed, progress=not args.no_progress)
+                scan_cache[score] = scan.scores[score]
+                scan_cache[score].save(out / "rankings" / f"scan-{score}")
+            return score.replace("_", " "), scan_cache[score]
+        path = Path(spec)
+        if kind == "heads" and (path / "meta.json").exists():
+            return path.name, HeadScores.load(path)
+        raise SystemExit(f"unknown {kind} ranking {spec!r}: use 'same', a task name "
+                         f"{sorted(TASKS)}, an induction score {sorted(set(SCORE_ALIASES))} or "
+                         "a saved HeadScores folder")
+
+    rows = []
+    for task_name in args.task:
+        for shots in args.shots:
+            _, eval_prompts = prompts_of(task_name, shots)
+            heads = dict(resolve(s, task_name, shots, "heads") for s in head_specs)
+            ffns = dict(resolve(s, task_name, shots, "ffn") for s in ffn_specs)
+            start = time.perf_counter()
+            curve = mechicl.prune_curve(
+                model, task_name, shots=shots, prompts=eval_prompts, head_rankings=heads or None,
+                ffn_rankings=ffns or None, head_percents=args.percents,
+                ffn_percents=args.ffn_percents, random_draws=args.draws, seed=args.seed,
+                ablation=args.ablation, batch_tokens=args.batch_tokens,
+                progress=not args.no_progress)
+            seconds = time.perf_counter() - start
+            stem = f"{_slug(task_name)}-{shots}shot"
+            curve.save(out / "results" / f"{stem}-prune")
+            if any(p > 0 for p in args.percents):
+                save_figure(prune_curve_figure(curve, x="head_percent"),
+                            out / f"{stem}-prune-heads", formats)
+            if any(p > 0 for p in args.ffn_percents):
+                save_figure(prune_curve_figure(curve, x="ffn_percent"),
+                            out / f"{stem}-prune-ffn", formats)
+            summary = curve.summary()
+            summary.insert(0, "shots", shots)
+            summary.insert(0, "task", task_name)
+            summary["seconds"] = round(seconds, 1)
+            rows.extend(summary.to_dict("records"))
+    table = pd.DataFrame(rows)
+    atomic_write_text(out / "prune-summary.csv", table.to_csv(index=False))
+    atomic_write_text(out / "prune-summary.md", markdown_table(table))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -206,6 +470,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{row['task']:24s} {row['shots']}-shot  accuracy {row['accuracy']:.3f} "
                   f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]  chance {row['chance']:.3f}  "
                   f"n={row['n']}")
+        print(f"wrote {args.out}/")
+    elif args.command == "importance":
+        for row in run_importance(args):
+            extra = (f"  spearman vs {row['vs']} {row['spearman']:.3f}" if "vs" in row else "")
+            print(f"{row['task']:24s} {row['shots']}-shot {row['method']:14s} top "
+                  f"{row['top_heads']}{extra}")
+        print(f"wrote {args.out}/")
+    elif args.command == "prune":
+        for row in run_prune(args):
+            print(f"{row['task']:24s} {row['shots']}-shot  {row['head_ranking']:28s} "
+                  f"{row['ffn_ranking']:20s} baseline {row['baseline']:.3f}  keeps accuracy "
+                  f"(-{row['tolerance']}) up to {row['max_head_percent']:.0f}% heads, "
+                  f"{row['max_ffn_percent']:.0f}% FFNs")
         print(f"wrote {args.out}/")
     return 0
 

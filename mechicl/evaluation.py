@@ -25,17 +25,19 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
+from einops import repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl._batching import length_batches, pad_right
 from mechicl._io import atomic_path
+from mechicl.masks import Mask, masked_logits
 from mechicl.models import HookedModel, as_hooked_model
 from mechicl.tasks import Prompt, Task, build_prompts
 
-__all__ = ["AnswerBatch", "EvalResult", "answer_batch", "choice_logprobs", "evaluate",
-           "wilson_interval"]
+__all__ = ["AnswerBatch", "EvalResult", "answer_batch", "answer_losses", "choice_logprobs",
+           "evaluate", "masked_choice_logprobs", "wilson_interval"]
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -101,40 +103,86 @@ def _rows(model: HookedModel, prompts: Sequence[Prompt]) -> list[_Row]:
 
 
 def choice_logprobs(
-    model: HookedModel, prompts: Sequence[Prompt], *, batch_tokens: int = 4096,
-    progress: bool = False,
+    model: HookedModel, prompts: Sequence[Prompt], *, mask: Mask | None = None,
+    batch_tokens: int = 4096, progress: bool = False,
 ) -> tuple[Float[Tensor, "example choice"], Int[Tensor, "example choice"]]:
     """Summed log-probability of each prompt's continuations, and their token counts.
+
+    Args:
+        model: the model.
+        prompts: the prompts.
+        mask: run under this head / FFN mask.
+        batch_tokens: rows x longest row per forward pass.
+        progress: show a progress bar.
 
     Returns:
         ``(loglik, n_tokens)``, both ``[example, max_choices]``; missing choices (prompts with
         fewer choices) hold ``-inf`` and 0.
     """
+    loglik, n_tokens = masked_choice_logprobs(model, prompts, [mask] if mask is not None else None,
+                                              batch_tokens=batch_tokens, progress=progress)
+    return loglik[0], n_tokens
+
+
+def masked_choice_logprobs(
+    model: HookedModel, prompts: Sequence[Prompt], masks: Sequence[Mask] | None, *,
+    batch_tokens: int = 4096, progress: bool = False,
+) -> tuple[Float[Tensor, "mask example choice"], Int[Tensor, "example choice"]]:
+    """:func:`choice_logprobs` under each of several masks, many masked copies per forward pass.
+
+    Args:
+        masks: the masks (``None``: the unmasked model only, as one mask).
+        batch_tokens: rows x longest row per forward pass, counting every masked copy.
+
+    Returns:
+        ``(loglik [mask, example, choice], n_tokens [example, choice])``.
+    """
     model = as_hooked_model(model)
     if not prompts:
         raise ValueError("no prompts to score")
+    mask_list: list[Mask | None] = list(masks) if masks is not None else [None]
+    if not mask_list:
+        raise ValueError("no masks to score under")
+    n_masks = len(mask_list)
     n_choices = max(len(p.continuations) for p in prompts)
-    loglik = torch.full((len(prompts), n_choices), float("-inf"), dtype=torch.float64)
+    loglik = torch.full((n_masks, len(prompts), n_choices), float("-inf"), dtype=torch.float64)
     n_tokens = torch.zeros((len(prompts), n_choices), dtype=torch.long)
     for p_idx, p in enumerate(prompts):
-        loglik[p_idx, : len(p.continuations)] = 0.0
+        loglik[:, p_idx, : len(p.continuations)] = 0.0
     rows = _rows(model, prompts)
     batches = length_batches([len(r.tokens) for r in rows], batch_tokens)
-    for batch in tqdm(batches, desc="scoring", disable=not progress, unit="batch"):
+    total = sum(math.ceil(n_masks / _masks_per_pass(batch_tokens, len(b), len(rows[b[-1]].tokens)))
+                for b in batches)
+    bar = tqdm(total=total, desc="scoring", disable=not progress, unit="pass")
+    for batch in batches:
         tokens, lengths = pad_right([rows[i].tokens for i in batch], model.pad_token_id)
-        mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+        attn = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
         flat = [(b, pos, tok, p_idx, c) for b, i in enumerate(batch)
                 for p_idx, c, pos, tok in rows[i].targets]
         idx = torch.tensor(flat, dtype=torch.long)  # [target, 5]
-        with torch.no_grad():
-            logits = model(tokens.to(model.device), attention_mask=mask.to(model.device),
-                           return_type="logits")
-        picked = logits[idx[:, 0], idx[:, 1]].double()  # [target, d_vocab]
-        lp = picked.gather(-1, idx[:, 2:3].to(picked.device))[:, 0] - torch.logsumexp(picked, -1)
-        loglik.index_put_((idx[:, 3], idx[:, 4]), lp.cpu(), accumulate=True)
         n_tokens.index_put_((idx[:, 3], idx[:, 4]), torch.ones(len(idx), dtype=torch.long),
                             accumulate=True)
+        per_pass = _masks_per_pass(batch_tokens, *tokens.shape)
+        for start in range(0, n_masks, per_pass):
+            chunk = mask_list[start: start + per_pass]
+            with torch.no_grad():
+                if chunk[0] is None:
+                    logits = model(tokens.to(model.device), attention_mask=attn.to(model.device),
+                                   return_type="logits")[None]
+                else:
+                    logits = masked_logits(model, tokens, attn, chunk)  # [mask, batch, pos, vocab]
+            picked = logits[:, idx[:, 0], idx[:, 1]].double()  # [mask, target, d_vocab]
+            tok = repeat(idx[:, 2], "target -> mask target 1", mask=len(chunk)).to(picked.device)
+            lp = picked.gather(-1, tok)[..., 0] - torch.logsumexp(picked, -1)  # [mask, target]
+            for m in range(len(chunk)):
+                loglik[start + m].index_put_((idx[:, 3], idx[:, 4]), lp[m].cpu(), accumulate=True)
+            bar.update(1)
+    bar.close()
     return loglik, n_tokens
+
+
+def _masks_per_pass(batch_tokens: int, rows: int, length: int) -> int:
+    return max(1, batch_tokens // max(1, rows * length))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +224,60 @@ def answer_batch(model: HookedModel, prompts: Sequence[Prompt],
     return AnswerBatch(tokens=tokens.to(model.device), attention_mask=attention.to(model.device),
                        answer_mask=answer.to(model.device),
                        prompt_ids=tuple(p.id for p in prompts))
+
+
+def answer_losses(
+    model: HookedModel, batch: AnswerBatch, masks: Sequence[Mask] | None = None, *,
+    batch_tokens: int = 4096, progress: bool = False,
+) -> Float[Tensor, "mask example"]:
+    """Mean cross-entropy on each example's answer tokens, under each mask.
+
+    The loss of example ``i`` is the mean of ``-log p(tokens[i, t] | tokens[i, :t])`` over its
+    answer positions ``t`` (``batch.answer_mask``): the loss a lm-evaluation-harness style
+    ``labels`` tensor gives for one example.
+
+    Args:
+        model: the model.
+        batch: prompts + answers from :func:`answer_batch`.
+        masks: the masks (``None``: the unmasked model only).
+        batch_tokens: rows x longest row per forward pass, counting every masked copy.
+        progress: show a progress bar.
+
+    Returns:
+        ``[mask, example]`` losses (float64).
+    """
+    model = as_hooked_model(model)
+    mask_list: list[Mask | None] = list(masks) if masks is not None else [None]
+    n_masks, n_ex = len(mask_list), batch.tokens.shape[0]
+    out = torch.zeros(n_masks, n_ex, dtype=torch.float64)
+    lengths = batch.attention_mask.sum(-1).tolist()
+    row_batches = length_batches(lengths, batch_tokens)
+    bar = tqdm(total=len(row_batches) * n_masks, desc="loss", disable=not progress, unit="row")
+    for rows in row_batches:
+        width = max(lengths[i] for i in rows)
+        tokens = batch.tokens[rows, :width]
+        attn = batch.attention_mask[rows, :width]
+        target = batch.answer_mask[rows, :width].clone()
+        target[:, 0] = False
+        b_idx, pos = torch.nonzero(target, as_tuple=True)  # answer token (b, pos), logits at pos-1
+        counts = target.sum(-1).to(torch.float64).cpu()
+        per_pass = _masks_per_pass(batch_tokens, *tokens.shape)
+        for start in range(0, n_masks, per_pass):
+            chunk = mask_list[start: start + per_pass]
+            with torch.no_grad():
+                if chunk[0] is None:
+                    logits = model(tokens, attention_mask=attn, return_type="logits")[None]
+                else:
+                    logits = masked_logits(model, tokens, attn, chunk)
+            picked = logits[:, b_idx, pos - 1].double()  # [mask, target, d_vocab]
+            tok = repeat(tokens[b_idx, pos], "target -> mask target 1", mask=len(chunk))
+            nll = torch.logsumexp(picked, -1) - picked.gather(-1, tok)[..., 0]  # [mask, target]
+            summed = torch.zeros(len(chunk), len(rows), dtype=torch.float64, device=nll.device)
+            summed.index_add_(1, b_idx, nll)
+            out[start: start + len(chunk), rows] = summed.cpu() / counts.clamp(min=1)
+            bar.update(len(chunk))
+    bar.close()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +347,8 @@ class EvalResult:
 
 def evaluate(
     model: HookedModel, task: Task | str, *, shots: int = 5, n: int | None = None, seed: int = 0,
-    length_normalize: bool = False, batch_tokens: int = 4096, progress: bool = False,
-    **prompt_options: Any,
+    length_normalize: bool = False, mask: Mask | None = None, batch_tokens: int = 4096,
+    progress: bool = False, **prompt_options: Any,
 ) -> EvalResult:
     """Evaluate ``model`` on ``task`` with ``shots`` demonstrations per prompt.
 
@@ -257,6 +359,7 @@ def evaluate(
         n: number of evaluation examples (default: the whole evaluation pool).
         seed: seeds example selection and demonstrations.
         length_normalize: rank choices by mean log-probability per token instead of the sum.
+        mask: evaluate with these heads / FFNs masked (:class:`~mechicl.masks.Mask`).
         batch_tokens: rows x longest row per forward pass.
         progress: show a progress bar.
         **prompt_options: passed to :func:`~mechicl.tasks.build_prompts` (``balanced``,
@@ -267,7 +370,8 @@ def evaluate(
     model = as_hooked_model(model)
     task_obj = load_task(task) if isinstance(task, str) else task
     prompts = build_prompts(task_obj, shots=shots, n=n, seed=seed, **prompt_options)
-    loglik, n_tok = choice_logprobs(model, prompts, batch_tokens=batch_tokens, progress=progress)
+    loglik, n_tok = choice_logprobs(model, prompts, mask=mask, batch_tokens=batch_tokens,
+                                    progress=progress)
     score = loglik / n_tok.clamp(min=1) if length_normalize else loglik
     pred = score.argmax(-1)
     gold = torch.tensor([p.gold for p in prompts])
@@ -287,6 +391,7 @@ def evaluate(
             **{f"meta.{k}": v for k, v in ex.meta.items()},
         })
     config = {"shots": shots, "n": len(prompts), "seed": seed, "length_normalize": length_normalize,
+              "mask": None if mask is None else mask.to_dict(),
               **prompt_options, "template": task_obj.template, "separator": task_obj.separator,
               "source": task_obj.source, "licence": task_obj.licence}
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}

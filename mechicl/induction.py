@@ -27,6 +27,7 @@ attention), hooks reduce each attention pattern to per-head numbers in place (th
 Axis names: ``seed batch layer head query_pos key_pos pos d_model d_head``.
 """
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 
 from mechicl._batching import length_batches, pad_right
 from mechicl._checks import check_choice
+from mechicl.masks import Mask
 from mechicl.models import HookedModel, as_hooked_model
 from mechicl.results import HeadScores
 
@@ -400,7 +402,7 @@ def induction_scan(
     n_copies: int = 4, exclude_top: float = 0.04, exclude_bottom: float = 0.04,
     indexing: Indexing = "exact", stream: Stream = "embeddings",
     tokens: Sequence[Tensor] | None = None, length: Callable[[int], int] = bansal_length,
-    batch_tokens: int = 4096, progress: bool = True,
+    batch_tokens: int = 4096, mask: Mask | None = None, progress: bool = True,
 ) -> ScanResult:
     """Run the induction-head scores sharing forward passes (one pass over the repeated
     sequences serves prefix-matching, previous-token, duplicate-token and the loss).
@@ -421,9 +423,22 @@ def induction_scan(
             the repeated-sequence scores; the copying score then uses BOS + each base sequence.
         length: L as a function of the seed index (default Bansal et al.'s 2s + 25).
         batch_tokens: rows x longest sequence per forward pass (memory bound).
+        mask: run every forward pass with these heads / FFNs masked
+            (:class:`~mechicl.masks.Mask`); weight-only parts (the OV images of the copying
+            score, ``ov_eigen``) read the unmasked weights. Recorded in each score's params.
         progress: show tqdm progress bars.
     """
     model = as_hooked_model(model)
+    if mask is not None:
+        with mask.applied(model):
+            result = induction_scan(
+                model, scores=scores, n_seeds=n_seeds, seed=seed, n_copies=n_copies,
+                exclude_top=exclude_top, exclude_bottom=exclude_bottom, indexing=indexing,
+                stream=stream, tokens=tokens, length=length, batch_tokens=batch_tokens,
+                progress=progress)
+        recorded = {name: dataclasses.replace(s, params={**s.params, "mask": mask.to_dict()})
+                    for name, s in result.scores.items()}
+        return dataclasses.replace(result, scores=recorded)
     unknown = [s for s in scores if s not in SCORES]
     if unknown or not scores:
         raise ValueError(f"unknown score names {unknown or list(scores)}; allowed: {list(SCORES)}")

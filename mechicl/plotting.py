@@ -1,4 +1,5 @@
-"""Plotting: layer x head heatmaps (plotly). Functions return ``go.Figure``; saving is explicit.
+"""Plotting: layer x head heatmaps, per-layer bars, pruning curves (plotly). Functions return
+``go.Figure``; saving is explicit.
 
 Conventions shared by every heatmap: layer 0 at the BOTTOM, heads left to right, hover shows
 layer, head and value; for grouped-query models thin lines separate the KV groups.
@@ -9,6 +10,7 @@ Axis names: ``layer head``.
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 import torch
@@ -16,9 +18,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechicl._io import atomic_path
-from mechicl.results import HeadScores
 
-__all__ = ["head_heatmap", "save_figure"]
+if TYPE_CHECKING:
+    from mechicl.pruning import PruneCurve
+from mechicl.results import HeadScores, LayerScores
+
+__all__ = ["head_heatmap", "layer_bars", "prune_curve_figure", "save_figure"]
 
 FORMATS = ("png", "svg", "pdf", "html")
 
@@ -72,6 +77,75 @@ def head_heatmap(
     )
     fig.update_yaxes(autorange=True, dtick=max(1, n_layers // 15))  # layer 0 at the bottom
     fig.update_xaxes(dtick=1)
+    return fig
+
+
+def layer_bars(scores: LayerScores | Float[Tensor, " layer"], *, title: str | None = None,
+               yaxis_title: str = "score") -> go.Figure:
+    """One bar per layer (e.g. FFN importance), with +-1 standard error when ``scores`` carries
+    per-example rows.
+
+    >>> layer_bars(torch.tensor([0.1, -0.2, 0.3])).data[0].y.tolist()
+    [0.1, -0.2, 0.3]
+    """
+    mean = scores.mean if isinstance(scores, LayerScores) else scores
+    if mean.ndim != 1:
+        raise ValueError(f"expected [layer] scores, got shape {tuple(mean.shape)}")
+    error = None
+    if isinstance(scores, LayerScores) and scores.per_seed.shape[0] > 1:
+        sem = (scores.var / scores.per_seed.shape[0]).sqrt()
+        error = {"type": "data", "array": sem.tolist()}
+    fig = go.Figure(go.Bar(x=list(range(mean.shape[0])), y=mean.double().tolist(), error_y=error,
+                           hovertemplate="layer %{x}<br>value %{y:.4f}<extra></extra>"))
+    if title is None:
+        title = scores.name if isinstance(scores, LayerScores) else ""
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=yaxis_title, width=640,
+                      height=360, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def prune_curve_figure(curve: "PruneCurve", *, x: str = "head_percent", title: str | None = None,
+                       ) -> go.Figure:
+    """Accuracy vs percentage pruned, one line per ranking; random draws as their mean with a
+    min-max band; the unpruned accuracy and chance as dashed lines.
+
+    Args:
+        curve: a :class:`~mechicl.pruning.PruneCurve`.
+        x: ``"head_percent"`` or ``"ffn_percent"`` (the other percentage is held at 0).
+        title: figure title.
+    """
+    if x not in ("head_percent", "ffn_percent"):
+        raise ValueError(f"x={x!r} is not allowed; choose 'head_percent' or 'ffn_percent'")
+    other = "ffn_percent" if x == "head_percent" else "head_percent"
+    key = "head_ranking" if x == "head_percent" else "ffn_ranking"
+    data = curve.data[curve.data[other] == 0]
+    fig = go.Figure()
+    for name, group in data.groupby(key, sort=True):
+        if name == "none":
+            continue
+        stats = group.groupby(x).accuracy.agg(["mean", "min", "max"]).reset_index()
+        label = f"{name} ({group.draw.nunique()} draws)" if name == "random" else str(name)
+        if name == "random" and group.draw.nunique() > 1:
+            fig.add_trace(go.Scatter(
+                x=list(stats[x]) + list(stats[x])[::-1],
+                y=list(stats["max"]) + list(stats["min"])[::-1], fill="toself",
+                line={"width": 0}, fillcolor="rgba(128,128,128,0.25)", hoverinfo="skip",
+                showlegend=False))
+        fig.add_trace(go.Scatter(
+            x=stats[x], y=stats["mean"], mode="lines+markers", name=label,
+            line={"dash": "dot", "color": "gray"} if name == "random" else None,
+            hovertemplate=f"{label}<br>%{{x}}% removed<br>accuracy %{{y:.3f}}<extra></extra>"))
+    fig.add_hline(y=curve.baseline, line={"dash": "dash", "color": "black", "width": 1},
+                  annotation_text="unpruned", annotation_position="bottom left")
+    if "chance" in data and len(data):
+        fig.add_hline(y=float(data.chance.iloc[0]), line={"dash": "dash", "color": "red", "width": 1},
+                      annotation_text="chance", annotation_position="bottom left")
+    if title is None:
+        p = curve.params
+        title = f"{p.get('task', '')} {p.get('shots', '')}-shot: pruning {x.split('_')[0]}s"
+    fig.update_layout(title=title, xaxis_title=f"% of {x.split('_')[0]}s removed",
+                      yaxis_title="accuracy", yaxis_range=[0, 1], width=640, height=420,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50})
     return fig
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from mechicl._batching import pad_right
 from mechicl._io import atomic_path
 
-__all__ = ["HeadScores", "unpad_sequences"]
+__all__ = ["HeadScores", "LayerScores", "unpad_sequences"]
 
 FORMAT_VERSION = 1
 
@@ -127,3 +127,66 @@ class HeadScores:
         extras = {k.removeprefix("extra."): v for k, v in t.items() if k.startswith("extra.")}
         return cls(name=meta["name"], mean=t["mean"], var=t["var"], per_seed=t["per_seed"],
                    params=meta["params"], model=meta["model"], tokens=tokens, extras=extras)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerScores:
+    """One score per layer (e.g. the importance of each layer's MLP).
+
+    Attributes:
+        name: the score's name, e.g. ``"ffn_importance"``.
+        mean: ``[layer]`` mean over seeds / examples.
+        var: ``[layer]`` unbiased variance over seeds / examples.
+        per_seed: ``[seed, layer]`` one row per seed or example.
+        params: the protocol parameters (JSON-serialisable).
+        model: the model's provenance.
+    """
+
+    name: str
+    mean: Float[Tensor, " layer"]
+    var: Float[Tensor, " layer"]
+    per_seed: Float[Tensor, "seed layer"]
+    params: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_per_seed(cls, name: str, per_seed: Float[Tensor, "seed layer"],
+                      **kwargs: Any) -> "LayerScores":
+        per_seed = per_seed.detach().to("cpu", torch.float64)
+        var = per_seed.var(0) if per_seed.shape[0] > 1 else torch.zeros_like(per_seed[0])
+        return cls(name=name, mean=per_seed.mean(0), var=var, per_seed=per_seed, **kwargs)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.mean.shape[0])
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per layer: layer, mean, var, std, rank (1 = highest mean)."""
+        rank = torch.empty_like(self.mean, dtype=torch.long)
+        rank[torch.argsort(self.mean, descending=True, stable=True)] = torch.arange(
+            1, self.n_layers + 1)
+        return pd.DataFrame({"score": self.name, "layer": range(self.n_layers),
+                             "mean": self.mean.numpy(), "var": self.var.numpy(),
+                             "std": self.var.sqrt().numpy(), "rank": rank.numpy()})
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write as a folder (``tensors.safetensors`` + ``meta.json``), atomically."""
+        meta = {"format": FORMAT_VERSION, "kind": "LayerScores", "name": self.name,
+                "params": self.params, "model": self.model}
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            save_file({"mean": self.mean.contiguous(), "var": self.var.contiguous(),
+                       "per_seed": self.per_seed.contiguous()}, str(tmp / "tensors.safetensors"))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True),
+                                           encoding="utf-8")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "LayerScores":
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("kind") != "LayerScores":
+            raise ValueError(f"{path} does not hold LayerScores (kind={meta.get('kind')!r})")
+        t = load_file(str(path / "tensors.safetensors"))
+        return cls(name=meta["name"], mean=t["mean"], var=t["var"], per_seed=t["per_seed"],
+                   params=meta["params"], model=meta["model"])

@@ -68,3 +68,57 @@ def test_scan_cli_writes_results_and_figures(tiny_folder, tmp_path):
     assert (out / f"{name}-prefix_matching.png").stat().st_size > 1000
     assert (out / f"{name}-ov_eigen.html").is_file() and (out / "plotly.min.js").is_file()
     assert (out / "results" / f"{name}-prefix_matching" / "tensors.safetensors").is_file()
+
+
+@pytest.fixture()
+def copy_task_file(tmp_path):
+    """A copy task in the toy vocabulary: the answer is the token after the earlier occurrence."""
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(40):
+        words = [f"w{i}" for i in rng.sample(range(10, 90), 6)]
+        lines.append(json.dumps({"input": " ".join(words + words[:3]),
+                                 "choices": [words[3], words[5]], "gold": 0}))
+    path = tmp_path / "copy.jsonl"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_importance_cli_writes_results_heatmaps_and_correlations(tiny_folder, copy_task_file,
+                                                                  tmp_path):
+    from mechicl.results import HeadScores
+
+    out = tmp_path / "imp"
+    assert main(["importance", "--model", str(tiny_folder), "--task", str(copy_task_file),
+                 "--shots", "0,1", "--method", "bansal,ablation", "--n", "6", "--ffn",
+                 "--no-progress", "--formats", "png", "--out", str(out)]) == 0
+    scores = HeadScores.load(out / "results" / "copy-1shot-ablation")
+    assert scores.mean.shape == (2, 4) and scores.params["method"] == "ablation"
+    assert (out / "copy-0shot-bansal.png").stat().st_size > 1000
+    assert (out / "copy-1shot-ffn.png").is_file()
+    table = (out / "importance-summary.csv").read_text()
+    assert "spearman" in table.splitlines()[0] and table.count("ablation") >= 2
+
+
+def test_prune_cli_writes_curves(tiny_folder, copy_task_file, tmp_path, capsys):
+    from mechicl.pruning import PruneCurve
+
+    out = tmp_path / "prune"
+    assert main(["prune", "--model", str(tiny_folder), "--task", str(copy_task_file),
+                 "--shots", "1", "--rankings", "same,prefix", "--ffn-rankings", "same",
+                 "--percents", "0,50", "--ffn-percents", "0,50", "--draws", "2", "--n", "8",
+                 "--importance-n", "6", "--scan-seeds", "2", "--no-progress", "--formats", "png",
+                 "--out", str(out)]) == 0
+    curve = PruneCurve.load(out / "results" / "copy-1shot-prune")
+    rankings = set(curve.data.head_ranking)
+    assert rankings == {"same task (" + str(copy_task_file) + ")", "prefix matching", "random"}
+    assert set(curve.data.head_percent) == {0.0, 50.0} and set(curve.data.ffn_percent) == {0.0, 50.0}
+    assert curve.params["prompt_ids"] and curve.data.n.iloc[0] == 8
+    assert (out / "copy-1shot-prune-heads.png").is_file() and (out / "copy-1shot-prune-ffn.png").is_file()
+    assert (out / "rankings" / "copy-1shot-bansal" / "meta.json").is_file()
+    assert "keeps accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown heads ranking 'nope'"):
+        main(["prune", "--model", str(tiny_folder), "--task", str(copy_task_file), "--rankings",
+              "nope", "--n", "4", "--importance-n", "4", "--out", str(tmp_path / "x")])

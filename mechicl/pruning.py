@@ -1,0 +1,279 @@
+"""Pruning curves: accuracy as the least important heads and FFNs are removed.
+
+As in Bansal et al. 2023 (llm-interpret ``lm_eval/models/opt.py``): heads are sorted by an
+importance score, ascending, and the first ``floor(p * n_heads_total / 100)`` are masked, for
+``p = 0, 10, ..., 90``; FFNs likewise (``floor(p * n_layers / 100)`` layers). The scores are not
+recomputed after each step (the paper's "iterative" pruning is a sweep over percentages of one
+ranking). The ranking can come from the same task, from another task (cross-task transfer), from
+induction scores (prefix matching or copying: pruning by induction score), or be random (several
+seeded draws as a baseline). Heads and FFNs can be pruned together on a grid of percentages.
+
+Every distinct mask of the sweep is evaluated once; many masked copies share forward passes.
+
+Axis names: ``mask example choice layer head``.
+"""
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechicl._io import atomic_path
+from mechicl.evaluation import masked_choice_logprobs, wilson_interval
+from mechicl.importance import _prompts
+from mechicl.masks import Ablation, ActivationMeans, Mask
+from mechicl.models import HookedModel, as_hooked_model
+from mechicl.results import HeadScores, LayerScores
+from mechicl.tasks import Prompt, Task
+
+__all__ = ["DEFAULT_PERCENTS", "PruneCurve", "prune_curve", "prune_order", "pruning_mask"]
+
+DEFAULT_PERCENTS: tuple[int, ...] = tuple(range(0, 100, 10))
+RANDOM = "random"
+
+Ranking = HeadScores | LayerScores | Tensor
+
+
+def prune_order(scores: Float[Tensor, "layer head"] | Float[Tensor, " layer"]) -> Int[Tensor, " n"]:
+    """Flat indices from least to most important (stable: ties keep index order).
+
+    >>> prune_order(torch.tensor([[0.5, 0.1], [0.9, 0.2]])).tolist()
+    [1, 3, 0, 2]
+    """
+    flat = torch.as_tensor(scores).flatten()
+    if not torch.isfinite(flat).all():
+        raise ValueError("importance scores contain NaN or inf; cannot rank them")
+    return torch.argsort(flat, stable=True)
+
+
+def _n_removed(percent: float, total: int) -> int:
+    if not 0 <= percent <= 100:
+        raise ValueError(f"percent={percent} must be in [0, 100]")
+    return int(percent * total // 100)
+
+
+def pruning_mask(
+    model: HookedModel | tuple[int, int], *, head_order: Tensor | None = None,
+    head_percent: float = 0, ffn_order: Tensor | None = None, ffn_percent: float = 0,
+    ablation: Ablation = "zero", means: ActivationMeans | None = None,
+) -> Mask:
+    """The mask removing the first ``head_percent`` % of ``head_order`` (flat ``layer * n_heads +
+    head`` indices, least important first) and the first ``ffn_percent`` % of ``ffn_order``."""
+    keep = Mask.keep_all(model, ablation=ablation, means=means)
+    n_layers, n_heads = keep.n_layers, keep.n_heads
+    heads = keep.heads.clone().flatten()
+    ffn = keep.ffn.clone()
+    k = _n_removed(head_percent, n_layers * n_heads)
+    if k:
+        if head_order is None or head_order.numel() != n_layers * n_heads:
+            raise ValueError(f"head_percent={head_percent} needs a head_order of "
+                             f"{n_layers * n_heads} indices")
+        heads[head_order[:k]] = 0.0
+    k = _n_removed(ffn_percent, n_layers)
+    if k:
+        if ffn_order is None or ffn_order.numel() != n_layers:
+            raise ValueError(f"ffn_percent={ffn_percent} needs an ffn_order of {n_layers} indices")
+        ffn[ffn_order[:k]] = 0.0
+    return Mask(heads=heads.reshape(n_layers, n_heads), ffn=ffn, ablation=ablation, means=means)
+
+
+def _as_rankings(rankings: Ranking | Mapping[str, Ranking] | None, expected: int,
+                 kind: str) -> dict[str, Tensor]:
+    if rankings is None:
+        return {}
+    if not isinstance(rankings, Mapping):
+        name = getattr(rankings, "name", "custom")
+        task = getattr(rankings, "params", {}).get("task")
+        rankings = {f"{name}:{task}" if task else name: rankings}
+    out = {}
+    for name, r in rankings.items():
+        if name == RANDOM:
+            raise ValueError(f"the ranking name {RANDOM!r} is reserved for random draws")
+        scores = r.mean if isinstance(r, (HeadScores, LayerScores)) else torch.as_tensor(r)
+        if scores.numel() != expected:
+            raise ValueError(f"{kind} ranking {name!r} has {scores.numel()} scores, the model has "
+                             f"{expected} {kind}")
+        out[name] = prune_order(scores)
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneCurve:
+    """Accuracy after pruning, one row per (ranking, draw, head %, FFN %).
+
+    Attributes:
+        data: columns ``task, shots, head_ranking, ffn_ranking, draw, head_percent,
+            ffn_percent, heads_removed, ffns_removed, accuracy, ci_low, ci_high,
+            gold_logprob`` (mean log-likelihood of the gold answer), ``n``, ``chance``.
+        params: the run's settings.
+        model: the model's provenance.
+    """
+
+    data: pd.DataFrame = field(repr=False)
+    params: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def baseline(self) -> float:
+        """Accuracy with nothing removed."""
+        rows = self.data[(self.data.heads_removed == 0) & (self.data.ffns_removed == 0)]
+        if rows.empty:
+            raise ValueError("the curve has no unpruned point")
+        return float(rows.accuracy.iloc[0])
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.data.copy()
+
+    def summary(self, tolerance: float = 0.05) -> pd.DataFrame:
+        """Per ranking: the largest head % (FFN %) whose accuracy, averaged over random draws,
+        stays within ``tolerance`` of the unpruned accuracy (and above chance)."""
+        base = self.baseline
+        grouped = (self.data.groupby(["head_ranking", "ffn_ranking", "head_percent",
+                                      "ffn_percent"], as_index=False)
+                   .agg(accuracy=("accuracy", "mean"), draws=("draw", "nunique")))
+        rows = []
+        for (hr, fr), g in grouped.groupby(["head_ranking", "ffn_ranking"]):
+            ok = g[(g.accuracy >= base - tolerance)]
+            rows.append({"head_ranking": hr, "ffn_ranking": fr, "baseline": base,
+                         "tolerance": tolerance,
+                         "max_head_percent": float(ok.head_percent.max()) if len(ok) else 0.0,
+                         "max_ffn_percent": float(ok.ffn_percent.max()) if len(ok) else 0.0,
+                         "draws": int(g.draws.max())})
+        return pd.DataFrame(rows)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """A folder with ``curve.json`` (settings) and ``curve.parquet``, written atomically."""
+        meta = {"kind": "PruneCurve", "format": 1, "params": self.params, "model": self.model}
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            (tmp / "curve.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            self.data.to_parquet(tmp / "curve.parquet", index=False)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "PruneCurve":
+        path = Path(path)
+        meta = json.loads((path / "curve.json").read_text(encoding="utf-8"))
+        if meta.get("kind") != "PruneCurve":
+            raise ValueError(f"{path} does not hold a PruneCurve")
+        return cls(data=pd.read_parquet(path / "curve.parquet"), params=meta["params"],
+                   model=meta["model"])
+
+
+def prune_curve(
+    model: HookedModel, task: Task | str | None = None, *, shots: int = 5,
+    head_rankings: Ranking | Mapping[str, Ranking] | None = None,
+    ffn_rankings: Ranking | Mapping[str, Ranking] | None = None,
+    head_percents: Sequence[int | float] = DEFAULT_PERCENTS,
+    ffn_percents: Sequence[int | float] = (0,),
+    random_draws: int = 3, n: int | None = None, seed: int = 0,
+    prompts: Sequence[Prompt] | None = None, ablation: Ablation = "zero",
+    means: ActivationMeans | None = None, length_normalize: bool = False,
+    batch_tokens: int = 4096, progress: bool = False, **prompt_options: Any,
+) -> PruneCurve:
+    """Accuracy on ``task`` at ``shots`` while removing the least important heads / FFNs.
+
+    Args:
+        model: the model.
+        task: the task (or give ``prompts``).
+        shots: demonstrations per prompt.
+        head_rankings: importance scores (higher = more important) to prune heads by: one
+            :class:`~mechicl.HeadScores` / ``[layer, head]`` tensor, or a mapping name -> scores
+            (e.g. ``{"same task": imp, "other task": imp2, "prefix matching": scan["prefix_matching"]}``).
+        ffn_rankings: the same for FFNs (``[layer]`` scores, e.g. :func:`~mechicl.ffn_importance`).
+        head_percents: percentages of heads to remove (default 0, 10, ..., 90).
+        ffn_percents: percentages of FFNs to remove (default only 0); giving both lists prunes
+            heads and FFNs together on their grid.
+        random_draws: random rankings added as a baseline (seeded by ``seed`` and the draw);
+            with random head and FFN rankings both, draw ``d`` of one pairs with draw ``d`` of
+            the other.
+        n, seed, prompts, **prompt_options: which prompts (see :func:`~mechicl.evaluate`).
+        ablation: ``"zero"`` or ``"mean"`` (with ``means``).
+        length_normalize: rank choices by mean log-probability per token.
+        batch_tokens: rows x longest row per forward pass, counting every masked copy.
+        progress: show a progress bar.
+    """
+    model = as_hooked_model(model)
+    if random_draws < 0:
+        raise ValueError(f"random_draws={random_draws} must be >= 0")
+    head_percents = sorted({float(p) for p in head_percents})
+    ffn_percents = sorted({float(p) for p in ffn_percents})
+    for p in [*head_percents, *ffn_percents]:
+        _n_removed(p, 1)  # validates the range
+    n_heads_total = model.n_layers * model.n_heads
+    head_orders = _as_rankings(head_rankings, n_heads_total, "heads")
+    ffn_orders = _as_rankings(ffn_rankings, model.n_layers, "layers")
+
+    def specs(orders: dict[str, Tensor], total: int, percents: list[float], salt: int,
+              ) -> list[tuple[str, int, Tensor | None]]:
+        if percents == [0.0]:
+            return [("none", 0, None)]
+        out: list[tuple[str, int, Tensor | None]] = [(k, 0, v) for k, v in orders.items()]
+        for d in range(random_draws):
+            rng = np.random.default_rng([seed, d, salt])
+            out.append((RANDOM, d, torch.from_numpy(rng.permutation(total))))
+        if not out:
+            raise ValueError("nothing to prune by: give rankings or random_draws > 0")
+        return out
+
+    head_specs = specs(head_orders, n_heads_total, head_percents, 0)
+    ffn_specs = specs(ffn_orders, model.n_layers, ffn_percents, 1)
+    task_name, prompt_list = _prompts(task, prompts, shots, n, seed, prompt_options)
+
+    masks: list[Mask] = []
+    index: dict[bytes, int] = {}
+    rows = []
+    for h_name, h_draw, h_order in head_specs:
+        for f_name, f_draw, f_order in ffn_specs:
+            if h_name == RANDOM and f_name == RANDOM and h_draw != f_draw:
+                continue
+            draw = h_draw if h_name == RANDOM else f_draw
+            for hp in head_percents:
+                for fp in ffn_percents:
+                    mask = pruning_mask(model, head_order=h_order, head_percent=hp,
+                                        ffn_order=f_order, ffn_percent=fp, ablation=ablation,
+                                        means=means)
+                    key = mask.key()
+                    if key not in index:
+                        index[key] = len(masks)
+                        masks.append(mask)
+                    rows.append({"head_ranking": h_name, "ffn_ranking": f_name, "draw": draw,
+                                 "head_percent": hp, "ffn_percent": fp,
+                                 "heads_removed": _n_removed(hp, n_heads_total),
+                                 "ffns_removed": _n_removed(fp, model.n_layers),
+                                 "_mask": index[key]})
+    loglik, n_tok = masked_choice_logprobs(model, prompt_list, masks, batch_tokens=batch_tokens,
+                                           progress=progress)
+    score = loglik / n_tok.clamp(min=1) if length_normalize else loglik
+    gold = torch.tensor([p.gold for p in prompt_list])
+    correct = (score.argmax(-1) == gold)  # [mask, example]
+    gold_lp = loglik.gather(-1, gold[None, :, None].expand(len(masks), -1, 1))[..., 0]
+    n_correct = correct.sum(-1).tolist()
+    mean_gold = gold_lp.mean(-1).tolist()
+    chance = float(np.mean([1.0 / len(p.continuations) for p in prompt_list]))
+    n_ex = len(prompt_list)
+    for row in rows:
+        m = row.pop("_mask")
+        low, high = wilson_interval(n_correct[m], n_ex)
+        row.update(accuracy=n_correct[m] / n_ex, ci_low=low, ci_high=high,
+                   gold_logprob=mean_gold[m])
+    data = pd.DataFrame(rows)
+    data.insert(0, "shots", shots)
+    data.insert(0, "task", task_name)
+    data["n"] = n_ex
+    data["chance"] = chance
+    params = {"task": task_name, "shots": shots, "n": n_ex, "seed": seed, "ablation": ablation,
+              "random_draws": random_draws, "head_percents": head_percents,
+              "ffn_percents": ffn_percents, "length_normalize": length_normalize,
+              "head_rankings": sorted(head_orders), "ffn_rankings": sorted(ffn_orders),
+              "distinct_masks": len(masks), "prompt_ids": [p.id for p in prompt_list],
+              **prompt_options}
+    return PruneCurve(data=data, params=params, model=model.info())
