@@ -56,7 +56,8 @@ class ActivationMeans:
 
     Attributes:
         z: ``[layer, head, d_head]`` mean of each head's output (hook_z).
-        mlp_out: ``[layer, d_model]`` mean of each MLP's output (hook_mlp_out).
+        mlp_out: ``[layer, d_model]`` mean of each MLP's output (hook_mlp_out; zeros for
+            attention-only models).
         n_tokens: how many token positions were averaged.
     """
 
@@ -95,7 +96,7 @@ def mean_activations(
     mlp_sum = torch.zeros(model.n_layers, model.d_model, dtype=torch.float64)
     count = 0
     z_names = model.hook_names("z")
-    mlp_names = model.hook_names("mlp_out")
+    mlp_names = [n if n in model.hook_dict else None for n in model.hook_names("mlp_out")]
     for batch in length_batches([len(s) for s in seqs], batch_tokens):
         toks, lengths = pad_right([seqs[i] for i in batch], model.pad_token_id)
         real = torch.arange(toks.shape[1])[None] < lengths[:, None]
@@ -112,7 +113,7 @@ def mean_activations(
             mlp_sum[layer] += torch.einsum("bpd,bp->d", out.detach(), w).double().cpu()
 
         hooks = [(n, _bind(add_z, layer=i)) for i, n in enumerate(z_names)]
-        hooks += [(n, _bind(add_mlp, layer=i)) for i, n in enumerate(mlp_names)]
+        hooks += [(n, _bind(add_mlp, layer=i)) for i, n in enumerate(mlp_names) if n is not None]
         with torch.no_grad():
             model.run_with_hooks(toks.to(model.device), attention_mask=attn.to(model.device),
                                  fwd_hooks=hooks, return_type=None)
@@ -224,8 +225,16 @@ class Mask:
         if self.ablation != other.ablation and not (self.is_identity or other.is_identity):
             raise ValueError(f"cannot combine a {self.ablation!r} and a {other.ablation!r} mask")
         ablation = other.ablation if self.is_identity else self.ablation
+        # The means that matter are those of the side that masks something.
+        masking = [m for m in (self, other) if not m.is_identity and m.means is not None]
+        if len(masking) == 2 and not _means_equal(masking[0].means, masking[1].means):
+            raise ValueError("cannot combine two mean-ablation masks with different means")
+        if masking:
+            means = masking[0].means
+        else:
+            means = self.means if self.means is not None else other.means
         return Mask(heads=self.heads * other.heads, ffn=self.ffn * other.ffn, ablation=ablation,
-                    means=self.means if self.means is not None else other.means)
+                    means=means)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Mask):
@@ -251,8 +260,8 @@ class Mask:
             "removed_ffns": self.removed_ffns,
         }
         if self.means is not None:
-            out["means"] = {"z": self.means.z.float().tolist(),
-                            "mlp_out": self.means.mlp_out.float().tolist(),
+            out["means"] = {"z": self.means.z.tolist(), "mlp_out": self.means.mlp_out.tolist(),
+                            "dtype": str(self.means.z.dtype).removeprefix("torch."),
                             "n_tokens": self.means.n_tokens}
         return out
 
@@ -263,7 +272,12 @@ class Mask:
         means = None
         if data.get("means") is not None:
             m = data["means"]
-            means = ActivationMeans(z=torch.tensor(m["z"]), mlp_out=torch.tensor(m["mlp_out"]),
+            dtype = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                     "bfloat16": torch.bfloat16}.get(m.get("dtype", "float32"))
+            if dtype is None:
+                raise ValueError(f"unknown means dtype {m.get('dtype')!r}")
+            means = ActivationMeans(z=torch.tensor(m["z"], dtype=dtype),
+                                    mlp_out=torch.tensor(m["mlp_out"], dtype=dtype),
                                     n_tokens=int(m["n_tokens"]))
         mask = cls(heads=torch.tensor(data["heads"], dtype=torch.float32),
                    ffn=torch.tensor(data["ffn"], dtype=torch.float32),
@@ -351,6 +365,9 @@ def stack_hooks(model: HookedModel, masks: Sequence[Mask], rows_per_mask: int | 
                                      None if mean_z is None else mean_z[layer])))
         f = ffn[:, layer]  # [row]
         if not bool((f == 1).all()):
+            if model.hook_name("mlp_out", layer) not in model.hook_dict:
+                raise ValueError(f"the mask changes the MLP of layer {layer}, but the model has no "
+                                 "MLPs (attention-only)")
             hooks.append((model.hook_name("mlp_out", layer),
                           _ffn_hook(rearrange(f, "row -> row 1 1"),
                                     None if mean_mlp is None else mean_mlp[layer])))

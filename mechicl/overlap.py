@@ -35,8 +35,8 @@ def _pair(a: Scores, b: Scores) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def rank(x: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
-    """Average ranks (1 = smallest; ties share their mean rank).
+def rank(x: Float[Tensor, "..."]) -> Float[Tensor, " n"]:
+    """Average ranks of the flattened scores (1 = smallest; ties share their mean rank).
 
     >>> rank(torch.tensor([10.0, 30.0, 20.0, 20.0])).tolist()
     [1.0, 4.0, 2.5, 2.5]

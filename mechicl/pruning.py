@@ -54,7 +54,7 @@ def prune_order(scores: Float[Tensor, "layer head"] | Float[Tensor, " layer"]) -
     return torch.argsort(flat, stable=True)
 
 
-def _n_removed(percent: float, total: int) -> int:
+def _n_removed(percent: int | float, total: int) -> int:
     if not 0 <= percent <= 100:
         raise ValueError(f"percent={percent} must be in [0, 100]")
     return int(percent * total // 100)
@@ -62,7 +62,7 @@ def _n_removed(percent: float, total: int) -> int:
 
 def pruning_mask(
     model: HookedModel | tuple[int, int], *, head_order: Tensor | None = None,
-    head_percent: float = 0, ffn_order: Tensor | None = None, ffn_percent: float = 0,
+    head_percent: int | float = 0, ffn_order: Tensor | None = None, ffn_percent: int | float = 0,
     ablation: Ablation = "zero", means: ActivationMeans | None = None,
 ) -> Mask:
     """The mask removing the first ``head_percent`` % of ``head_order`` (flat ``layer * n_heads +
@@ -141,7 +141,8 @@ class PruneCurve:
                    .agg(accuracy=("accuracy", "mean"), draws=("draw", "nunique")))
         rows = []
         for (hr, fr), g in grouped.groupby(["head_ranking", "ffn_ranking"]):
-            ok = g[(g.accuracy >= base - tolerance)]
+            chance = float(self.data.chance.iloc[0]) if "chance" in self.data else float("-inf")
+            ok = g[(g.accuracy >= base - tolerance) & (g.accuracy > chance)]
             rows.append({"head_ranking": hr, "ffn_ranking": fr, "baseline": base,
                          "tolerance": tolerance,
                          "max_head_percent": float(ok.head_percent.max()) if len(ok) else 0.0,
