@@ -125,7 +125,7 @@ def choice_logprobs(
 
 
 def masked_choice_logprobs(
-    model: HookedModel, prompts: Sequence[Prompt], masks: Sequence[Mask] | None, *,
+    model: HookedModel, prompts: Sequence[Prompt], masks: Sequence[Mask | None] | None, *,
     batch_tokens: int = 4096, progress: bool = False,
 ) -> tuple[Float[Tensor, "mask example choice"], Int[Tensor, "example choice"]]:
     """:func:`choice_logprobs` under each of several masks, many masked copies per forward pass.
@@ -140,7 +140,7 @@ def masked_choice_logprobs(
     model = as_hooked_model(model)
     if not prompts:
         raise ValueError("no prompts to score")
-    mask_list: list[Mask | None] = list(masks) if masks is not None else [None]
+    mask_list = _mask_list(model, masks)
     if not mask_list:
         raise ValueError("no masks to score under")
     n_masks = len(mask_list)
@@ -179,6 +179,17 @@ def masked_choice_logprobs(
             bar.update(1)
     bar.close()
     return loglik, n_tokens
+
+
+def _mask_list(model: HookedModel, masks: Sequence[Mask | None] | None) -> list[Mask | None]:
+    """``[None]`` (one unmasked pass, no hooks) for ``None``; otherwise the masks, with any
+    ``None`` among several replaced by the identity mask."""
+    if masks is None:
+        return [None]
+    out = list(masks)
+    if len(out) > 1:
+        out = [Mask.keep_all(model) if m is None else m for m in out]
+    return out
 
 
 def _masks_per_pass(batch_tokens: int, rows: int, length: int) -> int:
@@ -227,7 +238,7 @@ def answer_batch(model: HookedModel, prompts: Sequence[Prompt],
 
 
 def answer_losses(
-    model: HookedModel, batch: AnswerBatch, masks: Sequence[Mask] | None = None, *,
+    model: HookedModel, batch: AnswerBatch, masks: Sequence[Mask | None] | None = None, *,
     batch_tokens: int = 4096, progress: bool = False,
 ) -> Float[Tensor, "mask example"]:
     """Mean cross-entropy on each example's answer tokens, under each mask.
@@ -247,7 +258,7 @@ def answer_losses(
         ``[mask, example]`` losses (float64).
     """
     model = as_hooked_model(model)
-    mask_list: list[Mask | None] = list(masks) if masks is not None else [None]
+    mask_list = _mask_list(model, masks)
     n_masks, n_ex = len(mask_list), batch.tokens.shape[0]
     out = torch.zeros(n_masks, n_ex, dtype=torch.float64)
     lengths = batch.attention_mask.sum(-1).tolist()

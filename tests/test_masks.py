@@ -500,3 +500,14 @@ def test_float64_means_round_trip_exactly():
     mask = Mask.remove((2, 4), heads=[(0, 1)], ablation="mean", means=means)
     back = Mask.from_json(mask.to_json())
     assert back == mask and back.means.z.dtype == torch.float64
+
+
+def test_none_among_several_masks_means_unmasked(tiny_gpt2):
+    prompts = ref.copy_prompts(3)
+    knock = Mask.remove(tiny_gpt2, heads=[(1, 2)])
+    got, _ = masked_choice_logprobs(tiny_gpt2, prompts, [None, knock])
+    plain, _ = masked_choice_logprobs(tiny_gpt2, prompts, None)
+    masked, _ = masked_choice_logprobs(tiny_gpt2, prompts, [knock])
+    assert_close(got[0], plain[0])
+    assert_close(got[1], masked[0])
+    assert not torch.allclose(got[0], got[1])
