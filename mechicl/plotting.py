@@ -140,10 +140,11 @@ def prune_curve_figure(curve: "PruneCurve", *, x: str = "head_percent", title: s
     if "chance" in data and len(data):
         fig.add_hline(y=float(data.chance.iloc[0]), line={"dash": "dash", "color": "red", "width": 1},
                       annotation_text="chance", annotation_position="bottom left")
+    unit = "heads" if x == "head_percent" else "FFNs"
     if title is None:
         p = curve.params
-        title = f"{p.get('task', '')} {p.get('shots', '')}-shot: pruning {x.split('_')[0]}s"
-    fig.update_layout(title=title, xaxis_title=f"% of {x.split('_')[0]}s removed",
+        title = f"{p.get('task', '')} {p.get('shots', '')}-shot: pruning {unit}"
+    fig.update_layout(title=title, xaxis_title=f"% of {unit} removed",
                       yaxis_title="accuracy", yaxis_range=[0, 1], width=640, height=420,
                       margin={"l": 60, "r": 20, "t": 50, "b": 50})
     return fig
