@@ -319,3 +319,26 @@ def test_prune_curve_errors(tiny_gpt2, task):
                     **kwargs)
     with pytest.raises(ValueError, match="give a task"):
         prune_curve(model, random_draws=1)
+
+
+def test_prune_curve_figure_traces():
+    from mechicl.plotting import layer_bars, prune_curve_figure
+
+    curve = hand_curve([("imp", 0, 0, 0.80), ("imp", 0, 10, 0.60),
+                        ("random", 0, 0, 0.80), ("random", 1, 0, 0.80),
+                        ("random", 0, 10, 0.70), ("random", 1, 10, 0.50)])
+    fig = prune_curve_figure(curve)
+    names = [t.name for t in fig.data]
+    assert "imp" in names and "random (2 draws)" in names
+    band = next(t for t in fig.data if t.fill == "toself")  # min-max band of the random draws
+    assert list(band.y) == [0.80, 0.70, 0.50, 0.80]
+    random_line = next(t for t in fig.data if t.name == "random (2 draws)")
+    assert list(random_line.y) == pytest.approx([0.80, 0.60])
+    assert fig.layout.xaxis.title.text == "% of heads removed"
+    with pytest.raises(ValueError, match="x='layer'"):
+        prune_curve_figure(curve, x="layer")
+    with pytest.raises((ValueError, TypeError)):
+        layer_bars(torch.ones(2, 2))
+    bars = layer_bars(torch.tensor([0.5, -0.1]))
+    assert list(bars.data[0].y) == pytest.approx([0.5, -0.1])
+    assert bars.layout.xaxis.title.text == "layer"
