@@ -324,3 +324,17 @@ def test_default_model_ablation_equals_single_head_reference(smollm2):
                    for p, b in zip(prompts, base, strict=True)) / len(prompts)
         assert imp.mean[layer, head].item() == pytest.approx(want, rel=1e-3, abs=1e-4)
     assert imp.mean.abs().max() > 0.01
+
+
+@pytest.mark.slow
+def test_default_model_michel_and_ffn_equal_references(smollm2):
+    """Michel (vs literal per-prompt gradients) and FFN knock-out importance (vs one zeroing
+    hook per layer, per prompt) on the real model."""
+    prompts = importance_prompts("country_capital", shots=0, n=2)
+    michel = head_importance(smollm2, prompts=prompts, method="michel")
+    assert_close(michel.mean, ref.michel_gradient_reference(smollm2, prompts), rtol=1e-3,
+                 atol=1e-6)
+    ffn = ffn_importance(smollm2, prompts=prompts, metric="loss")
+    assert_close(ffn.mean, ref.ffn_reference(smollm2, prompts, metric="loss"), rtol=1e-3,
+                 atol=1e-4)
+    assert ffn.mean.abs().max() > 0.01
