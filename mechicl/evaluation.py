@@ -14,7 +14,6 @@ analyses that need the loss on exactly those tokens (head importance).
 Axis names: ``example choice batch pos``.
 """
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl._batching import length_batches, pad_right
-from mechicl._io import atomic_path
+from mechicl._io import read_meta_and_table, write_meta_and_table
 from mechicl.masks import Mask, masked_logits
 from mechicl.models import HookedModel, as_hooked_model
 from mechicl.tasks import Prompt, Task, build_prompts
@@ -165,12 +164,7 @@ def masked_choice_logprobs(
         per_pass = _masks_per_pass(batch_tokens, *tokens.shape)
         for start in range(0, n_masks, per_pass):
             chunk = mask_list[start: start + per_pass]
-            with torch.no_grad():
-                if chunk[0] is None:
-                    logits = model(tokens.to(model.device), attention_mask=attn.to(model.device),
-                                   return_type="logits")[None]
-                else:
-                    logits = masked_logits(model, tokens, attn, chunk)  # [mask, batch, pos, vocab]
+            logits = _chunk_logits(model, tokens, attn, chunk)  # [mask, batch, pos, vocab]
             picked = logits[:, idx[:, 0], idx[:, 1]].double()  # [mask, target, d_vocab]
             tok = repeat(idx[:, 2], "target -> mask target 1", mask=len(chunk)).to(picked.device)
             lp = picked.gather(-1, tok)[..., 0] - torch.logsumexp(picked, -1)  # [mask, target]
@@ -190,6 +184,16 @@ def _mask_list(model: HookedModel, masks: Sequence[Mask | None] | None) -> list[
     if len(out) > 1:
         out = [Mask.keep_all(model) if m is None else m for m in out]
     return out
+
+
+def _chunk_logits(model: HookedModel, tokens: Tensor, attn: Tensor,
+                  chunk: Sequence[Mask | None]) -> Tensor:
+    """``[mask, batch, pos, vocab]`` logits: ``[None]`` is one plain pass with no hooks."""
+    tokens, attn = tokens.to(model.device), attn.to(model.device)
+    with torch.no_grad():
+        if chunk[0] is None:
+            return model(tokens, attention_mask=attn, return_type="logits")[None]
+        return masked_logits(model, tokens, attn, chunk)
 
 
 def _masks_per_pass(batch_tokens: int, rows: int, length: int) -> int:
@@ -275,11 +279,7 @@ def answer_losses(
         per_pass = _masks_per_pass(batch_tokens, *tokens.shape)
         for start in range(0, n_masks, per_pass):
             chunk = mask_list[start: start + per_pass]
-            with torch.no_grad():
-                if chunk[0] is None:
-                    logits = model(tokens, attention_mask=attn, return_type="logits")[None]
-                else:
-                    logits = masked_logits(model, tokens, attn, chunk)
+            logits = _chunk_logits(model, tokens, attn, chunk)
             picked = logits[:, b_idx, pos - 1].double()  # [mask, target, d_vocab]
             tok = repeat(tokens[b_idx, pos], "target -> mask target 1", mask=len(chunk))
             nll = torch.logsumexp(picked, -1) - picked.gather(-1, tok)[..., 0]  # [mask, target]
@@ -334,19 +334,12 @@ class EvalResult:
         """A folder with ``result.json`` and ``predictions.parquet``, written atomically."""
         meta = {**self.summary(), "config": self.config, "model": self.model,
                 "kind": "EvalResult", "format": 1}
-        with atomic_path(path) as tmp:
-            tmp.mkdir()
-            (tmp / "result.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            self.predictions.to_parquet(tmp / "predictions.parquet", index=False)
-        return Path(path)
+        return write_meta_and_table(path, meta, "result.json", self.predictions,
+                                    "predictions.parquet")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "EvalResult":
-        path = Path(path)
-        meta = json.loads((path / "result.json").read_text(encoding="utf-8"))
-        if meta.get("kind") != "EvalResult":
-            raise ValueError(f"{path} does not hold an EvalResult")
-        preds = pd.read_parquet(path / "predictions.parquet")
+        meta, preds = read_meta_and_table(path, "EvalResult", "result.json", "predictions.parquet")
         for column in preds.columns:  # parquet gives list columns back as numpy arrays
             if len(preds) and isinstance(preds[column].iloc[0], np.ndarray):
                 preds[column] = preds[column].map(lambda a: a.tolist())

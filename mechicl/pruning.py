@@ -13,7 +13,6 @@ Every distinct mask of the sweep is evaluated once; many masked copies share for
 Axis names: ``mask example choice layer head``.
 """
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechicl._io import atomic_path
+from mechicl._io import read_meta_and_table, write_meta_and_table
 from mechicl.evaluation import masked_choice_logprobs, wilson_interval
 from mechicl.importance import _prompts
 from mechicl.masks import Ablation, ActivationMeans, Mask
@@ -153,20 +152,12 @@ class PruneCurve:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """A folder with ``curve.json`` (settings) and ``curve.parquet``, written atomically."""
         meta = {"kind": "PruneCurve", "format": 1, "params": self.params, "model": self.model}
-        with atomic_path(path) as tmp:
-            tmp.mkdir()
-            (tmp / "curve.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            self.data.to_parquet(tmp / "curve.parquet", index=False)
-        return Path(path)
+        return write_meta_and_table(path, meta, "curve.json", self.data, "curve.parquet")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PruneCurve":
-        path = Path(path)
-        meta = json.loads((path / "curve.json").read_text(encoding="utf-8"))
-        if meta.get("kind") != "PruneCurve":
-            raise ValueError(f"{path} does not hold a PruneCurve")
-        return cls(data=pd.read_parquet(path / "curve.parquet"), params=meta["params"],
-                   model=meta["model"])
+        meta, data = read_meta_and_table(path, "PruneCurve", "curve.json", "curve.parquet")
+        return cls(data=data, params=meta["params"], model=meta["model"])
 
 
 def prune_curve(

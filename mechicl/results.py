@@ -31,6 +31,37 @@ def unpad_sequences(tokens: Tensor, lengths: Tensor) -> list[Tensor]:
     return [tokens[i, : int(n)].clone() for i, n in enumerate(lengths.tolist())]
 
 
+def _seed_stats(per_seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(per_seed as float64 on CPU, mean over seeds, unbiased variance; zeros for one seed)."""
+    per_seed = per_seed.detach().to("cpu", torch.float64)
+    var = per_seed.var(0) if per_seed.shape[0] > 1 else torch.zeros_like(per_seed[0])
+    return per_seed, per_seed.mean(0), var
+
+
+def _write_folder(path: str | os.PathLike[str], kind: str, name: str, params: dict[str, Any],
+                  model: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
+    """A result folder: ``tensors.safetensors`` + ``meta.json``, written atomically."""
+    meta = {"format": FORMAT_VERSION, "kind": kind, "name": name, "params": params,
+            "model": model}
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  str(tmp / "tensors.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True),
+                                       encoding="utf-8")
+    return Path(path)
+
+
+def _read_folder(path: str | os.PathLike[str], kind: str) -> tuple[dict[str, Any],
+                                                                   dict[str, Tensor]]:
+    """(meta, tensors) of a folder written by :func:`_write_folder`; checks its kind."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    if meta.get("kind") != kind:
+        raise ValueError(f"{path} does not hold {kind} (kind={meta.get('kind')!r})")
+    return meta, load_file(str(path / "tensors.safetensors"))
+
+
 @dataclass(frozen=True, kw_only=True)
 class HeadScores:
     """One score for every attention head (query heads for GQA models).
@@ -61,9 +92,8 @@ class HeadScores:
     def from_per_seed(cls, name: str, per_seed: Float[Tensor, "seed layer head"],
                       **kwargs: Any) -> "HeadScores":
         """Build from per-seed scores: mean and unbiased variance over the seed axis."""
-        per_seed = per_seed.detach().to("cpu", torch.float64)
-        var = per_seed.var(0) if per_seed.shape[0] > 1 else torch.zeros_like(per_seed[0])
-        return cls(name=name, mean=per_seed.mean(0), var=var, per_seed=per_seed, **kwargs)
+        per_seed, mean, var = _seed_stats(per_seed)
+        return cls(name=name, mean=mean, var=var, per_seed=per_seed, **kwargs)
 
     @property
     def n_layers(self) -> int:
@@ -105,24 +135,12 @@ class HeadScores:
             tensors |= {"tokens": tokens, "token_lengths": lengths}
         for key, value in self.extras.items():
             tensors[f"extra.{key}"] = value
-        meta = {"format": FORMAT_VERSION, "kind": "HeadScores", "name": self.name,
-                "params": self.params, "model": self.model}
-        with atomic_path(path) as tmp:
-            tmp.mkdir()
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                      str(tmp / "tensors.safetensors"))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True),
-                                           encoding="utf-8")
-        return Path(path)
+        return _write_folder(path, "HeadScores", self.name, self.params, self.model, tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "HeadScores":
         """Read a result written by :meth:`save`."""
-        path = Path(path)
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("kind") != "HeadScores":
-            raise ValueError(f"{path} does not hold HeadScores (kind={meta.get('kind')!r})")
-        t = load_file(str(path / "tensors.safetensors"))
+        meta, t = _read_folder(path, "HeadScores")
         tokens = unpad_sequences(t["tokens"], t["token_lengths"]) if "tokens" in t else []
         extras = {k.removeprefix("extra."): v for k, v in t.items() if k.startswith("extra.")}
         return cls(name=meta["name"], mean=t["mean"], var=t["var"], per_seed=t["per_seed"],
@@ -152,9 +170,8 @@ class LayerScores:
     @classmethod
     def from_per_seed(cls, name: str, per_seed: Float[Tensor, "seed layer"],
                       **kwargs: Any) -> "LayerScores":
-        per_seed = per_seed.detach().to("cpu", torch.float64)
-        var = per_seed.var(0) if per_seed.shape[0] > 1 else torch.zeros_like(per_seed[0])
-        return cls(name=name, mean=per_seed.mean(0), var=var, per_seed=per_seed, **kwargs)
+        per_seed, mean, var = _seed_stats(per_seed)
+        return cls(name=name, mean=mean, var=var, per_seed=per_seed, **kwargs)
 
     @property
     def n_layers(self) -> int:
@@ -171,22 +188,11 @@ class LayerScores:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as a folder (``tensors.safetensors`` + ``meta.json``), atomically."""
-        meta = {"format": FORMAT_VERSION, "kind": "LayerScores", "name": self.name,
-                "params": self.params, "model": self.model}
-        with atomic_path(path) as tmp:
-            tmp.mkdir()
-            save_file({"mean": self.mean.contiguous(), "var": self.var.contiguous(),
-                       "per_seed": self.per_seed.contiguous()}, str(tmp / "tensors.safetensors"))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True),
-                                           encoding="utf-8")
-        return Path(path)
+        return _write_folder(path, "LayerScores", self.name, self.params, self.model,
+                             {"mean": self.mean, "var": self.var, "per_seed": self.per_seed})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "LayerScores":
-        path = Path(path)
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("kind") != "LayerScores":
-            raise ValueError(f"{path} does not hold LayerScores (kind={meta.get('kind')!r})")
-        t = load_file(str(path / "tensors.safetensors"))
+        meta, t = _read_folder(path, "LayerScores")
         return cls(name=meta["name"], mean=t["mean"], var=t["var"], per_seed=t["per_seed"],
                    params=meta["params"], model=meta["model"])

@@ -17,6 +17,17 @@ from mechicl.models import as_hooked_model  # noqa: E402
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): tiny models gain nothing from threads, and on a busy
+    2-core machine two threads make every small forward pass far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real default model (SmolLM2-135M-Instruct), loaded once per session."""

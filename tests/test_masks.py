@@ -18,15 +18,7 @@ from mechicl.masks import ActivationMeans, Mask, mean_activations, stack_hooks
 from mechicl.tasks import build_prompts
 from mechicl.toy_models import FIRST_WORD_ID, INDUCTION_MODEL_HEADS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads
-    make every forward pass ~50x slower (they spin waiting for each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KINDS = ("z", "pattern", "q", "k", "v", "attn_out", "resid_mid", "mlp_out", "resid_post")
