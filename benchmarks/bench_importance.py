@@ -24,7 +24,7 @@ import torch
 import mechicl
 from mechicl._batching import length_batches
 from mechicl.evaluation import answer_batch
-from mechicl.importance import _frozen
+from mechicl._forward import frozen_parameters as _frozen
 
 
 def peak_rss_gb() -> float:

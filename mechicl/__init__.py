@@ -4,6 +4,7 @@ Axis names used across the package (in jaxtyping shapes and einops patterns):
 ``layer head kv_head batch pos query_pos key_pos seed d_model d_head d_vocab``.
 """
 
+from mechicl.attribution import Agreement, agreement, attribution_patch
 from mechicl.evaluation import (
     EvalResult,
     answer_batch,
@@ -34,6 +35,17 @@ from mechicl.models import (
     convert_gguf,
     load_model,
 )
+from mechicl.pairs import (
+    PromptPairs,
+    capital_pairs,
+    colored_objects_pairs,
+    ioi_pairs,
+    make_pairs,
+    register_pairs,
+    repeated_token_pairs,
+)
+from mechicl.patching import TARGETS, PatchResult, patch
+from mechicl.path_patching import path_patch
 from mechicl.plotting import head_heatmap, save_figure
 from mechicl.pruning import PruneCurve, prune_curve
 from mechicl.results import HeadScores, LayerScores
@@ -53,6 +65,20 @@ from mechicl.tokens import FrequencyRanking, frequency_ranking
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agreement",
+    "PatchResult",
+    "PromptPairs",
+    "TARGETS",
+    "agreement",
+    "attribution_patch",
+    "capital_pairs",
+    "colored_objects_pairs",
+    "ioi_pairs",
+    "make_pairs",
+    "patch",
+    "path_patch",
+    "register_pairs",
+    "repeated_token_pairs",
     "ActivationMeans",
     "LayerScores",
     "Mask",

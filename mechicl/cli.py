@@ -16,6 +16,11 @@ count: result folders, layer x head heatmaps, ``importance-summary.md``.
 same,antonyms,prefix,copying --draws 3 --out DIR`` computes the rankings (importance on prompts
 disjoint from the evaluated ones, induction scores from a scan) and writes the pruning curves
 (parquet + JSON), their figures and ``prune-summary.md``.
+
+``mechicl patch --model smollm2-135m --prompts ioi --target head_out --out DIR`` runs activation
+patching (``--attribution``: also attribution patching and its agreement with exact patching)
+on generated clean/corrupted pairs and writes result folders, heatmaps and
+``patch-summary.json``.
 """
 
 import argparse
@@ -191,7 +196,44 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--formats", default="png,html")
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--no-progress", action="store_true")
+
+    pa = sub.add_parser("patch", help="activation (and attribution) patching on prompt pairs")
+    pa.add_argument("--model", default="smollm2-135m")
+    pa.add_argument("--prompts", default="ioi",
+                    help="pair generator: ioi, colored_objects, capitals, repeated_tokens")
+    pa.add_argument("--n", type=_positive, default=32, help="prompt pairs")
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--target", type=parse_targets, default=["head_out"],
+                    help="comma-separated from " + ",".join(_TARGETS))
+    pa.add_argument("--by-pos", action="store_true",
+                    help="one cell per position too (uses the largest group of pairs of one "
+                         "length)")
+    pa.add_argument("--direction", choices=("denoising", "noising"), default="denoising")
+    pa.add_argument("--kv-heads", choices=("group", "query"), default="group",
+                    help="k/v of grouped-query models: per KV head or per query head")
+    pa.add_argument("--metric", choices=("logit_diff", "logit_diff_normalized", "logprob",
+                                         "prob", "loss"), default="logit_diff_normalized")
+    pa.add_argument("--attribution", action="store_true",
+                    help="also attribution patching, with its agreement with exact patching")
+    pa.add_argument("--batch-tokens", type=_positive, default=8192)
+    pa.add_argument("--formats", default="png,html")
+    pa.add_argument("--out", type=Path, required=True)
+    pa.add_argument("--no-progress", action="store_true")
     return parser
+
+
+_TARGETS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out", "q", "k",
+            "v", "pattern")
+
+
+def parse_targets(text: str) -> list[str]:
+    """``"head_out,v"`` -> ``["head_out", "v"]``; unknown names raise."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in _TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown patching targets {unknown or [text]}; allowed: {list(_TARGETS)}")
+    return list(dict.fromkeys(names))
 
 
 def run_scan(args: argparse.Namespace) -> dict:
@@ -452,6 +494,60 @@ def run_prune(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_patch(args: argparse.Namespace) -> dict:
+    import mechicl
+    from mechicl._io import atomic_write_text
+    from mechicl.pairs import PAIR_GENERATORS
+    from mechicl.plotting import patch_heatmap, save_figure
+
+    if args.prompts not in PAIR_GENERATORS:
+        raise SystemExit(f"unknown --prompts {args.prompts!r}; known: {sorted(PAIR_GENERATORS)}")
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    model = mechicl.load_model(args.model)
+    pairs = mechicl.make_pairs(args.prompts, model, n=args.n, seed=args.seed)
+    if args.by_pos and not pairs.same_length:
+        groups = pairs.by_length()
+        length = max(groups, key=lambda k: (len(groups[k]), k))
+        logging.getLogger(__name__).info("--by-pos: using the %d pairs of length %d (of %d)",
+                                         len(groups[length]), length, len(pairs))
+        pairs = groups[length]
+    out: Path = args.out
+    slug = Path(model.name).name.replace("/", "_")
+    summary: dict = {"model": model.info(), "prompts": args.prompts, "n_pairs": len(pairs),
+                     "pairs": pairs.to_dict(), "results": {}}
+    for target in args.target:
+        stem = f"{slug}-{args.prompts}-{target}{'-by-pos' if args.by_pos else ''}"
+        start = time.perf_counter()
+        result = mechicl.patch(model, pairs, metric=args.metric, target=target,
+                               by_pos=args.by_pos, direction=args.direction,
+                               kv_heads=args.kv_heads, batch_tokens=args.batch_tokens,
+                               progress=not args.no_progress)
+        seconds = time.perf_counter() - start
+        result.save(out / "results" / stem)
+        sums = ["pos", "head"] if len(result.axes) == 3 else [None]
+        for over in sums:
+            suffix = f"-sum-over-{over}" if over else ""
+            save_figure(patch_heatmap(result, sum_over=over), out / f"{stem}{suffix}", formats)
+        entry: dict[str, Any] = {
+            "axes": list(result.axes), "seconds": round(seconds, 2),
+            "clean": float(result.clean.float().mean()),
+            "corrupted": float(result.corrupted.float().mean()),
+            "top": [{"cell": list(c), "value": v} for c, v in result.top(10)]}
+        if args.attribution:
+            start = time.perf_counter()
+            approx = mechicl.attribution_patch(model, pairs, metric=args.metric, target=target,
+                                               by_pos=args.by_pos, direction=args.direction,
+                                               kv_heads=args.kv_heads)
+            entry["attribution_seconds"] = round(time.perf_counter() - start, 2)
+            approx.save(out / "results" / f"{stem}-attribution")
+            save_figure(patch_heatmap(approx, sum_over=sums[0]), out / f"{stem}-attribution",
+                        formats)
+            entry["agreement"] = mechicl.agreement(result, approx).to_dict()
+        summary["results"][target] = entry
+    atomic_write_text(out / "patch-summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -483,6 +579,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{row['ffn_ranking']:20s} baseline {row['baseline']:.3f}  keeps accuracy "
                   f"(-{row['tolerance']}) up to {row['max_head_percent']:.0f}% heads, "
                   f"{row['max_ffn_percent']:.0f}% FFNs")
+        print(f"wrote {args.out}/")
+    elif args.command == "patch":
+        summary = run_patch(args)
+        for target, entry in summary["results"].items():
+            agree = entry.get("agreement")
+            extra = (f"  attribution pearson {agree['pearson']:.3f} top-{agree['k']} "
+                     f"{agree['top_k']:.2f}" if agree else "")
+            print(f"{target:10s} clean {entry['clean']:.3f} corrupted {entry['corrupted']:.3f} "
+                  f"top cells {[tuple(t['cell']) for t in entry['top'][:5]]} "
+                  f"({entry['seconds']} s){extra}")
         print(f"wrote {args.out}/")
     return 0
 

@@ -27,9 +27,8 @@ et al. do. :func:`ffn_importance` knocks out each layer's MLP and reports the ac
 Axis names: ``example layer head batch pos``.
 """
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 
 from mechicl._batching import length_batches
 from mechicl._checks import check_choice
+from mechicl._forward import frozen_parameters
 from mechicl.evaluation import (
     AnswerBatch,
     answer_batch,
@@ -66,19 +66,6 @@ def importance_prompts(task: Task | str, *, shots: int, n: int | None = None, se
     """The k-shot prompts an importance run uses (:func:`mechicl.tasks.build_prompts`)."""
     task_obj = load_task(task) if isinstance(task, str) else task
     return build_prompts(task_obj, shots=shots, n=n, seed=seed, **prompt_options)
-
-
-@contextlib.contextmanager
-def _frozen(model: HookedModel) -> Iterator[None]:
-    """Parameters do not require grad inside (restored after): only the gates get gradients."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +111,7 @@ def token_gate_grads(
     hooks = mask.hooks(model) if mask is not None else []
     hooks += [(name, (lambda layer: lambda z, hook: gate_hook(z, hook, layer))(i))
               for i, name in enumerate(model.hook_names("z"))]
-    with _frozen(model), torch.enable_grad():
+    with frozen_parameters(model), torch.enable_grad():
         logits = model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=hooks,
                                       return_type="logits")
         picked = logits[b_idx, pos - 1]  # [target, d_vocab]

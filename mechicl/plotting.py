@@ -20,10 +20,11 @@ from torch import Tensor
 from mechicl._io import atomic_path
 
 if TYPE_CHECKING:
+    from mechicl.patching import PatchResult
     from mechicl.pruning import PruneCurve
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["head_heatmap", "layer_bars", "prune_curve_figure", "save_figure"]
+__all__ = ["head_heatmap", "layer_bars", "patch_heatmap", "prune_curve_figure", "save_figure"]
 
 FORMATS = ("png", "svg", "pdf", "html")
 
@@ -147,6 +148,63 @@ def prune_curve_figure(curve: "PruneCurve", *, x: str = "head_percent", title: s
     fig.update_layout(title=title, xaxis_title=f"% of {unit} removed",
                       yaxis_title="accuracy", yaxis_range=[0, 1], width=640, height=420,
                       margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def patch_heatmap(result: "PatchResult", *, sum_over: str | None = None,
+                  title: str | None = None, effect: bool = True) -> go.Figure:
+    """A heatmap of a patching result: layer x head, layer x position, or (1-D) layers.
+
+    Colours are centred on "no effect" (the unpatched run's score), red where patching raises
+    the metric and blue where it lowers it.
+
+    Args:
+        result: a :class:`~mechicl.patching.PatchResult`.
+        sum_over: for three-axis results (per head and position), the axis to sum effects over
+            (``"pos"`` or ``"head"``).
+        title: figure title (default: target, direction, metric).
+        effect: plot ``values - baseline`` (default) instead of the values.
+    """
+    values = result.effect() if effect else result.values
+    axes = list(result.axes)
+    if len(axes) == 3:
+        if sum_over not in axes or sum_over == "layer":
+            raise ValueError(f"a {tuple(axes)} result needs sum_over= one of "
+                             f"{[a for a in axes if a != 'layer']}")
+        values = torch.nansum(values, dim=axes.index(sum_over))
+        axes.remove(sum_over)
+    elif sum_over is not None:
+        raise ValueError(f"sum_over is only for three-axis results, this one is {tuple(axes)}")
+    if len(axes) == 1:  # [layer]: one column
+        values, axes = values[:, None], [axes[0], result.target]
+    ylabels = [str(i) for i in range(values.shape[0])]
+    if axes[0] == "sender" and "sender" in result.labels:
+        ylabels = list(result.labels["sender"])
+    xname = axes[1]
+    xlabels = [str(i) for i in range(values.shape[1])]
+    if xname == "pos" and "pos" in result.labels:
+        xlabels = [f"{i}: {t!r}" for i, t in enumerate(result.labels["pos"])]
+    elif xname == "sender" and "sender" in result.labels:
+        xlabels = list(result.labels["sender"])
+    elif xname == result.target:
+        xlabels = [result.target]
+    z = values.double().numpy()
+    finite = values[~torch.isnan(values)]
+    bound = float(finite.abs().max()) if finite.numel() else 1.0
+    base = 0.0 if effect else result.baseline
+    fig = go.Figure(go.Heatmap(
+        z=z, x=xlabels, y=ylabels, colorscale="RdBu_r", zmid=base,
+        zmin=base - bound, zmax=base + bound,
+        colorbar={"title": "effect" if effect else result.metric},
+        hovertemplate=f"{axes[0]} %{{y}}<br>{xname} %{{x}}<br>%{{z:.4f}}<extra></extra>"))
+    if title is None:
+        kind = {"activation": "activation patching", "path": "path patching",
+                "attribution": "attribution patching"}.get(result.method, result.method)
+        norm = " (normalised)" if result.normalized else ""
+        title = f"{kind}: {result.target} ({result.direction})<br><sup>{result.metric}{norm}</sup>"
+    fig.update_layout(title=title, xaxis_title=xname, yaxis_title=axes[0],
+                      width=max(560, 28 * len(xlabels) + 200), height=max(360, 16 * len(ylabels) + 160),
+                      margin={"l": 60, "r": 20, "t": 50, "b": 80})
     return fig
 
 
