@@ -37,9 +37,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
 
 
@@ -81,14 +81,14 @@ def main() -> None:
               "by_pos": tl_patching.get_act_patch_attn_head_out_by_pos}
     for part in parts:
         by_pos = part == "by_pos"
-        tl, tl_s = timed(lambda: tl_fns[part](model.bridge, corrupted, clean_cache, metric))
-        mine, mine_s = timed(lambda: mechicl.patch(model, clean, corrupted, metric, by_pos=by_pos,
-                                                   batch_tokens=args.batch_tokens))
-        fast, fast_s = timed(lambda: mechicl.patch(model, clean, corrupted, "logit_diff",
-                                                   answer=[answer], wrong=[wrong], by_pos=by_pos,
-                                                   batch_tokens=args.batch_tokens))
-        attr, attr_s = timed(lambda: mechicl.attribution_patch(
-            model, clean, corrupted, "logit_diff", answer=[answer], wrong=[wrong], by_pos=by_pos))
+        tl, tl_s = timed(tl_fns[part], model.bridge, corrupted, clean_cache, metric)
+        mine, mine_s = timed(mechicl.patch, model, clean, corrupted, metric, by_pos=by_pos,
+                             batch_tokens=args.batch_tokens)
+        fast, fast_s = timed(mechicl.patch, model, clean, corrupted, "logit_diff",
+                             answer=[answer], wrong=[wrong], by_pos=by_pos,
+                             batch_tokens=args.batch_tokens)
+        attr, attr_s = timed(mechicl.attribution_patch, model, clean, corrupted, "logit_diff",
+                             answer=[answer], wrong=[wrong], by_pos=by_pos)
         agree = mechicl.agreement(fast, attr)
         result[part] = {
             "transformer_lens_s": round(tl_s, 2),

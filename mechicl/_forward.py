@@ -1,11 +1,12 @@
 """Many patched copies of one prompt in one forward pass, sharing the unpatched lower layers.
 
-Every patched copy of a prompt equals the unpatched run up to the first layer it patches. So a
-pass runs one row up to block ``expand_layer``, where a hook on ``hook_resid_pre`` repeats the
-residual stream into ``copies`` rows; each copy is then patched by vectorised hooks. The bridge
-accepts the larger batch after that point only when its attention mask and position embeddings
-broadcast, which holds for a single unpadded prompt (batch 1): this is why patching runs one
-prompt (pair) per pass, with the copies as the batch.
+Every patched copy of a prompt equals the unpatched run below the first layer it patches. So a
+pass starts with one row, the unpatched prompt, and at each layer's ``hook_resid_pre`` appends
+the copies that start patching at that layer (copies of row 0's residual stream); each copy is
+then patched by vectorised hooks. A copy patched at layer ``L`` costs ``n_layers - L`` blocks,
+not ``n_layers``. The bridge accepts a batch that grows between blocks only when its attention
+mask and position embeddings broadcast, which holds for a single unpadded prompt (batch 1):
+this is why patching runs one prompt (pair) per pass, with the copies as the batch.
 
 The pass stops at the final residual stream (``ln_final.hook_in``) and unembeds only the answer
 positions, unless full logits are asked for; :func:`answer_logits_exact` checks once per model
@@ -49,40 +50,55 @@ def compose(fns: list[Hook]) -> Hook:
     return hook
 
 
-def expand_hook(copies: int) -> Hook:
-    def hook(x: Tensor, hook: Any) -> Tensor:  # [1, pos, d_model] -> [copy, pos, d_model]
-        if x.shape[0] != 1:
-            raise RuntimeError(f"expected one row before expansion, got {x.shape[0]}")
-        return x.expand(copies, *x.shape[1:]).contiguous()
+def grow_hook(n: int) -> Hook:
+    """Append ``n`` copies of row 0 (the unpatched prompt) to the batch."""
+    def hook(x: Tensor, hook: Any) -> Tensor:  # [rows, pos, d_model] -> [rows + n, pos, d_model]
+        return torch.cat([x, x[:1].expand(n, *x.shape[1:])])
+    return hook
+
+
+def copies_only(fn: Hook) -> Hook:
+    """Run ``fn`` on the copies (rows 1..) only; row 0, the unpatched prompt, passes through."""
+    def hook(x: Tensor, hook: Any) -> Tensor:
+        out = fn(x[1:], hook)
+        return x if out is None else torch.cat([x[:1], out])
     return hook
 
 
 def run_copies(
-    model: HookedModel, tokens: Int[Tensor, " pos"], *, copies: int, expand_layer: int,
+    model: HookedModel, tokens: Int[Tensor, " pos"], *, start_layers: Int[Tensor, " copy"],
     hooks: Iterable[tuple[str, Hook]], read_positions: Int[Tensor, " n"] | None,
     stop_at: str | None = None, _trust_unembed: bool = False,
 ) -> Tensor:
-    """Run ``copies`` copies of ``tokens`` (one row up to ``expand_layer``) with ``hooks``.
+    """Run copies of ``tokens`` with ``hooks``, each copy joining at its start layer.
+
+    Row 0 of the batch is the unpatched prompt. At ``hook_resid_pre`` of layer ``L`` the copies
+    whose start layer is ``L`` are appended as copies of row 0, so a copy costs nothing below
+    its start layer, and the batch grows towards the top of the model.
 
     Args:
         tokens: one unpadded prompt.
-        copies: rows after the expansion.
-        expand_layer: the block at whose ``hook_resid_pre`` the rows are repeated; ``hooks``
-            must not touch earlier layers (they would see one row).
-        hooks: (hook name, fn) pairs; several fns on one name run in the given order, after
-            the expansion.
+        start_layers: ``[copy]``, non-decreasing: the layer below which copy ``i`` equals the
+            unpatched prompt.
+        hooks: (hook name, fn) pairs. Each fn sees the copies present at that point: the first
+            ``k`` copies, rows ``[k, ...]`` (``k`` may be 0), and must return them (or None).
+            Several fns on one name run in the given order.
         read_positions: positions whose logits are returned (``[copy, n, vocab]``); None for
             the full logits ``[copy, pos, vocab]``.
-        stop_at: a hook name at which to stop instead (returns nothing useful: the hooks
-            are expected to have captured what they need); the return value is then the
-            activation at that hook.
+        stop_at: a hook name at which to stop; the copies' activation there is returned (the
+            hooks are expected to have captured what they need).
 
     Returns:
         Logits at ``read_positions`` (or all positions), or the activation at ``stop_at``.
     """
-    by_name: dict[str, list[Hook]] = {model.hook_name("resid_pre", expand_layer): [expand_hook(copies)]}
+    starts = start_layers.tolist()
+    if any(b < a for a, b in zip(starts, starts[1:], strict=False)):
+        raise ValueError(f"start_layers must be non-decreasing, got {starts}")
+    by_name: dict[str, list[Hook]] = {}
+    for layer in sorted(set(starts)):
+        by_name[model.hook_name("resid_pre", layer)] = [grow_hook(starts.count(layer))]
     for name, fn in hooks:
-        by_name.setdefault(name, []).append(fn)
+        by_name.setdefault(name, []).append(copies_only(fn))
     fast = read_positions is not None and (_trust_unembed or answer_logits_exact(model))
     stop_name = stop_at if stop_at is not None else ("ln_final.hook_in" if fast else None)
     if stop_name is not None:
@@ -95,11 +111,12 @@ def run_copies(
                                       return_type="logits")
     except _Stop as stopped:
         if stop_at is not None:
-            return stopped.value
-        resid = stopped.value[:, read_positions]  # [copy, n, d_model]
+            return stopped.value[1:]
+        resid = stopped.value[1:, read_positions]  # [copy, n, d_model]
         return unembed(model, resid)
     if stop_at is not None:
         raise RuntimeError(f"the forward pass never reached {stop_at!r}")
+    logits = logits[1:]
     return logits if read_positions is None else logits[:, read_positions]
 
 
@@ -119,7 +136,7 @@ def answer_logits_exact(model: HookedModel) -> bool:
         probe = torch.arange(3, 3 + min(8, model.d_vocab - 3), device=model.device)
         with torch.no_grad():
             full = model.run_with_hooks(probe[None], return_type="logits")
-            mine = run_copies(model, probe, copies=1, expand_layer=0, hooks=[],
+            mine = run_copies(model, probe, start_layers=torch.zeros(1, dtype=torch.long), hooks=[],
                               read_positions=torch.arange(len(probe)), _trust_unembed=True)
         scale = full.abs().max().clamp_min(1.0)
         _EXACT[bridge] = bool(((full - mine).abs().max() / scale) < 1e-4)

@@ -49,6 +49,7 @@ from mechicl.patching import (
     _need,
     _qk_kinds,
     _source_names,
+    _wrong,
     as_inputs,
     capture,
     normalise,
@@ -141,9 +142,10 @@ def attribution_patch(
                 sel = torch.tensor(idx)
                 m_base = resolved.on_answer_logits(logits[:, answer_pos],
                                                    _need(inputs.answer, resolved)[sel],
-                                                   _need(inputs.wrong, resolved)[sel])
+                                                   _wrong(inputs, resolved)[sel])
                 m_other = resolved.on_answer_logits(src_logits[:, answer_pos].to(logits.device),
-                                                    inputs.answer[sel], inputs.wrong[sel])
+                                                    inputs.answer[sel],
+                                                    _wrong(inputs, resolved)[sel])
                 base_metric[idx] = m_base.detach().cpu()
                 other_metric[idx] = m_other.cpu()
                 total = m_base.sum()

@@ -204,7 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--n", type=_positive, default=32, help="prompt pairs")
     pa.add_argument("--seed", type=int, default=0)
     pa.add_argument("--target", type=parse_targets, default=["head_out"],
-                    help="comma-separated from " + ",".join(_TARGETS))
+                    help="comma-separated from " + ",".join(_TARGETS) + "; path patching "
+                         "(every sender head -> --receivers): path:q, path:k, path:v, "
+                         "path:logits")
+    pa.add_argument("--receivers", type=parse_heads, default=None,
+                    help="receiver heads for path:* targets, e.g. 23.3,24.4")
+    pa.add_argument("--path-direction", choices=("denoising", "noising"), default="noising",
+                    help="direction of path:* targets (default noising, as Wang et al.)")
     pa.add_argument("--by-pos", action="store_true",
                     help="one cell per position too (uses the largest group of pairs of one "
                          "length)")
@@ -226,13 +232,32 @@ _TARGETS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head
             "v", "pattern")
 
 
+_PATH_TARGETS = ("path:q", "path:k", "path:v", "path:logits")
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    """``"23.3,24.4"`` -> ``[(23, 3), (24, 4)]``."""
+    heads = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            layer, head = (int(x) for x in item.split("."))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a head: write layer.head, e.g. 23.3") from None
+        heads.append((layer, head))
+    if not heads:
+        raise argparse.ArgumentTypeError(f"{text!r}: no heads")
+    return heads
+
+
 def parse_targets(text: str) -> list[str]:
     """``"head_out,v"`` -> ``["head_out", "v"]``; unknown names raise."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in _TARGETS]
+    unknown = [n for n in names if n not in _TARGETS + _PATH_TARGETS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown patching targets {unknown or [text]}; allowed: {list(_TARGETS)}")
+            f"unknown patching targets {unknown or [text]}; allowed: "
+            f"{list(_TARGETS + _PATH_TARGETS)}")
     return list(dict.fromkeys(names))
 
 
@@ -516,12 +541,26 @@ def run_patch(args: argparse.Namespace) -> dict:
     summary: dict = {"model": model.info(), "prompts": args.prompts, "n_pairs": len(pairs),
                      "pairs": pairs.to_dict(), "results": {}}
     for target in args.target:
-        stem = f"{slug}-{args.prompts}-{target}{'-by-pos' if args.by_pos else ''}"
+        path = target.startswith("path:")
+        if path and target != "path:logits" and not args.receivers:
+            raise SystemExit(f"--target {target} needs --receivers (e.g. 23.3,24.4)")
+        stem = f"{slug}-{args.prompts}-{target.replace(':', '-')}"
+        if path and target != "path:logits":
+            stem += "-to-" + "_".join(f"{a}.{b}" for a, b in args.receivers)
+        stem += "-by-pos" if args.by_pos and not path else ""
         start = time.perf_counter()
-        result = mechicl.patch(model, pairs, metric=args.metric, target=target,
-                               by_pos=args.by_pos, direction=args.direction,
-                               kv_heads=args.kv_heads, batch_tokens=args.batch_tokens,
-                               progress=not args.no_progress)
+        if path:
+            result = mechicl.path_patch(
+                model, pairs, metric=args.metric,
+                receivers="logits" if target == "path:logits" else args.receivers,
+                receiver_input=target.removeprefix("path:") if target != "path:logits" else "q",
+                direction=args.path_direction, batch_tokens=args.batch_tokens,
+                progress=not args.no_progress)
+        else:
+            result = mechicl.patch(model, pairs, metric=args.metric, target=target,
+                                   by_pos=args.by_pos, direction=args.direction,
+                                   kv_heads=args.kv_heads, batch_tokens=args.batch_tokens,
+                                   progress=not args.no_progress)
         seconds = time.perf_counter() - start
         result.save(out / "results" / stem)
         sums = ["pos", "head"] if len(result.axes) == 3 else [None]
@@ -533,7 +572,7 @@ def run_patch(args: argparse.Namespace) -> dict:
             "clean": float(result.clean.float().mean()),
             "corrupted": float(result.corrupted.float().mean()),
             "top": [{"cell": list(c), "value": v} for c, v in result.top(10)]}
-        if args.attribution:
+        if args.attribution and not path:
             start = time.perf_counter()
             approx = mechicl.attribution_patch(model, pairs, metric=args.metric, target=target,
                                                by_pos=args.by_pos, direction=args.direction,

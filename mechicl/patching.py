@@ -24,7 +24,12 @@ target              all positions                 by position
 ==================  ============================  ==================================
 
 The axis orders match TransformerLens's ``get_act_patch_*`` functions, and the numbers equal
-theirs (tested to 1e-4 on tiny models and on SmolLM2).
+theirs (tested to 1e-4 on tiny models and on SmolLM2). One caveat: in the bridge,
+``blocks.L.hook_resid_mid`` is the MLP norm's input (``ln2.hook_in``), so a value returned there
+reaches the MLP but not the skip connection around it. mechicl patches the residual stream
+itself (the MLP input and, by the same change, ``hook_resid_post``); TransformerLens's
+``get_act_patch_resid_mid`` on a bridge does so only under ``torch.no_grad()`` (with autograd on
+it copies the activation and patches the MLP input alone).
 
 Grouped-query attention: ``hook_k``/``hook_v`` hold one key/value vector per KV head, shared by
 the query heads of its group. With ``kv_heads="group"`` (the default, TransformerLens's
@@ -383,9 +388,17 @@ def _selection(layout: str, axes: tuple[str, ...], act_shape: tuple[int, ...],
     return sel
 
 
+def first_rows(x: Tensor, n: int) -> Tensor:
+    """The first ``n`` rows of a per-copy tensor (``[copy, ...]``); a tensor shared by all
+    copies (leading size 1) unchanged."""
+    return x if x.shape[0] == 1 else x[:n]
+
+
 def _replace_hook(sel: Tensor, source: Tensor) -> Hook:
-    def hook(act: Tensor, hook: Any) -> Tensor:
-        return torch.where(sel.to(act.device), source.to(act.dtype), act)
+    def hook(act: Tensor, hook: Any) -> Tensor:  # act: the first k copies
+        n = act.shape[0]
+        return torch.where(first_rows(sel, n).to(act.device), first_rows(source, n).to(act.dtype),
+                           act)
     return hook
 
 
@@ -467,8 +480,9 @@ def _query_view_hooks(model: HookedModel, target: str, layer: int, sel_keys: Ten
         v_src = source[v_name]
 
         def patch_z(z: Tensor, hook: Any) -> Tensor:
-            delta = repeat(v_src - cur["v"], "c pos kv d -> c pos (kv g) d", g=g)
-            delta = delta * sel_keys[..., None].to(delta.device, delta.dtype)
+            n = z.shape[0]
+            delta = repeat(first_rows(v_src, n) - cur["v"], "c pos kv d -> c pos (kv g) d", g=g)
+            delta = delta * first_rows(sel_keys, n)[..., None].to(delta.device, delta.dtype)
             return z + einsum(cur["pattern"], delta, "c h qp kp, c kp h d -> c qp h d")
 
         return [(v_name, keep("v")), (pat_name, keep("pattern")), (z_name, patch_z)]
@@ -479,8 +493,9 @@ def _query_view_hooks(model: HookedModel, target: str, layer: int, sel_keys: Ten
     scale = _attention_scale(model, layer)
 
     def patch_scores(scores: Tensor, hook: Any) -> Tensor:
-        delta = repeat(k_src - cur["k"], "c pos kv d -> c pos (kv g) d", g=g)
-        delta = delta * sel_keys[..., None].to(delta.device, delta.dtype)
+        n = scores.shape[0]
+        delta = repeat(first_rows(k_src, n) - cur["k"], "c pos kv d -> c pos (kv g) d", g=g)
+        delta = delta * first_rows(sel_keys, n)[..., None].to(delta.device, delta.dtype)
         change = scale * einsum(cur["q"], delta, "c qp h d, c kp h d -> c h qp kp")
         allowed = scores > torch.finfo(scores.dtype).min / 2  # keep masked entries masked
         return torch.where(allowed, scores + change, scores)
@@ -514,8 +529,33 @@ def patch_hooks(model: HookedModel, target: str, axes: tuple[str, ...], cells: T
         name = model.hook_name(kind, layer)
         src = source[name]
         sel = _selection(layout, axes, (len(cells), *src.shape[1:]), cells, rows, by_pos)
-        hooks.append((name, _replace_hook(sel, src)))
+        if target == "resid_mid":
+            hooks += _resid_mid_hooks(model, layer, sel, src)
+        else:
+            hooks.append((name, _replace_hook(sel, src)))
     return hooks
+
+
+def _resid_mid_hooks(model: HookedModel, layer: int, sel: Tensor, src: Tensor
+                     ) -> list[tuple[str, Hook]]:
+    """Patch the residual stream between attention and MLP.
+
+    In the bridge, ``hook_resid_mid`` is the MLP norm's input (``ln2.hook_in``): a value
+    returned there reaches the MLP but not the skip connection around it. So the patch is
+    applied there for the MLP, and the same change is added to ``hook_resid_post``
+    (``resid_post = resid_mid + mlp branch``) for the skip connection.
+    """
+    delta: dict[str, Tensor] = {}
+
+    def mid(x: Tensor, hook: Any) -> Tensor:
+        patched = torch.where(first_rows(sel, x.shape[0]).to(x.device), src.to(x.dtype), x)
+        delta["d"] = patched - x
+        return patched
+
+    def post(x: Tensor, hook: Any) -> Tensor:
+        return x + delta.pop("d")
+
+    return [(model.hook_name("resid_mid", layer), mid), (model.hook_name("resid_post", layer), post)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,9 +571,16 @@ def baselines(model: HookedModel, inputs: Inputs, metric: Metric, logits_clean: 
             last = torch.stack([lg[0, len(t) - 1] for lg, t in zip(logits, inputs.clean,
                                                                     strict=True)])
             return metric.on_answer_logits(last, _need(inputs.answer, metric),
-                                           _need(inputs.wrong, metric)).cpu()
+                                           _wrong(inputs, metric)).cpu()
         return metric.on_logits(_stack_logits([lg[0] for lg in logits])[None])[0].cpu()
     return score(logits_clean), score(logits_corrupted)
+
+
+def _wrong(inputs: "Inputs", metric: Metric) -> Tensor:
+    """The competing tokens; only the logit difference reads them (others get the answers)."""
+    if metric.name in ("logit_diff", "logit_diff_normalized"):
+        return _need(inputs.wrong, metric)
+    return _need(inputs.answer, metric) if inputs.wrong is None else inputs.wrong
 
 
 def _need(x: Tensor | None, metric: Metric) -> Tensor:
@@ -566,17 +613,22 @@ def copies_per_pass(model: HookedModel, inputs: Inputs, metric: Metric, batch_to
 def run_cells(
     model: HookedModel, inputs: Inputs, metric: Metric, *, cells: Tensor,
     base: list[Tensor], hooks_for: Callable[[int, Tensor], list[tuple[str, Hook]]],
-    expand_layer_for: Callable[[Tensor], int], batch_tokens: int, progress: bool, desc: str,
+    start_layers: Tensor, batch_tokens: int, progress: bool, desc: str,
+    pass_starts: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Evaluate ``metric`` with each cell's patch: ``hooks_for(pair, chunk_cells)`` gives the
     hooks of one pass (copy i patched at ``chunk_cells[i]``) on the ``base[pair]`` prompt.
+
+    ``start_layers[cell]`` is the layer below which the cell's copy equals the unpatched prompt;
+    cells run in that order (see :func:`mechicl._forward.run_copies`). ``pass_starts(chunk)``
+    overrides the start layers of a pass's copies (they must keep its order non-decreasing).
 
     Returns ``(per_cell [cell], per_pair [cell, pair] or None)``: the metric averaged over
     pairs (or the callable's batch value), and per pair.
     """
     n_cells, n_pairs = len(cells), len(inputs)
     per_copy = copies_per_pass(model, inputs, metric, batch_tokens)
-    order = torch.argsort(cells[:, 0], stable=True)  # group cells of a layer into one pass
+    order = torch.argsort(start_layers, stable=True)
     chunks = [order[i:i + per_copy] for i in range(0, n_cells, per_copy)]
     per_pair = torch.zeros(n_cells, n_pairs) if metric.builtin else None
     per_cell = torch.zeros(n_cells)
@@ -584,17 +636,17 @@ def run_cells(
     with torch.no_grad():
         for chunk in chunks:
             chunk_cells = cells[chunk]
-            expand = expand_layer_for(chunk_cells)
+            starts = start_layers[chunk] if pass_starts is None else pass_starts(chunk)
             full: list[Tensor] = []
             for p in range(n_pairs):
                 tokens = base[p]
                 read = None if not metric.builtin else torch.tensor([len(tokens) - 1])
-                out = run_copies(model, tokens, copies=len(chunk), expand_layer=expand,
+                out = run_copies(model, tokens, start_layers=starts,
                                  hooks=hooks_for(p, chunk_cells), read_positions=read)
                 if metric.builtin:
                     assert per_pair is not None and inputs.answer is not None
                     per_pair[chunk, p] = metric.on_answer_logits(
-                        out, inputs.answer[p:p + 1], _need(inputs.wrong, metric)[p:p + 1]
+                        out, inputs.answer[p:p + 1], _wrong(inputs, metric)[p:p + 1]
                     )[:, 0].cpu()
                 else:
                     full.append(out)
@@ -686,12 +738,16 @@ def patch(
     if target == "mlp_out" and model.hook_name("mlp_out", 0) not in model.hook_dict:
         raise ValueError("target='mlp_out': this model has no MLPs (attention-only)")
     lengths = set(inputs.lengths)
+    if not resolved.builtin and len(lengths) > 1:
+        logger.warning("pairs have lengths %s: the metric %s sees right-padded logits [pair, "
+                       "%d, vocab]; it must read each pair's last real position (length - 1), "
+                       "not position -1", sorted(lengths), resolved.name, max(lengths))
     if by_pos and len(lengths) > 1:
         raise ValueError(f"by_pos=True needs prompts of one length, these have lengths "
                          f"{sorted(lengths)}; use PromptPairs.by_length() or a single template")
     n_pos = inputs.lengths[0]
     axes, sizes = target_axes(model, target, by_pos=by_pos, kv_heads=kv_heads, n_pos=n_pos)
-    if target in ("k", "v") and kv_heads == "query" and target == "k":
+    if target == "k" and kv_heads == "query":
         check_scores_reconstructable(model)
     all_cells = grid_cells(sizes) if cells is None else _user_cells(cells, axes, sizes)
 
@@ -714,7 +770,7 @@ def patch(
 
     per_cell, per_pair = run_cells(
         model, inputs, resolved, cells=all_cells, base=base, hooks_for=hooks_for,
-        expand_layer_for=lambda cc: int(cc[:, 0].min()), batch_tokens=batch_tokens,
+        start_layers=all_cells[:, 0], batch_tokens=batch_tokens,
         progress=progress, desc=f"patch {target}")
     if resolved.normalize:
         per_cell = normalise(per_cell, clean_metric, corrupted_metric)

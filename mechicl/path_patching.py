@@ -51,6 +51,7 @@ from mechicl.patching import (
     baselines,
     capture,
     check_scores_reconstructable,
+    first_rows,
     normalise,
     run_cells,
 )
@@ -136,6 +137,8 @@ def path_patch(
     else:
         recv = _heads(model, receivers, "receiver")
         kinds = [receiver_input] if isinstance(receiver_input, str) else list(receiver_input)
+        if not kinds:
+            raise ValueError(f"receiver_input is empty; give one or more of {list(RECEIVER_INPUTS)}")
         for kind in kinds:
             check_choice("receiver_input", kind, RECEIVER_INPUTS)
         inputs_kinds = sorted(set(kinds))
@@ -148,7 +151,11 @@ def path_patch(
         sets = [[(layer, head)] for layer in range(model.n_layers) for head in range(model.n_heads)]
         grid = True
     else:
-        sets = [_heads(model, [s] if isinstance(s[0], int) else s, "sender") for s in senders]
+        sets = [_heads(model, [s] if len(s) and isinstance(s[0], int) else s, "sender")
+                for s in senders]
+        if not sets:
+            raise ValueError("senders is empty; give (layer, head) heads or sets of heads, or None "
+                             "for every head")
         grid = False
     valid = torch.tensor([min(layer for layer, _ in s) < top for s in sets])
     if not grid and not bool(valid.all()):
@@ -168,10 +175,15 @@ def path_patch(
     mlp_names = {model.hook_name("mlp_out", layer) for layer in range(top)} if freeze_mlps else set()
     if freeze_mlps and model.hook_name("mlp_out", 0) not in model.hook_dict:
         raise ValueError("freeze_mlps=True: this model has no MLPs")
+    recv_layers = sorted({layer for layer, _ in recv})
+    captured_names = sorted(set().union(*[_source_names(model, kind, recv_layers, "query")
+                                          if kind in ("k", "v") else
+                                          {model.hook_name("q", layer) for layer in recv_layers}
+                                          for kind in inputs_kinds])) if recv else []
     base_runs, src_runs, logits_clean, logits_corrupted = [], [], [], []
     for c, k in zip(inputs.clean, inputs.corrupted, strict=True):
-        lc, cache_c = capture(model, c, z_names | mlp_names)
-        lk, cache_k = capture(model, k, z_names | mlp_names)
+        lc, cache_c = capture(model, c, z_names | mlp_names | set(captured_names))
+        lk, cache_k = capture(model, k, z_names | mlp_names | set(captured_names))
         base_runs.append(cache_k if denoise else cache_c)
         src_runs.append(cache_c if denoise else cache_k)
         logits_clean.append(lc)
@@ -179,11 +191,6 @@ def path_patch(
     clean_metric, corrupted_metric = baselines(model, inputs, resolved, logits_clean,
                                                logits_corrupted)
     base = inputs.corrupted if denoise else inputs.clean
-    recv_layers = sorted({layer for layer, _ in recv})
-    captured_names = sorted(set().union(*[_source_names(model, kind, recv_layers, "query")
-                                          if kind in ("k", "v") else
-                                          {model.hook_name("q", layer) for layer in recv_layers}
-                                          for kind in inputs_kinds])) if recv else []
 
     def sender_hooks(p: int, chunk: Tensor) -> list[tuple[str, Hook]]:
         """Step 1: senders from the source run, all other heads (and MLPs) frozen."""
@@ -203,8 +210,7 @@ def path_patch(
     if to_logits:
         def hooks_for(p: int, chunk_cells: Tensor) -> list[tuple[str, Hook]]:
             return sender_hooks(p, chunk_cells[:, 0])
-        def expand_for(chunk_cells: Tensor) -> int:
-            return int(first_layer[chunk_cells[:, 0]].min())
+        pass_starts = None
     else:
         recv_sel = torch.zeros(model.n_layers, model.n_heads, dtype=torch.bool)
         for layer, head in recv:
@@ -220,17 +226,23 @@ def path_patch(
                 return hook
 
             step1 = sender_hooks(p, chunk) + [(n, keep(n)) for n in captured_names]
-            run_copies(model, base[p], copies=len(chunk), expand_layer=int(first_layer[chunk].min()),
-                       hooks=step1, read_positions=None, stop_at=model.hook_name("z", top))
+            run_copies(model, base[p], start_layers=first_layer[chunk], hooks=step1,
+                       read_positions=None, stop_at=model.hook_name("z", top))
+            for name, x in got.items():  # copies that start above a receiver's layer read the
+                missing = len(chunk) - x.shape[0]  # base run's input there
+                if missing:
+                    base_x = base_runs[p][name]
+                    got[name] = torch.cat([x, base_x.expand(missing, *base_x.shape[1:])])
             return _receiver_hooks(model, recv_sel, recv_layers, inputs_kinds, got, len(chunk),
                                    len(base[p]))
-        def expand_for(chunk_cells: Tensor) -> int:
-            return recv_layers[0]
+
+        def pass_starts(chunk: Tensor) -> Tensor:  # step 2: every copy from the receivers up
+            return torch.full((len(chunk),), recv_layers[0], dtype=torch.long)
 
     per_cell, per_pair = run_cells(
         model, inputs, resolved, cells=cells[:, None], base=base, hooks_for=hooks_for,
-        expand_layer_for=expand_for, batch_tokens=batch_tokens, progress=progress,
-        desc="path patching")
+        start_layers=first_layer[cells], pass_starts=pass_starts, batch_tokens=batch_tokens,
+        progress=progress, desc="path patching")
     if resolved.normalize:
         per_cell = normalise(per_cell, clean_metric, corrupted_metric)
     n_sets = len(sets)
@@ -261,8 +273,9 @@ def path_patch(
 
 
 def _freeze_hook(sel: Tensor, source: Tensor, frozen: Tensor) -> Hook:
-    def hook(z: Tensor, hook: Any) -> Tensor:  # [copy, pos, head, d_head]
-        return torch.where(sel.to(z.device), source.to(z.dtype), frozen.to(z.dtype)).expand_as(z)
+    def hook(z: Tensor, hook: Any) -> Tensor:  # the first k copies [k, pos, head, d_head]
+        return torch.where(first_rows(sel, z.shape[0]).to(z.device), source.to(z.dtype),
+                           frozen.to(z.dtype)).expand_as(z)
     return hook
 
 

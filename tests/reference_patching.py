@@ -92,25 +92,50 @@ def resid_reference(model, run: Tensor, source: Tensor, metric: Metric, kind: st
     """Patch ``blocks.L.hook_<kind>`` (``kind`` in resid_pre / resid_mid / resid_post /
     attn_out / mlp_out) of ``run`` with its value in ``source``: at every position at once
     (``[layer, *metric]``) or one position at a time (``[layer, pos, *metric]``).
-    One forward pass per cell."""
+    One forward pass per cell.
+
+    ``resid_mid`` is the residual stream between attention and MLP, which feeds both the MLP
+    and the skip connection around it. In TransformerLens 4's bridge ``hook_resid_mid`` is the
+    MLP norm's input (``ln2.hook_in``), so a value returned there reaches the MLP only; here
+    the block's output is also rebuilt by hand: ``resid_post = patched resid_mid + mlp_out``.
+    """
     cache = source_cache(model, source)
     n_layers, n_pos = model.cfg.n_layers, run.shape[1]
     rows = []
     for layer in range(n_layers):
-        name = f"blocks.{layer}.hook_{kind}"
-        src = cache[name]
-        values = []
-        for pos in (range(n_pos) if by_pos else [None]):
-            def hook(act: Tensor, hook: Any, pos: int | None = pos, src: Tensor = src) -> Tensor:
-                act = act.clone()
-                if pos is None:
-                    act[:] = src
-                else:
-                    act[:, pos] = src[:, pos]
-                return act
-            values.append(run_metric(model, run, metric, [(name, hook)]))
+        src = cache[f"blocks.{layer}.hook_{kind}"]
+        values = [_resid_cell(model, run, metric, kind, layer, src, pos)
+                  for pos in (range(n_pos) if by_pos else [None])]
         rows.append(torch.stack(values) if by_pos else values[0])
     return torch.stack(rows)
+
+
+def _resid_cell(model, run: Tensor, metric: Metric, kind: str, layer: int, src: Tensor,
+                pos: int | None) -> Tensor:
+    """One patched forward pass: ``blocks.layer.hook_<kind>`` replaced by ``src`` at ``pos``
+    (every position if None)."""
+    seen: dict[str, Tensor] = {}
+
+    def replace(act: Tensor, hook: Any) -> Tensor:
+        act = act.clone()
+        if pos is None:
+            act[:] = src
+        else:
+            act[:, pos] = src[:, pos]
+        seen["mid"] = act
+        return act
+
+    def keep_mlp_out(act: Tensor, hook: Any) -> None:
+        seen["mlp_out"] = act.detach().clone()
+
+    def rebuild_post(act: Tensor, hook: Any) -> Tensor:
+        return seen["mid"] + seen["mlp_out"]
+
+    hooks = [(f"blocks.{layer}.hook_{kind}", replace)]
+    if kind == "resid_mid":
+        hooks += [(f"blocks.{layer}.hook_mlp_out", keep_mlp_out),
+                  (f"blocks.{layer}.hook_resid_post", rebuild_post)]
+    return run_metric(model, run, metric, hooks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,17 +212,28 @@ def query_view_reference(model, run: Tensor, source: Tensor, metric: Metric, tar
 
 
 def tl_patch(model, run: Tensor, source: Tensor, metric: Metric, target: str, by_pos: bool,
-             *, reduce: str = "scalar", index_df: pd.DataFrame | None = None) -> Tensor:
+             *, reduce: str = "scalar", index_df: pd.DataFrame | None = None,
+             cache: Any = None, grad: bool = False) -> Tensor:
     """TransformerLens's ``get_act_patch_*`` for ``target`` on ``model.bridge``, run on ``run``
-    with the cache of ``source``: ``[*axes]`` (``[*axes, batch]`` with ``reduce="none"``), or
-    one value per row of ``index_df``."""
+    with the cache of ``source`` (``model.run_with_cache(source)``, or ``cache`` if given):
+    ``[*axes]`` (``[*axes, batch]`` with ``reduce="none"``), or one value per row of
+    ``index_df``.
+
+    Run under ``torch.no_grad()`` unless ``grad``. TransformerLens's patch setters write into
+    the activation in place, but clone it first when it requires grad. That matters for one
+    hook only: in the bridge ``hook_resid_mid`` is ``ln2.hook_in``, and only the in-place write
+    (no grad) also reaches the skip connection around the MLP, i.e. patches the residual
+    stream as HookedTransformer did; with grad, TransformerLens patches the MLP input only.
+    """
     fn = TL_FUNCTIONS[(target, by_pos)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(source)
+    if cache is None:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(source)
     kwargs: dict[str, Any] = {"reduce": reduce}
     if index_df is not None:
         kwargs |= {"index_df": index_df, "index_axis_names": None}
-    out = fn(model.bridge, run, cache, metric, **kwargs)
+    with torch.set_grad_enabled(grad):
+        out = fn(model.bridge, run, cache, metric, **kwargs)
     return (out.values if reduce == "none" else out).detach().float().cpu()
 
 

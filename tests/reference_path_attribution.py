@@ -98,7 +98,8 @@ def path_patch_reference(
     model: Any, base: Tensor, source: Tensor, answer: int, wrong: int, *,
     senders: Sequence[tuple[int, int]], receivers: Sequence[tuple[int, int]] | str,
     receiver_input: Sequence[str] = ("q",), freeze_mlps: bool = False, freeze: bool = True,
-    gqa_v_via_z: bool = False, caches: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
+    gqa_v_via_z: bool = False, gqa_group_view: bool = False,
+    caches: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
 ) -> float:
     """The metric of one path-patched run of one pair, in three explicit steps.
 
@@ -121,7 +122,9 @@ def path_patch_reference(
     output is ``z_h[q] = sum_k pattern_h[q, k] v_{g(h)}[k]`` (``g(h)`` its KV head), so setting
     ``z_h = pattern_h @ v_recorded_{g(h)}`` with the step-3 run's own ``pattern_h`` is exactly
     "this query head reads the recorded values", while the other query heads of the group still
-    read the run's own values (they are left alone).
+    read the run's own values (they are left alone). ``gqa_group_view=True`` replaces the
+    receiver's whole KV head slice instead (every query head of its group reads the recorded
+    keys/values): NOT what mechicl computes, used to show the tests tell the views apart.
     """
     n_layers, n_heads, n_kv = _n(model, "n_layers"), _n(model, "n_heads"), _n(model, "n_kv_heads")
     z_names = [hook(model, "z", layer) for layer in range(n_layers)]
@@ -173,13 +176,16 @@ def path_patch_reference(
             if kind == "v" and gqa_v_via_z:
                 step3 += _z_from_recorded_v(model, layer, head, recorded[name])
                 continue
+            index = head
             if kind in ("k", "v") and n_kv != n_heads:
-                raise NotImplementedError("k/v receivers of a grouped-query model: use "
-                                          "mha_equivalent(model) (or gqa_v_via_z for v)")
+                if not gqa_group_view:
+                    raise NotImplementedError("k/v receivers of a grouped-query model: use "
+                                              "mha_equivalent(model) (or gqa_v_via_z for v)")
+                index = head // (n_heads // n_kv)
 
-            def replace(x: Tensor, hook: Any, name: str = name, head: int = head) -> Tensor:
+            def replace(x: Tensor, hook: Any, name: str = name, index: int = index) -> Tensor:
                 x = x.clone()
-                x[:, :, head, :] = recorded[name][:, :, head, :]
+                x[:, :, index, :] = recorded[name][:, :, index, :]
                 return x
             step3.append((name, replace))
     with torch.no_grad():

@@ -122,3 +122,64 @@ def test_prune_cli_writes_curves(tiny_folder, copy_task_file, tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown heads ranking 'nope'"):
         main(["prune", "--model", str(tiny_folder), "--task", str(copy_task_file), "--rankings",
               "nope", "--n", "4", "--importance-n", "4", "--out", str(tmp_path / "x")])
+
+
+def test_patch_cli_writes_results_heatmaps_and_agreement(tiny_folder, tmp_path, capsys):
+    import torch
+
+    import mechicl
+    from mechicl.patching import PatchResult
+
+    out = tmp_path / "patch"
+    assert main(["patch", "--model", str(tiny_folder), "--prompts", "repeated_tokens", "--n", "3",
+                 "--target", "head_out,resid_pre", "--by-pos", "--attribution", "--formats",
+                 "html", "--no-progress", "--out", str(out)]) == 0
+    summary = json.loads((out / "patch-summary.json").read_text())
+    assert summary["n_pairs"] == 3 and set(summary["results"]) == {"head_out", "resid_pre"}
+    assert summary["results"]["head_out"]["axes"] == ["layer", "pos", "head"]
+    assert -1.0 <= summary["results"]["resid_pre"]["agreement"]["pearson"] <= 1.0
+    stem = f"{tiny_folder.name}-repeated_tokens-head_out-by-pos"
+    assert (out / f"{stem}-sum-over-pos.html").is_file()
+    assert (out / f"{stem}-sum-over-head.html").is_file()
+    saved = PatchResult.load(out / "results" / stem)
+    # the saved result is what the library computes on the same pairs
+    model = mechicl.load_model(tiny_folder)
+    pairs = mechicl.make_pairs("repeated_tokens", model, n=3, seed=0)
+    again = mechicl.patch(model, pairs, metric="logit_diff_normalized", by_pos=True)
+    torch.testing.assert_close(saved.values, again.values)
+    assert "head_out" in capsys.readouterr().out
+
+
+def test_patch_cli_rejects_unknown_names(tmp_path):
+    for bad in (["patch", "--out", "o", "--target", "nope"],
+                ["patch", "--out", "o", "--direction", "sideways"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+    with pytest.raises(SystemExit, match="unknown --prompts"):
+        main(["patch", "--model", "smollm2-135m", "--prompts", "nope", "--out", str(tmp_path)])
+
+
+def test_patch_cli_path_target(tiny_folder, tmp_path):
+    import torch
+
+    import mechicl
+    from mechicl.patching import PatchResult
+
+    out = tmp_path / "path"
+    assert main(["patch", "--model", str(tiny_folder), "--prompts", "repeated_tokens", "--n", "2",
+                 "--target", "path:v", "--receivers", "1.0,1.3", "--formats", "html",
+                 "--no-progress", "--out", str(out)]) == 0
+    stem = f"{tiny_folder.name}-repeated_tokens-path-v-to-1.0_1.3"
+    saved = PatchResult.load(out / "results" / stem)
+    assert saved.method == "path" and saved.direction == "noising"
+    assert torch.isnan(saved.values[1:]).all() and not torch.isnan(saved.values[0]).any()
+    model = mechicl.load_model(tiny_folder)
+    pairs = mechicl.make_pairs("repeated_tokens", model, n=2, seed=0)
+    again = mechicl.path_patch(model, pairs, metric="logit_diff_normalized",
+                               receivers=[(1, 0), (1, 3)], receiver_input="v")
+    torch.testing.assert_close(saved.values, again.values, equal_nan=True)
+    with pytest.raises(SystemExit, match="needs --receivers"):
+        main(["patch", "--model", str(tiny_folder), "--prompts", "repeated_tokens", "--n", "2",
+              "--target", "path:q", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["patch", "--out", "o", "--receivers", "3"])

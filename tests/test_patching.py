@@ -67,8 +67,9 @@ def mean_logit_diff(logits: torch.Tensor) -> torch.Tensor:
 
 
 def expected(model, run, source, metric, target, by_pos, reduce="scalar"):
-    """TransformerLens's grid for ``target``; the plain reference loop where TL has no function
-    (resid-like targets over all positions, resid_post)."""
+    """TransformerLens's grid for ``target`` (run on ``run`` with ``source``'s cache); the plain
+    reference loop where TransformerLens has no function (resid-like targets over all
+    positions, resid_post)."""
     if (target, by_pos) in ref.TL_FUNCTIONS:
         return ref.tl_patch(model, run, source, metric, target, by_pos, reduce=reduce)
     return ref.resid_reference(model, run, source, metric, target, by_pos)
@@ -113,7 +114,7 @@ def test_targets_list():
 
 
 def _some_cells(shape, n, seed):
-    """``n`` distinct cells of a grid, spread over the layers (first axis)."""
+    """``n`` distinct random cells of a grid of ``shape`` (``[n, len(shape)]``)."""
     g = torch.Generator().manual_seed(seed)
     flat = torch.randperm(int(torch.tensor(shape).prod()), generator=g)[:n]
     return torch.stack(torch.unravel_index(flat, shape), dim=1)
@@ -126,7 +127,7 @@ def test_matches_transformerlens(tiny, case):
     want_pairs = expected(tiny, CORRUPTED, CLEAN, per_pair_logit_diff, target, by_pos,
                           reduce="none")
     want = want_pairs.mean(-1)
-    if target in ("resid_pre", "resid_post") and not by_pos:
+    if target.startswith("resid") and not by_pos:
         # the whole residual stream at any layer: every cell is the clean run
         clean, corrupted = (ref.run_metric(tiny, t, mean_logit_diff) for t in (CLEAN, CORRUPTED))
         assert_close(want, clean.expand(want.shape), atol=ATOL, rtol=0)
@@ -142,9 +143,10 @@ def test_matches_transformerlens(tiny, case):
     assert got.per_pair is None and not got.normalized and got.direction == "denoising"
     assert got.metric == "mean_logit_diff" and got.target == target
     assert got.values.dtype == torch.float32
-    # ... and TransformerLens run with that scalar metric itself, on a few cells
+    # ... and TransformerLens run with that scalar metric itself, on a few cells (on one
+    # architecture: it is the same number as the mean of TransformerLens's per-pair values)
     cells = _some_cells(want.shape, 3, seed=len(target))
-    if (target, by_pos) in ref.TL_FUNCTIONS:
+    if (target, by_pos) in ref.TL_FUNCTIONS and tiny.group_size > 1:
         df = pd.DataFrame(cells.numpy(), columns=list(ref.TL_FUNCTIONS[(target, by_pos)]
                                                       .keywords["index_axis_names"]))
         tl = ref.tl_patch(tiny, CORRUPTED, CLEAN, mean_logit_diff, target, by_pos, index_df=df)
@@ -165,18 +167,26 @@ def test_matches_transformerlens(tiny, case):
         assert got.labels["pos"] == tiny.to_str_tokens(CLEAN[0])
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: 'resid_mid' hooks ln2.hook_in (the MLP "
-                   "input) in TransformerLens 4's bridge, so the residual stream itself is not "
-                   "patched")
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
-def test_resid_mid_all_positions_is_the_other_run(tiny_gpt2, direction):
+def test_resid_mid_is_the_residual_stream(tiny, direction):
     """Replacing the whole residual stream between attention and MLP of any layer by the other
-    run's makes the rest of the forward pass the other run's, as for resid_pre / resid_post."""
-    got = patch(tiny_gpt2, CLEAN, CORRUPTED, "logit_diff", target="resid_mid",
-                direction=direction, answer=ANSWER, wrong=WRONG)
+    run's makes the rest of the forward pass the other run's, as for resid_pre / resid_post (in
+    the bridge, hook_resid_mid alone is only the MLP's input)."""
+    got = patch(tiny, CLEAN, CORRUPTED, "logit_diff", target="resid_mid", direction=direction,
+                answer=ANSWER, wrong=WRONG)
     other = got.clean if direction == "denoising" else got.corrupted
     assert (got.clean - got.corrupted).abs().min() > 1e-3
     assert_close(got.per_pair, other.expand(2, -1), atol=1e-4, rtol=0)
+    # TransformerLens on the bridge with autograd on patches the MLP input only: different
+    run, source = (CORRUPTED, CLEAN) if direction == "denoising" else (CLEAN, CORRUPTED)
+    mlp_input_only = ref.tl_patch(tiny, run, source, per_pair_logit_diff, "resid_mid", True,
+                                  reduce="none", grad=True)
+    in_place = ref.tl_patch(tiny, run, source, per_pair_logit_diff, "resid_mid", True,
+                            reduce="none")
+    by_pos = patch(tiny, CLEAN, CORRUPTED, "logit_diff", target="resid_mid", by_pos=True,
+                   direction=direction, answer=ANSWER, wrong=WRONG)
+    assert_close(by_pos.per_pair, in_place, atol=ATOL, rtol=0)
+    assert not torch.allclose(by_pos.per_pair, mlp_input_only, atol=1e-3)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c in ref.TL_FUNCTIONS], ids=_id)
@@ -221,9 +231,8 @@ def test_axes_examples(tiny_llama, tiny_gpt2):
 # 3. Noising = TransformerLens with the roles swapped
 # --------------------------------------------------------------------------------------------
 
-NOISING_CASES = [("resid_pre", True), ("resid_post", False), ("attn_out", True),
-                 ("mlp_out", True), ("head_out", True), ("q", False), ("k", True),
-                 ("v", False), ("pattern", True)]
+NOISING_CASES = [("resid_pre", True), ("resid_post", False), ("head_out", True), ("k", True),
+                 ("pattern", True)]
 
 
 @pytest.mark.parametrize("case", NOISING_CASES, ids=_id)
@@ -252,16 +261,18 @@ def test_resid_pre_layer0_all_positions_restores(tiny):
     kw = {"target": "resid_pre", "answer": ANSWER, "wrong": WRONG}
     raw = patch(tiny, CLEAN, CORRUPTED, "logit_diff", **kw)
     assert (raw.clean - raw.corrupted).abs().min() > 1e-3
-    assert_close(raw.per_pair[0], raw.clean, atol=1e-5, rtol=0)
-    assert_close(raw.values[0], raw.clean.mean(), atol=1e-5, rtol=0)
+    assert_close(raw.per_pair[0], raw.clean, atol=ATOL, rtol=0)
+    assert_close(raw.values[0], raw.clean.mean(), atol=ATOL, rtol=0)
     norm = patch(tiny, CLEAN, CORRUPTED, "logit_diff_normalized", **kw)
-    assert norm.normalized and norm.values[0] == pytest.approx(1.0, abs=1e-5)
+    # (not bit-exact: the patched pass runs two copies, the baseline one row; normalising
+    # divides the ~1e-6 difference by the clean - corrupted gap)
+    assert norm.normalized and norm.values[0] == pytest.approx(1.0, abs=ATOL)
 
     raw = patch(tiny, CLEAN, CORRUPTED, "logit_diff", direction="noising", **kw)
-    assert_close(raw.per_pair[0], raw.corrupted, atol=1e-5, rtol=0)
-    assert_close(raw.values[0], raw.corrupted.mean(), atol=1e-5, rtol=0)
+    assert_close(raw.per_pair[0], raw.corrupted, atol=ATOL, rtol=0)
+    assert_close(raw.values[0], raw.corrupted.mean(), atol=ATOL, rtol=0)
     norm = patch(tiny, CLEAN, CORRUPTED, "logit_diff_normalized", direction="noising", **kw)
-    assert norm.values[0] == pytest.approx(0.0, abs=1e-5)
+    assert norm.values[0] == pytest.approx(0.0, abs=ATOL)
 
 
 def test_resid_pre_layer0_at_the_differing_position_restores(tiny):
@@ -269,13 +280,13 @@ def test_resid_pre_layer0_at_the_differing_position_restores(tiny):
     assert ((clean != corrupted).nonzero()[:, 1] == 3).all()
     kw = {"target": "resid_pre", "by_pos": True, "answer": answer, "wrong": wrong}
     norm = patch(tiny, clean, corrupted, "logit_diff_normalized", **kw)
-    assert norm.values[0, 3] == pytest.approx(1.0, abs=1e-5)
+    assert norm.values[0, 3] == pytest.approx(1.0, abs=ATOL)
     # the other positions are the same in both runs: patching them changes nothing
     others = [p for p in range(N_POS) if p != 3]
-    assert_close(norm.values[0, others], torch.zeros(len(others)), atol=1e-5, rtol=0)
+    assert_close(norm.values[0, others], torch.zeros(len(others)), atol=ATOL, rtol=0)
     raw = patch(tiny, clean, corrupted, "logit_diff", direction="noising", **kw)
-    assert_close(raw.per_pair[0, 3], raw.corrupted, atol=1e-5, rtol=0)
-    assert_close(raw.per_pair[0, others], raw.clean.expand(len(others), -1), atol=1e-5, rtol=0)
+    assert_close(raw.per_pair[0, 3], raw.corrupted, atol=ATOL, rtol=0)
+    assert_close(raw.per_pair[0, others], raw.clean.expand(len(others), -1), atol=ATOL, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,10 +387,10 @@ def _check_subset(sub: PatchResult, full: PatchResult, cells: torch.Tensor):
     mask = torch.zeros(full.values.shape, dtype=torch.bool)
     mask[tuple(cells.T)] = True
     assert sub.values.shape == full.values.shape and sub.axes == full.axes
-    assert_close(sub.values[mask], full.values[mask], atol=1e-5, rtol=0)
+    assert_close(sub.values[mask], full.values[mask], atol=ATOL, rtol=0)
     assert torch.isnan(sub.values[~mask]).all()
     if sub.per_pair is not None:
-        assert_close(sub.per_pair[mask], full.per_pair[mask], atol=1e-5, rtol=0)
+        assert_close(sub.per_pair[mask], full.per_pair[mask], atol=ATOL, rtol=0)
         assert torch.isnan(sub.per_pair[~mask]).all()
     assert sub.params["n_cells"] == len(torch.unique(cells, dim=0))
     if sub.metric == full.metric:
@@ -423,13 +434,13 @@ def test_cells_transformerlens_dataframe(tiny_llama, target, by_pos, columns):
     rows = torch.stack([torch.randint(s, (4,), generator=g) for s in sizes.values()], dim=1)
     rows = torch.unique(rows, dim=0)
     df = pd.DataFrame(rows.numpy(), columns=columns)
-    full = patch(tiny_llama, CLEAN, CORRUPTED, mean_logit_diff, target=target, by_pos=by_pos)
     sub = patch(tiny_llama, CLEAN, CORRUPTED, mean_logit_diff, target=target, by_pos=by_pos,
                 cells=df)
-    _check_subset(sub, full, rows)
     tl = ref.tl_patch(tiny_llama, CORRUPTED, CLEAN, mean_logit_diff, target, by_pos,
                       index_df=df)
     assert_close(sub.values[tuple(rows.T)], tl, atol=ATOL, rtol=0)
+    assert sub.values.shape == tuple(sizes.values())
+    assert int((~torch.isnan(sub.values)).sum()) == len(rows)
     # column order does not matter, mechicl's own names work
     own = df[columns[::-1]].rename(columns={"head_index": "head", "dest_pos": "pos"})
     again = patch(tiny_llama, CLEAN, CORRUPTED, mean_logit_diff, target=target, by_pos=by_pos,
@@ -467,29 +478,25 @@ def test_bad_cells(tiny_llama):
 
 
 @pytest.mark.parametrize("target,by_pos,kv_heads", [
-    ("head_out", True, "group"), ("resid_pre", False, "group"), ("k", False, "query"),
-    ("v", True, "query"), ("pattern", True, "group"), ("mlp_out", True, "group"),
+    ("head_out", True, "group"), ("v", True, "query"), ("k", False, "query"),
 ])
 def test_batch_size_does_not_matter(tiny_llama, target, by_pos, kv_heads):
-    """One patched copy per forward pass (on a few cells of both layers), three per pass (passes
-    that mix layers) and everything in one pass give the same values."""
+    """One patched copy per forward pass, three per pass (passes that mix layers) and everything
+    in one pass give the same values."""
     kw = {"target": target, "by_pos": by_pos, "kv_heads": kv_heads}
     shape = target_axes(tiny_llama, target, by_pos=by_pos, kv_heads=kv_heads, n_pos=N_POS)[1]
-    cells = _some_cells(shape, 5, seed=1)
-    assert len(set(cells[:, 0].tolist())) == 2
-    for metric, extra in ((per_pair_logit_diff, {}), ("logit_diff", {"answer": ANSWER,
-                                                                     "wrong": WRONG})):
-        many = patch(tiny_llama, CLEAN, CORRUPTED, metric, batch_tokens=1 << 20, **kw, **extra)
-        some = patch(tiny_llama, CLEAN, CORRUPTED, metric, batch_tokens=3 * N_POS, **kw,
-                     **extra)
-        one = patch(tiny_llama, CLEAN, CORRUPTED, metric, batch_tokens=1, cells=cells, **kw,
-                    **extra)
-        assert_close(some.values, many.values, atol=1e-5, rtol=0)
-        assert_close(some.per_pair, many.per_pair, atol=1e-5, rtol=0)
-        _check_subset(one, many, cells)
-    # a scalar metric too
-    one = patch(tiny_llama, CLEAN, CORRUPTED, mean_logit_diff, batch_tokens=1, cells=cells, **kw)
-    assert_close(one.values[tuple(cells.T)], many.values[tuple(cells.T)], atol=1e-5, rtol=0)
+    cells = torch.cat([_some_cells(shape, 4, seed=1), _some_cells(shape, 4, seed=2)])
+    cells = torch.unique(cells, dim=0)
+    n_layer0 = int((cells[:, 0] == 0).sum())
+    assert 0 < n_layer0 < len(cells) and n_layer0 % 3  # a pass of three mixes the layers
+    answers = {"answer": ANSWER, "wrong": WRONG}
+    many = patch(tiny_llama, CLEAN, CORRUPTED, "logit_diff", batch_tokens=1 << 20, **kw,
+                 **answers)
+    for metric, batch_tokens in (("logit_diff", 1), ("logit_diff", 3 * N_POS),
+                                 (per_pair_logit_diff, 1), (mean_logit_diff, 3 * N_POS)):
+        few = patch(tiny_llama, CLEAN, CORRUPTED, metric, batch_tokens=batch_tokens,
+                    cells=cells, **kw, **(answers if metric == "logit_diff" else {}))
+        _check_subset(few, many, cells)
 
 
 def _pairs_object(clean, corrupted, answer, wrong, lengths=None, pad=2):
@@ -501,7 +508,8 @@ def _pairs_object(clean, corrupted, answer, wrong, lengths=None, pad=2):
         wrong_text=("",) * n, params={"pad_id": pad})
 
 
-def test_prompt_pairs_input_equals_tensors(tiny):
+def test_prompt_pairs_input_equals_tensors(tiny_llama):
+    tiny = tiny_llama
     pairs = _pairs_object(CLEAN, CORRUPTED, ANSWER, WRONG)
     for target, by_pos in (("head_out", False), ("resid_post", True), ("v", True)):
         kw = {"target": target, "by_pos": by_pos}
@@ -553,7 +561,7 @@ def mixed_pairs():
     return _pairs_object(clean, corrupted, ANSWER, WRONG, lengths), lengths
 
 
-@pytest.mark.parametrize("target", ["head_out", "resid_pre", "k"])
+@pytest.mark.parametrize("target", ["head_out", "resid_pre"])
 def test_pairs_of_different_lengths(tiny, mixed_pairs, target):
     """All-position patching of pairs of different lengths: each pair's values are those of
     that pair patched alone (TransformerLens, batch of one)."""
@@ -577,8 +585,8 @@ def test_pairs_of_different_lengths(tiny, mixed_pairs, target):
         return (rows.gather(-1, ANSWER[:, None]) - rows.gather(-1, WRONG[:, None]))[:, 0]
 
     call = patch(tiny, pairs, metric=at_answer, target=target)
-    assert_close(call.per_pair, got.per_pair, atol=1e-5, rtol=0)
-    assert_close(call.clean, got.clean, atol=1e-5, rtol=0)
+    assert_close(call.per_pair, got.per_pair, atol=ATOL, rtol=0)
+    assert_close(call.clean, got.clean, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="by_pos=True needs prompts of one length"):
         patch(tiny, pairs, metric="logit_diff", target=target, by_pos=True)
 
@@ -594,28 +602,29 @@ def test_baselines_are_plain_forward_passes(tiny):
     got = patch(tiny, CLEAN, CORRUPTED, "logit_diff", answer=ANSWER, wrong=WRONG,
                 target="resid_post")
     assert got.clean.shape == got.corrupted.shape == (N_PAIRS,)
-    assert_close(got.clean, want_clean, atol=1e-5, rtol=0)
-    assert_close(got.corrupted, want_corrupted, atol=1e-5, rtol=0)
+    assert_close(got.clean, want_clean, atol=ATOL, rtol=0)
+    assert_close(got.corrupted, want_corrupted, atol=ATOL, rtol=0)
     got = patch(tiny, CLEAN, CORRUPTED, mean_logit_diff, target="resid_post")
     assert got.clean.shape == ()
-    assert_close(got.clean, want_clean.mean(), atol=1e-5, rtol=0)
-    assert_close(got.corrupted, want_corrupted.mean(), atol=1e-5, rtol=0)
+    assert_close(got.clean, want_clean.mean(), atol=ATOL, rtol=0)
+    assert_close(got.corrupted, want_corrupted.mean(), atol=ATOL, rtol=0)
     got = patch(tiny, CLEAN, CORRUPTED, per_pair_logit_diff, target="resid_post",
                 direction="noising")
-    assert_close(got.clean, want_clean, atol=1e-5, rtol=0)
-    assert_close(got.corrupted, want_corrupted, atol=1e-5, rtol=0)
+    assert_close(got.clean, want_clean, atol=ATOL, rtol=0)
+    assert_close(got.corrupted, want_corrupted, atol=ATOL, rtol=0)
     # the last layer's resid_post over all positions is the other run itself
-    assert_close(got.per_pair[-1], want_corrupted, atol=1e-5, rtol=0)
+    assert_close(got.per_pair[-1], want_corrupted, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
-def test_normalisation(tiny, direction):
+def test_normalisation(tiny_llama, direction):
+    tiny = tiny_llama
     kw = {"target": "head_out", "by_pos": True, "direction": direction, "answer": ANSWER,
           "wrong": WRONG}
     raw = patch(tiny, CLEAN, CORRUPTED, "logit_diff", **kw)
     norm = patch(tiny, CLEAN, CORRUPTED, "logit_diff_normalized", **kw)
     c, k = raw.clean.mean(), raw.corrupted.mean()
-    assert_close(norm.values, (raw.values - k) / (c - k), atol=1e-5, rtol=1e-5)
+    assert_close(norm.values, (raw.values - k) / (c - k), atol=ATOL, rtol=1e-5)
     assert_close(norm.per_pair, raw.per_pair, atol=1e-6, rtol=0)  # raw per pair
     assert_close(norm.clean, raw.clean)
     assert_close(norm.corrupted, raw.corrupted)
@@ -647,7 +656,12 @@ def test_other_builtin_metrics(tiny_llama):
     for name, fn in (("logprob", lambda x: x), ("prob", torch.exp), ("loss", lambda x: -x)):
         got = patch(tiny_llama, CLEAN, CORRUPTED, name, target="head_out", answer=ANSWER,
                     wrong=WRONG)
-        assert_close(got.per_pair, fn(want), atol=1e-5, rtol=1e-4)
+        assert_close(got.per_pair, fn(want), atol=ATOL, rtol=1e-4)
+        # only the logit difference reads the competing token
+        alone = patch(tiny_llama, CLEAN, CORRUPTED, name, target="head_out", answer=ANSWER)
+        assert_close(alone.values, got.values)
+    with pytest.raises(ValueError, match="needs answer and wrong"):
+        patch(tiny_llama, CLEAN, CORRUPTED, "logit_diff", target="head_out", answer=ANSWER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -709,6 +723,25 @@ def test_top(head_result):
     assert effects == sorted(effects, reverse=True) and len(by_effect) == 8
     with pytest.raises((ValueError, TypeError), match="by"):
         r.top(2, by="value")
+
+
+def test_top_on_known_values():
+    values = torch.tensor([[0.5, -3.0, float("nan")], [2.0, 0.1, -0.2]])
+    r = PatchResult(target="head_out", axes=("layer", "head"), values=values, per_pair=None,
+                    clean=torch.tensor(4.0), corrupted=torch.tensor(0.0), metric="m",
+                    normalized=False, direction="denoising")
+    assert r.top(3) == [((0, 1), -3.0), ((1, 0), 2.0), ((0, 0), 0.5)]
+    assert [i for i, _ in r.top(2, by="effect")] == [(1, 0), (0, 0)]
+    assert len(r.top(5)) == 5 and (0, 2) not in [i for i, _ in r.top(5)]
+    noising = PatchResult(target="head_out", axes=("layer", "head"), values=values,
+                          per_pair=None, clean=torch.tensor(2.0), corrupted=torch.tensor(0.0),
+                          metric="m", normalized=False, direction="noising")
+    # effects relative to the clean run: -1.5, -5, 0, -1.9, -2.2
+    assert [i for i, _ in noising.top(2)] == [(0, 1), (1, 2)]
+    assert [i for i, _ in noising.top(1, by="effect")] == [(1, 0)]
+    df = noising.to_dataframe()
+    assert len(df) == 5 and "std" not in df.columns
+    assert df["effect"].tolist() == pytest.approx([-1.5, -5.0, 0.0, -1.9, -2.2])
 
 
 def test_top_skips_cells_not_computed(tiny_llama):
