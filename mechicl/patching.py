@@ -591,11 +591,16 @@ def _need(x: Tensor | None, metric: Metric) -> Tensor:
 
 
 def _stack_logits(rows: list[Tensor]) -> Tensor:
-    """Pad ``[pos_i, vocab]`` (or ``[copy, pos_i, vocab]``) logits to one length and stack on
-    the pair axis (second to last but one)."""
+    """Right-pad ``[pos_i, vocab]`` (or ``[copy, pos_i, vocab]``) logits to one length and stack
+    them on a pair axis before ``pos`` (one copy of the data; none for a single pair)."""
+    if len(rows) == 1:
+        return rows[0].unsqueeze(-3)
     width = max(r.shape[-2] for r in rows)
-    padded = [torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[-2])) for r in rows]
-    return torch.stack(padded, dim=-3)
+    first = rows[0]
+    out = first.new_zeros(*first.shape[:-2], len(rows), width, first.shape[-1])
+    for i, r in enumerate(rows):
+        out[..., i, : r.shape[-2], :] = r
+    return out
 
 
 def copies_per_pass(model: HookedModel, inputs: Inputs, metric: Metric, batch_tokens: int,

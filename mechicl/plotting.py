@@ -200,7 +200,7 @@ def patch_heatmap(result: "PatchResult", *, sum_over: str | None = None,
     if title is None:
         kind = {"activation": "activation patching", "path": "path patching",
                 "attribution": "attribution patching"}.get(result.method, result.method)
-        norm = " (normalised)" if result.normalized else ""
+        norm = " (normalised)" if result.normalized and "normal" not in result.metric else ""
         title = f"{kind}: {result.target} ({result.direction})<br><sup>{result.metric}{norm}</sup>"
     fig.update_layout(title=title, xaxis_title=xname, yaxis_title=axes[0],
                       width=max(560, 28 * len(xlabels) + 200), height=max(360, 16 * len(ylabels) + 160),
