@@ -1,20 +1,33 @@
-"""Agreement between two per-head (or per-layer) score maps: rank correlations and top-k overlap.
+"""Agreement between two per-head (or per-layer) score maps: rank correlations, top-k overlap
+and their null distributions.
 
 Rank correlations are computed on the scores themselves (Spearman's rho = Pearson correlation of
 average ranks, so ties get their mean rank; Kendall's tau-b), flattened over layers x heads.
 llm-interpret's ``spearman_rankings.py`` correlates the *argsort permutations* instead, which is
 not a rank correlation (it compares which flat index holds the k-th smallest score).
 
-Axis names: ``layer head``.
+Set overlap of the top heads: :func:`top_k_overlap` (share of ``a``'s top k in ``b``'s top k),
+:func:`jaccard`, :func:`rank_biased_overlap` (Webber, Moffat & Zobel 2010: top-weighted, no
+cut-off), and :func:`top_k_pvalue`, the hypergeometric probability of at least that overlap
+between two random k-sets. :func:`permutation_pvalue` gives a permutation null for any of these;
+:func:`bootstrap_ci` a percentile interval over the seeds / examples the score maps were averaged
+from (``HeadScores.per_seed``). :func:`overlap_matrix` compares many maps at once (DataFrame).
+
+Axis names: ``layer head seed``.
 """
 
+import math
+from collections.abc import Callable, Mapping
+
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["kendall", "rank", "spearman", "top_k_overlap"]
+__all__ = ["bootstrap_ci", "jaccard", "kendall", "overlap_matrix", "permutation_pvalue", "rank",
+           "rank_biased_overlap", "spearman", "top_k", "top_k_overlap", "top_k_pvalue"]
 
 Scores = HeadScores | LayerScores | Tensor
 
@@ -87,3 +100,198 @@ def top_k_overlap(a: Scores, b: Scores, k: int) -> float:
     top_x = set(torch.argsort(x, descending=True, stable=True)[:k].tolist())
     top_y = set(torch.argsort(y, descending=True, stable=True)[:k].tolist())
     return len(top_x & top_y) / k
+
+
+def top_k(n: int, *, k: int | None = None, percentile: int | float | None = None) -> int:
+    """``k`` itself, or the number of entries in the top ``percentile`` % of ``n`` (at least 1).
+
+    >>> top_k(270, percentile=10)
+    27
+    """
+    if (k is None) == (percentile is None):
+        raise ValueError("give exactly one of k and percentile")
+    if percentile is not None:
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile={percentile} must be in (0, 100]")
+        k = max(1, round(n * percentile / 100))
+    assert k is not None
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in 1..{n}")
+    return k
+
+
+def _top_set(x: Tensor, k: int) -> set[int]:
+    return set(torch.argsort(x, descending=True, stable=True)[:k].tolist())
+
+
+def jaccard(a: Scores, b: Scores, k: int) -> float:
+    """|A ∩ B| / |A ∪ B| of the two top-``k`` sets."""
+    x, y = _pair(a, b)
+    k = top_k(x.numel(), k=k)
+    sa, sb = _top_set(x, k), _top_set(y, k)
+    return len(sa & sb) / len(sa | sb)
+
+
+def rank_biased_overlap(a: Scores, b: Scores, p: float = 0.9) -> float:
+    """Rank-biased overlap RBO_ext (Webber et al. 2010, eq. 32) of the two rankings (highest
+    score first, ties broken by position), in [0, 1]; ``p`` sets the top-weightedness (the top
+    ``1 / (1 - p)`` ranks carry most of the weight).
+
+    For rankings of the full length ``n``: ``RBO = X_n/n p^n + (1 - p)/p sum_d X_d/d p^d``,
+    where ``X_d`` is the overlap of the two top-``d`` sets; identical rankings give 1.
+    """
+    x, y = _pair(a, b)
+    if not 0 < p < 1:
+        raise ValueError(f"p={p} must be in (0, 1)")
+    n = x.numel()
+    rank_x = torch.empty(n, dtype=torch.long)
+    rank_x[torch.argsort(x, descending=True, stable=True)] = torch.arange(1, n + 1)
+    rank_y = torch.empty(n, dtype=torch.long)
+    rank_y[torch.argsort(y, descending=True, stable=True)] = torch.arange(1, n + 1)
+    # an item is in both top-d sets from depth max(rank_x, rank_y) on
+    overlap = torch.cumsum(torch.bincount(torch.maximum(rank_x, rank_y), minlength=n + 1)[1:], 0)
+    d = torch.arange(1, n + 1, dtype=torch.float64)
+    agreement = overlap.double() / d
+    weights = p ** d
+    return float(agreement[-1] * p**n + (1 - p) / p * (agreement * weights).sum())
+
+
+def top_k_pvalue(a: Scores, b: Scores, k: int) -> float:
+    """P(overlap >= observed) for two independent uniformly random k-subsets of the n entries
+    (hypergeometric upper tail): how surprising the observed top-k overlap is."""
+    x, y = _pair(a, b)
+    n = x.numel()
+    k = top_k(n, k=k)
+    observed = len(_top_set(x, k) & _top_set(y, k))
+    total = math.comb(n, k)
+    tail = sum(math.comb(k, j) * math.comb(n - k, k - j) for j in range(observed, k + 1))
+    return tail / total
+
+
+def _rank_rows(x: Tensor) -> Tensor:
+    """Average ranks along the last axis of ``[m, n]`` (ties share their mean rank)."""
+    m, n = x.shape
+    order = torch.argsort(x, dim=-1, stable=True)
+    sorted_x = torch.gather(x, -1, order)
+    new_run = torch.ones_like(sorted_x, dtype=torch.bool)
+    new_run[:, 1:] = sorted_x[:, 1:] != sorted_x[:, :-1]
+    run_id = torch.cumsum(new_run.long(), -1) - 1 + torch.arange(m)[:, None] * n  # global ids
+    ordinal = torch.arange(1, n + 1, dtype=torch.float64).expand(m, n).flatten()
+    total = torch.zeros(m * n, dtype=torch.float64).index_add_(0, run_id.flatten(), ordinal)
+    count = torch.zeros(m * n, dtype=torch.float64).index_add_(0, run_id.flatten(),
+                                                               torch.ones_like(ordinal))
+    ranks_sorted = (total / count.clamp_min(1))[run_id]
+    out = torch.empty_like(ranks_sorted)
+    out.scatter_(-1, order, ranks_sorted)
+    return out
+
+
+def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
+    x = x - x.mean(-1, keepdim=True)
+    y = y - y.mean(-1, keepdim=True)
+    denom = (x.square().sum(-1) * y.square().sum(-1)).sqrt()
+    return torch.where(denom > 0, (x * y).sum(-1) / denom, torch.full_like(denom, float("nan")))
+
+
+def _spearman_rows(x: Tensor, y: Tensor) -> Tensor:
+    return _pearson_rows(_rank_rows(x), _rank_rows(y))
+
+
+Statistic = Callable[[Tensor, Tensor], float]
+
+
+def permutation_pvalue(a: Scores, b: Scores, *, statistic: str = "spearman", k: int = 10,
+                       n_permutations: int = 1000, seed: int = 0) -> float:
+    """Permutation p-value of ``statistic`` (``"spearman"`` or ``"top_k"``): the share of random
+    relabellings of ``b``'s heads with a statistic at least as large as observed,
+    ``(1 + #{null >= observed}) / (1 + n_permutations)`` (one-sided: more agreement than chance).
+    """
+    x, y = _pair(a, b)
+    if statistic not in ("spearman", "top_k"):
+        raise ValueError(f"statistic={statistic!r} is not allowed; choose 'spearman' or 'top_k'")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations={n_permutations} must be >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    perms = torch.argsort(torch.rand(n_permutations, x.numel(), generator=gen), dim=-1)
+    shuffled = y[perms]  # [permutation, n]
+    if statistic == "spearman":
+        observed = spearman(x, y)
+        null = _spearman_rows(x.expand_as(shuffled), shuffled)
+    else:
+        k = top_k(x.numel(), k=k)
+        observed = top_k_overlap(x, y, k)
+        in_x = torch.zeros(x.numel(), dtype=torch.bool)
+        in_x[torch.argsort(x, descending=True, stable=True)[:k]] = True
+        top_y = torch.argsort(shuffled, dim=-1, descending=True, stable=True)[:, :k]
+        null = in_x[top_y].double().sum(-1) / k
+    return float((1 + (null >= observed - 1e-12).sum()) / (1 + n_permutations))
+
+
+def bootstrap_ci(a: HeadScores | LayerScores, b: HeadScores | LayerScores, *,
+                 statistic: str = "spearman", k: int = 10, n_resamples: int = 1000,
+                 confidence: float = 0.95, seed: int = 0, paired: bool = False,
+                 ) -> tuple[float, float, float]:
+    """Percentile bootstrap interval of ``statistic`` (``"spearman"`` or ``"top_k"``) between
+    the mean maps of ``a`` and ``b``, resampling their rows (``per_seed``: seeds or examples)
+    with replacement. ``paired=True`` resamples the same row indices in both (same examples).
+
+    Returns:
+        ``(estimate on the full data, low, high)``.
+    """
+    if statistic not in ("spearman", "top_k"):
+        raise ValueError(f"statistic={statistic!r} is not allowed; choose 'spearman' or 'top_k'")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence} must be in (0, 1)")
+    pa = a.per_seed.flatten(1).double()
+    pb = b.per_seed.flatten(1).double()
+    if pa.shape[1] != pb.shape[1]:
+        raise ValueError(f"score maps differ in size: {pa.shape[1]} vs {pb.shape[1]}")
+    if paired and pa.shape[0] != pb.shape[0]:
+        raise ValueError(f"paired=True needs as many rows in both ({pa.shape[0]} vs {pb.shape[0]})")
+    gen = torch.Generator().manual_seed(seed)
+
+    def resampled_means(rows: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if idx is None:
+            idx = torch.randint(rows.shape[0], (n_resamples, rows.shape[0]), generator=gen)
+        counts = torch.zeros(n_resamples, rows.shape[0], dtype=torch.float64)
+        counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+        return counts @ rows / rows.shape[0], idx  # [resample, n]
+
+    means_a, idx = resampled_means(pa)
+    means_b, _ = resampled_means(pb, idx if paired else None)
+    if statistic == "spearman":
+        estimate = spearman(pa.mean(0), pb.mean(0))
+        values = _spearman_rows(means_a, means_b)
+    else:
+        k = top_k(pa.shape[1], k=k)
+        estimate = top_k_overlap(pa.mean(0), pb.mean(0), k)
+        top_a = torch.argsort(means_a, dim=-1, descending=True, stable=True)[:, :k]
+        top_b = torch.argsort(means_b, dim=-1, descending=True, stable=True)[:, :k]
+        member_b = torch.zeros_like(means_b, dtype=torch.bool)
+        member_b.scatter_(1, top_b, True)
+        values = member_b.gather(1, top_a).double().sum(-1) / k
+    alpha = (1 - confidence) / 2
+    low, high = torch.nanquantile(values, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+    return estimate, float(low), float(high)
+
+
+_STATS: dict[str, Callable[..., float]] = {
+    "spearman": lambda a, b, k: spearman(a, b),
+    "kendall": lambda a, b, k: kendall(a, b),
+    "top_k": top_k_overlap,
+    "jaccard": jaccard,
+    "rbo": lambda a, b, k: rank_biased_overlap(a, b),
+    "top_k_pvalue": top_k_pvalue,
+}
+
+
+def overlap_matrix(maps: Mapping[str, Scores], *, statistic: str = "spearman", k: int = 10,
+                   ) -> pd.DataFrame:
+    """``statistic`` between every pair of the named score maps (tasks x shots, models...), as a
+    square DataFrame. Statistics: spearman, kendall, top_k, jaccard, rbo, top_k_pvalue."""
+    if statistic not in _STATS:
+        raise ValueError(f"statistic={statistic!r} is not allowed; choose one of {list(_STATS)}")
+    names = list(maps)
+    fn = _STATS[statistic]
+    values = [[fn(maps[r], maps[c], k) for c in names] for r in names]
+    return pd.DataFrame(values, index=names, columns=names)
