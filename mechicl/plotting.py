@@ -20,11 +20,14 @@ from torch import Tensor
 from mechicl._io import atomic_path
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from mechicl.patching import PatchResult
     from mechicl.pruning import PruneCurve
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["head_heatmap", "layer_bars", "patch_heatmap", "prune_curve_figure", "save_figure"]
+__all__ = ["head_heatmap", "layer_bars", "matrix_heatmap", "patch_heatmap", "prune_curve_figure",
+           "save_figure", "score_scatter"]
 
 FORMATS = ("png", "svg", "pdf", "html")
 
@@ -205,6 +208,64 @@ def patch_heatmap(result: "PatchResult", *, sum_over: str | None = None,
     fig.update_layout(title=title, xaxis_title=xname, yaxis_title=axes[0],
                       width=max(560, 28 * len(xlabels) + 200), height=max(360, 16 * len(ylabels) + 160),
                       margin={"l": 60, "r": 20, "t": 50, "b": 80})
+    return fig
+
+
+def matrix_heatmap(matrix: "pd.DataFrame", *, title: str = "", zmin: float | None = -1.0,
+                   zmax: float | None = 1.0, colorscale: str = "RdBu_r",
+                   colorbar_title: str = "", fmt: str = ".2f") -> go.Figure:
+    """A square (or any) matrix of statistics, e.g. from :func:`mechicl.overlap.overlap_matrix`,
+    with its values written in the cells; rows top to bottom in the DataFrame's order.
+
+    >>> import pandas as pd
+    >>> fig = matrix_heatmap(pd.DataFrame([[1.0, 0.2], [0.2, 1.0]], index=["a", "b"],
+    ...                                   columns=["a", "b"]))
+    >>> fig.data[0].z.tolist()
+    [[1.0, 0.2], [0.2, 1.0]]
+    """
+    z = matrix.to_numpy(dtype=float)
+    rows, cols = [str(i) for i in matrix.index], [str(c) for c in matrix.columns]
+    text = [[format(v, fmt) for v in row] for row in z.tolist()]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=cols, y=rows, colorscale=colorscale, zmin=zmin, zmax=zmax, text=text,
+        texttemplate="%{text}", colorbar={"title": colorbar_title},
+        hovertemplate="%{y} vs %{x}: %{z:.4f}<extra></extra>"))
+    fig.update_layout(title=title, yaxis_autorange="reversed",
+                      width=max(420, 60 * len(cols) + 220), height=max(360, 40 * len(rows) + 160),
+                      margin={"l": 120, "r": 20, "t": 50, "b": 100})
+    return fig
+
+
+def score_scatter(x: HeadScores | Float[Tensor, "layer head"],
+                  y: HeadScores | Float[Tensor, "layer head"], *, label_top: int = 5,
+                  x_title: str | None = None, y_title: str | None = None,
+                  title: str = "") -> go.Figure:
+    """One point per head: score ``x`` (e.g. prefix matching) against score ``y`` (e.g. task
+    importance); hover shows ``layer.head``, and the ``label_top`` highest heads of either score
+    are labelled.
+    """
+    xs = (x.mean if isinstance(x, HeadScores) else x).detach().double().cpu()
+    ys = (y.mean if isinstance(y, HeadScores) else y).detach().double().cpu()
+    if xs.shape != ys.shape or xs.ndim != 2:
+        raise ValueError(f"need two [layer, head] maps of one shape, got {tuple(xs.shape)} and "
+                         f"{tuple(ys.shape)}")
+    n_heads = xs.shape[1]
+    names = [f"{i // n_heads}.{i % n_heads}" for i in range(xs.numel())]
+    top = set()
+    if label_top > 0:
+        k = min(label_top, xs.numel())
+        top = set(torch.argsort(xs.flatten(), descending=True, stable=True)[:k].tolist())
+        top |= set(torch.argsort(ys.flatten(), descending=True, stable=True)[:k].tolist())
+    labels = [names[i] if i in top else "" for i in range(xs.numel())]
+    fig = go.Figure(go.Scatter(
+        x=xs.flatten().numpy(), y=ys.flatten().numpy(), mode="markers+text", text=labels,
+        textposition="top center", customdata=names, marker={"size": 6, "opacity": 0.7},
+        hovertemplate="head %{customdata}<br>x %{x:.4f}<br>y %{y:.4f}<extra></extra>"))
+    fig.update_layout(
+        title=title,
+        xaxis_title=x_title or (x.name.replace("_", " ") if isinstance(x, HeadScores) else "x"),
+        yaxis_title=y_title or (y.name.replace("_", " ") if isinstance(y, HeadScores) else "y"),
+        width=640, height=480, margin={"l": 60, "r": 20, "t": 50, "b": 50})
     return fig
 
 
