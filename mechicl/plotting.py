@@ -1,5 +1,6 @@
-"""Plotting: layer x head heatmaps, per-layer bars, pruning curves (plotly). Functions return
-``go.Figure``; saving is explicit.
+"""Plotting: layer x head heatmaps, per-layer bars, pruning curves, patching results, overlap
+matrices, score scatters and per-position loss curves (plotly). Functions return ``go.Figure``;
+saving is explicit (:func:`save_figure`).
 
 Conventions shared by every heatmap: layer 0 at the BOTTOM, heads left to right, hover shows
 layer, head and value; for grouped-query models thin lines separate the KV groups.
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechicl._io import atomic_path
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
     from mechicl.pruning import PruneCurve
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["head_heatmap", "layer_bars", "matrix_heatmap", "patch_heatmap", "prune_curve_figure",
-           "save_figure", "score_scatter"]
+__all__ = ["head_heatmap", "layer_bars", "loss_curve", "matrix_heatmap", "patch_heatmap",
+           "prune_curve_figure", "save_figure", "score_scatter"]
 
 FORMATS = ("png", "svg", "pdf", "html")
 
@@ -266,6 +267,54 @@ def score_scatter(x: HeadScores | Float[Tensor, "layer head"],
         xaxis_title=x_title or (x.name.replace("_", " ") if isinstance(x, HeadScores) else "x"),
         yaxis_title=y_title or (y.name.replace("_", " ") if isinstance(y, HeadScores) else "y"),
         width=640, height=480, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def loss_curve(loss: HeadScores | Float[Tensor, "seed pos"],
+               block_lengths: Int[Tensor, " seed"] | None = None, *, title: str = "",
+               ) -> go.Figure:
+    """Per-position next-token loss on repeated random sequences (induction: the loss drops
+    after the first copy). ``loss[seed, i]`` predicts token ``i + 1``; NaN marks padding.
+
+    Args:
+        loss: ``[seed, pos]`` losses, or a prefix-matching ``HeadScores`` from a scan (its
+            ``extras["loss_per_position"]`` and ``extras["block_length"]``).
+        block_lengths: ``[seed]`` length of one copy per seed. With one common length the
+            x-axis is the position and dashed lines mark the copies; otherwise positions are
+            divided by each seed's length (x in copies).
+        title: figure title.
+    """
+    if isinstance(loss, HeadScores):
+        if "loss_per_position" not in loss.extras:
+            raise ValueError(f"{loss.name!r} holds no per-position loss (a prefix-matching scan "
+                             "result does)")
+        block_lengths = loss.extras.get("block_length")
+        loss = loss.extras["loss_per_position"]
+    loss = loss.detach().double().cpu()
+    if loss.ndim != 2:
+        raise ValueError(f"loss must be [seed, pos], got shape {tuple(loss.shape)}")
+    predicted = torch.arange(1, loss.shape[1] + 1, dtype=torch.float64)  # position predicted
+    fig = go.Figure()
+    blocks = None if block_lengths is None else block_lengths.detach().cpu().long()
+    if blocks is None or bool((blocks == blocks[0]).all()):
+        mean = torch.nanmean(loss, dim=0)
+        fig.add_trace(go.Scatter(x=predicted.numpy(), y=mean.numpy(), mode="lines",
+                                 name=f"mean over {loss.shape[0]} sequences",
+                                 hovertemplate="position %{x}<br>loss %{y:.3f}<extra></extra>"))
+        if blocks is not None:
+            for c in range(1, int(loss.shape[1] // int(blocks[0])) + 1):
+                fig.add_vline(x=c * int(blocks[0]), line={"dash": "dash", "color": "gray",
+                                                          "width": 1})
+        x_title = "position"
+    else:
+        for i in range(loss.shape[0]):
+            fig.add_trace(go.Scatter(
+                x=(predicted / blocks[i]).numpy(), y=loss[i].numpy(), mode="lines",
+                line={"width": 1, "color": "rgba(31,119,180,0.3)"}, showlegend=False,
+                hovertemplate=f"sequence {i}<br>copy %{{x:.2f}}<br>loss %{{y:.3f}}<extra></extra>"))
+        x_title = "position / copy length (copies)"
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="next-token loss (nats)",
+                      width=640, height=400, margin={"l": 60, "r": 20, "t": 50, "b": 50})
     return fig
 
 

@@ -64,3 +64,23 @@ def test_patch_heatmap_layouts():
                          metric="logit_diff", normalized=True, direction="denoising")
     col = patch_heatmap(layers).data[0]
     assert [r[0] for r in col.z.tolist()] == pytest.approx([0.2, 0.4]) and list(col.x) == ["resid_pre"]
+
+
+def test_loss_curve_common_and_varying_lengths():
+    from mechicl.plotting import loss_curve
+
+    loss = torch.tensor([[5.0, 4.0, 1.0, 0.5], [3.0, 2.0, 1.0, float("nan")]])
+    fig = loss_curve(loss, torch.tensor([2, 2]))
+    (trace,) = fig.data
+    assert trace.x.tolist() == [1, 2, 3, 4]
+    assert trace.y.tolist() == pytest.approx([4.0, 3.0, 1.0, 0.5])  # nan-mean over sequences
+    assert [s.x0 for s in fig.layout.shapes] == [2, 4]
+    varying = loss_curve(loss, torch.tensor([2, 3]))
+    assert len(varying.data) == 2
+    assert varying.data[1].x.tolist() == pytest.approx([1 / 3, 2 / 3, 1.0, 4 / 3])
+    scores = HeadScores.from_per_seed("prefix_matching", torch.zeros(2, 1, 1, 1).squeeze(1),
+                                      extras={"loss_per_position": loss,
+                                              "block_length": torch.tensor([2, 2])})
+    assert loss_curve(scores).data[0].y.tolist() == pytest.approx(trace.y.tolist())
+    with pytest.raises(ValueError, match="no per-position loss"):
+        loss_curve(HeadScores.from_per_seed("copying", torch.zeros(1, 1, 1)))
