@@ -30,17 +30,13 @@ from einops import einsum, reduce, repeat
 from jaxtyping import Int
 from torch import Tensor
 
-from mechicl._checks import check_choice
 from mechicl._forward import frozen_parameters
-from mechicl.metrics import MetricFn, resolve_metric
-from mechicl.models import HookedModel, as_hooked_model
+from mechicl.metrics import MetricFn
+from mechicl.models import HookedModel
 from mechicl.overlap import spearman, top_k_overlap
 from mechicl.pairs import PromptPairs
 from mechicl.patching import (
     _SPECS,
-    DIRECTIONS,
-    KV_VIEWS,
-    TARGETS,
     Direction,
     KVHeads,
     PatchResult,
@@ -50,10 +46,10 @@ from mechicl.patching import (
     _qk_kinds,
     _source_names,
     _wrong,
-    as_inputs,
     capture,
     normalise,
-    target_axes,
+    prepare,
+    prepare_target,
 )
 
 __all__ = ["Agreement", "agreement", "attribution_patch"]
@@ -82,21 +78,13 @@ def attribution_patch(
         A :class:`~mechicl.patching.PatchResult` with ``method="attribution"``: the estimated
         metric after each patch (base metric + first-order change), normalised if asked.
     """
-    model = as_hooked_model(model)
-    check_choice("target", target, TARGETS)
-    check_choice("direction", direction, DIRECTIONS)
-    check_choice("kv_heads", kv_heads, KV_VIEWS)
-    resolved = resolve_metric(metric, normalize)
-    inputs = as_inputs(model, clean, corrupted, answer, wrong)
-    lengths = set(inputs.lengths)
-    if (by_pos or not resolved.builtin) and len(lengths) > 1:
-        raise ValueError(f"prompts have lengths {sorted(lengths)}: by_pos=True and callable "
-                         "metrics need one length")
-    if target == "mlp_out" and model.hook_name("mlp_out", 0) not in model.hook_dict:
-        raise ValueError("target='mlp_out': this model has no MLPs (attention-only)")
+    model, resolved, inputs = prepare(model, clean, corrupted, metric, direction, normalize,
+                                      answer, wrong)
+    if not resolved.builtin and len(set(inputs.lengths)) > 1:
+        raise ValueError(f"prompts have lengths {sorted(set(inputs.lengths))}: callable metrics "
+                         "need one length (the pairs of a length run as one batch)")
+    axes, sizes = prepare_target(model, inputs, resolved, target, by_pos, kv_heads)
     query_view = target in ("k", "v") and kv_heads == "query"
-    axes, sizes = target_axes(model, target, by_pos=by_pos, kv_heads=kv_heads,
-                              n_pos=inputs.lengths[0])
     layers = range(model.n_layers)
     names = _source_names(model, target, layers, kv_heads)
     extra: set[str] = set()  # base-run activations the query view needs

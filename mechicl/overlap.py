@@ -54,29 +54,13 @@ def rank(x: Float[Tensor, "..."]) -> Float[Tensor, " n"]:
     >>> rank(torch.tensor([10.0, 30.0, 20.0, 20.0])).tolist()
     [1.0, 4.0, 2.5, 2.5]
     """
-    x = torch.as_tensor(x, dtype=torch.float64).flatten()
-    order = torch.argsort(x, stable=True)
-    sorted_x = x[order]
-    # Boundaries of runs of equal values: each run gets the mean of its ordinal ranks.
-    new_run = torch.ones_like(sorted_x, dtype=torch.bool)
-    new_run[1:] = sorted_x[1:] != sorted_x[:-1]
-    run_id = torch.cumsum(new_run.long(), 0) - 1
-    ordinal = torch.arange(1, x.numel() + 1, dtype=torch.float64)
-    n_runs = int(run_id[-1]) + 1
-    total = torch.zeros(n_runs, dtype=torch.float64).index_add_(0, run_id, ordinal)
-    count = torch.zeros(n_runs, dtype=torch.float64).index_add_(0, run_id, torch.ones_like(ordinal))
-    out = torch.empty_like(x)
-    out[order] = (total / count)[run_id]
-    return out
+    return _rank_rows(torch.as_tensor(x, dtype=torch.float64).flatten()[None])[0]
 
 
 def spearman(a: Scores, b: Scores) -> float:
     """Spearman's rho between two score maps (NaN if either is constant)."""
     x, y = _pair(a, b)
-    rx, ry = rank(x), rank(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = (rx.square().sum() * ry.square().sum()).sqrt()
-    return float("nan") if denom == 0 else float((rx * ry).sum() / denom)
+    return float(_spearman_rows(x[None], y[None])[0])
 
 
 def kendall(a: Scores, b: Scores) -> float:
@@ -95,11 +79,8 @@ def kendall(a: Scores, b: Scores) -> float:
 def top_k_overlap(a: Scores, b: Scores, k: int) -> float:
     """Share of the ``k`` highest-scoring entries of ``a`` that are among the top ``k`` of ``b``."""
     x, y = _pair(a, b)
-    if not 1 <= k <= x.numel():
-        raise ValueError(f"k={k} must be in 1..{x.numel()}")
-    top_x = set(torch.argsort(x, descending=True, stable=True)[:k].tolist())
-    top_y = set(torch.argsort(y, descending=True, stable=True)[:k].tolist())
-    return len(top_x & top_y) / k
+    k = top_k(x.numel(), k=k)
+    return float(_top_k_overlap_rows(x[None], y[None], k)[0])
 
 
 def top_k(n: int, *, k: int | None = None, percentile: int | float | None = None) -> int:
@@ -186,6 +167,14 @@ def _rank_rows(x: Tensor) -> Tensor:
     return out
 
 
+def _top_k_overlap_rows(x: Tensor, y: Tensor, k: int) -> Tensor:
+    """Top-k overlap of each row pair of ``[m, n]`` maps (ties broken by position)."""
+    top_x = torch.argsort(x, dim=-1, descending=True, stable=True)[:, :k]
+    top_y = torch.argsort(y, dim=-1, descending=True, stable=True)[:, :k]
+    member_y = torch.zeros_like(y, dtype=torch.bool).scatter_(1, top_y, True)
+    return member_y.gather(1, top_x).double().sum(-1) / k
+
+
 def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
     x = x - x.mean(-1, keepdim=True)
     y = y - y.mean(-1, keepdim=True)
@@ -220,10 +209,7 @@ def permutation_pvalue(a: Scores, b: Scores, *, statistic: str = "spearman", k: 
     else:
         k = top_k(x.numel(), k=k)
         observed = top_k_overlap(x, y, k)
-        in_x = torch.zeros(x.numel(), dtype=torch.bool)
-        in_x[torch.argsort(x, descending=True, stable=True)[:k]] = True
-        top_y = torch.argsort(shuffled, dim=-1, descending=True, stable=True)[:, :k]
-        null = in_x[top_y].double().sum(-1) / k
+        null = _top_k_overlap_rows(x.expand_as(shuffled), shuffled, k)
     return float((1 + (null >= observed - 1e-12).sum()) / (1 + n_permutations))
 
 
@@ -265,11 +251,7 @@ def bootstrap_ci(a: HeadScores | LayerScores, b: HeadScores | LayerScores, *,
     else:
         k = top_k(pa.shape[1], k=k)
         estimate = top_k_overlap(pa.mean(0), pb.mean(0), k)
-        top_a = torch.argsort(means_a, dim=-1, descending=True, stable=True)[:, :k]
-        top_b = torch.argsort(means_b, dim=-1, descending=True, stable=True)[:, :k]
-        member_b = torch.zeros_like(means_b, dtype=torch.bool)
-        member_b.scatter_(1, top_b, True)
-        values = member_b.gather(1, top_a).double().sum(-1) / k
+        values = _top_k_overlap_rows(means_a, means_b, k)
     alpha = (1 - confidence) / 2
     low, high = torch.nanquantile(values, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
     return estimate, float(low), float(high)

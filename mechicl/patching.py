@@ -681,6 +681,40 @@ def normalise(values: Tensor, clean: Tensor, corrupted: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# Argument checks shared by patch, attribution_patch and path_patch
+# --------------------------------------------------------------------------------------------
+
+
+def prepare(model: Any, clean: Any, corrupted: Any, metric: str | MetricFn, direction: str,
+            normalize: bool, answer: Any, wrong: Any) -> tuple[HookedModel, Metric, Inputs]:
+    """The model, the resolved metric and the prompt pairs, with the direction checked."""
+    model = as_hooked_model(model)
+    check_choice("direction", direction, DIRECTIONS)
+    resolved = resolve_metric(metric, normalize)
+    return model, resolved, as_inputs(model, clean, corrupted, answer, wrong)
+
+
+def prepare_target(model: HookedModel, inputs: Inputs, metric: Metric, target: str,
+                   by_pos: bool, kv_heads: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Check ``target`` against the model and the prompts; its result axes and sizes."""
+    check_choice("target", target, TARGETS)
+    check_choice("kv_heads", kv_heads, KV_VIEWS)
+    if target == "mlp_out" and model.hook_name("mlp_out", 0) not in model.hook_dict:
+        raise ValueError("target='mlp_out': this model has no MLPs (attention-only)")
+    lengths = set(inputs.lengths)
+    if not metric.builtin and len(lengths) > 1:
+        logger.warning("pairs have lengths %s: the metric %s sees right-padded logits [pair, "
+                       "%d, vocab]; it must read each pair's last real position (length - 1), "
+                       "not position -1", sorted(lengths), metric.name, max(lengths))
+    if by_pos and len(lengths) > 1:
+        raise ValueError(f"by_pos=True needs prompts of one length, these have lengths "
+                         f"{sorted(lengths)}; use PromptPairs.by_length() or a single template")
+    if target == "k" and kv_heads == "query":
+        check_scores_reconstructable(model)
+    return target_axes(model, target, by_pos=by_pos, kv_heads=kv_heads, n_pos=inputs.lengths[0])
+
+
+# --------------------------------------------------------------------------------------------
 # Activation patching
 # --------------------------------------------------------------------------------------------
 
@@ -734,26 +768,9 @@ def patch(
     >>> result.axes, result.values.shape  # doctest: +SKIP
     (('layer', 'head'), torch.Size([30, 9]))
     """
-    model = as_hooked_model(model)
-    check_choice("target", target, TARGETS)
-    check_choice("direction", direction, DIRECTIONS)
-    check_choice("kv_heads", kv_heads, KV_VIEWS)
-    resolved = resolve_metric(metric, normalize)
-    inputs = as_inputs(model, clean, corrupted, answer, wrong)
-    if target == "mlp_out" and model.hook_name("mlp_out", 0) not in model.hook_dict:
-        raise ValueError("target='mlp_out': this model has no MLPs (attention-only)")
-    lengths = set(inputs.lengths)
-    if not resolved.builtin and len(lengths) > 1:
-        logger.warning("pairs have lengths %s: the metric %s sees right-padded logits [pair, "
-                       "%d, vocab]; it must read each pair's last real position (length - 1), "
-                       "not position -1", sorted(lengths), resolved.name, max(lengths))
-    if by_pos and len(lengths) > 1:
-        raise ValueError(f"by_pos=True needs prompts of one length, these have lengths "
-                         f"{sorted(lengths)}; use PromptPairs.by_length() or a single template")
-    n_pos = inputs.lengths[0]
-    axes, sizes = target_axes(model, target, by_pos=by_pos, kv_heads=kv_heads, n_pos=n_pos)
-    if target == "k" and kv_heads == "query":
-        check_scores_reconstructable(model)
+    model, resolved, inputs = prepare(model, clean, corrupted, metric, direction, normalize,
+                                      answer, wrong)
+    axes, sizes = prepare_target(model, inputs, resolved, target, by_pos, kv_heads)
     all_cells = grid_cells(sizes) if cells is None else _user_cells(cells, axes, sizes)
 
     denoise = direction == "denoising"

@@ -37,22 +37,21 @@ from torch import Tensor
 
 from mechicl._checks import check_choice
 from mechicl._forward import Hook, run_copies
-from mechicl.metrics import MetricFn, resolve_metric
-from mechicl.models import HookedModel, as_hooked_model
+from mechicl.metrics import MetricFn
+from mechicl.models import HookedModel
 from mechicl.pairs import PromptPairs
 from mechicl.patching import (
-    DIRECTIONS,
     PatchResult,
     _qk_kinds,
     _query_view_hooks,
     _replace_hook,
     _source_names,
-    as_inputs,
     baselines,
     capture,
     check_scores_reconstructable,
     first_rows,
     normalise,
+    prepare,
     run_cells,
 )
 
@@ -123,10 +122,8 @@ def path_patch(
 
     >>> res = path_patch(model, ioi, receivers=[(9, 6), (9, 9)], receiver_input="v")  # doctest: +SKIP
     """
-    model = as_hooked_model(model)
-    check_choice("direction", direction, DIRECTIONS)
-    resolved = resolve_metric(metric, normalize)
-    inputs = as_inputs(model, clean, corrupted, answer, wrong)
+    model, resolved, inputs = prepare(model, clean, corrupted, metric, direction, normalize,
+                                      answer, wrong)
     to_logits = isinstance(receivers, str)
     if to_logits:
         if receivers != "logits":

@@ -200,15 +200,22 @@ def test_path_patch_receivers_in_two_layers(models3):
     assert_close(small.values, res.values, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
-def test_path_patch_callable_metric(models3):
-    """A callable metric (per pair) gives the built-in logit difference's values."""
-    model = models3["llama"]
-    clean, corrupted, answer, wrong = _subset(SAME_LENGTH)
+def _last_position_logit_diff(answer, wrong):
+    """A TransformerLens-style callable: logit(answer) - logit(wrong) at the last position, per
+    pair."""
     a, w = torch.tensor(answer), torch.tensor(wrong)
 
     def per_pair(logits):
         rows = torch.arange(logits.shape[0])
         return logits[rows, -1, a] - logits[rows, -1, w]
+    return per_pair
+
+
+def test_path_patch_callable_metric(models3):
+    """A callable metric (per pair) gives the built-in logit difference's values."""
+    model = models3["llama"]
+    clean, corrupted, answer, wrong = _subset(SAME_LENGTH)
+    per_pair = _last_position_logit_diff(answer, wrong)
 
     kw = {"receivers": [(2, 0), (2, 3)], "receiver_input": ["k", "v"], "direction": "denoising"}
     builtin = path_patch(model, clean, corrupted, answer=answer, wrong=wrong, **kw)
@@ -438,11 +445,7 @@ def test_attribution_callable_metric(models3):
     """A callable metric (per pair, or one number for the batch) gives the built-in's values."""
     model = models3["llama"]
     clean, corrupted, answer, wrong = _subset(SAME_LENGTH)
-    a, w = torch.tensor(answer), torch.tensor(wrong)
-
-    def per_pair(logits):
-        rows = torch.arange(logits.shape[0])
-        return logits[rows, -1, a] - logits[rows, -1, w]
+    per_pair = _last_position_logit_diff(answer, wrong)
 
     def batch_mean(logits):
         return per_pair(logits).mean()
