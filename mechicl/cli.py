@@ -17,6 +17,10 @@ same,antonyms,prefix,copying --draws 3 --out DIR`` computes the rankings (import
 disjoint from the evaluated ones, induction scores from a scan) and writes the pruning curves
 (parquet + JSON), their figures and ``prune-summary.md``.
 
+``mechicl report --model smollm2-135m --out DIR`` runs (or reuses) everything of the paper
+report (:mod:`mechicl.report`) and writes its figures, tables, ``report.md`` and
+``report.html``.
+
 ``mechicl patch --model smollm2-135m --prompts ioi --target head_out --out DIR`` runs activation
 patching (``--attribution``: also attribution patching and its agreement with exact patching)
 on generated clean/corrupted pairs and writes result folders, heatmaps and
@@ -225,6 +229,38 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--formats", default="png,html")
     pa.add_argument("--out", type=Path, required=True)
     pa.add_argument("--no-progress", action="store_true")
+    rep = sub.add_parser("report", help="the paper report: scans, importance, pruning, FFNs, "
+                                        "overlap; figures + report.md / report.html")
+    rep.add_argument("--model", default="smollm2-135m")
+    rep.add_argument("--tasks", type=parse_tasks, default=None,
+                     help="comma-separated task names (default: every built-in task)")
+    rep.add_argument("--shots", type=parse_int_list, default=[0, 1, 5])
+    rep.add_argument("--n", type=_positive, default=50, help="importance prompts per task/shots")
+    rep.add_argument("--eval-n", type=_positive, default=50,
+                     help="further prompts per task/shots for accuracy and pruning curves")
+    rep.add_argument("--method", type=parse_methods, default=["bansal"],
+                     help="importance method (one of bansal, michel, ablation)")
+    rep.add_argument("--scores", type=parse_scores, default=parse_scores("prefix,copying"),
+                     help="induction scores (default prefix,copying; the first ranks the "
+                          "'induction heads first' pruning curve)")
+    rep.add_argument("--scan-seeds", type=_positive, default=100)
+    rep.add_argument("--prune-tasks", type=parse_tasks, default=["country_capital", "antonyms"],
+                     help="tasks with pruning curves and FFN knock-out")
+    rep.add_argument("--prune-shots", type=parse_int_list, default=[1])
+    rep.add_argument("--percents", type=parse_int_list, default=list(range(0, 100, 10)))
+    rep.add_argument("--ffn-percents", type=parse_int_list, default=list(range(0, 60, 10)))
+    rep.add_argument("--draws", type=int, default=2, help="random pruning orders per curve")
+    rep.add_argument("--no-ffn", action="store_true", help="skip FFN knock-out and FFN pruning")
+    rep.add_argument("--top-k-percent", type=float, default=10.0,
+                     help="top heads for the overlap statistics, in %% of all heads")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--batch-tokens", type=_positive, default=4096)
+    rep.add_argument("--formats", default="png", help="figure formats (png always written)")
+    rep.add_argument("--reuse", type=Path, action="append", default=[],
+                     help="another output folder whose results/ may be reused (repeatable)")
+    rep.add_argument("--force", action="store_true", help="recompute every result")
+    rep.add_argument("--out", type=Path, required=True)
+    rep.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -300,11 +336,9 @@ def run_scan(args: argparse.Namespace) -> dict:
 
 def markdown_table(table: "Any") -> str:
     """A DataFrame as a GitHub markdown table (floats with 3 decimals)."""
-    header = "| " + " | ".join(map(str, table.columns)) + " |"
-    rule = "|" + "---|" * len(table.columns)
-    body = ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |"
-            for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body]) + "\n"
+    from mechicl.report import markdown_table as render
+
+    return render(table)
 
 
 def run_eval(args: argparse.Namespace) -> list[dict]:
@@ -587,6 +621,29 @@ def run_patch(args: argparse.Namespace) -> dict:
     return summary
 
 
+def run_report(args: argparse.Namespace) -> Any:
+    import mechicl
+    from mechicl.report import ReportConfig, build_report
+    from mechicl.tasks import TASKS
+
+    if len(args.method) != 1:
+        raise SystemExit(f"--method takes one method, got {args.method}")
+    try:
+        config = ReportConfig(
+            tasks=tuple(args.tasks or TASKS), shots=tuple(args.shots), n=args.n,
+            eval_n=args.eval_n, method=args.method[0], scores=tuple(args.scores),
+            scan_seeds=args.scan_seeds, prune_tasks=tuple(args.prune_tasks),
+            prune_shots=tuple(args.prune_shots), percents=tuple(args.percents),
+            ffn_percents=tuple(args.ffn_percents),
+            draws=args.draws, ffn=not args.no_ffn, top_k_percent=args.top_k_percent,
+            seed=args.seed, batch_tokens=args.batch_tokens, formats=tuple(_formats(args.formats)))
+    except ValueError as err:
+        raise SystemExit(f"mechicl report: {err}") from None
+    model = mechicl.load_model(args.model)
+    return build_report(model, args.out, config, reuse=args.reuse, force=args.force,
+                        progress=not args.no_progress)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -629,6 +686,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"top cells {[tuple(t['cell']) for t in entry['top'][:5]]} "
                   f"({entry['seconds']} s){extra}")
         print(f"wrote {args.out}/")
+    elif args.command == "report":
+        report = run_report(args)
+        overlap = report.tables["overlap"]
+        for score, g in overlap.groupby("induction score"):
+            print(f"{score:16s} spearman with importance: median {g.spearman.median():.3f} "
+                  f"(range {g.spearman.min():.3f} .. {g.spearman.max():.3f}) over "
+                  f"{len(g)} task x shot maps")
+        print(f"computed {sum(report.computed.values())} results, reused "
+              f"{sum(report.reused.values())}; {report.seconds['total'] / 60:.1f} min")
+        print(f"wrote {args.out}/report.md and report.html")
     return 0
 
 

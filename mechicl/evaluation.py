@@ -352,7 +352,7 @@ class EvalResult:
 def evaluate(
     model: HookedModel, task: Task | str, *, shots: int = 5, n: int | None = None, seed: int = 0,
     length_normalize: bool = False, mask: Mask | None = None, batch_tokens: int = 4096,
-    progress: bool = False, **prompt_options: Any,
+    progress: bool = False, prompts: Sequence[Prompt] | None = None, **prompt_options: Any,
 ) -> EvalResult:
     """Evaluate ``model`` on ``task`` with ``shots`` demonstrations per prompt.
 
@@ -366,6 +366,9 @@ def evaluate(
         mask: evaluate with these heads / FFNs masked (:class:`~mechicl.masks.Mask`).
         batch_tokens: rows x longest row per forward pass.
         progress: show a progress bar.
+        prompts: evaluate these prompts of ``task`` (e.g. a slice of
+            :func:`~mechicl.tasks.build_prompts`) instead of building them; ``n``, ``seed`` and
+            prompt options then do not apply.
         **prompt_options: passed to :func:`~mechicl.tasks.build_prompts` (``balanced``,
             ``order``, ``corruption``, ``corruption_rate``, ``unrelated_labels``).
     """
@@ -373,7 +376,19 @@ def evaluate(
 
     model = as_hooked_model(model)
     task_obj = load_task(task) if isinstance(task, str) else task
-    prompts = build_prompts(task_obj, shots=shots, n=n, seed=seed, **prompt_options)
+    if prompts is None:
+        prompts = build_prompts(task_obj, shots=shots, n=n, seed=seed, **prompt_options)
+    else:
+        if prompt_options or n is not None:
+            raise ValueError(f"n={n!r} and prompt options {sorted(prompt_options)} only apply "
+                             "when building prompts; with prompts= give neither")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts= is empty")
+        ids = {e.id for e in task_obj.examples}
+        foreign = [p.id for p in prompts if p.id not in ids]
+        if foreign:
+            raise ValueError(f"prompts {foreign[:5]} are not examples of task {task_obj.name!r}")
     loglik, n_tok = choice_logprobs(model, prompts, mask=mask, batch_tokens=batch_tokens,
                                     progress=progress)
     score = loglik / n_tok.clamp(min=1) if length_normalize else loglik
@@ -395,6 +410,7 @@ def evaluate(
             **{f"meta.{k}": v for k, v in ex.meta.items()},
         })
     config = {"shots": shots, "n": len(prompts), "seed": seed, "length_normalize": length_normalize,
+              "prompt_ids": [p.id for p in prompts],
               "mask": None if mask is None else mask.to_dict(),
               **prompt_options, "template": task_obj.template, "separator": task_obj.separator,
               "source": task_obj.source, "licence": task_obj.licence}
