@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="induction scores (default prefix,copying; the first ranks the "
                           "'induction heads first' pruning curve)")
     rep.add_argument("--scan-seeds", type=_positive, default=100)
+    rep.add_argument("--scan-length", type=_positive, default=None,
+                     help="one length L for every scan sequence (default: 2s + 25)")
     rep.add_argument("--prune-tasks", type=parse_tasks, default=["country_capital", "antonyms"],
                      help="tasks with pruning curves and FFN knock-out")
     rep.add_argument("--prune-shots", type=parse_int_list, default=[1])
@@ -632,7 +634,7 @@ def run_report(args: argparse.Namespace) -> Any:
         config = ReportConfig(
             tasks=tuple(args.tasks or TASKS), shots=tuple(args.shots), n=args.n,
             eval_n=args.eval_n, method=args.method[0], scores=tuple(args.scores),
-            scan_seeds=args.scan_seeds, prune_tasks=tuple(args.prune_tasks),
+            scan_seeds=args.scan_seeds, scan_length=args.scan_length, prune_tasks=tuple(args.prune_tasks),
             prune_shots=tuple(args.prune_shots), percents=tuple(args.percents),
             ffn_percents=tuple(args.ffn_percents),
             draws=args.draws, ffn=not args.no_ffn, top_k_percent=args.top_k_percent,

@@ -120,7 +120,7 @@ class ReportConfig:
     ffn_percents: tuple[int, ...] = (0, 10, 20, 30, 40, 50)
     draws: int = 2
     ffn: bool = True
-    top_k_percent: float = 10.0
+    top_k_percent: int | float = 10.0
     n_permutations: int = 1000
     n_resamples: int = 1000
     seed: int = 0
@@ -534,6 +534,27 @@ def build_report(
 
     # -- pruning curves
     t0 = time.perf_counter()
+
+    def curve(kind: str, task_name: str, shots: int, eval_prompts: list[Prompt],
+              rankings: dict[str, Any]) -> PruneCurve:
+        """A head (``kind="heads"``) or FFN pruning curve, cached."""
+        percents = config.percents if kind == "heads" else config.ffn_percents
+        swept, fixed = ("head", "ffn") if kind == "heads" else ("ffn", "head")
+        want = {"shots": shots, "prompt_ids": [p.id for p in eval_prompts],
+                "random_draws": config.draws, "seed": config.seed, "ablation": "zero",
+                "length_normalize": False,
+                f"{swept}_percents": [float(p) for p in sorted(set(percents))],
+                f"{fixed}_percents": [0.0], f"{swept}_rankings": sorted(rankings),
+                "ranking_sources": _ranking_sources(rankings)}
+        return cache.get("pruning", f"pruning/{task_name}-{shots}shot-{kind}", PruneCurve, want,
+                         lambda: _with(prune_curve(
+                             model, task_name, shots=shots, prompts=eval_prompts,
+                             **{f"{swept}_rankings": rankings, f"{swept}_percents": percents,
+                                f"{fixed}_percents": (0,)},
+                             random_draws=config.draws, seed=config.seed,
+                             batch_tokens=config.batch_tokens, progress=progress),
+                             ranking_sources=want["ranking_sources"]))
+
     head_curves: dict[tuple[str, int], PruneCurve] = {}
     ffn_curves: dict[tuple[str, int], PruneCurve] = {}
     first_score = config.scores[0]
@@ -546,33 +567,12 @@ def build_report(
                 rankings[f"other task ({other})"] = importance[other, shots]
             induction_first = f"induction heads first ({first_score.replace('_', ' ')})"
             rankings[induction_first] = -scans[first_score].mean  # highest score pruned first
-            common = {"shots": shots, "prompt_ids": [p.id for p in eval_prompts],
-                      "random_draws": config.draws, "seed": config.seed,
-                      "ablation": "zero", "length_normalize": False}
-            head_curves[task_name, shots] = cache.get(
-                "pruning", f"pruning/{task_name}-{shots}shot-heads", PruneCurve,
-                common | {"head_percents": [float(p) for p in sorted(set(config.percents))],
-                          "ffn_percents": [0.0], "head_rankings": sorted(rankings),
-                          "ranking_sources": _ranking_sources(rankings)},
-                lambda task_name=task_name, shots=shots, ep=eval_prompts, r=rankings: _with(
-                    prune_curve(model, task_name, shots=shots, prompts=ep, head_rankings=r,
-                                head_percents=config.percents, random_draws=config.draws,
-                                seed=config.seed, batch_tokens=config.batch_tokens,
-                                progress=progress),
-                    ranking_sources=_ranking_sources(r)))
+            head_curves[task_name, shots] = curve("heads", task_name, shots, eval_prompts,
+                                                  rankings)
             if config.ffn:
-                franks = {f"same task ({task_name})": ffn[task_name, shots].mean}
-                ffn_curves[task_name, shots] = cache.get(
-                    "pruning", f"pruning/{task_name}-{shots}shot-ffn", PruneCurve,
-                    common | {"ffn_percents": [float(p) for p in sorted(set(config.ffn_percents))],
-                              "head_percents": [0.0], "ffn_rankings": sorted(franks),
-                              "ranking_sources": _ranking_sources(franks)},
-                    lambda task_name=task_name, shots=shots, ep=eval_prompts, r=franks: _with(
-                        prune_curve(model, task_name, shots=shots, prompts=ep, ffn_rankings=r,
-                                    head_percents=(0,), ffn_percents=config.ffn_percents,
-                                    random_draws=config.draws, seed=config.seed,
-                                    batch_tokens=config.batch_tokens, progress=progress),
-                        ranking_sources=_ranking_sources(r)))
+                ffn_curves[task_name, shots] = curve(
+                    "ffn", task_name, shots, eval_prompts,
+                    {f"same task ({task_name})": ffn[task_name, shots].mean})
     _stamp(seconds, "pruning", t0)
 
     # -- overlap statistics (cheap: computed every time)

@@ -63,3 +63,15 @@ def induction_toy():
     from mechicl.toy_models import induction_model
 
     return as_hooked_model(induction_model(), name="induction-toy")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama (GQA) saved as a local HF folder: exercises load_model(folder) too."""
+    from mechicl.toy_models import tiny_hf_model
+
+    hf_model, tokenizer = tiny_hf_model("llama")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    hf_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

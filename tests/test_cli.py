@@ -7,18 +7,6 @@ import pytest
 from mechicl.cli import build_parser, main, parse_int_list, parse_tasks
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny Llama (GQA) saved as a local HF folder: exercises load_model(folder) too."""
-    from mechicl.toy_models import tiny_hf_model
-
-    hf_model, tokenizer = tiny_hf_model("llama")
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    hf_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_load_model_from_folder_matches_the_original(tiny_folder):
     import torch
 

@@ -3,6 +3,7 @@ reference, padding invariance, answer masks, bad input."""
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from torch.testing import assert_close
@@ -153,6 +154,26 @@ def test_evaluate_result_and_roundtrip(tiny_llama, tmp_path):
     normed = evaluate(tiny_llama, toy_task(multi_token=True), shots=0, n=10,
                       length_normalize=True)
     assert normed.config["length_normalize"] is True
+
+
+def test_evaluate_explicit_prompts_equals_built_prompts(tiny_llama):
+    task = toy_task()
+    built = evaluate(tiny_llama, task, shots=2, n=10, seed=3)
+    prompts = build_prompts(task, shots=2, seed=3)
+    explicit = evaluate(tiny_llama, task, shots=2, prompts=prompts[:10])
+    assert explicit.summary() == built.summary()
+    assert explicit.config["prompt_ids"] == built.config["prompt_ids"] == [p.id for p in
+                                                                           prompts[:10]]
+    pd.testing.assert_frame_equal(explicit.predictions, built.predictions)
+    tail = evaluate(tiny_llama, task, shots=2, prompts=prompts[10:14])
+    assert tail.n == 4 and tail.config["prompt_ids"] == [p.id for p in prompts[10:14]]
+    with pytest.raises(ValueError, match="with prompts= give neither"):
+        evaluate(tiny_llama, task, shots=2, prompts=prompts[:3], n=3)
+    with pytest.raises(ValueError, match="prompts= is empty"):
+        evaluate(tiny_llama, task, shots=2, prompts=[])
+    stranger = Prompt(id="not-in-task", text="w1", continuations=(" w2", " w3"), gold=0)
+    with pytest.raises(ValueError, match=r"\['not-in-task'\] are not examples of task"):
+        evaluate(tiny_llama, task, shots=0, prompts=[stranger])
 
 
 def test_wilson_interval_against_formula():

@@ -1,0 +1,254 @@
+"""The paper report (mechicl.report / `mechicl report`) end to end on a tiny GQA model: every
+table recomputed independently from the stored results, the cache's reuse rules, the prompt
+split, the files written, and bad settings."""
+
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import mechicl
+from mechicl.overlap import kendall, spearman, top_k_overlap, top_k_pvalue
+from mechicl.pruning import PruneCurve, prune_order, pruning_mask
+from mechicl.report import ReportConfig, build_report
+from mechicl.results import HeadScores, LayerScores
+from mechicl.tasks import TASKS, build_prompts, load_task, register_task
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reference_importance as ref  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TASK_A, TASK_B = "report_copy_a", "report_copy_b"
+
+
+def _register() -> None:
+    for i, name in enumerate((TASK_A, TASK_B)):
+        if name not in TASKS:
+            register_task(name, lambda name=name, i=i: dataclasses.replace(
+                ref.copy_task(40, seed=i), name=name))
+
+
+_register()
+
+CONFIG = dict(tasks=(TASK_A, TASK_B), shots=(0, 1), n=6, eval_n=8, scan_seeds=3, scan_length=8,
+              prune_tasks=(TASK_A, TASK_B), prune_shots=(1,), percents=(0, 25, 50),
+              ffn_percents=(0, 50), draws=2, n_permutations=50, n_resamples=50)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama):
+    return tiny_llama
+
+
+@pytest.fixture(scope="module")
+def report(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return build_report(model, out, ReportConfig(**CONFIG))
+
+
+def test_copy_task_helper_takes_a_seed():
+    # the two registered tasks must differ, or cross-task results would be trivial
+    a, b = load_task(TASK_A), load_task(TASK_B)
+    assert [e.input for e in a.examples] != [e.input for e in b.examples]
+
+
+def test_writes_every_figure_table_and_summary(report):
+    out = report.out
+    expected_figures = {
+        "scan-prefix_matching", "scan-copying", "loss-curve", "cross-task-0shot",
+        "cross-task-1shot", "cross-shot", "overlap-spearman", "overlap-topk",
+        *(f"importance-{t}-{s}shot" for t in (TASK_A, TASK_B) for s in (0, 1)),
+        *(f"{kind}-{t}-1shot" for t in (TASK_A, TASK_B)
+          for kind in ("prune-heads", "prune-ffn", "ffn-importance")),
+        *(f"scatter-prefix_matching-{t}-1shot" for t in (TASK_A, TASK_B))}
+    assert set(report.figures) == expected_figures
+    for name in expected_figures:
+        assert (out / "img" / f"{name}.png").stat().st_size > 1000, name
+    for name, table in report.tables.items():
+        stored = pd.read_csv(out / "tables" / f"{name}.csv")
+        assert list(stored.columns) == [str(c) for c in table.columns], name
+        assert len(stored) == len(table), name
+    md = (out / "report.md").read_text()
+    linked = set(re.findall(r'src="img/([^"]+)\.png"', md))
+    assert linked == expected_figures
+    page = (out / "report.html").read_text()
+    assert '<script src="plotly.min.js"></script>' in page and (out / "plotly.min.js").is_file()
+    assert set(re.findall(r'id="fig-([^"]+)"', page)) == expected_figures
+    meta = json.loads((out / "report.json").read_text())
+    assert meta["config"]["tasks"] == [TASK_A, TASK_B] and meta["seconds"]["total"] > 0
+    assert meta["computed"] == {"scan": 2, "accuracy": 4, "importance": 4, "ffn_importance": 2,
+                                "pruning": 4} and meta["reused"] == {}
+    assert not list(out.rglob("*.tmp")), "no temporary files left behind"
+
+
+def test_figures_show_the_stored_values(report):
+    imp = HeadScores.load(report.out / "results" / "importance" / f"{TASK_A}-1shot-bansal")
+    z = torch.tensor(report.figures[f"importance-{TASK_A}-1shot"].data[0].z)
+    torch.testing.assert_close(z, (imp.mean / imp.mean.max()).double())
+    scan = HeadScores.load(report.out / "results" / "tiny-llama-prefix_matching")
+    torch.testing.assert_close(torch.tensor(report.figures["scan-prefix_matching"].data[0].z),
+                               scan.mean.double())
+    ffn = LayerScores.load(report.out / "results" / "ffn" / f"{TASK_B}-1shot")
+    assert list(report.figures[f"ffn-importance-{TASK_B}-1shot"].data[0].y) == pytest.approx(
+        ffn.mean.tolist())
+
+
+def test_prompt_split_is_disjoint_and_follows_the_seeded_list(report):
+    for task in (TASK_A, TASK_B):
+        for shots in (0, 1):
+            imp = HeadScores.load(report.out / "results" / "importance" /
+                                  f"{task}-{shots}shot-bansal")
+            acc = mechicl.EvalResult.load(report.out / "results" / "accuracy" /
+                                          f"{task}-{shots}shot")
+            plist = build_prompts(load_task(task), shots=shots, seed=0)
+            assert imp.params["prompt_ids"] == [p.id for p in plist[:6]]
+            assert acc.config["prompt_ids"] == [p.id for p in plist[6:14]]
+            assert not set(imp.params["prompt_ids"]) & set(acc.config["prompt_ids"])
+
+
+def test_tables_equal_independent_computation(model, report):
+    out = report.out
+    # accuracy: evaluate the same evaluation prompts directly
+    acc = report.tables["accuracy"].set_index("task")
+    for task in (TASK_A, TASK_B):
+        plist = build_prompts(load_task(task), shots=1, seed=0)[6:14]
+        direct = mechicl.evaluate(model, task, shots=1, prompts=plist)
+        assert acc.loc[task, "1-shot"] == pytest.approx(direct.accuracy)
+    # overlap: statistics of the stored maps
+    overlap = report.tables["overlap"]
+    k = 1  # 10% of 8 heads, rounded up
+    assert len(overlap) == 2 * 2 * 2  # tasks x shots x induction scores
+    for row in overlap.to_dict("records"):
+        imp = HeadScores.load(out / "results" / "importance" /
+                              f"{row['task']}-{row['shots']}shot-bansal")
+        scan = HeadScores.load(out / "results" / f"tiny-llama-{row['induction score']}")
+        assert row["spearman"] == pytest.approx(spearman(scan, imp))
+        assert row["kendall"] == pytest.approx(kendall(scan, imp))
+        assert row[f"top-{k} overlap"] == pytest.approx(top_k_overlap(scan, imp, k))
+        assert row["hypergeom p"] == pytest.approx(top_k_pvalue(scan, imp, k))
+        assert 0 < row["permutation p"] <= 1
+        assert row["spearman ci low"] <= row["spearman ci high"]
+    # cross-task matrix
+    cross = report.tables["cross-task-1shot"].set_index("task")
+    a = HeadScores.load(out / "results" / "importance" / f"{TASK_A}-1shot-bansal")
+    b = HeadScores.load(out / "results" / "importance" / f"{TASK_B}-1shot-bansal")
+    assert cross.loc[TASK_A, TASK_B] == pytest.approx(spearman(a, b))
+    assert cross.loc[TASK_A, TASK_A] == pytest.approx(1.0)
+
+
+def test_induction_first_curve_removes_the_highest_prefix_heads(model, report):
+    """The 'induction heads first' curve at 25% equals evaluating with the top-scoring prefix
+    heads masked; the same-task curve with the least important heads masked."""
+    out = report.out
+    curve = PruneCurve.load(out / "results" / "pruning" / f"{TASK_A}-1shot-heads")
+    scan = HeadScores.load(out / "results" / "tiny-llama-prefix_matching")
+    imp = HeadScores.load(out / "results" / "importance" / f"{TASK_A}-1shot-bansal")
+    plist = build_prompts(load_task(TASK_A), shots=1, seed=0)[6:14]
+    data = curve.data.set_index(["head_ranking", "head_percent"])
+    for name, scores in ((f"same task ({TASK_A})", imp.mean),
+                         ("induction heads first (prefix matching)", -scan.mean),
+                         (f"other task ({TASK_B})", None)):
+        if scores is None:
+            scores = HeadScores.load(out / "results" / "importance" / f"{TASK_B}-1shot-bansal").mean
+        mask = pruning_mask(model, head_order=prune_order(scores), head_percent=25)
+        assert mask.heads.sum() == 6  # 2 of 8 heads removed
+        direct = mechicl.evaluate(model, TASK_A, shots=1, prompts=plist, mask=mask)
+        assert data.loc[(name, 25.0), "accuracy"] == pytest.approx(direct.accuracy), name
+    top2 = set(scan.top_heads(2))
+    removed = {(int(i) // 4, int(i) % 4) for i in prune_order(-scan.mean)[:2]}
+    assert removed == top2
+
+
+def test_second_run_reuses_everything_and_writes_the_same_tables(model, report, tmp_path):
+    again = build_report(model, report.out, ReportConfig(**CONFIG))
+    assert again.computed == {} and sum(again.reused.values()) == 16
+    for name, table in report.tables.items():
+        pd.testing.assert_frame_equal(again.tables[name], table, check_exact=False, rtol=1e-12)
+
+
+def test_changed_settings_recompute_only_what_they_affect(model, report, tmp_path):
+    out = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(report.out, out)
+    changed = build_report(model, out, ReportConfig(**{**CONFIG, "n": 5}))
+    # new importance prompts: importance, FFN importance, evaluation slices and curves move;
+    # the scans do not depend on n
+    assert changed.reused == {"scan": 2}
+    assert changed.computed["importance"] == 4
+    imp = HeadScores.load(out / "results" / "importance" / f"{TASK_A}-0shot-bansal")
+    assert imp.params["n"] == 5
+
+
+def test_reuse_folder_and_force(model, report, tmp_path):
+    out = tmp_path / "elsewhere"
+    reused = build_report(model, out, ReportConfig(**CONFIG), reuse=[report.out])
+    assert reused.computed == {} and (out / "results" / "tiny-llama-copying").is_dir()
+    forced = build_report(model, out, ReportConfig(**{**CONFIG, "prune_tasks": (TASK_A,),
+                                                      "ffn": False}), force=True)
+    assert forced.reused == {} and forced.computed["pruning"] == 1
+
+
+def test_other_model_and_broken_results_are_not_reused(report, tmp_path):
+    import shutil
+
+    from mechicl.toy_models import tiny_model
+
+    out = tmp_path / "other"
+    shutil.copytree(report.out, out)
+    (out / "results" / "accuracy" / f"{TASK_A}-0shot" / "result.json").write_text("{broken")
+    other = mechicl.as_hooked_model(tiny_model("llama", seed=1), name="tiny-llama")
+    cfg = ReportConfig(**{**CONFIG, "prune_tasks": (), "ffn": False, "tasks": (TASK_A,)})
+    result = build_report(other, out, cfg)
+    assert result.reused == {} and result.computed["accuracy"] == 2
+    assert mechicl.EvalResult.load(out / "results" / "accuracy" / f"{TASK_A}-0shot").model[
+        "weights_sha256"] == other.weights_hash
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"tasks": ("nope",)}, "unknown tasks"),
+    ({"tasks": "sentiment"}, "tasks"),  # a type error under the runtime type checker
+    ({"prune_tasks": ("sentiment",)}, "not in tasks"),
+    ({"shots": (0, -1)}, "shots"),
+    ({"prune_shots": (5,)}, "not in shots"),
+    ({"scores": ("induction",)}, "unknown scores"),
+    ({"method": "gradient"}, "method='gradient'"),
+    ({"n": 0}, "n=0"),
+    ({"percents": (10, 20)}, "need 0"),
+    ({"ffn_percents": (0, 100)}, "ffn_percents"),
+    ({"top_k_percent": 0}, "top_k_percent"),
+    ({"formats": ("gif",)}, "unknown formats"),
+    ({"scan_length": 1}, "scan_length"),
+])
+def test_bad_settings_name_the_value(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ReportConfig(**{**CONFIG, **bad})
+
+
+def test_too_few_examples_is_an_error(model, tmp_path):
+    with pytest.raises(ValueError, match="leaves none for evaluation"):
+        build_report(model, tmp_path / "r", ReportConfig(**{**CONFIG, "n": 40}))
+    assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_report_cli(tiny_folder, tmp_path, capsys):
+    from mechicl.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["report", "--model", str(tiny_folder), "--tasks", f"{TASK_A},{TASK_B}",
+                 "--shots", "0,1", "--n", "6", "--eval-n", "8", "--scan-seeds", "3",
+                 "--prune-tasks", TASK_A, "--prune-shots", "1", "--percents", "0,50",
+                 "--ffn-percents", "0,50", "--draws", "1", "--scan-length", "8", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert "spearman with importance" in capsys.readouterr().out
+    assert (out / "report.md").is_file() and (out / "img" / "prune-heads-"
+                                             f"{TASK_A}-1shot.png").is_file()
+    with pytest.raises(SystemExit, match="unknown tasks|not in tasks"):
+        main(["report", "--model", str(tiny_folder), "--tasks", TASK_A,
+              "--prune-tasks", TASK_B, "--out", str(out)])
