@@ -150,8 +150,10 @@ def prune_curve_figure(curve: "PruneCurve", *, x: str = "head_percent", title: s
         p = curve.params
         title = f"{p.get('task', '')} {p.get('shots', '')}-shot: pruning {unit}"
     fig.update_layout(title=title, xaxis_title=f"% of {unit} removed",
-                      yaxis_title="accuracy", yaxis_range=[0, 1], width=640, height=420,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 50})
+                      yaxis_title="accuracy", yaxis_range=[0, 1], width=640, height=480,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50},
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0})
+    fig.update_xaxes(dtick=10)
     return fig
 
 

@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
 from mechicl._io import atomic_path, atomic_write_text
-from mechicl.evaluation import EvalResult, evaluate
+from mechicl.evaluation import EvalResult, evaluate, wilson_interval
 from mechicl.importance import IMPORTANCE_METHODS, ffn_importance, head_importance
 from mechicl.induction import SCORES, _length_label, bansal_length, induction_scan
 from mechicl.models import HookedModel, as_hooked_model
@@ -245,6 +246,13 @@ class _Cache:
         self.reused: dict[str, int] = {}
         self.computed: dict[str, int] = {}
         self.sources: dict[str, str] = {}
+        self.compute_seconds: dict[str, float] = {}  # per stage, as recorded by the results
+
+    def _count(self, stage: str, result: Any) -> None:
+        recorded = self._settings(result).get("seconds")
+        if recorded is not None:
+            self.compute_seconds[stage] = round(self.compute_seconds.get(stage, 0.0)
+                                                + float(recorded), 1)
 
     @staticmethod
     def _settings(result: Any) -> dict[str, Any]:
@@ -275,6 +283,7 @@ class _Cache:
                             shutil.copytree(path, tmp)
                     self.reused[stage] = self.reused.get(stage, 0) + 1
                     self.sources[name] = str(path)
+                    self._count(stage, result)
                     log.info("reusing %s", path)
                     return result
                 log.info("not reusing %s (%s)", path,
@@ -288,6 +297,7 @@ class _Cache:
             result = dataclasses.replace(result, params=result.params | {"seconds": seconds})
         result.save(target)
         self.computed[stage] = self.computed.get(stage, 0) + 1
+        self._count(stage, result)
         return result
 
 
@@ -586,6 +596,7 @@ def build_report(
     seconds["total"] = round(time.perf_counter() - start_all, 1)
     meta = {"model": model.info(), "config": config.to_dict(), "seconds": seconds,
             "reused": cache.reused, "computed": cache.computed, "reused_from": cache.sources,
+            "compute_seconds": cache.compute_seconds,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     _write(out, doc, meta, config.formats, f"mechicl report: {slug}")
     _stamp(seconds, "figures", t0)
@@ -728,6 +739,13 @@ def _document(model: HookedModel, config: ReportConfig, scans: dict[str, HeadSco
             matrices.append((f"cross-task-{s}shot", matrix_heatmap(
                 m, title=f"{s}-shot: Spearman across tasks", colorbar_title="rho")))
     if matrices:
+        medians = []
+        for name, _ in matrices:
+            m = doc.tables[name].set_index("task").to_numpy()
+            off = m[~np.eye(len(m), dtype=bool)]
+            medians.append(f"{name.removeprefix('cross-task-')} {np.median(off):.2f}")
+        doc.text("Median Spearman between two tasks' importance maps: " + ", ".join(medians)
+                 + ".")
         doc.figures_row(matrices, "Importance maps of different tasks agree when the same heads "
                         "matter for them (Bansal et al. Fig. 3 type).")
     if len(config.shots) > 1:
@@ -751,6 +769,14 @@ def _document(model: HookedModel, config: ReportConfig, scans: dict[str, HeadSco
                  "of the draws). Bansal et al. Figs. 4 and 8 type.")
         doc.figures_row([(f"prune-heads-{t}-{s}shot", prune_curve_figure(c, x="head_percent"))
                          for (t, s), c in head_curves.items()])
+        base = next(iter(head_curves.values()))
+        low, high = wilson_interval(round(base.baseline * config.eval_n), config.eval_n)
+        doc.text(f"Curves are evaluated on {config.eval_n} prompts: one prompt is "
+                 f"{100 / config.eval_n:.0f} accuracy points, and the 95% interval of the first "
+                 f"unpruned accuracy ({base.baseline:.2f}) is [{low:.2f}, {high:.2f}]; read "
+                 "differences of a few points as noise.")
+        doc.table("prune-heads-accuracy", _prune_accuracy(head_curves, "head"),
+                  "Accuracy by share of heads removed (random: mean over draws)")
         doc.table("prune-heads-summary", _prune_summary(head_curves),
                   "Largest share of heads removable with accuracy within 5 points of the "
                   "unpruned model (and above chance)")
@@ -764,6 +790,8 @@ def _document(model: HookedModel, config: ReportConfig, scans: dict[str, HeadSco
         if ffn_curves:
             doc.figures_row([(f"prune-ffn-{t}-{s}shot", prune_curve_figure(c, x="ffn_percent"))
                              for (t, s), c in ffn_curves.items()])
+            doc.table("prune-ffn-accuracy", _prune_accuracy(ffn_curves, "ffn"),
+                      "Accuracy by share of FFNs removed (random: mean over draws)")
             doc.table("prune-ffn-summary", _prune_summary(ffn_curves, unit="ffn"),
                       "Largest share of FFNs removable within 5 points")
 
@@ -777,16 +805,28 @@ def _document(model: HookedModel, config: ReportConfig, scans: dict[str, HeadSco
              f"percentile bootstrap ({config.n_resamples} resamples) over scan sequences and "
              "importance prompts, of the unweighted per-prompt mean maps (the reported "
              "importance is token-weighted, so the estimate can sit slightly off-centre).")
+    lines = []
+    for score in scans:
+        rows = overlap[overlap["induction score"] == score]
+        significant = int((rows["hypergeom p"] < 0.05).sum())
+        lines.append(f"- {score.replace('_', ' ')}: median Spearman with importance "
+                     f"{rows.spearman.median():+.2f} (range {rows.spearman.min():+.2f} to "
+                     f"{rows.spearman.max():+.2f}); top-{k} overlap median "
+                     f"{rows[f'top-{k} overlap'].median():.2f} (chance {k / n_total:.2f}), "
+                     f"larger than chance (hypergeometric p < 0.05) in {significant} of "
+                     f"{len(rows)} task x shot maps.")
+    doc.text("\n".join(lines))
     doc.table("overlap", overlap, "Induction score vs importance per task and shot count")
+    columns = [(s, shots) for s in scans for shots in config.shots]
     for stat, title, zmin in (("spearman", "Spearman", -1.0), (f"top-{k} overlap",
                                                                   f"top-{k} overlap", 0.0)):
-        mat = overlap.pivot_table(index=["task", "shots"], columns="induction score",
-                                  values=stat)
-        mat.index = [f"{t} {s}-shot" for t, s in mat.index]
+        mat = overlap.pivot_table(index="task", columns=["induction score", "shots"],
+                                  values=stat).reindex(index=list(config.tasks), columns=columns)
+        mat.columns = [f"{s.replace('_', ' ')} {shots}-shot" for s, shots in mat.columns]
         doc.figures_row([(f"overlap-{'topk' if stat != 'spearman' else stat}", matrix_heatmap(
             mat, title=f"{title}: induction score vs importance", zmin=zmin, zmax=1.0,
-            colorbar_title=stat if stat == "spearman" else "heads shared", fmt=".2f"
-            if stat == "spearman" else ".0f"))])
+            colorscale="RdBu_r" if stat == "spearman" else "Blues",
+            colorbar_title="rho" if stat == "spearman" else "share of top heads"))])
     last = max(config.shots)
     first_score = next(iter(scans))
     doc.text(f"Each head's {first_score.replace('_', ' ')} score against its importance at "
@@ -796,6 +836,21 @@ def _document(model: HookedModel, config: ReportConfig, scans: dict[str, HeadSco
             scans[first_score], importance[t, last], x_title=first_score.replace("_", " "),
             y_title="importance", title=f"{t} {last}-shot")) for t in config.tasks[i:i + 3]])
     return doc
+
+
+def _prune_accuracy(curves: dict[tuple[str, int], PruneCurve], unit: str) -> pd.DataFrame:
+    """One row per task, shots and ranking; one column per percentage removed."""
+    key, x = f"{unit}_ranking", f"{unit}_percent"
+    frames = []
+    for (task_name, shots), curve in curves.items():
+        data = curve.data[curve.data[key] != "none"]
+        wide = data.pivot_table(index=key, columns=x, values="accuracy", aggfunc="mean")
+        wide.columns = [f"{p:g}%" for p in wide.columns]
+        wide = wide.reset_index().rename(columns={key: "ranking"})
+        wide.insert(0, "shots", shots)
+        wide.insert(0, "task", task_name)
+        frames.append(wide)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _prune_summary(curves: dict[tuple[str, int], PruneCurve], unit: str = "head",
@@ -827,11 +882,15 @@ def _write(out: Path, doc: _Doc, meta: dict[str, Any], formats: Sequence[str],
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total")
     reused = sum(meta["reused"].values())
     computed = sum(meta["computed"].values())
+    work = meta["compute_seconds"]
+    cost = ", ".join(f"{k} {v / 60:.1f} min" for k, v in work.items())
     doc.blocks.insert(0, ("text", (
         f"Created {meta['created']} by mechicl {meta['model']['versions'].get('mechicl')} in "
         f"{seconds['total'] / 60:.1f} min ({timing}); {computed} results computed, {reused} "
-        "reused from the cache. Settings: `report.json`. Interactive version: `report.html`; "
-        "static figures: `img/`; tables: `tables/`.")))
+        f"reused from the cache. Computing every result took {sum(work.values()) / 60:.0f} min "
+        f"on the machine that made it ({cost}; results without a recorded time, such as scans "
+        "reused from `mechicl scan`, not counted). Settings: `report.json`. Interactive "
+        "version: `report.html`; static figures: `img/`; tables: `tables/`.")))
     atomic_write_text(out / "report.md", f"# {title}\n\n" + doc.markdown())
     js = out / "plotly.min.js"
     if not js.exists():
