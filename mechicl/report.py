@@ -349,10 +349,10 @@ class _Doc:
     def html(self, title: str) -> str:
         body = []
         toc = []
-        for kind, value in self.blocks:
+        for i, (kind, value) in enumerate(self.blocks):
             if kind == "heading":
                 level, text = value
-                anchor = f"s{len(toc)}"
+                anchor = f"s{i}"
                 if level == 2:
                     toc.append(f'<li><a href="#{anchor}">{html.escape(text)}</a></li>')
                 body.append(f'<h{level} id="{anchor}">{html.escape(text)}</h{level}>')

@@ -193,7 +193,8 @@ there.
 **Attention heads.** Patch each head's output (its `z` before W_O) from clean into corrupted:"""),
     new_code_cell("""\
 heads = mechicl.patch(model, pairs, metric="logit_diff_normalized", target="head_out")
-print("clean", heads.clean.mean().item(), "corrupted", heads.corrupted.mean().item())
+# the unpatched runs' logit differences (the normalisation maps them to 1 and 0)
+print(f"logit diff: clean {heads.clean.mean():.2f}, corrupted {heads.corrupted.mean():.2f}")
 patch_heatmap(heads)"""),
     new_code_cell("""\
 heads.top(5)"""),
@@ -220,14 +221,15 @@ path = mechicl.path_patch(model, pairs, metric="logit_diff_normalized", receiver
                           receiver_input="q", senders=senders)
 path.to_dataframe().sort_values("value").head()"""),
     new_code_cell("""\
-# checks: the baselines are what the normalisation promises, one head carries a large share,
-# and attribution patching ranks heads like exact patching
+# checks: the clean run prefers the indirect object, one head restores a large share of it,
+# attribution patching ranks the heads like exact patching, and path patching ran every sender
 import torch
 
-assert abs(heads.clean.mean().item() - 1) < 1e-4 and abs(heads.corrupted.mean().item()) < 1e-4
+print(f"top head {heads.top(1)}, attribution spearman {agreement.spearman:.2f}")
+assert heads.normalized and float(heads.clean.mean()) > float(heads.corrupted.mean()) + 0.5
 assert heads.top(1)[0][1] > 0.2
 assert agreement.spearman > 0.3
-assert torch.isfinite(path.values).all()"""),
+assert torch.isfinite(path.values).all() and path.values.numel() == len(senders)"""),
 ]
 
 

@@ -80,6 +80,10 @@ def test_writes_every_figure_table_and_summary(report):
     page = (out / "report.html").read_text()
     assert '<script src="plotly.min.js"></script>' in page and (out / "plotly.min.js").is_file()
     assert set(re.findall(r'id="fig-([^"]+)"', page)) == expected_figures
+    ids = re.findall(r' id="([^"]+)"', page)
+    assert len(ids) == len(set(ids)), "element ids are unique"
+    for anchor in re.findall(r'<a href="#([^"]+)">', page):  # the contents link to h2 headings
+        assert re.search(f'<h2 id="{anchor}">', page), anchor
     meta = json.loads((out / "report.json").read_text())
     assert meta["config"]["tasks"] == [TASK_A, TASK_B] and meta["seconds"]["total"] > 0
     assert meta["computed"] == {"scan": 2, "accuracy": 4, "importance": 4, "ffn_importance": 2,
