@@ -463,8 +463,9 @@ def run_prune(args: argparse.Namespace) -> list[dict]:
     import mechicl
     from mechicl._io import atomic_write_text
     from mechicl.plotting import prune_curve_figure, save_figure
+    from mechicl.pruning import split_prompts
+    from mechicl.report import curve_summaries
     from mechicl.results import HeadScores
-    from mechicl.tasks import build_prompts
 
     model = mechicl.load_model(args.model)
     out: Path = args.out
@@ -475,13 +476,11 @@ def run_prune(args: argparse.Namespace) -> list[dict]:
     imp_cache: dict[tuple[str, int, str], Any] = {}
 
     def prompts_of(task_name: str, shots: int) -> tuple[list, list]:
-        task = _load_task(task_name)
-        prompts = build_prompts(task, shots=shots, seed=args.seed)
-        k, n = args.importance_n, args.n
-        if len(prompts) < k + 1:
-            raise SystemExit(f"task {task_name!r} has {len(prompts)} evaluation examples; "
-                             f"--importance-n {k} leaves none to evaluate")
-        return prompts[:k], prompts[k: k + n]
+        try:
+            return split_prompts(_load_task(task_name), shots=shots, n_rank=args.importance_n,
+                                 n_eval=args.n, seed=args.seed)
+        except ValueError as err:
+            raise SystemExit(f"--importance-n {args.importance_n}: {err}") from None
 
     def importance(task_name: str, shots: int, kind: str) -> Any:
         key = (task_name, shots, kind)
@@ -544,9 +543,7 @@ def run_prune(args: argparse.Namespace) -> list[dict]:
             if any(p > 0 for p in args.ffn_percents):
                 save_figure(prune_curve_figure(curve, x="ffn_percent"),
                             out / f"{stem}-prune-ffn", formats)
-            summary = curve.summary()
-            summary.insert(0, "shots", shots)
-            summary.insert(0, "task", task_name)
+            summary = curve_summaries({(task_name, shots): curve})
             summary["seconds"] = round(seconds, 1)
             rows.extend(summary.to_dict("records"))
     table = pd.DataFrame(rows)

@@ -120,7 +120,8 @@ class Grid:
 def _check_list(where: str, value: Any, kind: type, *, allow_empty: bool = False) -> list:
     if not isinstance(value, list) or (not value and not allow_empty):
         raise GridError(f"{where} = {value!r}: need a non-empty list")
-    bad = [v for v in value if not isinstance(v, kind) or isinstance(v, bool) != (kind is bool)]
+    # bool is a subclass of int: reject True / False where integers are asked for
+    bad = [v for v in value if not isinstance(v, kind) or (kind is int and isinstance(v, bool))]
     if bad:
         raise GridError(f"{where}: {bad!r} are not {kind.__name__}s")
     if len(set(value)) != len(value):

@@ -31,9 +31,10 @@ from mechicl.importance import _prompts
 from mechicl.masks import Ablation, ActivationMeans, Mask
 from mechicl.models import HookedModel, as_hooked_model
 from mechicl.results import HeadScores, LayerScores
-from mechicl.tasks import Prompt, Task
+from mechicl.tasks import Prompt, Task, build_prompts, load_task
 
-__all__ = ["DEFAULT_PERCENTS", "PruneCurve", "prune_curve", "prune_order", "pruning_mask"]
+__all__ = ["DEFAULT_PERCENTS", "PruneCurve", "prune_curve", "prune_order", "pruning_mask",
+           "split_prompts"]
 
 DEFAULT_PERCENTS: tuple[int, ...] = tuple(range(0, 100, 10))
 RANDOM = "random"
@@ -57,6 +58,20 @@ def _n_removed(percent: int | float, total: int) -> int:
     if not 0 <= percent <= 100:
         raise ValueError(f"percent={percent} must be in [0, 100]")
     return int(percent * total // 100)
+
+
+def split_prompts(task: Task | str, *, shots: int, n_rank: int, n_eval: int | None = None,
+                  seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
+    """One seeded list of k-shot prompts, split into ranking prompts (the first ``n_rank``) and
+    evaluation prompts (the next ``n_eval``, default all the rest), so that a ranking is never
+    evaluated on the prompts it was computed from."""
+    task_obj = load_task(task) if isinstance(task, str) else task
+    prompts = build_prompts(task_obj, shots=shots, seed=seed)
+    if len(prompts) < n_rank + 1:
+        raise ValueError(f"task {task_obj.name!r} has {len(prompts)} evaluation examples; "
+                         f"n_rank={n_rank} ranking prompts leaves none for evaluation")
+    end = None if n_eval is None else n_rank + n_eval
+    return prompts[:n_rank], prompts[n_rank:end]
 
 
 def pruning_mask(

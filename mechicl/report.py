@@ -64,11 +64,11 @@ from mechicl.plotting import (
     save_figure,
     score_scatter,
 )
-from mechicl.pruning import PruneCurve, prune_curve
+from mechicl.pruning import PruneCurve, prune_curve, split_prompts
 from mechicl.results import HeadScores, LayerScores
-from mechicl.tasks import TASKS, Prompt, build_prompts, load_task
+from mechicl.tasks import TASKS, Prompt
 
-__all__ = ["Report", "ReportConfig", "build_report", "markdown_table"]
+__all__ = ["Report", "ReportConfig", "build_report", "curve_summaries", "markdown_table"]
 
 log = logging.getLogger(__name__)
 
@@ -467,14 +467,9 @@ def build_report(
     # -- prompts: one seeded list per task and shot count, split importance | evaluation
     prompts: dict[tuple[str, int], tuple[list[Prompt], list[Prompt]]] = {}
     for task_name in config.tasks:
-        task = load_task(task_name)
         for shots in config.shots:
-            plist = build_prompts(task, shots=shots, seed=config.seed)
-            if len(plist) < config.n + 1:
-                raise ValueError(f"task {task_name!r} has {len(plist)} evaluation examples; "
-                                 f"n={config.n} leaves none for evaluation")
-            prompts[task_name, shots] = (plist[:config.n],
-                                         plist[config.n: config.n + config.eval_n])
+            prompts[task_name, shots] = split_prompts(task_name, shots=shots, n_rank=config.n,
+                                                      n_eval=config.eval_n, seed=config.seed)
 
     # -- induction scans
     t0 = time.perf_counter()
@@ -853,15 +848,21 @@ def _prune_accuracy(curves: dict[tuple[str, int], PruneCurve], unit: str) -> pd.
     return pd.concat(frames, ignore_index=True)
 
 
-def _prune_summary(curves: dict[tuple[str, int], PruneCurve], unit: str = "head",
-                   ) -> pd.DataFrame:
+def curve_summaries(curves: dict[tuple[str, int], PruneCurve]) -> pd.DataFrame:
+    """:meth:`PruneCurve.summary` of each (task, shots) curve, stacked, with task and shots
+    columns first."""
     frames = []
     for (task_name, shots), curve in curves.items():
         s = curve.summary()
         s.insert(0, "shots", shots)
         s.insert(0, "task", task_name)
         frames.append(s)
-    table = pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _prune_summary(curves: dict[tuple[str, int], PruneCurve], unit: str = "head",
+                   ) -> pd.DataFrame:
+    table = curve_summaries(curves)
     key = "head_ranking" if unit == "head" else "ffn_ranking"
     value = "max_head_percent" if unit == "head" else "max_ffn_percent"
     return table[["task", "shots", key, "baseline", value, "draws"]].rename(
