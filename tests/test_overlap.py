@@ -1,10 +1,28 @@
-"""Rank correlations and top-k overlap against scipy, including ties."""
+"""Overlap statistics against scipy or plain loops, including ties, on random maps and on the
+real default model's score maps."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from mechicl.overlap import kendall, rank, spearman, top_k_overlap
+from mechicl.overlap import (
+    _rank_rows,
+    bootstrap_ci,
+    jaccard,
+    kendall,
+    overlap_matrix,
+    permutation_pvalue,
+    rank,
+    rank_biased_overlap,
+    spearman,
+    top_k,
+    top_k_overlap,
+    top_k_pvalue,
+)
+from mechicl.results import HeadScores
 
 
 def _maps(seed: int, ties: bool):
@@ -49,23 +67,6 @@ def test_top_k_overlap_and_errors():
 # --------------------------------------------------------------------------------------------
 # Set overlap, RBO, hypergeometric p-value, permutation null, bootstrap (issue 7)
 # --------------------------------------------------------------------------------------------
-
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from mechicl.overlap import (  # noqa: E402
-    _rank_rows,
-    bootstrap_ci,
-    jaccard,
-    overlap_matrix,
-    permutation_pvalue,
-    rank_biased_overlap,
-    top_k,
-    top_k_pvalue,
-)
-from mechicl.results import HeadScores  # noqa: E402
-
 
 def _ranking(x):
     """Indices from highest to lowest score, ties by position (plain Python)."""
@@ -195,3 +196,35 @@ def test_overlap_matrix():
         pytest.approx(1 / math.comb(30, 5))
     with pytest.raises(ValueError, match="statistic='nope'"):
         overlap_matrix({"a": a}, statistic="nope")
+
+
+@pytest.mark.slow
+def test_every_statistic_on_the_default_models_maps(smollm2):
+    """Prefix matching, OV copying and task importance of SmolLM2 (270 heads): each statistic
+    equals its scipy / plain-loop reference on real maps, not only on random ones."""
+    import mechicl
+
+    scan = mechicl.induction_scan(smollm2, scores=("prefix_matching", "ov_eigen"), n_seeds=6,
+                                  progress=False)
+    prefix, ov = scan.scores["prefix_matching"], scan.scores["ov_eigen"]
+    imp = mechicl.head_importance(smollm2, "antonyms", shots=1, n=8)
+    assert prefix.mean.shape == imp.mean.shape == (30, 9)
+    k = top_k(270, percentile=10)
+    for a, b in ((prefix, imp), (ov, imp), (prefix, ov)):
+        x, y = a.mean.flatten().numpy(), b.mean.flatten().numpy()
+        assert spearman(a, b) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+        assert kendall(a, b) == pytest.approx(stats.kendalltau(x, y, variant="b").statistic,
+                                              abs=1e-12)
+        sa, sb = set(_ranking(a.mean)[:k]), set(_ranking(b.mean)[:k])
+        assert top_k_overlap(a, b, k) == pytest.approx(len(sa & sb) / k)
+        assert jaccard(a, b, k) == pytest.approx(len(sa & sb) / len(sa | sb))
+        assert top_k_pvalue(a, b, k) == pytest.approx(
+            stats.hypergeom(270, k, k).sf(len(sa & sb) - 1), rel=1e-9)
+        assert rank_biased_overlap(a, b, 0.9) == pytest.approx(
+            rbo_reference(a.mean, b.mean, 0.9), abs=1e-12)
+        assert permutation_pvalue(a, b, n_permutations=100, seed=1) == pytest.approx(
+            permutation_reference(a.mean, b.mean, "spearman", k, 100, 1))
+    _, low, high = bootstrap_ci(prefix, imp, n_resamples=100, seed=4)
+    want = bootstrap_reference(prefix.per_seed, imp.per_seed, "spearman", k, 100, 4, False,
+                               0.95)
+    assert (low, high) == pytest.approx(tuple(want), abs=1e-9)
