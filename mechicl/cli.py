@@ -21,6 +21,10 @@ disjoint from the evaluated ones, induction scores from a scan) and writes the p
 report (:mod:`mechicl.report`) and writes its figures, tables, ``report.md`` and
 ``report.html``.
 
+``mechicl run GRID.toml`` runs an experiment grid (:mod:`mechicl.grid`, :mod:`mechicl.runner`)
+into the content-addressed result store, locally or ``--executor ray``; finished jobs are never
+recomputed, so a killed run is resumed by running it again. ``mechicl runs`` lists the store.
+
 ``mechicl patch --model smollm2-135m --prompts ioi --target head_out --out DIR`` runs activation
 patching (``--attribution``: also attribution patching and its agreement with exact patching)
 on generated clean/corrupted pairs and writes result folders, heatmaps and
@@ -263,6 +267,35 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--force", action="store_true", help="recompute every result")
     rep.add_argument("--out", type=Path, required=True)
     rep.add_argument("--no-progress", action="store_true")
+    run = sub.add_parser("run", help="run an experiment grid (TOML) into the result store; "
+                                     "finished jobs are never recomputed")
+    run.add_argument("grid", type=Path, help="the grid file (see docs: experiment grids)")
+    run.add_argument("--store", type=Path, default=None,
+                     help="result store folder (default $MECHICL_CACHE/runs)")
+    run.add_argument("--executor", choices=["local", "ray"], default="local")
+    run.add_argument("--ray-address", default=None,
+                     help="Ray cluster address (e.g. auto, ray://head:10001); default: local Ray")
+    run.add_argument("--ray-num-cpus", type=float, default=1.0,
+                     help="CPUs reserved per model worker on Ray")
+    run.add_argument("--ray-num-gpus", type=float, default=0.0,
+                     help="GPUs reserved per model worker on Ray")
+    run.add_argument("--threads", type=_positive, default=None,
+                     help="torch threads per worker (default: torch's own / Ray's CPUs)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the grid's jobs and exit without loading anything")
+    run.add_argument("--out", type=Path, default=None,
+                     help="also write jobs.csv (job -> key, status) and, for checkpoint "
+                          "sweeps, score-vs-step figures here")
+    run.add_argument("--formats", default="png,html")
+    run.add_argument("--no-progress", action="store_true")
+    runs = sub.add_parser("runs", help="list the result store's finished jobs and provenance")
+    runs.add_argument("--store", type=Path, default=None,
+                      help="result store folder (default $MECHICL_CACHE/runs)")
+    runs.add_argument("--analysis", default=None, help="only this analysis")
+    runs.add_argument("--model", default=None, help="only this model (grid name)")
+    runs.add_argument("--key", default=None, help="show one result's full provenance (key "
+                                                  "or a unique prefix) as JSON")
+    runs.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     return parser
 
 
@@ -643,6 +676,47 @@ def run_report(args: argparse.Namespace) -> Any:
                         progress=not args.no_progress)
 
 
+def run_run(args: argparse.Namespace) -> Any:
+    from mechicl.grid import GridError, load_grid
+    from mechicl.runner import run_grid, write_run_outputs
+    from mechicl.store import ResultStore, default_store
+
+    try:
+        grid = load_grid(args.grid)
+    except GridError as err:
+        raise SystemExit(f"mechicl run: {err}") from None
+    if args.dry_run:
+        return grid
+    options: dict[str, Any] = {"threads": args.threads}
+    if args.executor == "ray":
+        options |= {"address": args.ray_address, "num_cpus": args.ray_num_cpus,
+                    "num_gpus": args.ray_num_gpus}
+    store = ResultStore(args.store or default_store())
+    summary = run_grid(grid, store, executor=args.executor, executor_options=options,
+                       progress=not args.no_progress)
+    if args.out is not None:
+        write_run_outputs(grid, store, summary, args.out, formats=_formats(args.formats))
+    return summary
+
+
+def run_runs(args: argparse.Namespace) -> Any:
+    from mechicl.store import ResultStore, default_store
+
+    store = ResultStore(args.store or default_store())
+    if args.key is not None:
+        matches = [k for k in store.keys() if k.startswith(args.key)]
+        if len(matches) != 1:
+            raise SystemExit(f"--key {args.key!r} matches {len(matches)} results in "
+                             f"{store.root}; give a longer prefix")
+        return store.get(matches[0]).manifest
+    table = store.table()
+    if args.analysis is not None:
+        table = table[table.analysis == args.analysis]
+    if args.model is not None:
+        table = table[table.model == args.model]
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -695,6 +769,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"computed {sum(report.computed.values())} results, reused "
               f"{sum(report.reused.values())}; {report.seconds['total'] / 60:.1f} min")
         print(f"wrote {args.out}/report.md and report.html")
+    elif args.command == "run":
+        result = run_run(args)
+        if args.dry_run:
+            jobs = result.jobs()
+            for job in jobs:
+                print(job.describe())
+            print(f"{len(jobs)} jobs over {len(result.models)} models")
+            return 0
+        counts = result.counts
+        print(f"{len(result.jobs)} jobs: {counts['computed']} computed, {counts['cached']} "
+              f"already in the store, {counts['failed']} failed ({result.seconds:.1f} s, "
+              f"{result.executor} executor); store {result.store}")
+        for job, error in result.errors.items():
+            print(f"FAILED {job}: {error}")
+        if args.out is not None:
+            print(f"wrote {args.out}/")
+        return 0 if result.ok else 1
+    elif args.command == "runs":
+        result = run_runs(args)
+        if isinstance(result, dict):
+            print(json.dumps(result, indent=2, sort_keys=True))
+        elif args.csv:
+            print(result.to_csv(index=False), end="")
+        elif result.empty:
+            print("no results")
+        else:
+            print(result.drop(columns=["options"]).to_string(index=False))
     return 0
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["bootstrap_ci", "jaccard", "kendall", "overlap_matrix", "permutation_pvalue", "rank",
+__all__ = ["bootstrap_ci", "jaccard", "kendall", "overlap_matrix", "overlap_table", "permutation_pvalue", "rank",
            "rank_biased_overlap", "spearman", "top_k", "top_k_overlap", "top_k_pvalue"]
 
 Scores = HeadScores | LayerScores | Tensor
@@ -277,3 +277,36 @@ def overlap_matrix(maps: Mapping[str, Scores], *, statistic: str = "spearman", k
     fn = _STATS[statistic]
     values = [[fn(maps[r], maps[c], k) for c in names] for r in names]
     return pd.DataFrame(values, index=names, columns=names)
+
+
+def overlap_table(importance: Mapping[tuple[str, int], HeadScores],
+                  scans: Mapping[str, HeadScores], *, k: int, n_permutations: int = 1000,
+                  n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Every induction score against every importance map: one row per (task, shots, score)
+    with Spearman, Kendall tau-b, top-``k`` overlap, Jaccard@k, rank-biased overlap, the
+    hypergeometric and permutation p-values and (when both maps have several seeds / examples)
+    a bootstrap interval of Spearman's rho.
+
+    Args:
+        importance: ``(task, shots) -> importance map``.
+        scans: ``score name -> induction score map``.
+        k: the number of "top heads".
+    """
+    rows = []
+    for (task_name, shots), imp in importance.items():
+        for score, scan in scans.items():
+            row = {"task": task_name, "shots": shots, "induction score": score,
+                   "spearman": spearman(scan, imp), "kendall": kendall(scan, imp),
+                   f"top-{k} overlap": top_k_overlap(scan, imp, k),
+                   f"jaccard@{k}": jaccard(scan, imp, k),
+                   "rbo (p=0.9)": rank_biased_overlap(scan, imp, p=0.9),
+                   "hypergeom p": top_k_pvalue(scan, imp, k),
+                   "permutation p": permutation_pvalue(
+                       scan, imp, statistic="spearman", n_permutations=n_permutations,
+                       seed=seed)}
+            if scan.per_seed.shape[0] > 1 and imp.per_seed.shape[0] > 1:
+                _, low, high = bootstrap_ci(scan, imp, statistic="spearman",
+                                            n_resamples=n_resamples, seed=seed)
+                row |= {"spearman ci low": low, "spearman ci high": high}
+            rows.append(row)
+    return pd.DataFrame(rows)

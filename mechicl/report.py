@@ -43,16 +43,10 @@ from mechicl.importance import IMPORTANCE_METHODS, ffn_importance, head_importan
 from mechicl.induction import SCORES, _length_label, bansal_length, induction_scan
 from mechicl.models import HookedModel, as_hooked_model
 from mechicl.overlap import (
-    bootstrap_ci,
-    jaccard,
-    kendall,
     overlap_matrix,
-    permutation_pvalue,
-    rank_biased_overlap,
+    overlap_table,
     spearman,
     top_k,
-    top_k_overlap,
-    top_k_pvalue,
 )
 from mechicl.plotting import (
     FORMATS,
@@ -582,7 +576,8 @@ def build_report(
 
     # -- overlap statistics (cheap: computed every time)
     t0 = time.perf_counter()
-    overlap = _overlap_table(importance, scans, config, k_top)
+    overlap = overlap_table(importance, scans, k=k_top, n_permutations=config.n_permutations,
+                            n_resamples=config.n_resamples, seed=config.seed)
     _stamp(seconds, "overlap", t0)
 
     t0 = time.perf_counter()
@@ -628,29 +623,6 @@ def _ranking_sources(rankings: dict[str, Any]) -> dict[str, str]:
 
 def _with(curve: PruneCurve, **params: Any) -> PruneCurve:
     return dataclasses.replace(curve, params=curve.params | params)
-
-
-def _overlap_table(importance: dict[tuple[str, int], HeadScores], scans: dict[str, HeadScores],
-                   config: ReportConfig, k: int) -> pd.DataFrame:
-    rows = []
-    for (task_name, shots), imp in importance.items():
-        for score, scan in scans.items():
-            rho = spearman(scan, imp)
-            row = {"task": task_name, "shots": shots, "induction score": score,
-                   "spearman": rho, "kendall": kendall(scan, imp),
-                   f"top-{k} overlap": top_k_overlap(scan, imp, k),
-                   f"jaccard@{k}": jaccard(scan, imp, k),
-                   "rbo (p=0.9)": rank_biased_overlap(scan, imp, p=0.9),
-                   "hypergeom p": top_k_pvalue(scan, imp, k),
-                   "permutation p": permutation_pvalue(
-                       scan, imp, statistic="spearman", n_permutations=config.n_permutations,
-                       seed=config.seed)}
-            if scan.per_seed.shape[0] > 1 and imp.per_seed.shape[0] > 1:
-                _, low, high = bootstrap_ci(scan, imp, statistic="spearman",
-                                            n_resamples=config.n_resamples, seed=config.seed)
-                row |= {"spearman ci low": low, "spearman ci high": high}
-            rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def _document(model: HookedModel, config: ReportConfig, scans: dict[str, HeadScores],

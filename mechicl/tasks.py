@@ -431,10 +431,11 @@ TASKS: dict[str, Callable[[], Task]] = {}
 """Task name -> zero-argument loader. Add with :func:`register_task`."""
 
 
-def register_task(name: str, loader: Callable[[], Task]) -> None:
-    """Register a task loader under ``name`` (duplicates are rejected)."""
-    if name in TASKS:
-        raise ValueError(f"a task named {name!r} is already registered")
+def register_task(name: str, loader: Callable[[], Task], *, overwrite: bool = False) -> None:
+    """Register a task loader under ``name`` (duplicates are rejected unless ``overwrite``)."""
+    if name in TASKS and not overwrite:
+        raise ValueError(f"a task named {name!r} is already registered (overwrite=True "
+                         "replaces it)")
     TASKS[name] = loader
 
 

@@ -83,7 +83,7 @@ def test_keys_change_with_weights_options_version_and_only_then():
     ("[grid]\nmodels=['m']\n[analyses.importance]\n", "runs per task: give grid.tasks"),
     ("[grid]\nmodels=['m']\n[analyses.scan]\nseeds=3\n", "unknown option analyses.scan.seeds"),
     ("[grid]\nmodels=['m']\n[analyses.scan]\nn_seeds='3'\n", "analyses.scan.n_seeds = '3': need int"),
-    ("[grid]\nmodels=['m']\n[analyses.scan]\nn_seeds=0\n", "need a positive integer"),
+    ("[grid]\nmodels=['m']\n[analyses.scan]\nn_seeds=0\n", "need an integer >= 1"),
     ("[grid]\nmodels=['m']\n[analyses.scan]\nscores=['prefix']\n", r"unknown scores \['prefix'\]"),
     ("[grid]\nmodels=['m']\ntasks=['antonyms']\n[analyses.importance]\nmethod='grad'\n",
      r"analyses.importance.method = 'grad': choose one of"),

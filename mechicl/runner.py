@@ -1,0 +1,792 @@
+"""Running experiment grids (:mod:`mechicl.grid`) into a content-addressed result store
+(:mod:`mechicl.store`), on this machine or on a Ray cluster.
+
+``run_grid(grid, store)`` expands the grid into jobs, finds each model's identity (weights and
+tokenizer hashes; remembered per model file fingerprint so that a model whose jobs are all
+finished is not even loaded), skips every job whose key is already in the store, and runs the
+rest, committing each result atomically as it finishes. A run killed at any moment and
+started again therefore computes exactly the missing jobs.
+
+Executors:
+
+- :class:`LocalExecutor` (the default): one model at a time in this process.
+- :class:`RayExecutor`: one Ray actor per model (each loads its model once and runs that
+  model's jobs in order); actors run in parallel as the cluster's resources allow. Results
+  come back to the driver as bytes and are committed to the driver's store, so the workers
+  need no shared file system. Ray is the existing engine for this: ``ray.init(address=...)``
+  connects to a cluster.
+
+Derived analyses (``overlap``) need no model: the driver computes them from the stored
+results of their inputs as soon as those exist.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from mechicl.grid import ANALYSES, Grid, Job, ModelEntry, task_digest
+from mechicl.store import ResultStore, StoredResult, default_store
+from mechicl.tasks import Task, load_task
+
+__all__ = ["EXECUTORS", "LocalExecutor", "ModelWorker", "RayExecutor", "RunSummary",
+           "load_result", "model_fingerprint", "run_grid"]
+
+log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    import mechicl
+
+    return mechicl.__version__
+
+
+# --------------------------------------------------------------------------------------------
+# The analyses: (model, job, batch_tokens) -> something with .save(path)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """Several named results saved as subfolders (a scan's scores, patching targets)."""
+
+    parts: dict[str, Any]
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        for name, part in self.parts.items():
+            part.save(path / name)
+
+
+@dataclass(frozen=True)
+class _Folder:
+    """A result that is a whole folder written by a function (the report)."""
+
+    write: Callable[[Path], Any]
+
+    def save(self, path: Path) -> None:
+        self.write(path)
+
+
+def _batch(job: Job, batch_tokens: int | None) -> dict[str, int]:
+    value = job.options.get("batch_tokens", batch_tokens)
+    return {} if value is None else {"batch_tokens": int(value)}
+
+
+def _scan(model: Any, job: Job, task: Task | None, batch_tokens: int | None) -> _Bundle:
+    from mechicl.induction import SCORES, induction_scan
+
+    o = job.options
+    length = {} if "length" not in o else {"length": _FixedLength(o["length"])}
+    result = induction_scan(model, scores=tuple(o.get("scores", SCORES)),
+                            n_seeds=o.get("n_seeds", 100), seed=job.seed, progress=False,
+                            **length, **_batch(job, batch_tokens))
+    return _Bundle(dict(result.scores))
+
+
+@dataclass(frozen=True)
+class _FixedLength:
+    """One sequence length for every scan seed (picklable, unlike a lambda)."""
+
+    length: int
+
+    def __call__(self, seed_index: int) -> int:
+        return self.length
+
+
+def _importance(model: Any, job: Job, task: Task | None, batch_tokens: int | None) -> Any:
+    from mechicl.importance import head_importance
+
+    o = job.options
+    return head_importance(model, task, shots=job.shots, method=o.get("method", "bansal"),
+                           n=o.get("n", 50), seed=job.seed,
+                           token_normalization=o.get("token_normalization", "reference"),
+                           **_batch(job, batch_tokens))
+
+
+def _accuracy(model: Any, job: Job, task: Task | None, batch_tokens: int | None) -> Any:
+    from mechicl.evaluation import evaluate
+
+    o = job.options
+    return evaluate(model, task, shots=job.shots, n=o.get("n", 50), seed=job.seed,
+                    length_normalize=o.get("length_normalize", False),
+                    **_batch(job, batch_tokens))
+
+
+def _ffn_importance(model: Any, job: Job, task: Task | None, batch_tokens: int | None) -> Any:
+    from mechicl.importance import ffn_importance
+
+    o = job.options
+    return ffn_importance(model, task, shots=job.shots, n=o.get("n", 50), seed=job.seed,
+                          metric=o.get("metric", "accuracy"), **_batch(job, batch_tokens))
+
+
+def _pruning(model: Any, job: Job, task: Task | None, batch_tokens: int | None) -> _Bundle:
+    """Importance on the first ``n`` prompts, the pruning curve on the next ``eval_n``
+    (:func:`mechicl.pruning.split_prompts`), against ``draws`` random rankings."""
+    from mechicl.importance import head_importance
+    from mechicl.pruning import DEFAULT_PERCENTS, prune_curve, split_prompts
+
+    o = job.options
+    rank, evaluation = split_prompts(task, shots=job.shots, n_rank=o.get("n", 50),
+                                     n_eval=o.get("eval_n", 50), seed=job.seed)
+    ranking = head_importance(model, task, shots=job.shots, prompts=rank,
+                              method=o.get("method", "bansal"), **_batch(job, batch_tokens))
+    curve = prune_curve(model, task, shots=job.shots, prompts=evaluation,
+                        head_rankings={"same task": ranking},
+                        head_percents=tuple(o.get("percents", DEFAULT_PERCENTS)),
+                        random_draws=o.get("draws", 3), seed=job.seed,
+                        **_batch(job, batch_tokens))
+    return _Bundle({"curve": curve, "ranking": ranking})
+
+
+def _patching(model: Any, job: Job, task: Task | None, batch_tokens: int | None) -> _Bundle:
+    from mechicl.pairs import make_pairs
+    from mechicl.patching import patch
+
+    o = job.options
+    pairs = make_pairs(o.get("prompts", "ioi"), model, n=o.get("n", 16), seed=job.seed)
+    return _Bundle({target: patch(model, pairs, target=target, **_batch(job, batch_tokens))
+                    for target in o.get("targets", ["head_out"])})
+
+
+def _report(model: Any, job: Job, task: Task | None, batch_tokens: int | None) -> _Folder:
+    from mechicl.report import ReportConfig, build_report
+
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in job.options.items()
+              if k not in ("_inputs",)}
+    fields |= _batch(job, batch_tokens)
+    config = ReportConfig(seed=job.seed, **fields)
+    return _Folder(lambda path: build_report(model, path, config, progress=False))
+
+
+ANALYSIS_FUNCTIONS: dict[str, Callable[[Any, Job, Task | None, int | None], Any]] = {
+    "scan": _scan, "importance": _importance, "accuracy": _accuracy,
+    "ffn_importance": _ffn_importance, "pruning": _pruning, "patching": _patching,
+    "report": _report,
+}
+
+
+def _budget_analysis(analysis: str) -> str:
+    """Which memory model of :mod:`mechicl.memory` an analysis follows."""
+    return {"scan": "scan", "importance": "importance", "pruning": "importance",
+            "accuracy": "choices", "ffn_importance": "choices", "patching": "forward",
+            "report": "importance"}[analysis]
+
+
+def _longest_sequence(model: Any, job: Job, task: Task | None) -> int:
+    """The longest token sequence the job feeds the model (for memory budgets)."""
+    from mechicl.induction import bansal_length
+    from mechicl.tasks import build_prompts
+
+    o = job.options
+    if job.analysis == "scan":
+        n_seeds = o.get("n_seeds", 100)
+        return 4 * (o["length"] if "length" in o else bansal_length(n_seeds - 1)) + 1
+    if task is None:
+        return int(getattr(model.cfg, "n_ctx", 2048))
+    prompts = build_prompts(task, shots=job.shots, seed=job.seed,
+                            n=o.get("n", 50) + o.get("eval_n", 0))
+    return max(len(model.encode(p.text + max(p.continuations, key=len))) for p in prompts)
+
+
+def _budget_batch_tokens(model: Any, entry: ModelEntry, job: Job, task: Task | None
+                         ) -> int | None:
+    if entry.memory_budget is None or "batch_tokens" in job.options:
+        return None
+    from mechicl.memory import batch_tokens_for_budget, parse_bytes
+
+    return batch_tokens_for_budget(model, parse_bytes(entry.memory_budget), dtype=model.dtype,
+                                   seq_len=_longest_sequence(model, job, task),
+                                   analysis=_budget_analysis(job.analysis))
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: load one model, run its jobs, return results as bytes
+# --------------------------------------------------------------------------------------------
+
+
+def _read_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class ModelWorker:
+    """Loads one grid model (lazily) and runs jobs on it; used in-process by
+    :class:`LocalExecutor` and as a Ray actor by :class:`RayExecutor`.
+
+    Args:
+        entry: the model (``ModelEntry.to_dict()`` form, so that it crosses process borders).
+        threads: torch intra-op threads (None: leave as is).
+    """
+
+    def __init__(self, entry: dict[str, Any], threads: int | None = None):
+        self.entry = ModelEntry(**entry)
+        self.threads = threads
+        self._model: Any = None
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """Use ``threads`` torch threads for the call, then restore the process's setting."""
+        import torch
+
+        before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def model(self) -> Any:
+        if self._model is None:
+            from mechicl.models import load_model
+
+            with self._threads():
+                self._model = load_model(self.entry.spec, **self.entry.load)
+        return self._model
+
+    def identity(self) -> dict[str, Any]:
+        """``{"weights_sha256", "tokenizer_sha256", "info"}`` of the loaded model."""
+        model = self.model()
+        with self._threads():
+            info = model.info()
+        return {"weights_sha256": info["weights_sha256"],
+                "tokenizer_sha256": info["tokenizer_sha256"], "info": info}
+
+    def run(self, job: dict[str, Any], tasks: dict[str, Task]) -> dict[str, Any]:
+        """Run one job with the data of its tasks; returns ``{"files": {path: bytes},
+        "seconds", "batch_tokens", "threads", "host"}``."""
+        import torch
+
+        from mechicl.tasks import TASKS, register_task
+
+        for name, task in tasks.items():  # the report finds its tasks by name
+            if name not in TASKS or task_digest(load_task(name)) != task_digest(task):
+                register_task(name, lambda task=task: task, overwrite=True)
+        model = self.model()
+        job_obj = Job.from_dict(job)
+        task = tasks.get(job_obj.task) if job_obj.task is not None else None
+        batch_tokens = _budget_batch_tokens(model, self.entry, job_obj, task)
+        start = time.perf_counter()
+        with self._threads(), tempfile.TemporaryDirectory(prefix="mechicl-job-") as tmp:
+            threads = torch.get_num_threads()
+            result = ANALYSIS_FUNCTIONS[job_obj.analysis](model, job_obj, task, batch_tokens)
+            result.save(Path(tmp) / "result")
+            files = _read_tree(Path(tmp) / "result")
+        return {"files": files, "seconds": round(time.perf_counter() - start, 3),
+                "batch_tokens": batch_tokens, "threads": threads,
+                "host": socket.gethostname()}
+
+
+# --------------------------------------------------------------------------------------------
+# Executors
+# --------------------------------------------------------------------------------------------
+
+
+class Executor(Protocol):
+    """What :func:`run_grid` needs of an executor: workers (one per model) whose calls return
+    futures, and a way to wait for some of them."""
+
+    name: str
+    slots: int  # models worked on at once
+
+    def open(self, entry: ModelEntry) -> Any: ...
+    def submit(self, worker: Any, method: str, *args: Any) -> Any: ...
+    def wait(self, futures: list[Any]) -> list[Any]: ...
+    def result(self, future: Any) -> Any: ...
+    def close(self, worker: Any) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _LocalFuture:
+    call: Callable[[], Any]
+    done: bool = False
+    value: Any = None
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.call()
+        except Exception as err:  # noqa: BLE001 - reported per job by run_grid
+            self.error = err
+        self.done = True
+
+
+class LocalExecutor:
+    """Runs everything in this process, one model at a time, each call when it is waited
+    for (so every result is committed as soon as it exists)."""
+
+    name = "local"
+    slots = 1
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
+
+    def open(self, entry: ModelEntry) -> ModelWorker:
+        return ModelWorker(entry.to_dict(), threads=self.threads)
+
+    def submit(self, worker: ModelWorker, method: str, *args: Any) -> _LocalFuture:
+        return _LocalFuture(lambda: getattr(worker, method)(*args))
+
+    def wait(self, futures: list[_LocalFuture]) -> list[_LocalFuture]:
+        first = futures[0]
+        if not first.done:
+            first.run()
+        return [first]
+
+    def result(self, future: _LocalFuture) -> Any:
+        if future.error is not None:
+            raise future.error
+        return future.value
+
+    def close(self, worker: ModelWorker) -> None:
+        worker._model = None
+
+    def shutdown(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """Runs each model's jobs in a Ray actor (see the module docstring).
+
+    Args:
+        address: a Ray cluster (``"auto"``, ``"ray://head:10001"``); None starts or joins a
+            local Ray. Ignored if Ray is already initialised.
+        num_cpus, num_gpus: resources reserved per model worker (a model that needs a GPU:
+            ``num_gpus=1`` and ``[models.X] device = "cuda"``).
+        threads: torch threads in each worker (default ``num_cpus``).
+        max_workers: models worked on at once (default: all; Ray queues what does not fit).
+        init_kwargs: further ``ray.init`` arguments (``runtime_env``, ``num_cpus``...).
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, *, num_cpus: int | float = 1,
+                 num_gpus: int | float = 0, threads: int | None = None,
+                 max_workers: int | None = None, init_kwargs: dict[str, Any] | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise ImportError("the Ray executor needs Ray: pip install 'mechicl[ray]' "
+                              "(or pip install ray)") from None
+        if num_cpus <= 0 or num_gpus < 0:
+            raise ValueError(f"num_cpus={num_cpus} must be > 0 and num_gpus={num_gpus} >= 0")
+        self._ray = ray
+        self._started = False
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "log_to_driver": False,
+                      **(init_kwargs or {})}
+            ray.init(address=address, **kwargs)
+            self._started = True
+        self.slots = max_workers or 1_000_000
+        self._actor = ray.remote(ModelWorker).options(num_cpus=num_cpus, num_gpus=num_gpus)
+        self.threads = threads if threads is not None else max(1, int(num_cpus))
+
+    def open(self, entry: ModelEntry) -> Any:
+        return self._actor.remote(entry.to_dict(), threads=self.threads)
+
+    def submit(self, worker: Any, method: str, *args: Any) -> Any:
+        return getattr(worker, method).remote(*args)
+
+    def wait(self, futures: list[Any]) -> list[Any]:
+        ready, _ = self._ray.wait(futures, num_returns=1)
+        return ready
+
+    def result(self, future: Any) -> Any:
+        return self._ray.get(future)
+
+    def close(self, worker: Any) -> None:
+        self._ray.kill(worker)
+
+    def shutdown(self) -> None:
+        if self._started:
+            self._ray.shutdown()
+
+
+EXECUTORS: dict[str, type] = {"local": LocalExecutor, "ray": RayExecutor}
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(entry: ModelEntry) -> str | None:
+    """A fingerprint of the files a model entry loads (paths, sizes, modification times) and
+    its load options, or None for hub models (their files are not known before loading).
+    Identities are remembered per fingerprint so that finished grids do not load models."""
+    from mechicl.models import BUILTIN_MODELS, cache_dir
+
+    spec = entry.spec
+    if spec in BUILTIN_MODELS:
+        try:
+            paths = [BUILTIN_MODELS[spec].locate(cache_dir())]
+        except ImportError:
+            return None
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            paths = sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            paths = [path]
+        else:
+            return None
+    files = []
+    for p in paths:
+        st = p.stat()
+        files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    payload = json.dumps({"spec": spec, "load": entry.load, "files": files}, sort_keys=True,
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class RunSummary:
+    """What a run did.
+
+    Attributes:
+        jobs: every job of the grid with its key (None if its model could not be loaded) and
+            status: ``cached`` (found in the store), ``computed``, ``failed``.
+        errors: job description -> error message.
+        seconds: wall time.
+        executor: the executor's name.
+        store: the store's folder.
+    """
+
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    executor: str = "local"
+    store: str = ""
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.jobs, columns=["analysis", "model", "task", "shots", "seed",
+                                                "key", "status", "seconds"])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {"cached": 0, "computed": 0, "failed": 0}
+        for row in self.jobs:
+            out[row["status"]] = out.get(row["status"], 0) + 1
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _manifest(job: Job, entry: ModelEntry, identity: dict[str, Any], executor: str,
+              seconds: float, inputs: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    info = identity.get("info", {})
+    return {
+        "job": {k: v for k, v in job.to_dict().items()},
+        "kind": job.analysis,
+        "model": {"weights_sha256": identity["weights_sha256"],
+                  "tokenizer_sha256": identity["tokenizer_sha256"],
+                  **{k: info.get(k) for k in ("name", "hf_id", "source", "shape", "versions")}},
+        "entry": entry.to_dict(), "inputs": inputs, "mechicl": _version(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": seconds, "executor": executor, **extra,
+    }
+
+
+@dataclass
+class _ModelPlan:
+    entry: ModelEntry
+    jobs: list[Job]
+    identity: dict[str, Any] | None = None
+    fingerprint: str | None = None
+    keys: dict[int, str] = field(default_factory=dict)  # job index in the grid -> key
+    model_keys: dict[tuple, str] = field(default_factory=dict)  # _job_id -> key
+    todo: list[Job] = field(default_factory=list)  # model jobs not in the store
+
+
+def run_grid(grid: Grid, store: ResultStore | str | os.PathLike[str] | None = None, *,
+             executor: str | Any = "local", progress: bool = True,
+             executor_options: dict[str, Any] | None = None) -> RunSummary:
+    """Run every job of ``grid`` that is not in ``store`` yet.
+
+    Args:
+        grid: a parsed grid (:func:`mechicl.grid.load_grid`).
+        store: a :class:`~mechicl.store.ResultStore` or its folder (default
+            :func:`~mechicl.store.default_store`).
+        executor: ``"local"``, ``"ray"`` or an executor object.
+        progress: a tqdm bar over jobs.
+        executor_options: keyword arguments of the executor class (e.g. Ray's ``address``).
+
+    Returns:
+        A :class:`RunSummary`; failed jobs are listed in ``errors`` (the others still run).
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    store = store if isinstance(store, ResultStore) else ResultStore(store or default_store())
+    if isinstance(executor, str):
+        if executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {executor!r}; choose one of {sorted(EXECUTORS)}")
+        executor = EXECUTORS[executor](**(executor_options or {}))
+    elif executor_options:
+        raise ValueError("executor_options only apply when the executor is given by name")
+    store.clean_tmp()
+    version = _version()
+    jobs = grid.jobs()
+    # Workers get the tasks' data, not only their names: tasks registered in this process
+    # (or edited) reach Ray workers, and the data's hash is part of every key.
+    tasks = {name: load_task(name) for name in grid.tasks}
+    task_data = {name: task_digest(task) for name, task in tasks.items()}
+    status: dict[int, dict[str, Any]] = {
+        i: {"analysis": j.analysis, "model": j.model, "task": j.task, "shots": j.shots,
+            "seed": j.seed, "key": None, "status": "pending", "seconds": None}
+        for i, j in enumerate(jobs)}
+    summary = RunSummary(executor=executor.name, store=str(store.root))
+    plans: dict[str, _ModelPlan] = {}
+    for job in jobs:
+        plans.setdefault(job.model, _ModelPlan(grid.entry(job.model), []))
+        plans[job.model].jobs.append(job)
+    index = {id(job): i for i, job in enumerate(jobs)}
+    bar = tqdm(total=len(jobs), desc="jobs", disable=not progress, unit="job")
+
+    def finish(i: int, state: str, seconds: float | None = None) -> None:
+        status[i]["status"] = state
+        status[i]["seconds"] = seconds
+        bar.update(1)
+
+    def assign_keys(plan: _ModelPlan) -> list[Job]:
+        """Keys of the plan's jobs; returns the model jobs still to run and settles the rest
+        (cached ones, and derived ones whose inputs exist)."""
+        todo = []
+        model_keys: dict[tuple, str] = {}
+        for job in plan.jobs:
+            if not ANALYSES[job.analysis].needs_model:
+                continue
+            key = job.key(plan.identity, version, task_data=task_data)
+            model_keys[_job_id(job)] = key
+            plan.keys[index[id(job)]] = key
+            status[index[id(job)]]["key"] = key
+            if store.has(key):
+                finish(index[id(job)], "cached")
+            else:
+                todo.append(job)
+        plan.model_keys = model_keys
+        settle_derived(plan)
+        return todo
+
+    def settle_derived(plan: _ModelPlan) -> None:
+        for job in plan.jobs:
+            i = index[id(job)]
+            if ANALYSES[job.analysis].needs_model or status[i]["status"] != "pending":
+                continue
+            inputs = [plan.model_keys.get(_job_id(j)) for j in job.inputs()]
+            if any(k is None or not store.has(k) for k in inputs):
+                if any(k is not None and status[_find(k)]["status"] == "failed"
+                       for k in inputs):
+                    summary.errors[job.describe()] = "an input failed"
+                    finish(i, "failed")
+                continue
+            key = job.key(plan.identity, version, inputs=inputs, task_data=task_data)
+            status[i]["key"] = key
+            if store.has(key):
+                finish(i, "cached")
+                continue
+            t0 = time.perf_counter()
+            try:
+                files = _derive(store, job, inputs)
+            except Exception as err:  # noqa: BLE001 - reported, the run goes on
+                log.exception("%s failed", job.describe())
+                summary.errors[job.describe()] = f"{type(err).__name__}: {err}"
+                finish(i, "failed")
+                continue
+            seconds = round(time.perf_counter() - t0, 3)
+            store.put(key, _manifest(job, plan.entry, plan.identity, "driver", seconds,
+                                     inputs, {"host": socket.gethostname()}), files)
+            finish(i, "computed", seconds)
+
+    def _find(key: str) -> int:
+        return next(i for i, s in status.items() if s["key"] == key)
+
+    # Models whose identity is remembered: settle what is cached without loading them.
+    waiting: deque[_ModelPlan] = deque()
+    for plan in plans.values():
+        fingerprint = model_fingerprint(plan.entry)
+        plan.fingerprint = fingerprint
+        remembered = store.remembered_identity(fingerprint) if fingerprint else None
+        if remembered is not None:
+            plan.identity = remembered
+            plan.todo = assign_keys(plan)
+            if not plan.todo:
+                continue
+        waiting.append(plan)
+
+    active: dict[Any, tuple[str, _ModelPlan, Any, Job | None]] = {}
+    open_workers: dict[str, list[Any]] = {}  # model -> [worker, outstanding calls]
+
+    def open_next() -> None:
+        while waiting and len(open_workers) < executor.slots:
+            plan = waiting.popleft()
+            worker = executor.open(plan.entry)
+            open_workers[plan.entry.name] = [worker, 0]
+            if plan.identity is None:
+                call("identity", plan, None)
+            else:
+                for job in plan.todo:
+                    call("run", plan, job)
+            maybe_close(plan)
+
+    def call(kind: str, plan: _ModelPlan, job: Job | None) -> None:
+        worker = open_workers[plan.entry.name]
+        args = () if job is None else (job.to_dict(), {t: tasks[t] for t in job.task_names()})
+        future = executor.submit(worker[0], kind, *args)
+        worker[1] += 1
+        active[future] = (kind, plan, worker, job)
+
+    def maybe_close(plan: _ModelPlan) -> None:
+        worker = open_workers.get(plan.entry.name)
+        if worker is not None and worker[1] == 0:
+            executor.close(worker[0])
+            del open_workers[plan.entry.name]
+
+    def fail_model(plan: _ModelPlan, err: BaseException) -> None:
+        message = f"{type(err).__name__}: {err}"
+        log.error("model %s failed: %s", plan.entry.name, message)
+        for job in plan.jobs:
+            i = index[id(job)]
+            if status[i]["status"] == "pending":
+                summary.errors[job.describe()] = message
+                finish(i, "failed")
+
+    try:
+        open_next()
+        while active:
+            for future in executor.wait(list(active)):
+                kind, plan, worker, job = active.pop(future)
+                worker[1] -= 1
+                try:
+                    value = executor.result(future)
+                except Exception as err:  # noqa: BLE001 - one job / model fails, others go on
+                    if kind == "identity":
+                        fail_model(plan, err)
+                    else:
+                        log.error("%s failed: %s", job.describe(), err)
+                        summary.errors[job.describe()] = f"{type(err).__name__}: {err}"
+                        finish(index[id(job)], "failed")
+                        settle_derived(plan)
+                    maybe_close(plan)
+                    continue
+                if kind == "identity":
+                    plan.identity = value
+                    if plan.fingerprint:
+                        store.remember_identity(plan.fingerprint, value)
+                    for todo in assign_keys(plan):
+                        call("run", plan, todo)
+                else:
+                    i = index[id(job)]
+                    key = plan.keys[i]
+                    extra = {k: value[k] for k in ("batch_tokens", "threads", "host")}
+                    store.put(key, _manifest(job, plan.entry, plan.identity, executor.name,
+                                             value["seconds"], [], extra), value["files"])
+                    finish(i, "computed", value["seconds"])
+                    settle_derived(plan)
+                maybe_close(plan)
+            open_next()
+    finally:
+        for worker, _ in list(open_workers.values()):
+            executor.close(worker)
+        executor.shutdown()
+        bar.close()
+    summary.jobs = [status[i] for i in range(len(jobs))]
+    summary.seconds = round(time.perf_counter() - start, 2)
+    return summary
+
+
+def _job_id(job: Job) -> tuple:
+    return (job.analysis, job.model, job.task, job.shots, job.seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Derived analyses and loading results
+# --------------------------------------------------------------------------------------------
+
+
+def _derive(store: ResultStore, job: Job, inputs: list[str]) -> dict[str, bytes]:
+    """``overlap``: the scan's scores against the importance map (:func:`overlap_table`)."""
+    from mechicl.overlap import overlap_table, top_k
+
+    scan, importance = (load_result(store.get(k)) for k in inputs)
+    o = job.options
+    k = top_k(importance.mean.numel(), percentile=o.get("top_k_percent", 10))
+    table = overlap_table({(job.task, job.shots): importance}, scan, k=k,
+                          n_permutations=o.get("n_permutations", 1000), seed=job.seed)
+    with tempfile.TemporaryDirectory(prefix="mechicl-derive-") as tmp:
+        path = Path(tmp) / "overlap.parquet"
+        table.to_parquet(path, index=False)
+        return {"overlap.parquet": path.read_bytes()}
+
+
+def load_result(stored: StoredResult) -> Any:
+    """The Python object of a stored result: scan -> ``{score: HeadScores}``, importance ->
+    HeadScores, accuracy -> EvalResult, ffn_importance -> LayerScores, pruning ->
+    ``{"curve": PruneCurve, "ranking": HeadScores}``, patching -> ``{target: PatchResult}``,
+    overlap -> DataFrame, report -> the report folder's path."""
+    from mechicl.evaluation import EvalResult
+    from mechicl.patching import PatchResult
+    from mechicl.pruning import PruneCurve
+    from mechicl.results import HeadScores, LayerScores
+
+    kind = stored.manifest["kind"]
+    root = stored.result_path
+    if kind == "scan":
+        return {p.name: HeadScores.load(p) for p in sorted(root.iterdir())}
+    if kind == "importance":
+        return HeadScores.load(root)
+    if kind == "accuracy":
+        return EvalResult.load(root)
+    if kind == "ffn_importance":
+        return LayerScores.load(root)
+    if kind == "pruning":
+        return {"curve": PruneCurve.load(root / "curve"),
+                "ranking": HeadScores.load(root / "ranking")}
+    if kind == "patching":
+        return {p.name: PatchResult.load(p) for p in sorted(root.iterdir())}
+    if kind == "overlap":
+        return pd.read_parquet(root / "overlap.parquet")
+    if kind == "report":
+        return root
+    raise ValueError(f"{stored.path}: unknown result kind {kind!r}")
+
+
+def grid_results(grid: Grid, store: ResultStore, summary: RunSummary,
+                 analyses: Iterable[str] | None = None) -> list[tuple[Job, Any]]:
+    """(job, loaded result) for the grid's finished jobs (optionally only some analyses)."""
+    wanted = set(analyses) if analyses is not None else None
+    out = []
+    for job, row in zip(grid.jobs(), summary.jobs, strict=True):
+        if row["key"] and row["status"] in ("cached", "computed") and (
+                wanted is None or job.analysis in wanted):
+            out.append((job, load_result(store.get(row["key"]))))
+    return out
+
+
+def write_run_outputs(grid: Grid, store: ResultStore, summary: RunSummary,
+                      out: str | os.PathLike[str], *, formats: Iterable[str] = ("png", "html")
+                      ) -> Path:
+    """Write ``jobs.csv`` (every job with its key and status) into ``out``, atomically."""
+    from mechicl._io import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "jobs.csv", summary.table().to_csv(index=False))
+    return out

@@ -1,0 +1,323 @@
+"""Running grids (issue 8): the content-addressed store, resuming after kill -9, cache keys
+that change with weights / config / task data and only then, results equal to calling the
+library directly, the Ray executor equal to the local one, and the CLI."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import mechicl
+from mechicl.grid import parse_grid, task_digest
+from mechicl.overlap import overlap_table, top_k
+from mechicl.runner import load_result, run_grid
+from mechicl.store import ResultStore
+from mechicl.tasks import TASKS, load_task, register_task
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reference_importance as ref  # noqa: E402
+
+TASK_A, TASK_B = "runner_copy_a", "runner_copy_b"
+REGISTER = textwrap.dedent(f"""
+    import dataclasses, sys
+    sys.path.insert(0, {str(Path(__file__).parent)!r})
+    import reference_importance as ref
+    from mechicl.tasks import TASKS, register_task
+    for i, name in enumerate(({TASK_A!r}, {TASK_B!r})):
+        if name not in TASKS:
+            register_task(name, lambda name=name, i=i: dataclasses.replace(
+                ref.copy_task(40, seed=i), name=name))
+""")
+exec(REGISTER)  # the same registration in this process and in the subprocesses
+
+
+def grid_dict(model: str | Path, **analyses: dict) -> dict:
+    return {"grid": {"models": [str(model)], "tasks": [TASK_A, TASK_B], "shots": [0, 1],
+                     "seeds": [0]},
+            "analyses": analyses or {
+                "scan": {"n_seeds": 3, "length": 8, "scores": ["prefix_matching", "copying"]},
+                "importance": {"n": 6}, "accuracy": {"n": 6},
+                "overlap": {"n_permutations": 20}}}
+
+
+def result_bytes(store: ResultStore) -> dict[str, dict[str, bytes]]:
+    """key -> {file: bytes} of every result folder (the manifests hold times: left out)."""
+    out = {}
+    for key in store.keys():
+        root = store.path(key) / "result"
+        out[key] = {p.relative_to(root).as_posix(): p.read_bytes()
+                    for p in sorted(root.rglob("*")) if p.is_file()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_folder, tmp_path_factory):
+    """One uninterrupted run of the default test grid (one torch thread)."""
+    store = ResultStore(tmp_path_factory.mktemp("store"))
+    summary = run_grid(parse_grid(grid_dict(tiny_folder)), store, progress=False,
+                       executor_options={"threads": 1})
+    return store, summary
+
+
+def test_run_computes_every_job_once_and_reruns_from_the_store(finished, tiny_folder,
+                                                              monkeypatch):
+    store, summary = finished
+    n_jobs = 1 + 3 * 4  # scan + (importance, accuracy, overlap) x 2 tasks x 2 shots
+    assert summary.ok and summary.counts == {"cached": 0, "computed": n_jobs, "failed": 0}
+    assert len(list(store.keys())) == n_jobs
+    assert not any((store.root / "tmp").iterdir())
+    table = summary.table()
+    assert table.key.notna().all() and table.key.is_unique
+
+    # Again: nothing recomputed, and the model is not even loaded (its identity is remembered
+    # by file fingerprint).
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a finished grid loaded its model")
+
+    monkeypatch.setattr(mechicl.models, "load_model", no_loading)
+    again = run_grid(parse_grid(grid_dict(tiny_folder)), store, progress=False)
+    assert again.counts == {"cached": n_jobs, "computed": 0, "failed": 0}
+    assert again.table().key.tolist() == table.key.tolist()
+
+
+def test_stored_results_equal_direct_library_calls(finished, tiny_folder, one_thread):
+    store, summary = finished
+    model = mechicl.load_model(tiny_folder)
+    rows = {(r["analysis"], r["task"], r["shots"]): r["key"] for r in summary.jobs}
+    scan = load_result(store.get(rows["scan", None, None]))
+    direct = mechicl.induction_scan(model, scores=("prefix_matching", "copying"), n_seeds=3,
+                                    seed=0, length=lambda s: 8, progress=False)
+    for name in ("prefix_matching", "copying"):
+        torch.testing.assert_close(scan[name].per_seed, direct.scores[name].per_seed,
+                                   rtol=0, atol=0)
+    imp = load_result(store.get(rows["importance", TASK_B, 1]))
+    torch.testing.assert_close(imp.mean, mechicl.head_importance(
+        model, TASK_B, shots=1, n=6, seed=0).mean, rtol=0, atol=0)
+    acc = load_result(store.get(rows["accuracy", TASK_A, 0]))
+    assert acc.accuracy == mechicl.evaluate(model, TASK_A, shots=0, n=6, seed=0).accuracy
+    overlap = load_result(store.get(rows["overlap", TASK_B, 1]))
+    expected = overlap_table({(TASK_B, 1): imp}, scan, k=top_k(imp.mean.numel(), percentile=10),
+                             n_permutations=20, seed=0)
+    pd.testing.assert_frame_equal(overlap, expected)
+    manifest = store.get(rows["overlap", TASK_B, 1]).manifest
+    assert manifest["inputs"] == [rows["scan", None, None], rows["importance", TASK_B, 1]]
+    assert manifest["model"]["weights_sha256"] == model.weights_hash
+
+
+def test_keys_change_with_weights_config_and_task_data_and_only_then(finished, tiny_folder,
+                                                                      tmp_path):
+    import shutil
+
+    from mechicl.toy_models import tiny_hf_model
+
+    reference, summary = finished
+    store = ResultStore(shutil.copytree(reference.root, tmp_path / "store"))
+    keys = dict(zip([(r["analysis"], r["task"], r["shots"]) for r in summary.jobs],
+                    summary.table().key, strict=True))
+
+    def rerun(data: dict) -> pd.DataFrame:
+        out = run_grid(parse_grid(data), store, progress=False, executor_options={"threads": 1})
+        assert out.ok
+        return out.table()
+
+    # A renamed copy of the same weights, and execution-only settings: all cached.
+    copy = tmp_path / "renamed-copy"
+    shutil.copytree(tiny_folder, copy)
+    data = grid_dict(copy)
+    data["analyses"]["importance"]["batch_tokens"] = 64
+    table = rerun(data)
+    assert (table.status == "cached").all() and table.key.tolist() == list(keys.values())
+
+    # One option changed: that analysis (and what reads it) gets new keys, nothing else.
+    data = grid_dict(tiny_folder)
+    data["analyses"]["importance"]["n"] = 5
+    table = rerun(data)
+    changed = table[table.key != pd.Series(list(keys.values()))]
+    assert set(changed.analysis) == {"importance", "overlap"}
+    assert (changed.status == "computed").all()
+    assert (table[~table.index.isin(changed.index)].status == "cached").all()
+
+    # Different weights: every key changes.
+    hf_model, tokenizer = tiny_hf_model("llama", seed=1)
+    other = tmp_path / "other-weights"
+    hf_model.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    table = rerun(grid_dict(other, scan={"n_seeds": 3, "length": 8}))
+    assert table.key.iloc[0] != keys["scan", None, None]
+
+    # Edited task data under the same name: new keys for that task only.
+    job = parse_grid(grid_dict(tiny_folder)).jobs()[1]
+    ident = {"weights_sha256": "a" * 64, "tokenizer_sha256": "b" * 64}
+    base = {TASK_A: task_digest(load_task(TASK_A)), TASK_B: task_digest(load_task(TASK_B))}
+    edited = dataclasses.replace(load_task(job.task), template="Q: {input}\nA:")
+    assert job.key(ident, "0", task_data=base) != job.key(
+        ident, "0", task_data={**base, job.task: task_digest(edited)})
+    other_task = TASK_B if job.task == TASK_A else TASK_A
+    assert job.key(ident, "0", task_data=base) == job.key(
+        ident, "0", task_data={**base, other_task: task_digest(edited)})
+
+
+def test_failed_jobs_are_reported_and_the_rest_finish(tiny_folder, tmp_path, monkeypatch):
+    from mechicl import runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(runner.ANALYSIS_FUNCTIONS, "importance", broken)
+    store = ResultStore(tmp_path / "store")
+    summary = run_grid(parse_grid(grid_dict(tiny_folder)), store, progress=False)
+    assert summary.counts == {"cached": 0, "computed": 1 + 4, "failed": 4 + 4}
+    assert all("boom" in e or "input failed" in e for e in summary.errors.values())
+    assert set(store.table().analysis) == {"scan", "accuracy"}
+
+
+def test_store_commits_atomically(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path)
+    key = "ab" * 32
+    assert store.put(key, {"job": {}}, {"a.json": b"{}", "sub/b.bin": b"\x00"})
+    assert store.has(key) and not store.put(key, {"job": {}}, {"a.json": b"other"})
+    assert (store.path(key) / "result" / "a.json").read_bytes() == b"{}"
+    # a crash while writing leaves no result and nothing half-written in objects/
+    other = "cd" * 32
+
+    def crash(path, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.put(other, {"job": {}}, {"a.json": b"{}"})
+    monkeypatch.undo()
+    assert not store.has(other) and not store.path(other).exists()
+    assert list(store.keys()) == [key]
+    with pytest.raises(ValueError, match="escapes"):
+        store.put("ef" * 32, {}, {"../x": b""})
+    with pytest.raises(ValueError, match="not a job key"):
+        store.path("nope")
+    # leftovers of dead runs are removed, those of live runs kept
+    import socket
+
+    dead = store.root / "tmp" / f"{socket.gethostname()}.999999999.x"
+    live = store.root / "tmp" / f"{socket.gethostname()}.{os.getppid()}.y"
+    dead.mkdir(parents=True)
+    live.mkdir()
+    assert store.clean_tmp() == 1 and live.exists() and not dead.exists()
+
+
+def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    code = REGISTER + "\nfrom mechicl.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("kill_after", [0, 3])
+def test_kill_9_then_resume_gives_identical_results(finished, tiny_folder, tmp_path,
+                                                    kill_after):
+    """A run killed with SIGKILL (at the first result's commit, or after a few) and started
+    again ends with exactly the uninterrupted run's results: same keys, same bytes, no
+    duplicates, no leftovers."""
+    reference, ref_summary = finished
+    grid = tmp_path / "grid.toml"
+    grid.write_text(_toml(grid_dict(tiny_folder)))
+    store = ResultStore(tmp_path / "store")
+    args = ["run", str(grid), "--store", str(store.root), "--threads", "1", "--no-progress"]
+    proc = _run_cli(args)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(store.keys())) > kill_after:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(store.keys()))
+    assert 0 < done_before < len(ref_summary.jobs)
+    resumed = _run_cli(args)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    n = len(ref_summary.jobs)
+    assert f"{n - done_before} computed, {done_before} already in the store" in out
+    assert result_bytes(store) == result_bytes(reference)
+    assert not any((store.root / "tmp").iterdir())
+
+
+def _toml(data: dict) -> str:
+    lines = ["[grid]"]
+    for k, v in data["grid"].items():
+        lines.append(f"{k} = {json.dumps(v)}")
+    for name, options in data["analyses"].items():
+        lines.append(f"[analyses.{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_ray_executor_equals_local(finished, tiny_folder, tmp_path):
+    import ray  # in the test extra: a missing Ray fails here rather than skipping
+
+    reference, ref_summary = finished
+    store = ResultStore(tmp_path / "ray-store")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_grid(parse_grid(grid_dict(tiny_folder)), store, executor="ray",
+                           executor_options={"threads": 1}, progress=False)
+    finally:
+        ray.shutdown()
+    assert summary.ok and summary.executor == "ray"
+    assert summary.table().key.tolist() == ref_summary.table().key.tolist()
+    assert result_bytes(store) == result_bytes(reference)
+    executors = {store.get(k).manifest["executor"] for k in store.keys()}
+    assert executors == {"ray", "driver"}  # overlap is derived on the driver
+
+
+def test_cli_run_and_runs(finished, tiny_folder, tmp_path, capsys):
+    from mechicl.cli import main
+
+    store, summary = finished
+    grid = tmp_path / "grid.toml"
+    grid.write_text(_toml(grid_dict(tiny_folder)))
+    assert main(["run", str(grid), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"importance {tiny_folder} {TASK_A} 0-shot seed 0" in out and "13 jobs" in out
+    assert main(["run", str(grid), "--store", str(store.root), "--no-progress",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "0 computed, 13 already in the store" in capsys.readouterr().out
+    jobs = pd.read_csv(tmp_path / "out" / "jobs.csv")
+    assert len(jobs) == 13 and (jobs.status == "cached").all()
+    assert main(["runs", "--store", str(store.root), "--analysis", "overlap", "--csv"]) == 0
+    listed = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
+    assert len(listed) == 4 and set(listed.analysis) == {"overlap"}
+    key = summary.jobs[0]["key"]
+    assert main(["runs", "--store", str(store.root), "--key", key[:10]]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["key"] == key and manifest["job"]["analysis"] == "scan"
+    assert {"weights_sha256", "versions"} <= set(manifest["model"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grid]\nmodels = ['m']\n[analyses.scan]\nn_seed = 3\n")
+    with pytest.raises(SystemExit, match=r"unknown option analyses.scan.n_seed"):
+        main(["run", str(bad)])
+    with pytest.raises(SystemExit, match="matches 0 results"):
+        main(["runs", "--store", str(store.root), "--key", "zz"])
+
+
+def test_registered_tasks_reach_workers(tiny_folder):
+    # the worker re-registers a task whose data differs from its own registry's
+    from mechicl.runner import ModelWorker
+
+    task = dataclasses.replace(ref.copy_task(40, seed=7), name=TASK_A)
+    worker = ModelWorker({"name": "m", "spec": str(tiny_folder)}, threads=1)
+    before = TASKS[TASK_A]
+    try:
+        out = worker.run({"analysis": "accuracy", "model": "m", "seed": 0, "task": TASK_A,
+                          "shots": 0, "options": {"n": 4}}, {TASK_A: task})
+        assert task_digest(load_task(TASK_A)) == task_digest(task)
+    finally:
+        register_task(TASK_A, before, overwrite=True)
+    assert "predictions.parquet" in out["files"]
