@@ -5,6 +5,13 @@ Axis names used across the package (in jaxtyping shapes and einops patterns):
 """
 
 from mechicl.attribution import Agreement, agreement, attribution_patch
+from mechicl.checkpoints import (
+    Checkpoint,
+    checkpoint_table,
+    hub_checkpoints,
+    identical_groups,
+    local_checkpoints,
+)
 from mechicl.evaluation import (
     EvalResult,
     answer_batch,
@@ -79,6 +86,11 @@ __all__ = [
     "path_patch",
     "register_pairs",
     "repeated_token_pairs",
+    "Checkpoint",
+    "checkpoint_table",
+    "hub_checkpoints",
+    "identical_groups",
+    "local_checkpoints",
     "ActivationMeans",
     "LayerScores",
     "Mask",

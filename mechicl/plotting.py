@@ -1,6 +1,6 @@
 """Plotting: layer x head heatmaps, per-layer bars, pruning curves, patching results, overlap
-matrices, score scatters and per-position loss curves (plotly). Functions return ``go.Figure``;
-saving is explicit (:func:`save_figure`).
+matrices, score scatters, per-position loss curves and scores across training checkpoints
+(plotly). Functions return ``go.Figure``; saving is explicit (:func:`save_figure`).
 
 Conventions shared by every heatmap: layer 0 at the BOTTOM, heads left to right, hover shows
 layer, head and value; for grouped-query models thin lines separate the KV groups.
@@ -8,6 +8,7 @@ layer, head and value; for grouped-query models thin lines separate the KV group
 Axis names: ``layer head``.
 """
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
 from torch import Tensor
 
 from mechicl._io import atomic_path
@@ -27,8 +30,8 @@ if TYPE_CHECKING:
     from mechicl.pruning import PruneCurve
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["head_heatmap", "layer_bars", "loss_curve", "matrix_heatmap", "patch_heatmap",
-           "prune_curve_figure", "save_figure", "score_scatter"]
+__all__ = ["checkpoint_figure", "head_heatmap", "layer_bars", "loss_curve", "matrix_heatmap",
+           "patch_heatmap", "prune_curve_figure", "save_figure", "score_scatter"]
 
 FORMATS = ("png", "svg", "pdf", "html")
 
@@ -317,6 +320,130 @@ def loss_curve(loss: HeadScores | Float[Tensor, "seed pos"],
         x_title = "position / copy length (copies)"
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="next-token loss (nats)",
                       width=640, height=400, margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+def _si(value: int | float) -> str:
+    """Compact tick label of a step: 1, 10, 100, 1k, 10k, 100k, 1M."""
+    for size, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if value >= size:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"
+
+
+def checkpoint_figure(table: "pd.DataFrame", *, value: str = "mean", top_k: int = 3,
+                      log_x: bool = False, title: str | None = None) -> go.Figure:
+    """Per-head scores across training steps: for each score, the maximum over heads at every
+    step (dashed black; hover names the head) and the ``top_k`` heads of the last step as lines.
+
+    Checkpoints whose weights equal an earlier checkpoint's (a non-null ``identical_to``) are
+    circled in red on the maximum line. Several scores (a ``score`` column) give one subplot
+    each, sharing the step axis.
+
+    Args:
+        table: a long table with columns ``step layer head`` and ``value``, optionally ``label``
+            (the checkpoint's name, shown on hover), ``score`` and ``identical_to``; e.g. from
+            :func:`mechicl.checkpoints.checkpoint_table`. One row per score, step and head.
+        value: the column to plot (``"mean"``, ``"rank"``, ...).
+        top_k: how many heads to draw, chosen by their value at the last step (ties: lower
+            layer, then head, first); 0 draws only the maximum.
+        log_x: logarithmic step axis, for schedules such as Pythia's (0, 1, 2, 4, ..., 512,
+            1000, ..., 143000). Step 0 is then drawn one decade below the smallest positive step
+            and labelled ``0``.
+        title: figure title (default: the scores' names).
+
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"step": [0, 0, 10, 10], "layer": 0, "head": [0, 1, 0, 1],
+    ...                   "mean": [0.1, 0.2, 0.9, 0.3]})
+    >>> list(checkpoint_figure(t, top_k=1).data[0].y)  # the maximum over heads
+    [0.2, 0.9]
+    """
+    missing = [c for c in ("step", "layer", "head", value) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table lacks the column(s) {missing}; it has {list(table.columns)}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    data = table.dropna(subset=[value])
+    if data.empty:
+        raise ValueError(f"no {value!r} values to plot")
+    if "score" not in data.columns:
+        data = data.assign(score=value)
+    dup = data.duplicated(["score", "step", "layer", "head"])
+    if dup.any():
+        row = data[dup].iloc[0]
+        raise ValueError(f"several rows for score {row['score']!r}, step {row['step']}, head "
+                         f"{row['layer']}.{row['head']}: one row per score, step and head")
+    if (data["step"] < 0).any():
+        raise ValueError("steps must be >= 0")
+    label_of = (dict(zip(data["step"], data["label"].astype(str), strict=True))
+                if "label" in data.columns else {})
+    same_as = {}
+    if "identical_to" in data.columns:
+        flagged = data.dropna(subset=["identical_to"])
+        same_as = dict(zip(flagged["step"], flagged["identical_to"].astype(str), strict=True))
+
+    steps = sorted(data["step"].unique().tolist())
+    positive = [s for s in steps if s > 0]
+    zero_x = positive[0] / 10 if positive else 1.0
+
+    def xs(values: Sequence[int | float]) -> list[int | float]:
+        return [zero_x if log_x and v == 0 else v for v in values]
+
+    scores = list(dict.fromkeys(data["score"]))
+    fig = make_subplots(rows=len(scores), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=scores if len(scores) > 1 else None)
+    color_of: dict[tuple[int, int], str] = {}  # one colour per head, the same in every subplot
+    for row, score in enumerate(scores, start=1):
+        part = data[data["score"] == score]
+        wide = part.pivot(index="step", columns=["layer", "head"], values=value).sort_index()
+        step_list = wide.index.tolist()
+        labels = [label_of.get(s, str(s)) for s in step_list]
+        best = wide.max(axis=1)
+        best_head = [f"{layer}.{head}" for layer, head in wide.idxmax(axis=1)]
+        group = {"legendgroup": score, "legendgrouptitle_text": score} if len(scores) > 1 else {}
+        fig.add_trace(go.Scatter(
+            x=xs(step_list), y=best.tolist(), mode="lines+markers", name="max over heads",
+            line={"color": "black", "dash": "dash"}, marker={"size": 5},
+            customdata=list(zip(step_list, labels, best_head, strict=True)),
+            hovertemplate=(f"{score}: max over heads<br>step %{{customdata[0]}} "
+                           f"(%{{customdata[1]}})<br>head %{{customdata[2]}}<br>{value} "
+                           "%{y:.4f}<extra></extra>"), **group), row=row, col=1)
+        last = part[part["step"] == part["step"].max()]
+        top = last.sort_values([value, "layer", "head"], ascending=[False, True, True]).head(top_k)
+        for layer, head in zip(top["layer"], top["head"], strict=True):
+            color = color_of.setdefault(
+                (layer, head), qualitative.Plotly[len(color_of) % len(qualitative.Plotly)])
+            fig.add_trace(go.Scatter(
+                x=xs(step_list), y=wide[(layer, head)].tolist(), mode="lines+markers",
+                name=f"head {layer}.{head}", line={"color": color},
+                marker={"size": 5}, customdata=list(zip(step_list, labels, strict=True)),
+                hovertemplate=(f"{score}: head {layer}.{head}<br>step %{{customdata[0]}} "
+                               f"(%{{customdata[1]}})<br>{value} %{{y:.4f}}<extra></extra>"),
+                **group), row=row, col=1)
+        marked = [s for s in step_list if s in same_as]
+        if marked:
+            fig.add_trace(go.Scatter(
+                x=xs(marked), y=[best[s] for s in marked], mode="markers",
+                name="identical weights", legendgroup="identical", showlegend=row == 1,
+                marker={"symbol": "circle-open", "size": 14, "color": "red",
+                        "line": {"width": 2}},
+                customdata=[(s, label_of.get(s, str(s)), same_as[s]) for s in marked],
+                hovertemplate=("step %{customdata[0]} (%{customdata[1]}): weights identical "
+                               "to %{customdata[2]}<extra></extra>")), row=row, col=1)
+        fig.update_yaxes(title_text=value, row=row, col=1)
+    fig.update_xaxes(title_text="training step" + (" (log scale)" if log_x else ""),
+                     row=len(scores), col=1)
+    if log_x:
+        fig.update_xaxes(type="log")
+        if steps[0] == 0:  # label the stand-in position of step 0, and the decades
+            decades = (range(math.ceil(math.log10(positive[0])),
+                             math.floor(math.log10(positive[-1])) + 1) if positive else [])
+            fig.update_xaxes(tickvals=[zero_x] + [10**d for d in decades],
+                             ticktext=["0"] + [_si(10**d) for d in decades])
+    if title is None:
+        title = (f"{scores[0]} across training steps" if len(scores) == 1
+                 else "scores across training steps")
+    fig.update_layout(title=title, width=760, height=120 + 300 * len(scores),
+                      margin={"l": 60, "r": 20, "t": 60, "b": 50})
     return fig
 
 

@@ -780,13 +780,51 @@ def grid_results(grid: Grid, store: ResultStore, summary: RunSummary,
     return out
 
 
+def sweep_tables(grid: Grid, store: ResultStore, summary: RunSummary) -> dict[str, pd.DataFrame]:
+    """Per checkpoint sweep of the grid: the long table of its scan scores across training
+    steps (:func:`mechicl.checkpoints.checkpoint_table`; the first seed), with
+    ``identical_to`` naming an earlier checkpoint with the same weights."""
+    from mechicl.checkpoints import Checkpoint, checkpoint_table
+
+    found: dict[str, dict[Checkpoint, list]] = {}
+    for job, row in zip(grid.jobs(), summary.jobs, strict=True):
+        entry = grid.entry(job.model)
+        if (entry.sweep is None or job.analysis != "scan" or job.seed != grid.seeds[0]
+                or row["status"] not in ("cached", "computed")):
+            continue
+        checkpoint = Checkpoint(model=entry.spec, step=entry.step,
+                                label=entry.name.split("@", 1)[1], load_kwargs=entry.load)
+        found.setdefault(entry.sweep, {})[checkpoint] = list(
+            load_result(store.get(row["key"])).values())
+    return {sweep: checkpoint_table(results) for sweep, results in found.items()}
+
+
 def write_run_outputs(grid: Grid, store: ResultStore, summary: RunSummary,
                       out: str | os.PathLike[str], *, formats: Iterable[str] = ("png", "html")
                       ) -> Path:
-    """Write ``jobs.csv`` (every job with its key and status) into ``out``, atomically."""
+    """Write into ``out``: ``jobs.csv`` (every job with its key and status) and, for each
+    checkpoint sweep, ``checkpoints-<sweep>.csv`` (scan scores per step and head),
+    ``checkpoints-<sweep>.json`` (groups of checkpoints with identical weights) and a figure
+    of each score across training steps, ``checkpoints-<sweep>-<score>.*``. All atomic."""
     from mechicl._io import atomic_write_text
+    from mechicl.plotting import checkpoint_figure, save_figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "jobs.csv", summary.table().to_csv(index=False))
+    for sweep, table in sweep_tables(grid, store, summary).items():
+        atomic_write_text(out / f"checkpoints-{sweep}.csv", table.to_csv(index=False))
+        steps = table.drop_duplicates("label")
+        groups: dict[str, list[str]] = {}
+        for label, first in zip(steps.label, steps.identical_to, strict=True):
+            if first is not None:
+                groups.setdefault(first, [first]).append(label)
+        atomic_write_text(out / f"checkpoints-{sweep}.json", json.dumps(
+            {"steps": dict(zip(steps.label, steps.step.tolist(), strict=True)),
+             "identical_weights": list(groups.values())}, indent=2))
+        positive = steps.step[steps.step > 0]
+        log_x = bool(len(positive) and positive.max() / positive.min() >= 100)
+        for score, part in table.groupby("score", sort=False):
+            fig = checkpoint_figure(part, log_x=log_x, title=f"{sweep}: {score} across training")
+            save_figure(fig, out / f"checkpoints-{sweep}-{score}", list(formats))
     return out

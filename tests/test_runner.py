@@ -321,3 +321,41 @@ def test_registered_tasks_reach_workers(tiny_folder):
     finally:
         register_task(TASK_A, before, overwrite=True)
     assert "predictions.parquet" in out["files"]
+
+
+def test_checkpoint_sweep_runs_once_per_distinct_weights_and_plots(tmp_path):
+    """A folder of local checkpoints in a grid: one model per checkpoint, identical weights
+    share keys (computed once), and --out writes the score-vs-step table and figures."""
+    from mechicl.cli import main
+    from mechicl.toy_models import tiny_hf_model
+
+    folder = tmp_path / "ckpts"
+    for name, seed in {"step0": 0, "step-100": 1, "checkpoint-200": 1, "300": 2}.items():
+        hf_model, tokenizer = tiny_hf_model("llama", seed=seed, n_layers=2, d_model=32,
+                                            n_ctx=64)
+        hf_model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+    grid = tmp_path / "sweep.toml"
+    grid.write_text('[checkpoints.tiny]\nfolder = "ckpts"\n[grid]\nseeds = [0]\n'
+                    '[analyses.scan]\nn_seeds = 2\nlength = 6\n'
+                    'scores = ["prefix_matching", "previous_token"]\n')
+    parsed = mechicl.grid.load_grid(grid)
+    assert parsed.models == ("tiny@step0", "tiny@step-100", "tiny@checkpoint-200", "tiny@300")
+    assert [parsed.entry(m).step for m in parsed.models] == [0, 100, 200, 300]
+    store = tmp_path / "store"
+    assert main(["run", str(grid), "--store", str(store), "--threads", "1", "--no-progress",
+                 "--out", str(tmp_path / "out"), "--formats", "html"]) == 0
+    jobs = pd.read_csv(tmp_path / "out" / "jobs.csv")
+    assert jobs.key.nunique() == 3  # step-100 and checkpoint-200 are the same weights
+    assert jobs.status.tolist() == ["computed", "computed", "cached", "computed"]
+    info = json.loads((tmp_path / "out" / "checkpoints-tiny.json").read_text())
+    assert info["identical_weights"] == [["step-100", "checkpoint-200"]]
+    assert info["steps"] == {"step0": 0, "step-100": 100, "checkpoint-200": 200, "300": 300}
+    table = pd.read_csv(tmp_path / "out" / "checkpoints-tiny.csv")
+    direct = mechicl.induction_scan(
+        mechicl.load_model(folder / "300"), scores=("prefix_matching",), n_seeds=2, seed=0,
+        length=lambda s: 6, progress=False).scores["prefix_matching"]
+    last = table[(table.step == 300) & (table.score == "prefix_matching")]
+    torch.testing.assert_close(torch.tensor(last["mean"].to_numpy()), direct.mean.flatten())
+    for score in ("prefix_matching", "previous_token"):
+        assert (tmp_path / "out" / f"checkpoints-tiny-{score}.html").is_file()
