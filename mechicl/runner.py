@@ -506,19 +506,206 @@ def _manifest(job: Job, entry: ModelEntry, identity: dict[str, Any], executor: s
 
 @dataclass
 class _ModelPlan:
+    """One model's part of a run: its jobs, identity, keys, and what is left to compute."""
+
     entry: ModelEntry
-    jobs: list[Job]
+    jobs: list[int] = field(default_factory=list)  # indices into the grid's jobs
     identity: dict[str, Any] | None = None
     fingerprint: str | None = None
-    keys: dict[int, str] = field(default_factory=dict)  # job index in the grid -> key
-    model_keys: dict[tuple, str] = field(default_factory=dict)  # _job_id -> key
-    todo: list[Job] = field(default_factory=list)  # model jobs not in the store
+    keys: dict[tuple, str] = field(default_factory=dict)  # _job_id -> key of model jobs
+    todo: list[int] = field(default_factory=list)  # model jobs not in the store
+    worker: Any = None
+    outstanding: int = 0  # calls submitted to the worker and not yet returned
+
+
+class _GridRun:
+    """The state of one :func:`run_grid` call (see there)."""
+
+    def __init__(self, grid: Grid, store: ResultStore, executor: Any, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.store, self.executor = store, executor
+        self.version = _version()
+        self.jobs = grid.jobs()
+        # Workers get the tasks' data, not only their names: tasks registered in this process
+        # (or edited) reach Ray workers, and the data's hash is part of every key.
+        self.tasks = {name: load_task(name) for name in grid.tasks}
+        self.task_data = {name: task_digest(task) for name, task in self.tasks.items()}
+        self.rows = [{"analysis": j.analysis, "model": j.model, "task": j.task,
+                      "shots": j.shots, "seed": j.seed, "key": None, "status": "pending",
+                      "seconds": None} for j in self.jobs]
+        self.summary = RunSummary(executor=executor.name, store=str(store.root))
+        self.plans: dict[str, _ModelPlan] = {}
+        for i, job in enumerate(self.jobs):
+            self.plans.setdefault(job.model, _ModelPlan(grid.entry(job.model))).jobs.append(i)
+        self.waiting: deque[_ModelPlan] = deque()
+        self.open: list[_ModelPlan] = []
+        self.active: dict[Any, tuple[str, _ModelPlan, int | None]] = {}  # future -> call
+        self.bar = tqdm(total=len(self.jobs), desc="jobs", disable=not progress, unit="job")
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+
+    def finish(self, i: int, state: str, seconds: float | None = None,
+               error: str | None = None) -> None:
+        self.rows[i] |= {"status": state, "seconds": seconds}
+        if error is not None:
+            self.summary.errors[self.jobs[i].describe()] = error
+        self.bar.update(1)
+
+    def assign_keys(self, plan: _ModelPlan) -> None:
+        """Keys of the plan's model jobs; the cached ones are settled, the rest become
+        ``plan.todo``; derived jobs whose inputs exist are computed."""
+        plan.todo = []
+        for i in plan.jobs:
+            job = self.jobs[i]
+            if not ANALYSES[job.analysis].needs_model:
+                continue
+            key = job.key(plan.identity, self.version, task_data=self.task_data)
+            plan.keys[_job_id(job)] = key
+            self.rows[i]["key"] = key
+            if self.store.has(key):
+                self.finish(i, "cached")
+            else:
+                plan.todo.append(i)
+        self.settle_derived(plan)
+
+    def settle_derived(self, plan: _ModelPlan) -> None:
+        """Compute (on the driver) the derived jobs whose inputs are all stored; fail those
+        with a failed input."""
+        failed = {r["key"] for r in self.rows if r["status"] == "failed" and r["key"]}
+        for i in plan.jobs:
+            job = self.jobs[i]
+            if ANALYSES[job.analysis].needs_model or self.rows[i]["status"] != "pending":
+                continue
+            inputs = [plan.keys.get(_job_id(j)) for j in job.inputs()]
+            if any(k in failed for k in inputs):
+                self.finish(i, "failed", error="an input failed")
+                continue
+            if any(k is None or not self.store.has(k) for k in inputs):
+                continue
+            key = job.key(plan.identity, self.version, inputs=inputs, task_data=self.task_data)
+            self.rows[i]["key"] = key
+            if self.store.has(key):
+                self.finish(i, "cached")
+                continue
+            start = time.perf_counter()
+            try:
+                files = _derive(self.store, job, inputs)
+            except Exception as err:  # noqa: BLE001 - reported, the run goes on
+                log.exception("%s failed", job.describe())
+                self.finish(i, "failed", error=f"{type(err).__name__}: {err}")
+                continue
+            seconds = round(time.perf_counter() - start, 3)
+            self.store.put(key, _manifest(job, plan.entry, plan.identity, "driver", seconds,
+                                          inputs, {"host": socket.gethostname()}), files)
+            self.finish(i, "computed", seconds)
+
+    # ---- workers ----------------------------------------------------------------------------
+
+    def call(self, kind: str, plan: _ModelPlan, i: int | None = None) -> None:
+        args = ()
+        if i is not None:
+            job = self.jobs[i]
+            args = (job.to_dict(), {t: self.tasks[t] for t in job.task_names()})
+        future = self.executor.submit(plan.worker, kind, *args)
+        plan.outstanding += 1
+        self.active[future] = (kind, plan, i)
+
+    def open_next(self) -> None:
+        while self.waiting and len(self.open) < self.executor.slots:
+            plan = self.waiting.popleft()
+            plan.worker = self.executor.open(plan.entry)
+            self.open.append(plan)
+            if plan.identity is None:
+                self.call("identity", plan)
+            for i in plan.todo:
+                self.call("run", plan, i)
+
+    def close_idle(self, plan: _ModelPlan) -> None:
+        if plan.outstanding == 0 and plan in self.open:
+            self.executor.close(plan.worker)
+            plan.worker = None
+            self.open.remove(plan)
+
+    def on_result(self, kind: str, plan: _ModelPlan, i: int | None, value: Any) -> None:
+        if kind == "identity":
+            plan.identity = value
+            if plan.fingerprint:
+                self.store.remember_identity(plan.fingerprint, value)
+            self.assign_keys(plan)
+            for j in plan.todo:
+                self.call("run", plan, j)
+            return
+        job = self.jobs[i]
+        extra = {k: value[k] for k in ("batch_tokens", "threads", "host")}
+        self.store.put(self.rows[i]["key"], _manifest(
+            job, plan.entry, plan.identity, self.executor.name, value["seconds"], [], extra),
+            value["files"])
+        self.finish(i, "computed", value["seconds"])
+        self.settle_derived(plan)
+
+    def on_error(self, kind: str, plan: _ModelPlan, i: int | None, err: Exception) -> None:
+        message = f"{type(err).__name__}: {err}"
+        if kind == "identity":  # the model did not load: all its jobs fail
+            log.error("model %s failed: %s", plan.entry.name, message)
+            for j in plan.jobs:
+                if self.rows[j]["status"] == "pending":
+                    self.finish(j, "failed", error=message)
+            return
+        log.error("%s failed: %s", self.jobs[i].describe(), message)
+        self.finish(i, "failed", error=message)
+        self.settle_derived(plan)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        start = time.perf_counter()
+        # Models whose identity is remembered: settle what is cached without loading them.
+        for plan in self.plans.values():
+            plan.fingerprint = model_fingerprint(plan.entry)
+            if plan.fingerprint:
+                plan.identity = self.store.remembered_identity(plan.fingerprint)
+            if plan.identity is not None:
+                self.assign_keys(plan)
+                if not plan.todo:
+                    continue
+            self.waiting.append(plan)
+        try:
+            self.open_next()
+            while self.active:
+                for future in self.executor.wait(list(self.active)):
+                    kind, plan, i = self.active.pop(future)
+                    plan.outstanding -= 1
+                    try:
+                        value = self.executor.result(future)
+                    except Exception as err:  # noqa: BLE001 - one job / model fails, not all
+                        self.on_error(kind, plan, i, err)
+                    else:
+                        self.on_result(kind, plan, i, value)
+                    self.close_idle(plan)
+                self.open_next()
+        finally:
+            for plan in list(self.open):
+                self.executor.close(plan.worker)
+            self.executor.shutdown()
+            self.bar.close()
+        for i, row in enumerate(self.rows):
+            if row["status"] == "pending":  # cannot happen unless a derived input went missing
+                self.finish(i, "failed", error="not run: its inputs never appeared")
+        self.summary.jobs = self.rows
+        self.summary.seconds = round(time.perf_counter() - start, 2)
+        return self.summary
 
 
 def run_grid(grid: Grid, store: ResultStore | str | os.PathLike[str] | None = None, *,
              executor: str | Any = "local", progress: bool = True,
              executor_options: dict[str, Any] | None = None) -> RunSummary:
     """Run every job of ``grid`` that is not in ``store`` yet.
+
+    Each model's identity comes from the store (remembered by file fingerprint) or from
+    loading it; jobs whose keys are stored are skipped; the rest run on the executor and are
+    committed one by one as they finish; derived jobs (``overlap``) are computed on this
+    process as soon as their inputs are stored.
 
     Args:
         grid: a parsed grid (:func:`mechicl.grid.load_grid`).
@@ -531,9 +718,6 @@ def run_grid(grid: Grid, store: ResultStore | str | os.PathLike[str] | None = No
     Returns:
         A :class:`RunSummary`; failed jobs are listed in ``errors`` (the others still run).
     """
-    from tqdm.auto import tqdm
-
-    start = time.perf_counter()
     store = store if isinstance(store, ResultStore) else ResultStore(store or default_store())
     if isinstance(executor, str):
         if executor not in EXECUTORS:
@@ -542,174 +726,7 @@ def run_grid(grid: Grid, store: ResultStore | str | os.PathLike[str] | None = No
     elif executor_options:
         raise ValueError("executor_options only apply when the executor is given by name")
     store.clean_tmp()
-    version = _version()
-    jobs = grid.jobs()
-    # Workers get the tasks' data, not only their names: tasks registered in this process
-    # (or edited) reach Ray workers, and the data's hash is part of every key.
-    tasks = {name: load_task(name) for name in grid.tasks}
-    task_data = {name: task_digest(task) for name, task in tasks.items()}
-    status: dict[int, dict[str, Any]] = {
-        i: {"analysis": j.analysis, "model": j.model, "task": j.task, "shots": j.shots,
-            "seed": j.seed, "key": None, "status": "pending", "seconds": None}
-        for i, j in enumerate(jobs)}
-    summary = RunSummary(executor=executor.name, store=str(store.root))
-    plans: dict[str, _ModelPlan] = {}
-    for job in jobs:
-        plans.setdefault(job.model, _ModelPlan(grid.entry(job.model), []))
-        plans[job.model].jobs.append(job)
-    index = {id(job): i for i, job in enumerate(jobs)}
-    bar = tqdm(total=len(jobs), desc="jobs", disable=not progress, unit="job")
-
-    def finish(i: int, state: str, seconds: float | None = None) -> None:
-        status[i]["status"] = state
-        status[i]["seconds"] = seconds
-        bar.update(1)
-
-    def assign_keys(plan: _ModelPlan) -> list[Job]:
-        """Keys of the plan's jobs; returns the model jobs still to run and settles the rest
-        (cached ones, and derived ones whose inputs exist)."""
-        todo = []
-        model_keys: dict[tuple, str] = {}
-        for job in plan.jobs:
-            if not ANALYSES[job.analysis].needs_model:
-                continue
-            key = job.key(plan.identity, version, task_data=task_data)
-            model_keys[_job_id(job)] = key
-            plan.keys[index[id(job)]] = key
-            status[index[id(job)]]["key"] = key
-            if store.has(key):
-                finish(index[id(job)], "cached")
-            else:
-                todo.append(job)
-        plan.model_keys = model_keys
-        settle_derived(plan)
-        return todo
-
-    def settle_derived(plan: _ModelPlan) -> None:
-        for job in plan.jobs:
-            i = index[id(job)]
-            if ANALYSES[job.analysis].needs_model or status[i]["status"] != "pending":
-                continue
-            inputs = [plan.model_keys.get(_job_id(j)) for j in job.inputs()]
-            if any(k is None or not store.has(k) for k in inputs):
-                if any(k is not None and status[_find(k)]["status"] == "failed"
-                       for k in inputs):
-                    summary.errors[job.describe()] = "an input failed"
-                    finish(i, "failed")
-                continue
-            key = job.key(plan.identity, version, inputs=inputs, task_data=task_data)
-            status[i]["key"] = key
-            if store.has(key):
-                finish(i, "cached")
-                continue
-            t0 = time.perf_counter()
-            try:
-                files = _derive(store, job, inputs)
-            except Exception as err:  # noqa: BLE001 - reported, the run goes on
-                log.exception("%s failed", job.describe())
-                summary.errors[job.describe()] = f"{type(err).__name__}: {err}"
-                finish(i, "failed")
-                continue
-            seconds = round(time.perf_counter() - t0, 3)
-            store.put(key, _manifest(job, plan.entry, plan.identity, "driver", seconds,
-                                     inputs, {"host": socket.gethostname()}), files)
-            finish(i, "computed", seconds)
-
-    def _find(key: str) -> int:
-        return next(i for i, s in status.items() if s["key"] == key)
-
-    # Models whose identity is remembered: settle what is cached without loading them.
-    waiting: deque[_ModelPlan] = deque()
-    for plan in plans.values():
-        fingerprint = model_fingerprint(plan.entry)
-        plan.fingerprint = fingerprint
-        remembered = store.remembered_identity(fingerprint) if fingerprint else None
-        if remembered is not None:
-            plan.identity = remembered
-            plan.todo = assign_keys(plan)
-            if not plan.todo:
-                continue
-        waiting.append(plan)
-
-    active: dict[Any, tuple[str, _ModelPlan, Any, Job | None]] = {}
-    open_workers: dict[str, list[Any]] = {}  # model -> [worker, outstanding calls]
-
-    def open_next() -> None:
-        while waiting and len(open_workers) < executor.slots:
-            plan = waiting.popleft()
-            worker = executor.open(plan.entry)
-            open_workers[plan.entry.name] = [worker, 0]
-            if plan.identity is None:
-                call("identity", plan, None)
-            else:
-                for job in plan.todo:
-                    call("run", plan, job)
-            maybe_close(plan)
-
-    def call(kind: str, plan: _ModelPlan, job: Job | None) -> None:
-        worker = open_workers[plan.entry.name]
-        args = () if job is None else (job.to_dict(), {t: tasks[t] for t in job.task_names()})
-        future = executor.submit(worker[0], kind, *args)
-        worker[1] += 1
-        active[future] = (kind, plan, worker, job)
-
-    def maybe_close(plan: _ModelPlan) -> None:
-        worker = open_workers.get(plan.entry.name)
-        if worker is not None and worker[1] == 0:
-            executor.close(worker[0])
-            del open_workers[plan.entry.name]
-
-    def fail_model(plan: _ModelPlan, err: BaseException) -> None:
-        message = f"{type(err).__name__}: {err}"
-        log.error("model %s failed: %s", plan.entry.name, message)
-        for job in plan.jobs:
-            i = index[id(job)]
-            if status[i]["status"] == "pending":
-                summary.errors[job.describe()] = message
-                finish(i, "failed")
-
-    try:
-        open_next()
-        while active:
-            for future in executor.wait(list(active)):
-                kind, plan, worker, job = active.pop(future)
-                worker[1] -= 1
-                try:
-                    value = executor.result(future)
-                except Exception as err:  # noqa: BLE001 - one job / model fails, others go on
-                    if kind == "identity":
-                        fail_model(plan, err)
-                    else:
-                        log.error("%s failed: %s", job.describe(), err)
-                        summary.errors[job.describe()] = f"{type(err).__name__}: {err}"
-                        finish(index[id(job)], "failed")
-                        settle_derived(plan)
-                    maybe_close(plan)
-                    continue
-                if kind == "identity":
-                    plan.identity = value
-                    if plan.fingerprint:
-                        store.remember_identity(plan.fingerprint, value)
-                    for todo in assign_keys(plan):
-                        call("run", plan, todo)
-                else:
-                    i = index[id(job)]
-                    key = plan.keys[i]
-                    extra = {k: value[k] for k in ("batch_tokens", "threads", "host")}
-                    store.put(key, _manifest(job, plan.entry, plan.identity, executor.name,
-                                             value["seconds"], [], extra), value["files"])
-                    finish(i, "computed", value["seconds"])
-                    settle_derived(plan)
-                maybe_close(plan)
-            open_next()
-    finally:
-        for worker, _ in list(open_workers.values()):
-            executor.close(worker)
-        executor.shutdown()
-        bar.close()
-    summary.jobs = [status[i] for i in range(len(jobs))]
-    summary.seconds = round(time.perf_counter() - start, 2)
-    return summary
+    return _GridRun(grid, store, executor, progress).run()
 
 
 def _job_id(job: Job) -> tuple:
