@@ -110,6 +110,49 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_max_memory(text: str) -> dict[str, str]:
+    """``"0=20GiB,1=20GiB,cpu=60GiB"`` -> ``{"0": "20GiB", ...}`` (checked by load_model)."""
+    out: dict[str, str] = {}
+    for item in (t.strip() for t in text.split(",")):
+        device, sep, size = item.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise argparse.ArgumentTypeError(
+                f"{item!r} in --max-memory is not DEVICE=SIZE; e.g. '0=20GiB,1=20GiB,cpu=60GiB'")
+        out[device.strip()] = size.strip()
+    return out
+
+
+def _add_load_options(sub: argparse.ArgumentParser) -> None:
+    """How the model is loaded: dtype and placement (passed to :func:`mechicl.load_model`)."""
+    group = sub.add_argument_group("model loading (big models: docs/concepts/big-models.md)")
+    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "bf16", "fp16"),
+                       default=None, help="parameter dtype (default float32)")
+    group.add_argument("--device", default=None, help="one device for the whole model "
+                       "(default cpu; e.g. cuda:0)")
+    group.add_argument("--device-map", default=None,
+                       help="split the model with accelerate: auto, balanced, balanced_low_0, "
+                       "sequential, or one device")
+    group.add_argument("--n-devices", type=_positive, default=None,
+                       help="split the model over this many CUDA GPUs")
+    group.add_argument("--max-memory", type=parse_max_memory, default=None,
+                       help="with --device-map / --n-devices: DEVICE=SIZE,... e.g. "
+                       "'0=20GiB,1=20GiB,cpu=60GiB'")
+    group.add_argument("--revision", default=None, help="hub revision (branch, tag, commit; "
+                       "e.g. step1000 for Pythia checkpoints)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    import mechicl
+
+    options = {k: getattr(args, k) for k in ("dtype", "device", "device_map", "n_devices",
+                                              "max_memory", "revision")
+               if getattr(args, k) is not None}
+    try:
+        return mechicl.load_model(args.model, **options)
+    except ValueError as err:
+        raise SystemExit(f"mechicl {args.command}: {err}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechicl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -117,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan = sub.add_parser("scan", help="induction-head scan of every attention head")
     scan.add_argument("--model", default="smollm2-135m",
                       help="built-in name, hub id, local folder or .gguf (default smollm2-135m)")
+    _add_load_options(scan)
     scan.add_argument("--scores", type=parse_scores, default=parse_scores(DEFAULT_SCORES),
                       help=f"comma-separated, from {DEFAULT_SCORES} (default: all)")
     scan.add_argument("--seeds", type=_positive, default=100,
@@ -135,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="k-shot accuracy of a model on ICL tasks")
     ev.add_argument("--model", default="smollm2-135m")
+    _add_load_options(ev)
     ev.add_argument("--task", type=parse_tasks, required=True,
                     help="comma-separated task names, task files (.jsonl/.csv), or 'all'")
     ev.add_argument("--shots", type=parse_int_list, default=[0, 1, 5],
@@ -151,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("importance", help="head (and FFN) importance on ICL tasks")
     imp.add_argument("--model", default="smollm2-135m")
+    _add_load_options(imp)
     imp.add_argument("--task", type=parse_tasks, required=True, help="comma-separated task names")
     imp.add_argument("--shots", type=parse_int_list, default=[0, 1, 5])
     imp.add_argument("--method", type=parse_methods, default=["bansal"],
@@ -178,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="accuracy while pruning heads / FFNs by a ranking")
     pr.add_argument("--model", default="smollm2-135m")
+    _add_load_options(pr)
     pr.add_argument("--task", type=parse_tasks, required=True, help="comma-separated task names")
     pr.add_argument("--shots", type=parse_int_list, default=[5])
     pr.add_argument("--rankings", default="same",
@@ -207,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pa = sub.add_parser("patch", help="activation (and attribution) patching on prompt pairs")
     pa.add_argument("--model", default="smollm2-135m")
+    _add_load_options(pa)
     pa.add_argument("--prompts", default="ioi",
                     help="pair generator: ioi, colored_objects, capitals, repeated_tokens")
     pa.add_argument("--n", type=_positive, default=32, help="prompt pairs")
@@ -236,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="the paper report: scans, importance, pruning, FFNs, "
                                         "overlap; figures + report.md / report.html")
     rep.add_argument("--model", default="smollm2-135m")
+    _add_load_options(rep)
     rep.add_argument("--tasks", type=parse_tasks, default=None,
                      help="comma-separated task names (default: every built-in task)")
     rep.add_argument("--shots", type=parse_int_list, default=[0, 1, 5])
@@ -333,13 +382,12 @@ def parse_targets(text: str) -> list[str]:
 
 
 def run_scan(args: argparse.Namespace) -> dict:
-    import mechicl
     from mechicl.induction import induction_scan
     from mechicl.plotting import head_heatmap, save_figure
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     start = time.perf_counter()
-    model = mechicl.load_model(args.model)
+    model = _load(args)
     loaded = time.perf_counter()
     result = induction_scan(model, scores=args.scores, n_seeds=args.seeds, seed=args.seed,
                             indexing=args.indexing, stream=args.stream,
@@ -383,7 +431,7 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     from mechicl._io import atomic_write_text
     from mechicl.tasks import load_task, task_from_file
 
-    model = mechicl.load_model(args.model)
+    model = _load(args)
     rows = []
     out: Path = args.out
     for name in args.task:
@@ -427,7 +475,7 @@ def run_importance(args: argparse.Namespace) -> list[dict]:
     from mechicl.overlap import kendall, spearman, top_k_overlap
     from mechicl.plotting import head_heatmap, layer_bars, save_figure
 
-    model = mechicl.load_model(args.model)
+    model = _load(args)
     out: Path = args.out
     formats = _formats(args.formats)
     rows = []
@@ -500,7 +548,7 @@ def run_prune(args: argparse.Namespace) -> list[dict]:
     from mechicl.report import curve_summaries
     from mechicl.results import HeadScores
 
-    model = mechicl.load_model(args.model)
+    model = _load(args)
     out: Path = args.out
     formats = _formats(args.formats)
     head_specs = [r.strip() for r in args.rankings.split(",") if r.strip()]
@@ -594,7 +642,7 @@ def run_patch(args: argparse.Namespace) -> dict:
     if args.prompts not in PAIR_GENERATORS:
         raise SystemExit(f"unknown --prompts {args.prompts!r}; known: {sorted(PAIR_GENERATORS)}")
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    model = mechicl.load_model(args.model)
+    model = _load(args)
     pairs = mechicl.make_pairs(args.prompts, model, n=args.n, seed=args.seed)
     if args.by_pos and not pairs.same_length:
         groups = pairs.by_length()
@@ -654,7 +702,6 @@ def run_patch(args: argparse.Namespace) -> dict:
 
 
 def run_report(args: argparse.Namespace) -> Any:
-    import mechicl
     from mechicl.report import ReportConfig, build_report
     from mechicl.tasks import TASKS
 
@@ -671,7 +718,7 @@ def run_report(args: argparse.Namespace) -> Any:
             seed=args.seed, batch_tokens=args.batch_tokens, formats=tuple(_formats(args.formats)))
     except ValueError as err:
         raise SystemExit(f"mechicl report: {err}") from None
-    model = mechicl.load_model(args.model)
+    model = _load(args)
     return build_report(model, args.out, config, reuse=args.reuse, force=args.force,
                         progress=not args.no_progress)
 

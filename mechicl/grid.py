@@ -354,10 +354,13 @@ def _check_entry(name: str, table: Any) -> dict[str, Any]:
                             f"{' or '.join(t.__name__ for t in _LOAD_KEYS[key])}")
     if "dtype" in table and table["dtype"] not in _DTYPES:
         raise GridError(f"models.{name}.dtype = {table['dtype']!r}: choose one of {list(_DTYPES)}")
-    if "n_devices" in table and table["n_devices"] < 1:
-        raise GridError(f"models.{name}.n_devices = {table['n_devices']}: need an integer >= 1")
-    if "device" in table and "device_map" in table:
-        raise GridError(f"models.{name}: give device or device_map, not both")
+    from mechicl.models import _placement
+
+    try:  # the checks load_model makes, except that the GPUs be on this machine
+        _placement(table.get("device"), table.get("device_map"), table.get("n_devices"),
+                   table.get("max_memory"), None, check_gpus=False)
+    except ValueError as err:
+        raise GridError(f"models.{name}: {err}") from None
     if "memory_budget" in table:
         from mechicl.memory import parse_bytes
 

@@ -19,6 +19,7 @@ Axis names used across mechicl: ``layer head kv_head batch pos query_pos key_pos
 d_vocab``.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -28,7 +29,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -235,28 +236,178 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return allowed[dtype]
 
 
+# accelerate's planning strategies for a string ``device_map``
+DEVICE_MAP_STRATEGIES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
+# non-GPU keys accelerate accepts in ``max_memory`` (GPUs are integer indices)
+_MAX_MEMORY_DEVICES = ("cpu", "mps", "disk")
+
+
+def _device_target(value: Any, where: str) -> str | int:
+    """One ``device_map`` value: a GPU index, ``"cpu"``, ``"disk"`` or a torch device string."""
+    if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+        raise ValueError(f"{where} = {value!r}: a GPU index must be an integer >= 0")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.device):
+        value = str(value)
+    if isinstance(value, str):
+        if value == "disk":
+            return value
+        if value == "meta":
+            raise ValueError(f"{where} = 'meta': the meta device holds no weights; use 'cpu', "
+                             "'disk' or a GPU")
+        try:
+            return str(torch.device(value))
+        except RuntimeError:
+            pass
+    raise ValueError(f"{where} = {value!r} is not a device: use a GPU index (0, 1, ...), 'cpu', "
+                     "'disk' or a torch device string such as 'cuda:1' or 'mps'")
+
+
+def _device_map(device_map: Any) -> str | dict[str, str | int]:
+    if isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    if isinstance(device_map, Mapping):
+        if not device_map:
+            raise ValueError("device_map={} is empty: map module names ('' for the whole model) "
+                             "to devices, or pass a strategy such as 'auto'")
+        out: dict[str, str | int] = {}
+        for module, target in device_map.items():
+            if not isinstance(module, str):
+                raise ValueError(f"device_map key {module!r} is not a module name (a string; "
+                                 "'' for the whole model)")
+            out[module] = _device_target(target, f"device_map[{module!r}]")
+        return out
+    if isinstance(device_map, (str, int, torch.device)):
+        try:
+            return {"": _device_target(device_map, "device_map")}
+        except ValueError:
+            raise ValueError(
+                f"device_map={device_map!r} is neither a strategy {list(DEVICE_MAP_STRATEGIES)} "
+                "nor a device (a GPU index, 'cpu', 'cuda:1', ...) nor a dict module -> device"
+            ) from None
+    raise ValueError(f"device_map={device_map!r}: pass a strategy {list(DEVICE_MAP_STRATEGIES)}, "
+                     "a device, or a dict module name -> device")
+
+
+def _max_memory(max_memory: Any) -> dict[int | str, int]:
+    from mechicl.memory import parse_bytes
+
+    if not isinstance(max_memory, Mapping) or not max_memory:
+        raise ValueError(f"max_memory={max_memory!r}: pass a non-empty dict device -> size, e.g. "
+                         "{0: '20GiB', 'cpu': '60GiB'}")
+    out: dict[int | str, int] = {}
+    for key, size in max_memory.items():
+        device: int | str
+        if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            device = key
+        elif isinstance(key, str) and key.isdigit():  # TOML / JSON keys are strings: "0" is GPU 0
+            device = int(key)
+        elif isinstance(key, str) and re.fullmatch(r"cuda:\d+", key):
+            device = int(key.split(":")[1])
+        elif isinstance(key, str) and key in _MAX_MEMORY_DEVICES:
+            device = key
+        else:
+            raise ValueError(f"max_memory key {key!r} is not a device: use a GPU index (0, 1, "
+                             f"... or 'cuda:0'), or one of {list(_MAX_MEMORY_DEVICES)}")
+        if device in out:
+            raise ValueError(f"max_memory names device {device!r} twice")
+        try:
+            out[device] = parse_bytes(size)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"max_memory[{key!r}]: {err}") from None
+    return out
+
+
+def _placement(device: str | torch.device | None, device_map: Any, n_devices: int | None,
+               max_memory: Any, offload_folder: str | os.PathLike[str] | None, *,
+               check_gpus: bool = True) -> dict[str, Any]:
+    """Validate where the model goes; the keyword arguments for ``boot_transformers``.
+
+    One device (``device``, default CPU), or split by accelerate (``device_map``, or
+    ``n_devices`` GPUs): never both, since the bridge would silently prefer one of them.
+    ``check_gpus=False`` skips the check that ``n_devices`` GPUs are visible here (a grid
+    checked on a laptop may be meant for a cluster).
+    """
+    if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int)
+                                  or n_devices < 1):
+        raise ValueError(f"n_devices={n_devices!r}: need an integer >= 1 (the number of GPUs "
+                         "to split the model over)")
+    if device_map is not None and device is not None:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} both given: device "
+                         "puts the whole model on one device, device_map splits it; pass one")
+    if device_map is not None and n_devices is not None:
+        raise ValueError(f"n_devices={n_devices} and device_map={device_map!r} both given: "
+                         "n_devices is a shortcut for device_map='balanced' over that many "
+                         "GPUs; pass one")
+    split = n_devices is not None and n_devices > 1
+    if split and device is not None:
+        raise ValueError(f"device={device!r} and n_devices={n_devices} both given: n_devices "
+                         "splits the model over GPUs 0..n_devices-1; pass one")
+    if split and check_gpus and torch.cuda.device_count() < n_devices:
+        raise ValueError(f"n_devices={n_devices} splits the model over {n_devices} CUDA GPUs, "
+                         f"but {torch.cuda.device_count()} are visible; on a CPU machine use "
+                         "device_map='cpu' (or a dict with 'cpu' / 'disk' entries)")
+    kwargs: dict[str, Any] = {}
+    if device_map is not None:
+        kwargs["device_map"] = _device_map(device_map)
+    elif split:
+        kwargs["n_devices"] = n_devices
+    else:
+        kwargs["device"] = device if device is not None else "cpu"
+    if max_memory is not None:
+        if "device" in kwargs:
+            raise ValueError("max_memory only applies when the model is split: pass "
+                             "device_map='auto' (or n_devices > 1) with it")
+        kwargs["max_memory"] = _max_memory(max_memory)
+    if offload_folder is not None:
+        if device_map is None:
+            raise ValueError("offload_folder only applies with a device_map that offloads to "
+                             "'disk' (e.g. device_map='auto' with max_memory, or {'': 'disk'})")
+        kwargs["offload_folder"] = os.fspath(offload_folder)
+    return kwargs
+
+
 def load_model(
     spec: str | os.PathLike[str] = "smollm2-135m",
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
+    n_devices: int | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     cache: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
     **bridge_kwargs: Any,
 ) -> "HookedModel":
-    """Load a hooked model.
+    """Load a hooked model, on one device or split over several (accelerate dispatch).
 
     Args:
         spec: one of the built-in offline names (``"smollm2-135m"``, the default, and
             ``"gemma3-270m"``), a local ``.gguf`` file, a local Hugging Face folder (with
             ``config.json``), or a Hugging Face hub id such as ``"gpt2"`` (needs the hub).
-        device: torch device (default CPU).
-        dtype: parameter dtype (default float32).
+        device: torch device for the whole model (default CPU). Not with ``device_map`` or
+            ``n_devices > 1``.
+        dtype: parameter dtype: ``float32`` (default), ``float16`` / ``fp16`` or
+            ``bfloat16`` / ``bf16`` (half the memory of float32).
+        device_map: split the model with accelerate, for a model that does not fit one device:
+            a strategy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``),
+            one device (``"cpu"``, ``"cuda:1"``, a GPU index), or a dict module name -> device
+            (``""`` for the whole model; devices: GPU indices, ``"cpu"``, ``"disk"``). The
+            bridge rejects maps mixing GPUs with ``"cpu"`` / ``"disk"`` offload.
+        n_devices: split over this many CUDA GPUs (``device_map="balanced"`` over GPUs
+            ``0..n_devices-1``); 1 means one device.
+        max_memory: with ``device_map`` or ``n_devices``: the most each device may hold, e.g.
+            ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``; keys are GPU indices (also ``"0"`` or
+            ``"cuda:0"``), ``"cpu"``, ``"mps"``, ``"disk"``; sizes are bytes or strings such as
+            ``"20GiB"`` / ``"20GB"`` (:func:`mechicl.memory.parse_bytes`).
+        offload_folder: with ``device_map``: where weights mapped to ``"disk"`` are written.
         cache: cache root for converted GGUF models (default ``$MECHICL_CACHE`` or the user
             cache dir).
         trust_remote_code: passed to transformers for hub models; off by default.
-        **bridge_kwargs: passed to ``TransformerBridge.boot_transformers`` (e.g. ``device_map``,
-            ``revision``).
+        **bridge_kwargs: passed to ``TransformerBridge.boot_transformers`` (e.g.
+            ``revision``, ``n_ctx``).
 
     Returns:
         A :class:`HookedModel`.
@@ -264,22 +415,31 @@ def load_model(
     Raises:
         ModelNotAvailableError: the weights are not on this machine and cannot be fetched; the
             message says what to install or where to put the files.
+        ValueError: a bad dtype or placement (the message names the value and what is
+            allowed).
+
+    Offloaded weights (``"cpu"`` / ``"disk"`` entries of a map that splits the model) live on
+    the meta device between calls: forward passes, hooks and gradients work, but analyses that
+    read weights directly (OV-circuit scores, :meth:`HookedModel.folded_weights`) do not. See
+    docs/concepts/big-models.md for memory estimates per model size.
 
     >>> model = load_model("smollm2-135m")  # doctest: +SKIP
     >>> model.n_layers, model.n_heads, model.n_kv_heads
     (30, 9, 3)
+    >>> big = load_model("EleutherAI/pythia-12b", dtype="bf16", device_map="auto",
+    ...                  max_memory={0: "20GiB", 1: "20GiB", "cpu": "60GiB"})  # doctest: +SKIP
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     spec_str = os.fspath(spec)
     torch_dtype = _dtype(dtype)
-    device = device if device is not None else "cpu"
+    placement = _placement(device, device_map, n_devices, max_memory, offload_folder)
     root = Path(cache) if cache is not None else cache_dir()
 
     def boot(folder_or_id: str, **extra: Any) -> Any:
         return TransformerBridge.boot_transformers(
-            folder_or_id, device=device, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            **extra, **bridge_kwargs,
+            folder_or_id, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            **placement, **extra, **bridge_kwargs,
         )
 
     if spec_str in BUILTIN_MODELS:
@@ -490,7 +650,15 @@ class HookedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.bridge.parameters()).device
+        """Where inputs go: the first parameter's device, or, when accelerate has offloaded the
+        weights (``device_map`` with ``"cpu"`` / ``"disk"`` entries; they wait on the meta
+        device between calls), the device it computes on."""
+        device = next(self.bridge.parameters()).device
+        if device.type != "meta":
+            return device
+        hook = getattr(self.bridge.original_model, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        return torch.device(execution) if execution is not None else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -743,11 +911,12 @@ class HookedModel:
         """SHA-256 over the model's parameters (names, shapes, dtypes, values), each tensor once
         (the bridge registers the same tensors under several names)."""
         digest = hashlib.sha256()
-        params = sorted(self.bridge.original_model.named_parameters(), key=lambda kv: kv[0])
-        for key, param in params:
-            t = param.detach().to("cpu").contiguous()
-            digest.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        params = sorted(_named_weights(self.bridge.original_model), key=lambda kv: kv[0])
+        for key, module, name in params:
+            with _materialised(module):  # offloaded weights are read back for the hash
+                t = getattr(module, name).detach().to("cpu").contiguous()
+                digest.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+                digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.hexdigest()
 
     @functools.cached_property
@@ -759,7 +928,8 @@ class HookedModel:
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def info(self) -> dict[str, Any]:
-        """Provenance of this model for result files: name, ids, hashes, package versions."""
+        """Provenance of this model for result files: name, ids, hashes, dtype, shape, package
+        versions."""
         versions = {}
         for pkg in ("mechicl", "torch", "transformer-lens", "transformers"):
             try:
@@ -769,10 +939,35 @@ class HookedModel:
         return {
             "name": self.name, "hf_id": self.hf_id, "source": self.source,
             "weights_sha256": self.weights_hash, "tokenizer_sha256": self.tokenizer_hash,
+            "dtype": str(self.dtype).removeprefix("torch."),
             "shape": dataclasses.asdict(_Shape(self.n_layers, self.n_heads, self.n_kv_heads,
                                                self.d_head, self.d_model, self.d_vocab)),
             "versions": versions,
         }
+
+
+def _named_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """``(qualified name, owning module, attribute)`` of every parameter, each tensor once, in
+    ``named_parameters`` order."""
+    out, seen = [], set()
+    for prefix, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                out.append((f"{prefix}.{name}" if prefix else name, module, name))
+    return out
+
+
+@contextlib.contextmanager
+def _materialised(module: torch.nn.Module) -> Iterator[None]:
+    """Inside, a module whose weights accelerate offloaded (meta tensors) holds real ones."""
+    if not any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+        yield
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, torch.device("cpu")):
+        yield
 
 
 @dataclass(frozen=True)

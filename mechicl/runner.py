@@ -42,7 +42,8 @@ from mechicl.store import ResultStore, StoredResult, default_store
 from mechicl.tasks import Task, load_task
 
 __all__ = ["EXECUTORS", "LocalExecutor", "ModelWorker", "RayExecutor", "RunSummary",
-           "load_result", "model_fingerprint", "run_grid"]
+           "grid_results", "load_result", "model_fingerprint", "run_grid", "sweep_tables",
+           "write_run_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -497,7 +498,8 @@ def _manifest(job: Job, entry: ModelEntry, identity: dict[str, Any], executor: s
         "kind": job.analysis,
         "model": {"weights_sha256": identity["weights_sha256"],
                   "tokenizer_sha256": identity["tokenizer_sha256"],
-                  **{k: info.get(k) for k in ("name", "hf_id", "source", "shape", "versions")}},
+                  **{k: info.get(k) for k in ("name", "hf_id", "source", "dtype", "shape",
+                                                  "versions")}},
         "entry": entry.to_dict(), "inputs": inputs, "mechicl": _version(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": seconds, "executor": executor, **extra,

@@ -171,3 +171,24 @@ def test_patch_cli_path_target(tiny_folder, tmp_path):
               "--target", "path:q", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["patch", "--out", "o", "--receivers", "3"])
+
+
+def test_load_options_reach_the_model(tiny_folder, tmp_path, capsys):
+    """--dtype / --device-map / --max-memory go to load_model; bad values name themselves."""
+    out = tmp_path / "scan"
+    assert main(["scan", "--model", str(tiny_folder), "--scores", "prefix", "--seeds", "2",
+                 "--dtype", "bf16", "--device-map", "cpu", "--no-progress", "--formats", "html",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "results" / f"{tiny_folder.name}-prefix_matching"
+                         / "meta.json").read_text())
+    assert result["model"]["dtype"] == "bfloat16"
+    with pytest.raises(SystemExit, match=r"mechicl scan: max_memory only applies when the "
+                                         "model is split"):
+        main(["scan", "--model", str(tiny_folder), "--max-memory", "cpu=1GiB",
+              "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"device_map='sideways' is neither a strategy"):
+        main(["eval", "--model", str(tiny_folder), "--task", "boolq", "--device-map",
+              "sideways", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["scan", "--out", "o", "--max-memory", "cpu:1GiB"])
+    assert "'cpu:1GiB' in --max-memory is not DEVICE=SIZE" in capsys.readouterr().err

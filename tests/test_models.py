@@ -160,6 +160,132 @@ def test_offline_hub_id_error_lists_builtins():
         load_model("some-org/some-model-that-is-not-here")
 
 
+# ---- placement: device_map / n_devices / max_memory / offload_folder, dtype ---------------
+
+@pytest.fixture(scope="module")
+def plain_tiny(tiny_folder):
+    """The tiny folder loaded the ordinary way, and fixed tokens."""
+    model = load_model(tiny_folder)
+    return model, torch.randint(4, model.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}, torch.device("cpu")])
+def test_device_map_on_one_device_equals_plain_load(tiny_folder, plain_tiny, device_map):
+    plain, tokens = plain_tiny
+    model = load_model(tiny_folder, device_map=device_map)
+    assert model.device == torch.device("cpu")
+    with torch.no_grad():
+        assert_close(model(tokens), plain(tokens), rtol=0, atol=0)
+
+
+def test_disk_offload_via_max_memory_equals_plain_load(tiny_folder, plain_tiny, tmp_path):
+    """A CPU budget too small for the weights sends them to disk; forward passes, gradients
+    and the weights hash are unchanged. (From a safetensors checkpoint, transformers reads
+    offloaded weights straight from its files: offload_folder stays empty.)"""
+    from mechicl.importance import token_gate_grads
+
+    plain, tokens = plain_tiny
+    model = load_model(tiny_folder, device_map="auto", max_memory={"cpu": "150KB"},
+                       offload_folder=tmp_path / "offload")
+    assert "disk" in model.bridge.original_model.hf_device_map.values()
+    assert {p.device.type for p in model.parameters()} == {"meta"}  # weights wait on disk
+    assert model.device == torch.device("cpu")  # ... and are computed on the CPU
+    with torch.no_grad():
+        assert_close(model(tokens), plain(tokens), rtol=0, atol=0)
+    ones, answer = torch.ones_like(tokens), torch.ones_like(tokens, dtype=torch.bool)
+    assert_close(token_gate_grads(model, tokens, ones, answer).grads,
+                 token_gate_grads(plain, tokens, ones, answer).grads, rtol=0, atol=0)
+    assert model.weights_hash == plain.weights_hash
+
+
+def test_mixed_cpu_disk_map(tiny_folder, plain_tiny, tmp_path):
+    plain, tokens = plain_tiny
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    model = load_model(tiny_folder, device_map=device_map, offload_folder=tmp_path)
+    assert model.bridge.original_model.hf_device_map == device_map
+    with torch.no_grad():
+        assert_close(model(tokens), plain(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("float16", torch.float16),
+                                             (torch.bfloat16, torch.bfloat16)])
+def test_half_dtypes(tiny_folder, plain_tiny, dtype, expected):
+    plain, tokens = plain_tiny
+    model = load_model(tiny_folder, dtype=dtype)
+    assert model.dtype == expected
+    assert {p.dtype for p in model.bridge.original_model.parameters()} == {expected}
+    with torch.no_grad():
+        logits = model(tokens)
+        assert logits.dtype == expected
+        assert_close(logits.float(), plain(tokens), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "cpu", "device_map": "auto"}, r"device='cpu' and device_map='auto' both given"),
+    ({"n_devices": 0}, r"n_devices=0: need an integer >= 1"),
+    ({"n_devices": True}, r"n_devices=True: need an integer >= 1"),
+    ({"n_devices": 2, "device_map": "auto"}, r"n_devices=2 and device_map='auto' both given"),
+    ({"n_devices": 2, "device": "cpu"}, r"device='cpu' and n_devices=2 both given"),
+    ({"device_map": "everywhere"}, r"device_map='everywhere' is neither a strategy \['auto', "),
+    ({"device_map": {}}, r"device_map=\{\} is empty"),
+    ({"device_map": {"": "meta"}}, r"device_map\[''\] = 'meta': the meta device holds no"),
+    ({"device_map": {"lm_head": -1}}, r"device_map\['lm_head'\] = -1: a GPU index must be"),
+    ({"device_map": {"lm_head": "gpu"}}, r"device_map\['lm_head'\] = 'gpu' is not a device"),
+    ({"max_memory": {"cpu": "1GiB"}}, r"max_memory only applies when the model is split"),
+    ({"device_map": "auto", "max_memory": {}}, r"max_memory=\{\}: pass a non-empty dict"),
+    ({"device_map": "auto", "max_memory": {"gpu0": "1GiB"}},
+     r"max_memory key 'gpu0' is not a device: use a GPU index .* \['cpu', 'mps', 'disk'\]"),
+    ({"device_map": "auto", "max_memory": {0: "lots"}}, r"max_memory\[0\]: memory size 'lots'"),
+    ({"device_map": "auto", "max_memory": {"cpu": "2 GB", 0: -1}},
+     r"max_memory\[0\]: memory size -1 is negative"),
+    ({"device_map": "auto", "max_memory": {0: "1GiB", "cuda:0": "1GiB"}},
+     r"max_memory names device 0 twice"),
+    ({"offload_folder": "/tmp/x"}, r"offload_folder only applies with a device_map"),
+    ({"device": "cpu", "offload_folder": "/tmp/x"}, r"offload_folder only applies"),
+])
+def test_placement_errors_name_the_value(tiny_folder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(tiny_folder, **kwargs)
+
+
+def test_n_devices_needs_that_many_gpus(tiny_folder):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs")
+    with pytest.raises(ValueError, match=rf"n_devices=2 splits the model over 2 CUDA GPUs, but "
+                                         rf"{torch.cuda.device_count()} are visible"):
+        load_model(tiny_folder, n_devices=2)
+
+
+def test_placement_arguments_reach_the_bridge(monkeypatch, tiny_folder):
+    """What boot_transformers receives: sizes as bytes, GPU keys as ints, device only when
+    the model is not split (the bridge rejects device together with device_map)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    seen = []
+
+    def fake_boot(name, **kwargs):
+        seen.append(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", fake_boot)
+    for kwargs in ({}, {"device_map": "auto", "max_memory": {"0": "1GiB", "cuda:1": 5,
+                                                             "cpu": "2GB"},
+                        "offload_folder": Path("/tmp/off")},
+                   {"device_map": 0}, {"n_devices": 1, "device": "cpu"}):
+        with pytest.raises(RuntimeError, match="stop"):
+            load_model(tiny_folder, **kwargs)
+    placement = [{k: v for k, v in kw.items() if k not in ("dtype", "trust_remote_code")}
+                 for kw in seen]
+    assert placement == [
+        {"device": "cpu"},
+        {"device_map": "auto", "max_memory": {0: 2**30, 1: 5, "cpu": 2 * 10**9},
+         "offload_folder": "/tmp/off"},
+        {"device_map": {"": 0}},
+        {"device": "cpu"},
+    ]
+
+
 # ---- the real default model ----------------------------------------------------------------
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import torch
 import mechicl
 from mechicl.grid import parse_grid, task_digest
 from mechicl.overlap import overlap_table, top_k
-from mechicl.runner import load_result, run_grid
+from mechicl.runner import grid_results, load_result, run_grid
 from mechicl.store import ResultStore
 from mechicl.tasks import TASKS, load_task, register_task
 
@@ -108,6 +108,10 @@ def test_stored_results_equal_direct_library_calls(finished, tiny_folder, one_th
     expected = overlap_table({(TASK_B, 1): imp}, scan, k=top_k(imp.mean.numel(), percentile=10),
                              n_permutations=20, seed=0)
     pd.testing.assert_frame_equal(overlap, expected)
+    loaded = grid_results(parse_grid(grid_dict(tiny_folder)), store, summary, ["accuracy"])
+    assert [(j.task, j.shots) for j, _ in loaded] == [(TASK_A, 0), (TASK_A, 1), (TASK_B, 0),
+                                                      (TASK_B, 1)]
+    assert loaded[0][1].accuracy == acc.accuracy
     manifest = store.get(rows["overlap", TASK_B, 1]).manifest
     assert manifest["inputs"] == [rows["scan", None, None], rows["importance", TASK_B, 1]]
     assert manifest["model"]["weights_sha256"] == model.weights_hash
@@ -359,3 +363,75 @@ def test_checkpoint_sweep_runs_once_per_distinct_weights_and_plots(tmp_path):
     torch.testing.assert_close(torch.tensor(last["mean"].to_numpy()), direct.mean.flatten())
     for score in ("prefix_matching", "previous_token"):
         assert (tmp_path / "out" / f"checkpoints-tiny-{score}.html").is_file()
+
+
+def test_model_load_options_reach_the_worker_and_the_key(tiny_folder, tmp_path):
+    """[models.X] load options: a bfloat16 load is other weights (other keys) than float32;
+    the manifest records the entry; bad options name the key."""
+    data = grid_dict(tiny_folder, scan={"n_seeds": 2, "length": 6})
+    data["models"] = {str(tiny_folder): {"dtype": "bfloat16"}}
+    store = ResultStore(tmp_path / "store")
+    half = run_grid(parse_grid(data), store, progress=False)
+    full = run_grid(parse_grid(grid_dict(tiny_folder, scan={"n_seeds": 2, "length": 6})), store,
+                    progress=False)
+    assert half.ok and full.ok and half.jobs[0]["key"] != full.jobs[0]["key"]
+    manifest = store.get(half.jobs[0]["key"]).manifest
+    assert manifest["entry"]["load"] == {"dtype": "bfloat16"}
+    scores = load_result(store.get(half.jobs[0]["key"]))["prefix_matching"]
+    assert scores.model["weights_sha256"] == manifest["model"]["weights_sha256"]
+    for table, match in [({"dtype": "int8"}, r"models.*dtype = 'int8': choose one of"),
+                         ({"n_devices": 0}, r"models.*: n_devices=0: need an integer >= 1"),
+                         ({"device": "cpu", "device_map": "auto"}, "both given"),
+                         ({"device_map": "auto", "max_memory": {"gpu0": "1GB"}},
+                          r"max_memory key 'gpu0' is not a device"),
+                         ({"device_map": "sideways"}, r"device_map='sideways' is neither"),
+                         ({"cuda": True}, r"unknown key models.*cuda")]:
+        with pytest.raises(mechicl.grid.GridError, match=match):
+            parse_grid({**data, "models": {str(tiny_folder): table}})
+    # a grid for a cluster parses on a machine without its GPUs
+    parse_grid({**data, "models": {str(tiny_folder): {"n_devices": 8}}})
+    with pytest.raises(mechicl.grid.GridError, match=r"is not in grid.models"):
+        parse_grid({**data, "models": {"other": {}}})
+
+
+def test_memory_budget_chooses_batch_tokens_without_changing_keys(tiny_folder, tmp_path,
+                                                                  one_thread):
+    """[models.X] memory_budget: each job's batch_tokens is the largest that fits the budget
+    (recorded in the manifest); keys and results are those of the run without a budget."""
+    from mechicl.memory import batch_tokens_for_budget, estimate_memory
+    from mechicl.runner import _longest_sequence
+
+    analyses = {"scan": {"n_seeds": 3, "length": 8}, "importance": {"n": 6}}
+    model = mechicl.load_model(tiny_folder)
+    plain = parse_grid(grid_dict(tiny_folder, **analyses))
+    seq_len, job = max((_longest_sequence(model, j, load_task(j.task)), j)
+                       for j in plain.jobs() if j.analysis == "importance")
+    # A budget with room for exactly two of the longest rows of the importance jobs.
+    two_rows = estimate_memory(model, batch_tokens=2 * seq_len, seq_len=seq_len,
+                               analysis="importance").total
+    data = grid_dict(tiny_folder, **analyses)
+    data["models"] = {str(tiny_folder): {"memory_budget": two_rows}}
+    store = ResultStore(tmp_path / "store")
+    budgeted = run_grid(parse_grid(data), store, progress=False,
+                        executor_options={"threads": 1})
+    assert budgeted.ok
+    for row in budgeted.jobs:
+        j = next(j for j in plain.jobs() if (j.analysis, j.task, j.shots) ==
+                 (row["analysis"], row["task"], row["shots"]))
+        task = load_task(j.task) if j.task else None
+        expected = batch_tokens_for_budget(
+            model, two_rows, seq_len=_longest_sequence(model, j, task),
+            analysis="scan" if j.analysis == "scan" else "importance")
+        assert store.get(row["key"]).manifest["batch_tokens"] == expected
+        if j.analysis == "importance" and (j.task, j.shots) == (job.task, job.shots):
+            assert expected == 2 * seq_len
+    unbudgeted = run_grid(plain, ResultStore(tmp_path / "plain"), progress=False,
+                          executor_options={"threads": 1})
+    assert [r["key"] for r in budgeted.jobs] == [r["key"] for r in unbudgeted.jobs]
+    for row in budgeted.jobs:
+        if row["analysis"] == "importance":
+            a = load_result(store.get(row["key"]))
+            b = load_result(ResultStore(tmp_path / "plain").get(row["key"]))
+            torch.testing.assert_close(a.mean, b.mean, rtol=1e-4, atol=1e-6)
+    with pytest.raises(mechicl.grid.GridError, match=r"memory_budget.*unknown unit"):
+        parse_grid({**data, "models": {str(tiny_folder): {"memory_budget": "8 parsecs"}}})
