@@ -38,15 +38,6 @@ def run(grid: Path, store: Path, *extra: str) -> tuple[float, str]:
     return seconds, proc.stdout.strip().splitlines()[0]
 
 
-def results(store: ResultStore) -> dict[str, dict[str, bytes]]:
-    out = {}
-    for key in store.keys():
-        root = store.path(key) / "result"
-        out[key] = {p.relative_to(root).as_posix(): p.read_bytes()
-                    for p in sorted(root.rglob("*")) if p.is_file()}
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", type=Path, default=ROOT / "examples/grids/two-models.toml")
@@ -62,7 +53,7 @@ def main() -> None:
     t_local, line_local = run(args.grid, local, *threads)
     t_ray, line_ray = run(args.grid, ray_store, "--executor", "ray", *threads)
     t_cached, line_cached = run(args.grid, local, *threads)
-    a, b = results(ResultStore(local)), results(ResultStore(ray_store))
+    a, b = ResultStore(local).contents(), ResultStore(ray_store).contents()
     same_keys = set(a) == set(b)
     identical = same_keys and all(a[k] == b[k] for k in a)
     per_job: dict[str, dict[str, float]] = {}

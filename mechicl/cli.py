@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--force", action="store_true", help="recompute every result")
     rep.add_argument("--out", type=Path, required=True)
     rep.add_argument("--no-progress", action="store_true")
-    run = sub.add_parser("run", help="run an experiment grid (TOML) into the result store; "
+    run = sub.add_parser("run", help="run an experiment grid (TOML or YAML) into the result store; "
                                      "finished jobs are never recomputed")
     run.add_argument("grid", type=Path, help="the grid file (see docs: experiment grids)")
     run.add_argument("--store", type=Path, default=None,

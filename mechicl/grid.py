@@ -1,5 +1,5 @@
-"""Declarative experiment grids: a TOML file naming models, tasks, shots, seeds and analyses,
-expanded into jobs with content-addressed cache keys. ``mechicl run GRID`` runs them
+"""Declarative experiment grids: a TOML (or YAML) file naming models, tasks, shots, seeds and
+analyses, expanded into jobs with content-addressed cache keys. ``mechicl run GRID`` runs them
 (:mod:`mechicl.runner`).
 
 A grid file::
@@ -410,7 +410,7 @@ def _sweep_entries(name: str, table: Any, base: Path | None) -> list[ModelEntry]
 
 
 def parse_grid(data: dict[str, Any], *, base: str | Path | None = None) -> Grid:
-    """Validate a grid given as a dict (the parsed TOML) and return it. ``base``: the folder
+    """Validate a grid given as a dict (the parsed TOML or YAML) and return it. ``base``: the folder
     relative checkpoint folders are read from (the grid file's)."""
     from mechicl.tasks import TASKS
 
@@ -476,14 +476,29 @@ def parse_grid(data: dict[str, Any], *, base: str | Path | None = None) -> Grid:
 
 
 def load_grid(path: str | Path) -> Grid:
-    """Read and validate a TOML grid file."""
+    """Read and validate a grid file: TOML (``.toml``) or YAML (``.yaml`` / ``.yml``, the same
+    tables as mappings)."""
     path = Path(path)
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise GridError(f"{path}: not valid TOML: {err}") from None
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise GridError(f"grid file {path} does not exist") from None
+    if yaml_file:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise GridError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise GridError(f"{path}: a grid file is a mapping with a 'grid' table, got "
+                            f"{type(data).__name__}")
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise GridError(f"{path}: not valid TOML: {err}") from None
     try:
         return parse_grid(data, base=path.parent)
     except GridError as err:

@@ -540,6 +540,9 @@ class _GridRun:
         self.plans: dict[str, _ModelPlan] = {}
         for i, job in enumerate(self.jobs):
             self.plans.setdefault(job.model, _ModelPlan(grid.entry(job.model))).jobs.append(i)
+        # key -> jobs of other models waiting for it: models with identical weights (e.g. two
+        # checkpoints) share keys, and each key is computed once even when they run in parallel
+        self.in_flight: dict[str, list[tuple[_ModelPlan, int]]] = {}
         self.waiting: deque[_ModelPlan] = deque()
         self.open: list[_ModelPlan] = []
         self.active: dict[Any, tuple[str, _ModelPlan, int | None]] = {}  # future -> call
@@ -567,7 +570,10 @@ class _GridRun:
             self.rows[i]["key"] = key
             if self.store.has(key):
                 self.finish(i, "cached")
+            elif key in self.in_flight:  # another model with the same weights computes it
+                self.in_flight[key].append((plan, i))
             else:
+                self.in_flight[key] = []
                 plan.todo.append(i)
         self.settle_derived(plan)
 
@@ -645,6 +651,9 @@ class _GridRun:
             value["files"])
         self.finish(i, "computed", value["seconds"])
         self.settle_derived(plan)
+        for other, j in self.in_flight.pop(self.rows[i]["key"], []):
+            self.finish(j, "cached")
+            self.settle_derived(other)
 
     def on_error(self, kind: str, plan: _ModelPlan, i: int | None, err: Exception) -> None:
         message = f"{type(err).__name__}: {err}"
@@ -657,6 +666,10 @@ class _GridRun:
         log.error("%s failed: %s", self.jobs[i].describe(), message)
         self.finish(i, "failed", error=message)
         self.settle_derived(plan)
+        for other, j in self.in_flight.pop(self.rows[i]["key"], []):
+            self.finish(j, "failed", error=f"the same job (same key) on {plan.entry.name} "
+                        f"failed: {message}")
+            self.settle_derived(other)
 
     # ---- the loop ---------------------------------------------------------------------------
 

@@ -58,6 +58,13 @@ class StoredResult:
     def result_path(self) -> Path:
         return self.path / "result"
 
+    def files(self) -> dict[str, bytes]:
+        """The result's files (relative path -> bytes), without the manifest: what two runs
+        of the same job are compared by (the manifest holds times and hosts)."""
+        root = self.result_path
+        return {p.relative_to(root).as_posix(): p.read_bytes()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
 
 def _fsync_tree(root: Path) -> None:
     """Flush every file and folder under ``root`` to disk before the commit rename, so a
@@ -162,6 +169,10 @@ class ResultStore:
     def entries(self) -> Iterator[StoredResult]:
         for key in self.keys():
             yield self.get(key)
+
+    def contents(self) -> dict[str, dict[str, bytes]]:
+        """key -> :meth:`StoredResult.files` of every stored result (for comparing stores)."""
+        return {entry.key: entry.files() for entry in self.entries()}
 
     def table(self) -> pd.DataFrame:
         """One row per stored result: key, analysis, model (name, weights hash), task, shots,

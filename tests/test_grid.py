@@ -1,4 +1,4 @@
-"""Experiment grids (issue 8, part 1): TOML parsing, validation errors that name the bad key,
+"""Experiment grids (issue 8, part 1): TOML / YAML parsing, validation errors that name the bad key,
 job expansion, and content-addressed job keys."""
 
 import pytest
@@ -106,3 +106,26 @@ def test_file_errors(tmp_path):
         load_grid(bad)
     with pytest.raises(GridError, match="missing"):
         parse_grid({})
+    for text, match in [("grid: [1, 2", "not valid YAML"), ("- 1\n- 2", "got list")]:
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(GridError, match=match):
+            load_grid(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yml").write_text("grid:\n  models: [m]\n  tasks: [boolq]\n  shots: [0]\n"
+                                      "analyses:\n  scan: {n_seedz: 3}\n")
+    with pytest.raises(GridError, match=r"bad.yml: .*analyses.scan.n_seedz"):
+        load_grid(tmp_path / "bad.yml")
+
+
+def test_yaml_grid_equals_toml(tmp_path):
+    (tmp_path / "grid.toml").write_text(GOOD)
+    (tmp_path / "grid.yaml").write_text("""
+grid:
+  models: [smollm2-135m, gemma3-270m]
+  tasks: [country_capital, antonyms, sentiment]
+  shots: [0, 1, 5]
+  seeds: [0, 1]
+analyses:
+  scan: {scores: [prefix_matching, copying], n_seeds: 100}
+  importance: {method: bansal, n: 50}
+""")
+    assert load_grid(tmp_path / "grid.yaml") == load_grid(tmp_path / "grid.toml")

@@ -49,16 +49,6 @@ def grid_dict(model: str | Path, **analyses: dict) -> dict:
                 "overlap": {"n_permutations": 20}}}
 
 
-def result_bytes(store: ResultStore) -> dict[str, dict[str, bytes]]:
-    """key -> {file: bytes} of every result folder (the manifests hold times: left out)."""
-    out = {}
-    for key in store.keys():
-        root = store.path(key) / "result"
-        out[key] = {p.relative_to(root).as_posix(): p.read_bytes()
-                    for p in sorted(root.rglob("*")) if p.is_file()}
-    return out
-
-
 @pytest.fixture(scope="module")
 def finished(tiny_folder, tmp_path_factory):
     """One uninterrupted run of the default test grid (one torch thread)."""
@@ -190,6 +180,7 @@ def test_store_commits_atomically(tmp_path, monkeypatch):
     assert store.put(key, {"job": {}}, {"a.json": b"{}", "sub/b.bin": b"\x00"})
     assert store.has(key) and not store.put(key, {"job": {}}, {"a.json": b"other"})
     assert (store.path(key) / "result" / "a.json").read_bytes() == b"{}"
+    assert store.contents() == {key: {"a.json": b"{}", "sub/b.bin": b"\x00"}}
     # a crash while writing leaves no result and nothing half-written in objects/
     other = "cd" * 32
 
@@ -249,7 +240,7 @@ def test_kill_9_then_resume_gives_identical_results(finished, tiny_folder, tmp_p
     assert resumed.returncode == 0, out
     n = len(ref_summary.jobs)
     assert f"{n - done_before} computed, {done_before} already in the store" in out
-    assert result_bytes(store) == result_bytes(reference)
+    assert store.contents() == reference.contents()
     assert not any((store.root / "tmp").iterdir())
 
 
@@ -276,7 +267,7 @@ def test_ray_executor_equals_local(finished, tiny_folder, tmp_path):
         ray.shutdown()
     assert summary.ok and summary.executor == "ray"
     assert summary.table().key.tolist() == ref_summary.table().key.tolist()
-    assert result_bytes(store) == result_bytes(reference)
+    assert store.contents() == reference.contents()
     executors = {store.get(k).manifest["executor"] for k in store.keys()}
     assert executors == {"ray", "driver"}  # overlap is derived on the driver
 
@@ -363,6 +354,23 @@ def test_checkpoint_sweep_runs_once_per_distinct_weights_and_plots(tmp_path):
     torch.testing.assert_close(torch.tensor(last["mean"].to_numpy()), direct.mean.flatten())
     for score in ("prefix_matching", "previous_token"):
         assert (tmp_path / "out" / f"checkpoints-tiny-{score}.html").is_file()
+
+    # Again with other options (new keys), now with the checkpoints' identities remembered and
+    # all models running at once on Ray: the identical checkpoint still computes nothing - its
+    # job waits for the other's result - and its model is never loaded.
+    import ray
+
+    grid.write_text(grid.read_text().replace("n_seeds = 2", "n_seeds = 3"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        again = run_grid(mechicl.grid.load_grid(grid), ResultStore(store), executor="ray",
+                         executor_options={"threads": 1}, progress=False)
+    finally:
+        ray.shutdown()
+    assert again.ok and [r["status"] for r in again.jobs] == ["computed", "computed", "cached",
+                                                              "computed"]
+    assert again.jobs[1]["key"] == again.jobs[2]["key"]
+    assert len(list(ResultStore(store).keys())) == 3 + 3
 
 
 def test_model_load_options_reach_the_worker_and_the_key(tiny_folder, tmp_path):
