@@ -32,11 +32,12 @@ on generated clean/corrupted pairs and writes result folders, heatmaps and
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,50 @@ def _add_load_options(sub: argparse.ArgumentParser) -> None:
                        "e.g. step1000 for Pythia checkpoints)")
 
 
+def parse_budget(text: str) -> str:
+    """A memory size such as ``8GB`` or ``24GiB`` (checked, returned as given)."""
+    from mechicl.memory import parse_bytes
+
+    try:
+        parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _add_batch_options(sub: argparse.ArgumentParser, default: int | None) -> None:
+    """``--batch-tokens`` (fixed) or ``--memory-budget`` (batch size from a budget)."""
+    group = sub.add_mutually_exclusive_group()
+    group.add_argument("--batch-tokens", type=_positive, default=None,
+                       help="rows x longest row per forward pass (default "
+                            f"{default if default is not None else 'the analysis default'})")
+    group.add_argument("--memory-budget", type=parse_budget, default=None,
+                       help="choose --batch-tokens so the estimated peak memory (weights "
+                            "included) fits this size, e.g. 8GB or 24GiB (see "
+                            "docs/concepts/big-models.md)")
+    sub.set_defaults(default_batch_tokens=default)
+
+
+def _batch_tokens(args: argparse.Namespace, model: Any,
+                  needs: Sequence[tuple[str, Callable[[], int]]]) -> int | None:
+    """``--batch-tokens``, or the largest that fits ``--memory-budget`` for every
+    ``(memory analysis, longest sequence)`` in ``needs``; else the command's default."""
+    if args.memory_budget is None:
+        return args.default_batch_tokens if args.batch_tokens is None else args.batch_tokens
+    from mechicl.memory import batch_tokens_for_budget
+
+    try:
+        tokens = min(batch_tokens_for_budget(model, args.memory_budget, dtype=model.dtype,
+                                             seq_len=seq_len(), analysis=analysis)
+                     for analysis, seq_len in needs)
+    except ValueError as err:
+        raise SystemExit(f"mechicl {args.command}: --memory-budget {args.memory_budget}: "
+                         f"{err}") from None
+    logging.getLogger(__name__).info("--memory-budget %s: batch_tokens %d",
+                                     args.memory_budget, tokens)
+    return tokens
+
+
 def _load(args: argparse.Namespace) -> Any:
     import mechicl
 
@@ -170,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prefix-matching targets: exact, or llm-interpret's indexing")
     scan.add_argument("--stream", choices=("embeddings", "residual"), default="embeddings",
                       help="copying-score input stream (default: embeddings, as the reference)")
-    scan.add_argument("--batch-tokens", type=_positive, default=4096,
-                      help="rows x sequence length per forward pass")
+    _add_batch_options(scan, 4096)
     scan.add_argument("--formats", default="png,html",
                       help="figure formats, comma-separated from png,svg,pdf,html")
     scan.add_argument("--out", type=Path, required=True, help="output folder")
@@ -215,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--ffn", action="store_true", help="also FFN knock-out importance (accuracy)")
     imp.add_argument("--n", type=_positive, default=100, help="prompts per task and shot count")
     imp.add_argument("--seed", type=int, default=0)
-    imp.add_argument("--batch-tokens", type=_positive, default=None)
+    _add_batch_options(imp, None)
     imp.add_argument("--shared-scale", action="store_true",
                      help="one colour scale for all shot counts of a task and method")
     imp.add_argument("--formats", default="png,html")
@@ -247,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random sequences for induction-score rankings")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--ablation", choices=("zero", "mean"), default="zero")
-    pr.add_argument("--batch-tokens", type=_positive, default=4096)
+    _add_batch_options(pr, 4096)
     pr.add_argument("--formats", default="png,html")
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--no-progress", action="store_true")
@@ -277,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "prob", "loss"), default="logit_diff_normalized")
     pa.add_argument("--attribution", action="store_true",
                     help="also attribution patching, with its agreement with exact patching")
-    pa.add_argument("--batch-tokens", type=_positive, default=8192)
+    _add_batch_options(pa, 8192)
     pa.add_argument("--formats", default="png,html")
     pa.add_argument("--out", type=Path, required=True)
     pa.add_argument("--no-progress", action="store_true")
@@ -309,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--top-k-percent", type=float, default=10.0,
                      help="top heads for the overlap statistics, in %% of all heads")
     rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--batch-tokens", type=_positive, default=4096)
+    _add_batch_options(rep, 4096)
     rep.add_argument("--formats", default="png", help="figure formats (png always written)")
     rep.add_argument("--reuse", type=Path, action="append", default=[],
                      help="another output folder whose results/ may be reused (repeatable)")
@@ -383,20 +427,23 @@ def parse_targets(text: str) -> list[str]:
 
 def run_scan(args: argparse.Namespace) -> dict:
     from mechicl.induction import induction_scan
+    from mechicl.memory import longest_scan_sequence
     from mechicl.plotting import head_heatmap, save_figure
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     start = time.perf_counter()
     model = _load(args)
     loaded = time.perf_counter()
+    batch_tokens = _batch_tokens(args, model,
+                                 [("scan", lambda: longest_scan_sequence(args.seeds))])
     result = induction_scan(model, scores=args.scores, n_seeds=args.seeds, seed=args.seed,
                             indexing=args.indexing, stream=args.stream,
-                            batch_tokens=args.batch_tokens, progress=not args.no_progress)
+                            batch_tokens=batch_tokens, progress=not args.no_progress)
     scanned = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     slug = Path(model.name).name.replace("/", "_")
-    summary: dict = {"model": model.info(), "scores": {}, "seconds": {
+    summary: dict = {"model": model.info(), "batch_tokens": batch_tokens, "scores": {}, "seconds": {
         "load": round(loaded - start, 2), "scan": round(scanned - loaded, 2)}}
     for name, scores in result.scores.items():
         scores.save(out / "results" / f"{slug}-{name}")
@@ -472,15 +519,20 @@ def run_importance(args: argparse.Namespace) -> list[dict]:
 
     import mechicl
     from mechicl._io import atomic_write_text
+    from mechicl.memory import longest_prompt
     from mechicl.overlap import kendall, spearman, top_k_overlap
     from mechicl.plotting import head_heatmap, layer_bars, save_figure
+    from mechicl.tasks import build_prompts
 
     model = _load(args)
     out: Path = args.out
     formats = _formats(args.formats)
+    tasks = [_load_task(name) for name in args.task]
+    batch_tokens = _batch_tokens(args, model, [("importance", lambda: longest_prompt(model, [
+        p for t in tasks for k in args.shots
+        for p in build_prompts(t, shots=k, n=args.n, seed=args.seed)]))])
     rows = []
-    for name in args.task:
-        task = _load_task(name)
+    for task in tasks:
         results: dict[tuple[str, int], Any] = {}
         for shots in args.shots:
             for method in args.method:
@@ -491,7 +543,7 @@ def run_importance(args: argparse.Namespace) -> list[dict]:
                     ablation=args.ablation if method == "ablation" else "zero",
                     metric=args.metric if method == "ablation" else "loss",
                     token_normalization=args.token_normalization,
-                    batch_tokens=args.batch_tokens, progress=not args.no_progress)
+                    batch_tokens=batch_tokens, progress=not args.no_progress)
                 seconds = time.perf_counter() - start
                 scores.save(out / "results" / f"{task.name}-{shots}shot-{method}")
                 results[method, shots] = scores
@@ -543,6 +595,7 @@ def run_prune(args: argparse.Namespace) -> list[dict]:
 
     import mechicl
     from mechicl._io import atomic_write_text
+    from mechicl.memory import longest_prompt
     from mechicl.plotting import prune_curve_figure, save_figure
     from mechicl.pruning import split_prompts
     from mechicl.report import curve_summaries
@@ -602,6 +655,8 @@ def run_prune(args: argparse.Namespace) -> list[dict]:
                          f"{sorted(TASKS)}, an induction score {sorted(set(SCORE_ALIASES))} or "
                          "a saved HeadScores folder")
 
+    batch_tokens = _batch_tokens(args, model, [("choices", lambda: longest_prompt(model, [
+        p for t in args.task for k in args.shots for p in prompts_of(t, k)[1]]))])
     rows = []
     for task_name in args.task:
         for shots in args.shots:
@@ -613,7 +668,7 @@ def run_prune(args: argparse.Namespace) -> list[dict]:
                 model, task_name, shots=shots, prompts=eval_prompts, head_rankings=heads or None,
                 ffn_rankings=ffns or None, head_percents=args.percents,
                 ffn_percents=args.ffn_percents, random_draws=args.draws, seed=args.seed,
-                ablation=args.ablation, batch_tokens=args.batch_tokens,
+                ablation=args.ablation, batch_tokens=batch_tokens,
                 progress=not args.no_progress)
             seconds = time.perf_counter() - start
             stem = f"{_slug(task_name)}-{shots}shot"
@@ -650,6 +705,7 @@ def run_patch(args: argparse.Namespace) -> dict:
         logging.getLogger(__name__).info("--by-pos: using the %d pairs of length %d (of %d)",
                                          len(groups[length]), length, len(pairs))
         pairs = groups[length]
+    batch_tokens = _batch_tokens(args, model, [("forward", lambda: int(pairs.clean.shape[1]))])
     out: Path = args.out
     slug = Path(model.name).name.replace("/", "_")
     summary: dict = {"model": model.info(), "prompts": args.prompts, "n_pairs": len(pairs),
@@ -668,12 +724,12 @@ def run_patch(args: argparse.Namespace) -> dict:
                 model, pairs, metric=args.metric,
                 receivers="logits" if target == "path:logits" else args.receivers,
                 receiver_input=target.removeprefix("path:") if target != "path:logits" else "q",
-                direction=args.path_direction, batch_tokens=args.batch_tokens,
+                direction=args.path_direction, batch_tokens=batch_tokens,
                 progress=not args.no_progress)
         else:
             result = mechicl.patch(model, pairs, metric=args.metric, target=target,
                                    by_pos=args.by_pos, direction=args.direction,
-                                   kv_heads=args.kv_heads, batch_tokens=args.batch_tokens,
+                                   kv_heads=args.kv_heads, batch_tokens=batch_tokens,
                                    progress=not args.no_progress)
         seconds = time.perf_counter() - start
         result.save(out / "results" / stem)
@@ -702,8 +758,9 @@ def run_patch(args: argparse.Namespace) -> dict:
 
 
 def run_report(args: argparse.Namespace) -> Any:
+    from mechicl.memory import longest_prompt, longest_scan_sequence
     from mechicl.report import ReportConfig, build_report
-    from mechicl.tasks import TASKS
+    from mechicl.tasks import TASKS, build_prompts
 
     if len(args.method) != 1:
         raise SystemExit(f"--method takes one method, got {args.method}")
@@ -715,10 +772,21 @@ def run_report(args: argparse.Namespace) -> Any:
             prune_shots=tuple(args.prune_shots), percents=tuple(args.percents),
             ffn_percents=tuple(args.ffn_percents),
             draws=args.draws, ffn=not args.no_ffn, top_k_percent=args.top_k_percent,
-            seed=args.seed, batch_tokens=args.batch_tokens, formats=tuple(_formats(args.formats)))
+            seed=args.seed, batch_tokens=args.batch_tokens or args.default_batch_tokens,
+            formats=tuple(_formats(args.formats)))
     except ValueError as err:
         raise SystemExit(f"mechicl report: {err}") from None
     model = _load(args)
+    if args.memory_budget is not None:
+        def prompts() -> list:
+            pairs = {(t, k) for t in config.tasks for k in config.shots}
+            pairs |= {(t, k) for t in config.prune_tasks for k in config.prune_shots}
+            return [p for t, k in sorted(pairs) for p in build_prompts(
+                _load_task(t), shots=k, n=config.n + config.eval_n, seed=config.seed)]
+
+        config = dataclasses.replace(config, batch_tokens=_batch_tokens(args, model, [
+            ("scan", lambda: longest_scan_sequence(config.scan_seeds, length=config.scan_length)),
+            ("importance", lambda: longest_prompt(model, prompts()))]))
     return build_report(model, args.out, config, reuse=args.reuse, force=args.force,
                         progress=not args.no_progress)
 

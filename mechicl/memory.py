@@ -54,7 +54,7 @@ Axis names: ``batch pos head query_pos key_pos d_model d_mlp d_vocab``.
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -72,6 +72,8 @@ __all__ = [
     "ModelShape",
     "batch_tokens_for_budget",
     "estimate_memory",
+    "longest_prompt",
+    "longest_scan_sequence",
     "memory_table",
     "parse_bytes",
 ]
@@ -480,6 +482,46 @@ def batch_tokens_for_budget(
     while rows > 1 and _estimate(m, torch_dtype, rows, seq_len, analysis).total > limit:
         rows -= 1
     return rows * seq_len
+
+
+def longest_scan_sequence(n_seeds: int = 100, *, length: int | Callable[[int], int] | None = None,
+                          n_copies: int = 4) -> int:
+    """Tokens in the longest sequence :func:`mechicl.induction.induction_scan` runs: BOS +
+    ``n_copies`` copies of the longest base sequence (the ``seq_len`` for a budget).
+
+    Args:
+        n_seeds: random sequences of the scan.
+        length: one length for every sequence, a function of the seed index, or None for
+            Bansal et al.'s ``2 s + 25``.
+        n_copies: copies of each base sequence.
+
+    >>> longest_scan_sequence(100)  # 4 x (2 * 99 + 25) + 1
+    893
+    """
+    from mechicl.induction import bansal_length
+
+    _check_positive("n_seeds", n_seeds)
+    _check_positive("n_copies", n_copies)
+    if length is None:
+        length = bansal_length
+    longest = length if isinstance(length, int) else max(length(s) for s in range(n_seeds))
+    _check_positive("length", longest)
+    return n_copies * longest + 1
+
+
+def longest_prompt(model: HookedModel, prompts: Sequence[Any]) -> int:
+    """Tokens in the longest prompt plus answer (the ``seq_len`` for a budget).
+
+    Args:
+        model: the model whose tokenizer counts the tokens.
+        prompts: :class:`~mechicl.tasks.Prompt` objects, e.g. from
+            :func:`mechicl.tasks.build_prompts`.
+    """
+    if not prompts:
+        raise ValueError("prompts is empty: need at least one prompt")
+    model = as_hooked_model(model)
+    # The longest answer in characters need not be the longest in tokens: count every one.
+    return max(len(model.encode(p.text + c)) for p in prompts for c in p.continuations)
 
 
 def memory_table(

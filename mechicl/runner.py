@@ -189,18 +189,16 @@ def _budget_analysis(analysis: str) -> str:
 
 def _longest_sequence(model: Any, job: Job, task: Task | None) -> int:
     """The longest token sequence the job feeds the model (for memory budgets)."""
-    from mechicl.induction import bansal_length
+    from mechicl.memory import longest_prompt, longest_scan_sequence
     from mechicl.tasks import build_prompts
 
     o = job.options
     if job.analysis == "scan":
-        n_seeds = o.get("n_seeds", 100)
-        return 4 * (o["length"] if "length" in o else bansal_length(n_seeds - 1)) + 1
+        return longest_scan_sequence(o.get("n_seeds", 100), length=o.get("length"))
     if task is None:
         return int(getattr(model.cfg, "n_ctx", 2048))
-    prompts = build_prompts(task, shots=job.shots, seed=job.seed,
-                            n=o.get("n", 50) + o.get("eval_n", 0))
-    return max(len(model.encode(p.text + max(p.continuations, key=len))) for p in prompts)
+    return longest_prompt(model, build_prompts(task, shots=job.shots, seed=job.seed,
+                                               n=o.get("n", 50) + o.get("eval_n", 0)))
 
 
 def _budget_batch_tokens(model: Any, entry: ModelEntry, job: Job, task: Task | None

@@ -192,3 +192,56 @@ def test_load_options_reach_the_model(tiny_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["scan", "--out", "o", "--max-memory", "cpu:1GiB"])
     assert "'cpu:1GiB' in --max-memory is not DEVICE=SIZE" in capsys.readouterr().err
+
+
+def test_memory_budget_chooses_batch_tokens(tiny_folder, copy_task_file, tmp_path, monkeypatch,
+                                            capsys):
+    """--memory-budget gives the analyses the batch size whose estimate fits the budget."""
+    import mechicl
+    from mechicl.memory import estimate_memory, longest_prompt, longest_scan_sequence
+    from mechicl.tasks import build_prompts, task_from_file
+
+    model = mechicl.load_model(tiny_folder)
+    # Scan: a budget that holds exactly three of the longest sequences (3 seeds: L = 29).
+    seq = longest_scan_sequence(3)
+    assert seq == 4 * 29 + 1
+    budget = estimate_memory(model, batch_tokens=3 * seq, seq_len=seq, analysis="scan").total
+    assert estimate_memory(model, batch_tokens=4 * seq, seq_len=seq,
+                           analysis="scan").total > budget
+    out = tmp_path / "scan"
+    assert main(["scan", "--model", str(tiny_folder), "--scores", "prefix", "--seeds", "3",
+                 "--memory-budget", str(budget), "--no-progress", "--formats", "html",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / f"{tiny_folder.name}-summary.json").read_text())
+    assert summary["batch_tokens"] == 3 * seq
+    assert main(["scan", "--model", str(tiny_folder), "--scores", "prefix", "--seeds", "3",
+                 "--no-progress", "--formats", "html", "--out", str(out)]) == 0
+    assert json.loads((out / f"{tiny_folder.name}-summary.json").read_text()
+                      )["batch_tokens"] == 4096  # the default without a budget
+
+    # Importance: the longest prompt over every task and shot count sets the sequence length.
+    task = task_from_file(copy_task_file)
+    seq = longest_prompt(model, [p for k in (0, 2) for p in build_prompts(task, shots=k, n=6)])
+    assert seq > longest_prompt(model, build_prompts(task, shots=0, n=6))
+    budget = estimate_memory(model, batch_tokens=2 * seq, seq_len=seq,
+                             analysis="importance").total
+    seen = []
+    real = mechicl.head_importance
+    monkeypatch.setattr(mechicl, "head_importance",
+                        lambda *a, **kw: seen.append(kw["batch_tokens"]) or real(*a, **kw))
+    assert main(["importance", "--model", str(tiny_folder), "--task", str(copy_task_file),
+                 "--shots", "0,2", "--n", "6", "--memory-budget", f"{budget}B",
+                 "--no-progress", "--formats", "html", "--out", str(tmp_path / "imp")]) == 0
+    assert seen == [2 * seq, 2 * seq]
+
+    # Bad budgets name themselves; a fixed batch size and a budget exclude each other.
+    with pytest.raises(SystemExit, match=r"--memory-budget 1KB: budget .* is too small: scan "
+                                         r"on one sequence of 109 tokens needs"):
+        main(["scan", "--model", str(tiny_folder), "--seeds", "2", "--memory-budget", "1KB",
+              "--out", str(out)])
+    for bad in (["--memory-budget", "lots"], ["--memory-budget", "1GB", "--batch-tokens", "64"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["scan", "--out", "o", *bad])
+    err = capsys.readouterr().err
+    assert "memory size 'lots' is not a number" in err
+    assert "not allowed with argument" in err

@@ -15,6 +15,8 @@ from mechicl.memory import (
     ModelShape,
     batch_tokens_for_budget,
     estimate_memory,
+    longest_prompt,
+    longest_scan_sequence,
     memory_table,
     parse_bytes,
 )
@@ -210,6 +212,42 @@ def test_budget_too_small_says_what_is_needed():
                                 analysis="importance")
     with pytest.raises(ValueError, match="unknown unit"):
         batch_tokens_for_budget(shape, "24 gigs", seq_len=16, analysis="forward")
+
+
+def test_longest_scan_sequence_matches_the_scan_inputs(tiny_folder):
+    """The sequence length a budget is computed for is the longest the scan really runs."""
+    from mechicl import load_model
+    from mechicl.induction import copying_sequences, repeated_sequences
+
+    model = load_model(tiny_folder)
+    for n_seeds in (1, 4):
+        longest = max(len(t) for t in repeated_sequences(model, n_seeds=n_seeds))
+        assert longest_scan_sequence(n_seeds) == longest
+    def length(s):
+        return [7, 12, 4][s]
+
+    longest = max(len(t) for t in copying_sequences(model, n_seeds=3, length=length))
+    assert longest == max(len(t) for t in repeated_sequences(model, n_seeds=3, length=length))
+    assert longest_scan_sequence(3, length=length) == longest == 49
+    assert longest_scan_sequence(7, length=10) == 41
+    assert longest_scan_sequence(3, length=lambda s: [5, 9, 3][s], n_copies=2) == 19
+    for bad in ({"n_seeds": 0}, {"n_seeds": 2, "length": 0}, {"n_seeds": 2, "n_copies": 0}):
+        with pytest.raises(ValueError, match=f"{[k for k in bad if bad[k] == 0][0]}=0"):
+            longest_scan_sequence(**bad)
+
+
+def test_longest_prompt_counts_prompt_plus_longest_answer(smollm2):
+    from mechicl.tasks import build_prompts, load_task
+
+    model = smollm2
+    prompts = build_prompts(load_task("antonyms"), shots=2, n=20)
+    expected = 0
+    for p in prompts:  # slow reference: every continuation, one at a time
+        for c in p.continuations:
+            expected = max(expected, len(model.encode(p.text + c)))
+    assert longest_prompt(model, prompts) == expected
+    with pytest.raises(ValueError, match="prompts is empty"):
+        longest_prompt(model, [])
 
 
 # ---- real models ---------------------------------------------------------------------------
