@@ -33,6 +33,7 @@ on generated clean/corrupted pairs and writes result folders, heatmaps and
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -609,6 +610,7 @@ def run_prune(args: argparse.Namespace) -> list[dict]:
     scan_cache: dict[str, Any] = {}
     imp_cache: dict[tuple[str, int, str], Any] = {}
 
+    @functools.cache  # built once per task and shot count: the budget, rankings and curves
     def prompts_of(task_name: str, shots: int) -> tuple[list, list]:
         try:
             return split_prompts(_load_task(task_name), shots=shots, n_rank=args.importance_n,

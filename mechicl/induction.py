@@ -42,7 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl._batching import length_batches, pad_right
-from mechicl._checks import check_choice
+from mechicl._checks import check_choice, check_positive
 from mechicl.masks import Mask
 from mechicl.models import HookedModel, as_hooked_model
 from mechicl.results import HeadScores
@@ -56,6 +56,7 @@ __all__ = [
     "copying_sequences",
     "duplicate_token_scores",
     "induction_scan",
+    "longest_scan_sequence",
     "ov_eigen_copying_scores",
     "prefix_matching_scores",
     "previous_token_scores",
@@ -73,6 +74,30 @@ Stream = Literal["embeddings", "residual"]
 def bansal_length(seed_index: int) -> int:
     """L = 2 s + 25, the sequence length for seed index s in Bansal et al. (2023)."""
     return 2 * seed_index + 25
+
+
+def longest_scan_sequence(n_seeds: int = 100, *, length: int | Callable[[int], int] | None = None,
+                          n_copies: int = 4) -> int:
+    """Tokens in the longest sequence :func:`induction_scan` runs: BOS + ``n_copies`` copies
+    of the longest base sequence (the context the scan needs, and the ``seq_len`` for a
+    memory budget; also exported by :mod:`mechicl.memory`).
+
+    Args:
+        n_seeds: random sequences of the scan.
+        length: one length for every sequence, a function of the seed index, or None for
+            Bansal et al.'s ``2 s + 25``.
+        n_copies: copies of each base sequence.
+
+    >>> longest_scan_sequence(100)  # 4 x (2 * 99 + 25) + 1
+    893
+    """
+    check_positive("n_seeds", n_seeds)
+    check_positive("n_copies", n_copies)
+    if length is None:
+        length = bansal_length
+    longest = length if isinstance(length, int) else max(length(s) for s in range(n_seeds))
+    check_positive("length", longest)
+    return n_copies * longest + 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,11 +140,11 @@ def repeated_sequences(
     if n_copies < 2:
         raise ValueError(f"n_copies={n_copies} must be at least 2")
     pool = _pool(model, exclude_top, exclude_bottom)
-    lengths = [length(s) for s in range(n_seeds)]
-    _check_context(model, n_copies * max(lengths) + 1, f"n_seeds={n_seeds}")
+    _check_context(model, longest_scan_sequence(n_seeds, length=length, n_copies=n_copies),
+                   f"n_seeds={n_seeds}")
     bos = torch.tensor([model.bos_token_id])
-    return [torch.cat([bos, _sample_distinct(pool, n, seed, s).repeat(n_copies)])
-            for s, n in enumerate(lengths)]
+    return [torch.cat([bos, _sample_distinct(pool, length(s), seed, s).repeat(n_copies)])
+            for s in range(n_seeds)]
 
 
 def copying_sequences(
@@ -132,12 +157,12 @@ def copying_sequences(
     if n_seeds < 1:
         raise ValueError(f"n_seeds={n_seeds} must be at least 1")
     pool = _pool(model, exclude_top, exclude_bottom)
-    lengths = [n_copies * length(s) for s in range(n_seeds)]
-    _check_context(model, max(lengths) + 1, f"n_seeds={n_seeds}")
+    _check_context(model, longest_scan_sequence(n_seeds, length=length, n_copies=n_copies),
+                   f"n_seeds={n_seeds}")
     bos = torch.tensor([model.bos_token_id])
     # Offset the stream so copying draws are independent of the prefix-matching draws.
-    return [torch.cat([bos, _sample_distinct(pool, n, seed + 1_000_003, s)])
-            for s, n in enumerate(lengths)]
+    return [torch.cat([bos, _sample_distinct(pool, n_copies * length(s), seed + 1_000_003, s)])
+            for s in range(n_seeds)]
 
 
 def _pad(seqs: list[Tensor], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -53,8 +53,9 @@ Axis names: ``batch pos head query_pos key_pos d_model d_mlp d_vocab``.
 """
 
 import dataclasses
+import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -62,7 +63,8 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 
-from mechicl._checks import check_choice
+from mechicl._checks import check_choice, check_positive
+from mechicl.induction import longest_scan_sequence
 from mechicl.models import HookedModel, as_hooked_model
 
 __all__ = [
@@ -402,11 +404,6 @@ def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
                           total=total)
 
 
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: need an integer >= 1")
-
-
 def estimate_memory(
     shape: ModelShape | HookedModel, *, dtype: torch.dtype | str | None = None,
     batch_tokens: int, seq_len: int, analysis: Analysis,
@@ -432,8 +429,8 @@ def estimate_memory(
     (4, 513, 4.24)
     """
     check_choice("analysis", analysis, ANALYSES)
-    _check_positive("batch_tokens", batch_tokens)
-    _check_positive("seq_len", seq_len)
+    check_positive("batch_tokens", batch_tokens)
+    check_positive("seq_len", seq_len)
     torch_dtype = _resolve_dtype(shape, dtype)
     return _estimate(_as_shape(shape), torch_dtype, max(1, batch_tokens // seq_len), seq_len,
                      analysis)
@@ -468,7 +465,7 @@ def batch_tokens_for_budget(
     4096
     """
     check_choice("analysis", analysis, ANALYSES)
-    _check_positive("seq_len", seq_len)
+    check_positive("seq_len", seq_len)
     limit = parse_bytes(budget)
     torch_dtype = _resolve_dtype(shape, dtype)
     m = _as_shape(shape)
@@ -484,31 +481,6 @@ def batch_tokens_for_budget(
     return rows * seq_len
 
 
-def longest_scan_sequence(n_seeds: int = 100, *, length: int | Callable[[int], int] | None = None,
-                          n_copies: int = 4) -> int:
-    """Tokens in the longest sequence :func:`mechicl.induction.induction_scan` runs: BOS +
-    ``n_copies`` copies of the longest base sequence (the ``seq_len`` for a budget).
-
-    Args:
-        n_seeds: random sequences of the scan.
-        length: one length for every sequence, a function of the seed index, or None for
-            Bansal et al.'s ``2 s + 25``.
-        n_copies: copies of each base sequence.
-
-    >>> longest_scan_sequence(100)  # 4 x (2 * 99 + 25) + 1
-    893
-    """
-    from mechicl.induction import bansal_length
-
-    _check_positive("n_seeds", n_seeds)
-    _check_positive("n_copies", n_copies)
-    if length is None:
-        length = bansal_length
-    longest = length if isinstance(length, int) else max(length(s) for s in range(n_seeds))
-    _check_positive("length", longest)
-    return n_copies * longest + 1
-
-
 def longest_prompt(model: HookedModel, prompts: Sequence[Any]) -> int:
     """Tokens in the longest prompt plus answer (the ``seq_len`` for a budget).
 
@@ -517,11 +489,15 @@ def longest_prompt(model: HookedModel, prompts: Sequence[Any]) -> int:
         prompts: :class:`~mechicl.tasks.Prompt` objects, e.g. from
             :func:`mechicl.tasks.build_prompts`.
     """
+    from mechicl.evaluation import _encode_prompt
+
     if not prompts:
         raise ValueError("prompts is empty: need at least one prompt")
     model = as_hooked_model(model)
-    # The longest answer in characters need not be the longest in tokens: count every one.
-    return max(len(model.encode(p.text + c)) for p in prompts for c in p.continuations)
+    # The analyses' own tokenisation (context, then each answer); the longest answer in
+    # characters need not be the longest in tokens, so every answer is counted.
+    return max(len(context) + max(map(len, answers))
+               for context, answers in map(functools.partial(_encode_prompt, model), prompts))
 
 
 def memory_table(
