@@ -32,7 +32,6 @@ on generated clean/corrupted pairs and writes result folders, heatmaps and
 """
 
 import argparse
-import dataclasses
 import functools
 import json
 import logging
@@ -622,15 +621,19 @@ def run_prune(args: argparse.Namespace) -> list[dict]:
         key = (task_name, shots, kind)
         if key not in imp_cache:
             imp_prompts, _ = prompts_of(task_name, shots)
+            # Rankings run at their analyses' default batch sizes unless a budget is given.
+            batch = {} if args.memory_budget is None else {"batch_tokens": _batch_tokens(
+                args, model, [("choices" if kind == "ffn" else "importance",
+                               lambda: longest_prompt(model, imp_prompts))])}
             if kind == "ffn":
                 imp_cache[key] = mechicl.ffn_importance(model, task_name, shots=shots,
                                                         prompts=imp_prompts,
                                                         ablation=args.ablation,
-                                                        progress=not args.no_progress)
+                                                        progress=not args.no_progress, **batch)
             else:
                 imp_cache[key] = mechicl.head_importance(model, task_name, shots=shots,
                                                          prompts=imp_prompts, method=args.method,
-                                                         progress=not args.no_progress)
+                                                         progress=not args.no_progress, **batch)
             stem = f"{_slug(task_name)}-{shots}shot-{'ffn' if kind == 'ffn' else args.method}"
             imp_cache[key].save(out / "rankings" / stem)
         return imp_cache[key]
@@ -760,9 +763,8 @@ def run_patch(args: argparse.Namespace) -> dict:
 
 
 def run_report(args: argparse.Namespace) -> Any:
-    from mechicl.memory import longest_prompt, longest_scan_sequence
-    from mechicl.report import ReportConfig, build_report
-    from mechicl.tasks import TASKS, build_prompts
+    from mechicl.report import ReportConfig, build_report, fit_memory_budget
+    from mechicl.tasks import TASKS
 
     if len(args.method) != 1:
         raise SystemExit(f"--method takes one method, got {args.method}")
@@ -780,15 +782,14 @@ def run_report(args: argparse.Namespace) -> Any:
         raise SystemExit(f"mechicl report: {err}") from None
     model = _load(args)
     if args.memory_budget is not None:
-        def prompts() -> list:
-            pairs = {(t, k) for t in config.tasks for k in config.shots}
-            pairs |= {(t, k) for t in config.prune_tasks for k in config.prune_shots}
-            return [p for t, k in sorted(pairs) for p in build_prompts(
-                _load_task(t), shots=k, n=config.n + config.eval_n, seed=config.seed)]
-
-        config = dataclasses.replace(config, batch_tokens=_batch_tokens(args, model, [
-            ("scan", lambda: longest_scan_sequence(config.scan_seeds, length=config.scan_length)),
-            ("importance", lambda: longest_prompt(model, prompts()))]))
+        try:
+            config = fit_memory_budget(model, config, args.memory_budget)
+        except ValueError as err:
+            raise SystemExit(f"mechicl report: --memory-budget {args.memory_budget}: "
+                             f"{err}") from None
+        logging.getLogger(__name__).info(
+            "--memory-budget %s: batch_tokens %d, importance batch_tokens %d",
+            args.memory_budget, config.batch_tokens, config.importance_batch_tokens)
     return build_report(model, args.out, config, reuse=args.reuse, force=args.force,
                         progress=not args.no_progress)
 

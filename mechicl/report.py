@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from mechicl._checks import check_positive
 from mechicl._io import atomic_path, atomic_write_text
 from mechicl.evaluation import EvalResult, evaluate, wilson_interval
 from mechicl.importance import IMPORTANCE_METHODS, ffn_importance, head_importance
@@ -62,7 +63,15 @@ from mechicl.pruning import PruneCurve, prune_curve, split_prompts
 from mechicl.results import HeadScores, LayerScores
 from mechicl.tasks import TASKS, Prompt
 
-__all__ = ["Report", "ReportConfig", "build_report", "curve_summaries", "markdown_table"]
+__all__ = [
+    "Report",
+    "ReportConfig",
+    "build_report",
+    "curve_summaries",
+    "fit_memory_budget",
+    "markdown_table",
+    "report_prompts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +106,10 @@ class ReportConfig:
         n_permutations: permutations of the permutation p-values.
         n_resamples: bootstrap resamples of the confidence intervals.
         seed: seeds prompts, scans, random rankings, permutations and resamples.
-        batch_tokens: rows x longest row per forward pass.
+        batch_tokens: rows x longest row per forward pass (scans, accuracy, FFN knock-out,
+            pruning curves).
+        importance_batch_tokens: the same for head importance (None: its default, 2048 for
+            gradients). :func:`fit_memory_budget` sets both from a memory budget.
         formats: figure formats written to ``img/`` (PNG is always written: report.md embeds it).
     """
 
@@ -120,6 +132,7 @@ class ReportConfig:
     n_resamples: int = 1000
     seed: int = 0
     batch_tokens: int = 4096
+    importance_batch_tokens: int | None = None
     formats: tuple[str, ...] = ("png",)
 
     def __post_init__(self) -> None:
@@ -157,6 +170,8 @@ class ReportConfig:
         if self.scan_length is not None and (not isinstance(self.scan_length, int)
                                              or self.scan_length < 2):
             raise ValueError(f"scan_length={self.scan_length!r} must be None or an integer >= 2")
+        if self.importance_batch_tokens is not None:
+            check_positive("importance_batch_tokens", self.importance_batch_tokens)
         if not isinstance(self.draws, int) or self.draws < 0:
             raise ValueError(f"draws={self.draws!r} must be an integer >= 0")
         for name in ("percents", "ffn_percents"):
@@ -428,6 +443,43 @@ def _relative(scores: HeadScores) -> Any:
     return scores.mean / top if float(top) > 0 else scores.mean
 
 
+def report_prompts(config: ReportConfig) -> dict[tuple[str, int], tuple[list[Prompt],
+                                                                        list[Prompt]]]:
+    """The report's prompts per ``(task, shots)``: one seeded list split into importance
+    prompts (the first ``n``) and evaluation prompts (the next ``eval_n``)."""
+    return {(task_name, shots): split_prompts(task_name, shots=shots, n_rank=config.n,
+                                              n_eval=config.eval_n, seed=config.seed)
+            for task_name in config.tasks for shots in config.shots}
+
+
+def fit_memory_budget(model: HookedModel, config: ReportConfig,
+                      budget: int | str) -> ReportConfig:
+    """``config`` with ``batch_tokens`` and ``importance_batch_tokens`` the largest whose
+    estimated peak memory (:mod:`mechicl.memory`) fits ``budget`` for the longest sequence each
+    runs: the scan's repeated sequences and every prompt plus answer for the forward-only
+    analyses (memory model ``choices``), the importance prompts for head importance.
+
+    Raises:
+        ValueError: the budget does not hold one sequence (the message says what is needed).
+    """
+    from mechicl.memory import batch_tokens_for_budget, longest_prompt, longest_scan_sequence
+
+    model = as_hooked_model(model)
+    prompts = report_prompts(config).values()
+
+    def fit(analysis: str, seq_len: int) -> int:
+        return batch_tokens_for_budget(model, budget, dtype=model.dtype, seq_len=seq_len,
+                                       analysis=analysis)
+
+    scan = fit("scan", longest_scan_sequence(config.scan_seeds, length=config.scan_length))
+    choices = fit("choices", longest_prompt(model, [p for rank, ev in prompts
+                                                    for p in (*rank, *ev)]))
+    importance = fit("importance", longest_prompt(model, [p for rank, _ in prompts
+                                                          for p in rank]))
+    return dataclasses.replace(config, batch_tokens=min(scan, choices),
+                               importance_batch_tokens=importance)
+
+
 def build_report(
     model: HookedModel, out: str | Path, config: ReportConfig | None = None, *,
     reuse: Sequence[str | Path] = (), force: bool = False, progress: bool = False,
@@ -458,12 +510,7 @@ def build_report(
     n_heads_total = model.n_layers * model.n_heads
     k_top = top_k(n_heads_total, percentile=config.top_k_percent)
 
-    # -- prompts: one seeded list per task and shot count, split importance | evaluation
-    prompts: dict[tuple[str, int], tuple[list[Prompt], list[Prompt]]] = {}
-    for task_name in config.tasks:
-        for shots in config.shots:
-            prompts[task_name, shots] = split_prompts(task_name, shots=shots, n_rank=config.n,
-                                                      n_eval=config.eval_n, seed=config.seed)
+    prompts = report_prompts(config)
 
     # -- induction scans
     t0 = time.perf_counter()
@@ -512,7 +559,7 @@ def build_report(
             "importance", f"importance/{task_name}-{shots}shot-{config.method}", HeadScores,
             want, lambda task_name=task_name, shots=shots, ip=imp_prompts: head_importance(
                 model, task_name, shots=shots, method=config.method, prompts=ip,
-                progress=progress))
+                batch_tokens=config.importance_batch_tokens, progress=progress))
     _stamp(seconds, "importance", t0)
 
     # -- FFN knock-out importance

@@ -21,6 +21,7 @@ results of their inputs as soon as those exist.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -163,13 +164,21 @@ def _patching(model: Any, job: Job, task: Task | None, batch_tokens: int | None)
                     for target in o.get("targets", ["head_out"])})
 
 
-def _report(model: Any, job: Job, task: Task | None, batch_tokens: int | None) -> _Folder:
-    from mechicl.report import ReportConfig, build_report
+def _report_config(job: Job) -> Any:
+    from mechicl.report import ReportConfig
 
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in job.options.items()
               if k not in ("_inputs",)}
-    fields |= _batch(job, batch_tokens)
-    config = ReportConfig(seed=job.seed, **fields)
+    return ReportConfig(seed=job.seed, **fields)
+
+
+def _report(model: Any, job: Job, task: Task | None, batch_tokens: int | None) -> _Folder:
+    from mechicl.report import build_report
+
+    config = _report_config(job)
+    if batch_tokens is not None:  # from the memory budget: it covers head importance too
+        config = dataclasses.replace(config, batch_tokens=batch_tokens,
+                                     importance_batch_tokens=batch_tokens)
     return _Folder(lambda path: build_report(model, path, config, progress=False))
 
 
@@ -183,8 +192,7 @@ ANALYSIS_FUNCTIONS: dict[str, Callable[[Any, Job, Task | None, int | None], Any]
 def _budget_analysis(analysis: str) -> str:
     """Which memory model of :mod:`mechicl.memory` an analysis follows."""
     return {"scan": "scan", "importance": "importance", "pruning": "importance",
-            "accuracy": "choices", "ffn_importance": "choices", "patching": "forward",
-            "report": "importance"}[analysis]
+            "accuracy": "choices", "ffn_importance": "choices", "patching": "forward"}[analysis]
 
 
 def _longest_sequence(model: Any, job: Job, task: Task | None) -> int:
@@ -207,6 +215,11 @@ def _budget_batch_tokens(model: Any, entry: ModelEntry, job: Job, task: Task | N
         return None
     from mechicl.memory import batch_tokens_for_budget, parse_bytes
 
+    if job.analysis == "report":  # runs several analyses: one batch size that fits them all
+        from mechicl.report import fit_memory_budget
+
+        fitted = fit_memory_budget(model, _report_config(job), parse_bytes(entry.memory_budget))
+        return min(fitted.batch_tokens, fitted.importance_batch_tokens)
     return batch_tokens_for_budget(model, parse_bytes(entry.memory_budget), dtype=model.dtype,
                                    seq_len=_longest_sequence(model, job, task),
                                    analysis=_budget_analysis(job.analysis))

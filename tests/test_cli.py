@@ -234,6 +234,50 @@ def test_memory_budget_chooses_batch_tokens(tiny_folder, copy_task_file, tmp_pat
                  "--no-progress", "--formats", "html", "--out", str(tmp_path / "imp")]) == 0
     assert seen == [2 * seq, 2 * seq]
 
+    # Prune: the rankings fit the budget as importance on their prompts, the curve as scoring
+    # on its evaluation prompts.
+    from mechicl.memory import batch_tokens_for_budget
+    from mechicl.pruning import split_prompts
+
+    rank, evaluation = split_prompts(task, shots=1, n_rank=6, n_eval=8)
+    seq = longest_prompt(model, rank)
+    budget = estimate_memory(model, batch_tokens=2 * seq, seq_len=seq, analysis="importance").total
+    seen.clear()
+    curves = []
+    real_curve = mechicl.prune_curve
+    monkeypatch.setattr(mechicl, "prune_curve",
+                        lambda *a, **kw: curves.append(kw["batch_tokens"]) or real_curve(*a, **kw))
+    assert main(["prune", "--model", str(tiny_folder), "--task", str(copy_task_file),
+                 "--shots", "1", "--rankings", "same", "--percents", "0,50", "--draws", "1",
+                 "--n", "8", "--importance-n", "6", "--memory-budget", str(budget),
+                 "--no-progress", "--formats", "html", "--out", str(tmp_path / "prune")]) == 0
+    assert seen == [2 * seq]
+    assert curves == [batch_tokens_for_budget(model, budget, seq_len=longest_prompt(
+        model, evaluation), analysis="choices")]
+
+    # Report: the configuration report.fit_memory_budget gives (tested in test_report.py).
+    from mechicl.report import ReportConfig, fit_memory_budget
+
+    class Captured(Exception):
+        pass
+
+    configs = []
+
+    def capture(model, out, config, **kw):
+        configs.append(config)
+        raise Captured
+
+    monkeypatch.setattr("mechicl.report.build_report", capture)
+    with pytest.raises(Captured):
+        main(["report", "--model", str(tiny_folder), "--tasks", "antonyms", "--shots", "0",
+              "--n", "4", "--eval-n", "4", "--scan-seeds", "2", "--scan-length", "8",
+              "--prune-tasks", "antonyms", "--prune-shots", "0", "--memory-budget", "64MB",
+              "--no-progress", "--out", str(tmp_path / "report")])
+    (config,) = configs
+    plain = ReportConfig(tasks=("antonyms",), shots=(0,), n=4, eval_n=4, scan_seeds=2,
+                         scan_length=8, prune_tasks=("antonyms",), prune_shots=(0,))
+    assert config == fit_memory_budget(model, plain, "64MB") != plain
+
     # Bad budgets name themselves; a fixed batch size and a budget exclude each other.
     with pytest.raises(SystemExit, match=r"--memory-budget 1KB: budget .* is too small: scan "
                                          r"on one sequence of 109 tokens needs"):

@@ -229,10 +229,63 @@ def test_other_model_and_broken_results_are_not_reused(report, tmp_path):
     ({"top_k_percent": 0}, "top_k_percent"),
     ({"formats": ("gif",)}, "unknown formats"),
     ({"scan_length": 1}, "scan_length"),
+    ({"importance_batch_tokens": 0}, "importance_batch_tokens=0"),
 ])
 def test_bad_settings_name_the_value(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ReportConfig(**{**CONFIG, **bad})
+
+
+def test_memory_budget_fits_every_analysis_of_the_report(model, tmp_path, monkeypatch):
+    """fit_memory_budget sizes each batch for the longest row its analyses feed (slow reference:
+    every prompt with every answer, one row at a time), and build_report uses both sizes."""
+    import mechicl.report as report_module
+    from mechicl.evaluation import answer_batch
+    from mechicl.induction import repeated_sequences
+    from mechicl.memory import batch_tokens_for_budget, estimate_memory
+    from mechicl.report import fit_memory_budget
+
+    config = ReportConfig(**{**CONFIG, "tasks": (TASK_A, TASK_B), "shots": (0, 2),
+                             "prune_tasks": (TASK_B,), "prune_shots": (2,), "ffn": False,
+                             "percents": (0, 50), "draws": 0})
+
+    def longest_row(prompts):
+        return max(int(answer_batch(model, [p], which=c).attention_mask.sum())
+                   for p in prompts for c in range(len(p.continuations)))
+
+    rank, both = [], []
+    for task in config.tasks:
+        for shots in config.shots:
+            plist = build_prompts(load_task(task), shots=shots, seed=config.seed)
+            rank += plist[:config.n]
+            both += plist[:config.n + config.eval_n]
+    seq_importance, seq_all = longest_row(rank), longest_row(both)
+    seq_scan = max(len(t) for t in repeated_sequences(model, n_seeds=config.scan_seeds,
+                                                      length=lambda s: config.scan_length))
+    # A budget with room for exactly two of the longest importance rows.
+    budget = estimate_memory(model, batch_tokens=2 * seq_importance, seq_len=seq_importance,
+                             analysis="importance").total
+    assert estimate_memory(model, batch_tokens=3 * seq_importance, seq_len=seq_importance,
+                           analysis="importance").total > budget
+    fitted = fit_memory_budget(model, config, budget)
+    assert fitted.importance_batch_tokens == 2 * seq_importance
+    assert fitted.batch_tokens == min(
+        batch_tokens_for_budget(model, budget, seq_len=seq_scan, analysis="scan"),
+        batch_tokens_for_budget(model, budget, seq_len=seq_all, analysis="choices"))
+    assert fitted.batch_tokens > fitted.importance_batch_tokens  # forward-only rows are cheaper
+    assert dataclasses.replace(fitted, batch_tokens=config.batch_tokens,
+                               importance_batch_tokens=None) == config
+
+    seen: dict[str, list] = {"importance": [], "scan": []}
+    for name, key in (("head_importance", "importance"), ("induction_scan", "scan")):
+        real = getattr(report_module, name)
+        monkeypatch.setattr(report_module, name, lambda *a, real=real, key=key, **kw: (
+            seen[key].append(kw["batch_tokens"]) or real(*a, **kw)))
+    build_report(model, tmp_path / "budget", fitted)
+    assert seen == {"importance": [2 * seq_importance] * 4,
+                    "scan": [fitted.batch_tokens] * len(config.scores)}
+    with pytest.raises(ValueError, match=f"too small: scan on one sequence of {seq_scan} tokens"):
+        fit_memory_budget(model, config, budget // 8)
 
 
 def test_too_few_examples_is_an_error(model, tmp_path):

@@ -443,3 +443,38 @@ def test_memory_budget_chooses_batch_tokens_without_changing_keys(tiny_folder, t
             torch.testing.assert_close(a.mean, b.mean, rtol=1e-4, atol=1e-6)
     with pytest.raises(mechicl.grid.GridError, match=r"memory_budget.*unknown unit"):
         parse_grid({**data, "models": {str(tiny_folder): {"memory_budget": "8 parsecs"}}})
+
+
+def test_memory_budget_of_a_report_job_fits_all_its_analyses(tiny_folder, tmp_path,
+                                                               monkeypatch, one_thread):
+    """A report job under a budget: one batch size, the smallest of what its analyses fit
+    (report.fit_memory_budget), used by head importance too; not the model's context."""
+    import mechicl.report as report_module
+    from mechicl.memory import batch_tokens_for_budget, estimate_memory, longest_prompt
+    from mechicl.report import ReportConfig, fit_memory_budget, report_prompts
+
+    options = {"n": 6, "eval_n": 8, "scan_seeds": 3, "scan_length": 8, "prune_tasks": [TASK_A],
+               "prune_shots": [1], "percents": [0, 50], "ffn_percents": [0, 50], "draws": 1,
+               "n_permutations": 20, "n_resamples": 20}
+    model = mechicl.load_model(tiny_folder)
+    config = ReportConfig(tasks=(TASK_A, TASK_B), shots=(0, 1), **{
+        k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    seq = longest_prompt(model, [p for rank, _ in report_prompts(config).values() for p in rank])
+    budget = estimate_memory(model, batch_tokens=2 * seq, seq_len=seq, analysis="importance").total
+    fitted = fit_memory_budget(model, config, budget)
+    expected = min(fitted.batch_tokens, fitted.importance_batch_tokens)
+    assert expected == 2 * seq
+    with pytest.raises(ValueError, match="too small"):  # what sizing for the context gave
+        batch_tokens_for_budget(model, budget, seq_len=model.n_ctx, analysis="importance")
+    seen = []
+    real = report_module.head_importance
+    monkeypatch.setattr(report_module, "head_importance",
+                        lambda *a, **kw: seen.append(kw["batch_tokens"]) or real(*a, **kw))
+    data = grid_dict(tiny_folder, report=options)
+    data["models"] = {str(tiny_folder): {"memory_budget": budget}}
+    store = ResultStore(tmp_path / "store")
+    summary = run_grid(parse_grid(data), store, progress=False, executor_options={"threads": 1})
+    assert summary.ok, summary.table()
+    (row,) = summary.jobs
+    assert store.get(row["key"]).manifest["batch_tokens"] == expected
+    assert seen == [expected] * 4
