@@ -175,8 +175,8 @@ def _batch_tokens(args: argparse.Namespace, model: Any,
     from mechicl.memory import batch_tokens_for_budget
 
     try:
-        tokens = min(batch_tokens_for_budget(model, args.memory_budget, dtype=model.dtype,
-                                             seq_len=seq_len(), analysis=analysis)
+        tokens = min(batch_tokens_for_budget(model, args.memory_budget, seq_len=seq_len(),
+                                             analysis=analysis)
                      for analysis, seq_len in needs)
     except ValueError as err:
         raise SystemExit(f"mechicl {args.command}: --memory-budget {args.memory_budget}: "

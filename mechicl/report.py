@@ -468,8 +468,7 @@ def fit_memory_budget(model: HookedModel, config: ReportConfig,
     prompts = report_prompts(config).values()
 
     def fit(analysis: str, seq_len: int) -> int:
-        return batch_tokens_for_budget(model, budget, dtype=model.dtype, seq_len=seq_len,
-                                       analysis=analysis)
+        return batch_tokens_for_budget(model, budget, seq_len=seq_len, analysis=analysis)
 
     scan = fit("scan", longest_scan_sequence(config.scan_seeds, length=config.scan_length))
     choices = fit("choices", longest_prompt(model, [p for rank, ev in prompts

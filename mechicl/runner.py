@@ -213,14 +213,14 @@ def _budget_batch_tokens(model: Any, entry: ModelEntry, job: Job, task: Task | N
                          ) -> int | None:
     if entry.memory_budget is None or "batch_tokens" in job.options:
         return None
-    from mechicl.memory import batch_tokens_for_budget, parse_bytes
+    from mechicl.memory import batch_tokens_for_budget
 
     if job.analysis == "report":  # runs several analyses: one batch size that fits them all
         from mechicl.report import fit_memory_budget
 
-        fitted = fit_memory_budget(model, _report_config(job), parse_bytes(entry.memory_budget))
+        fitted = fit_memory_budget(model, _report_config(job), entry.memory_budget)
         return min(fitted.batch_tokens, fitted.importance_batch_tokens)
-    return batch_tokens_for_budget(model, parse_bytes(entry.memory_budget), dtype=model.dtype,
+    return batch_tokens_for_budget(model, entry.memory_budget,
                                    seq_len=_longest_sequence(model, job, task),
                                    analysis=_budget_analysis(job.analysis))
 
