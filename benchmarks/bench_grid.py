@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mechicl.grid import load_grid
-from mechicl.store import ResultStore
+from mechicl.experiments.grid import load_grid
+from mechicl.experiments.store import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

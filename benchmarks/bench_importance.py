@@ -23,8 +23,8 @@ import torch
 
 import mechicl
 from mechicl._batching import length_batches
-from mechicl._forward import frozen_parameters as _frozen
-from mechicl.evaluation import answer_batch
+from mechicl.analyses._engine import frozen_parameters as _frozen
+from mechicl.analyses.evaluation import answer_batch
 
 
 def peak_rss_gb() -> float:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import mechicl  # noqa: E402
 from mechicl._batching import length_batches  # noqa: E402
-from mechicl.induction import (  # noqa: E402
+from mechicl.analyses.induction import (  # noqa: E402
     _pad,
     _repeat_targets,
     _run_copying,

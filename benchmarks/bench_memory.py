@@ -1,4 +1,4 @@
-"""Measured peak memory of the analyses vs mechicl.memory's estimates (issue 8). Run by hand:
+"""Measured peak memory of the analyses vs mechicl.experiments.memory's estimates (issue 8). Run by hand:
 
     .venv/bin/python benchmarks/bench_memory.py                       # SmolLM2, float32
     .venv/bin/python benchmarks/bench_memory.py --dtype bfloat16 --rows 1,4 --seq-len 512
@@ -10,16 +10,16 @@ run) over one pass of the analysis' own code:
 * ``forward``: ``model(tokens)`` without gradients;
 * ``scan``: :func:`mechicl.induction_scan` (prefix matching with the per-position loss) on
   ``rows`` repeated sequences of ``seq_len`` tokens (BOS + 4 copies of L tokens);
-* ``importance``: :func:`mechicl.importance.token_gate_grads`, the forward + backward of the
+* ``importance``: :func:`mechicl.analyses.importance.token_gate_grads`, the forward + backward of the
   gradient head importance;
-* ``choices``: :func:`mechicl.choice_logprobs` on ``rows`` prompts of ``seq_len`` tokens.
+* ``choices``: :func:`mechicl.analyses.evaluation.choice_logprobs` on ``rows`` prompts of ``seq_len`` tokens.
 
 How memory is measured (Linux): the peak is the kernel's high-water mark of resident memory
 (``VmHWM``), reset to the current resident memory by writing 5 to ``/proc/self/clear_refs``
 after ``malloc_trim``. The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536``, so glibc
 serves every tensor larger than 64 KiB with its own ``mmap`` and returns it on free: resident
 memory then follows the live tensors instead of the allocator's cache. The estimate is the one
-:func:`mechicl.memory.estimate_memory` gives for the loaded model, minus the weights.
+:func:`mechicl.experiments.memory.estimate_memory` gives for the loaded model, minus the weights.
 
 Prints a markdown table; with ``--out`` also writes the rows as JSON. Nothing else is written.
 """
@@ -70,9 +70,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import mechicl
-    from mechicl.importance import token_gate_grads
-    from mechicl.memory import estimate_memory
-    from mechicl.tasks import Prompt
+    from mechicl.analyses.importance import token_gate_grads
+    from mechicl.experiments.memory import estimate_memory
+    from mechicl.inputs.tasks import Prompt
 
     torch.set_num_threads(spec.get("threads", 1))
     model = mechicl.load_model(spec["model"], dtype=spec["dtype"])
@@ -102,7 +102,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 raise RuntimeError("the choices prompt does not tokenise to seq_len tokens")
             prompts = [Prompt(id=str(i), text=text, continuations=(" yes", " no"), gold=0)
                        for i in range(rows)]
-            mechicl.choice_logprobs(model, prompts, batch_tokens=rows * seq_len)
+            mechicl.analyses.evaluation.choice_logprobs(model, prompts, batch_tokens=rows * seq_len)
         else:
             raise ValueError(f"unknown analysis {analysis!r}; allowed: {list(ANALYSES)}")
         return seq_len

@@ -21,7 +21,7 @@ from transformer_lens.head_detector import detect_head
 
 import mechicl
 from mechicl._io import atomic_write_text
-from mechicl.induction import repeated_sequences
+from mechicl.analyses.induction import repeated_sequences
 
 
 def round_trip_bases(model, n: int, L: int, seed: int) -> list[tuple[torch.Tensor, str]]:
@@ -51,7 +51,7 @@ def main() -> None:
     L, n = 25, 4
     bases = round_trip_bases(model, n, L, seed=0)
     start = time.perf_counter()
-    ours = mechicl.prefix_matching_scores(model, tokens=[b for b, _ in bases], progress=False)
+    ours = mechicl.analyses.induction.prefix_matching_scores(model, tokens=[b for b, _ in bases], progress=False)
     t_ours = time.perf_counter() - start
     start = time.perf_counter()
     tl = torch.stack([detect_head(model.bridge, text, "induction_head").double()
@@ -77,7 +77,7 @@ def main() -> None:
         if pm.model.get("weights_sha256") != model.weights_hash:
             raise SystemExit(f"{args.prefix_result} was computed on other weights")
     else:
-        pm = mechicl.prefix_matching_scores(model, n_seeds=100, progress=False)
+        pm = mechicl.analyses.induction.prefix_matching_scores(model, n_seeds=100, progress=False)
     tokens = torch.stack([repeated_sequences(model, n_seeds=1, seed=1000 + i)[0]
                           for i in range(8)])  # fresh sequences, L = 25
 

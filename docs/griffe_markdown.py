@@ -11,8 +11,9 @@ docs are built. The source files are not touched. It makes three changes:
   blockquotes, and output such as ``[0, 7, 9]`` after ``["input_ids"]`` parses as a Markdown
   reference link, which fails the strict build. Blocks inside an ``Examples:`` section are
   left alone, because Griffe parses those itself.
-* A Google-style argument entry that documents several parameters at once (``zmin, zmax: ...``)
-  becomes one entry per parameter with the same text. Griffe would otherwise warn that the
+* A Google-style argument entry that documents several parameters at once (``zmin, zmax: ...``,
+  also with ``*args`` / ``**kwargs`` among them) becomes one entry per parameter with the same
+  text. Griffe would otherwise warn that the
   parameter ``"zmin, zmax"`` is not in the signature, which also fails the strict build.
 
 Loaded from ``mkdocs.yml`` (``plugins.mkdocstrings.handlers.python.options.extensions``).
@@ -26,7 +27,7 @@ _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|data|mod|attr|obj|exc|const):`(
 _DOCTEST_FLAGS = re.compile(r"\s*#\s*doctest:.*$")
 _ARGS_HEADER = re.compile(r"^(\s*)(?:Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments):\s*$")
 _EXAMPLES_HEADER = re.compile(r"^(\s*)Examples:\s*$")
-_MULTI_NAME = re.compile(r"^(\s*)(\w+(?:\s*,\s*\w+)+):(.*)$")
+_MULTI_NAME = re.compile(r"^(\s*)(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)+):(.*)$")
 
 
 def _indent(line: str) -> int:

@@ -26,8 +26,8 @@ from mechicl._io import atomic_path
 if TYPE_CHECKING:
     import pandas as pd
 
-    from mechicl.patching import PatchResult
-    from mechicl.pruning import PruneCurve
+    from mechicl.analyses.patching import PatchResult
+    from mechicl.analyses.pruning import PruneCurve
 from mechicl.results import HeadScores, LayerScores
 
 __all__ = ["checkpoint_figure", "head_heatmap", "layer_bars", "loss_curve", "matrix_heatmap",
@@ -93,8 +93,8 @@ def layer_bars(scores: LayerScores | Float[Tensor, " layer"], *, title: str | No
     """One bar per layer (e.g. FFN importance), with +-1 standard error when ``scores`` carries
     per-example rows.
 
-    >>> layer_bars(torch.tensor([0.1, -0.2, 0.3])).data[0].y.tolist()
-    [0.1, -0.2, 0.3]
+    >>> list(layer_bars(torch.tensor([0.5, -0.25, 1.0])).data[0].y)
+    [0.5, -0.25, 1.0]
     """
     mean = scores.mean if isinstance(scores, LayerScores) else scores
     if mean.ndim != 1:
@@ -118,7 +118,7 @@ def prune_curve_figure(curve: "PruneCurve", *, x: str = "head_percent", title: s
     min-max band; the unpruned accuracy and chance as dashed lines.
 
     Args:
-        curve: a :class:`~mechicl.pruning.PruneCurve`.
+        curve: a :class:`~mechicl.analyses.pruning.PruneCurve`.
         x: ``"head_percent"`` or ``"ffn_percent"`` (the other percentage is held at 0).
         title: figure title.
     """
@@ -168,7 +168,7 @@ def patch_heatmap(result: "PatchResult", *, sum_over: str | None = None,
     the metric and blue where it lowers it.
 
     Args:
-        result: a :class:`~mechicl.patching.PatchResult`.
+        result: a :class:`~mechicl.analyses.patching.PatchResult`.
         sum_over: for three-axis results (per head and position), the axis to sum effects over
             (``"pos"`` or ``"head"``).
         title: figure title (default: target, direction, metric).
@@ -220,7 +220,7 @@ def patch_heatmap(result: "PatchResult", *, sum_over: str | None = None,
 def matrix_heatmap(matrix: "pd.DataFrame", *, title: str = "", zmin: float | None = -1.0,
                    zmax: float | None = 1.0, colorscale: str = "RdBu_r",
                    colorbar_title: str = "", fmt: str = ".2f") -> go.Figure:
-    """A square (or any) matrix of statistics, e.g. from :func:`mechicl.overlap.overlap_matrix`,
+    """A square (or any) matrix of statistics, e.g. from :func:`mechicl.analyses.overlap.overlap_matrix`,
     with its values written in the cells; rows top to bottom in the DataFrame's order.
 
     >>> import pandas as pd
@@ -342,7 +342,7 @@ def checkpoint_figure(table: "pd.DataFrame", *, value: str = "mean", top_k: int 
     Args:
         table: a long table with columns ``step layer head`` and ``value``, optionally ``label``
             (the checkpoint's name, shown on hover), ``score`` and ``identical_to``; e.g. from
-            :func:`mechicl.checkpoints.checkpoint_table`. One row per score, step and head.
+            :func:`mechicl.experiments.checkpoints.checkpoint_table`. One row per score, step and head.
         value: the column to plot (``"mean"``, ``"rank"``, ...).
         top_k: how many heads to draw, chosen by their value at the last step (ties: lower
             layer, then head, first); 0 draws only the maximum.

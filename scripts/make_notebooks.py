@@ -62,15 +62,15 @@ score_scatter(prefix, copying, x_title="prefix matching", y_title="copying",
               title="induction heads score high on both")"""),
     new_markdown_cell("""\
 Results are dataclasses with provenance (`params`, `model`) that save to safetensors + JSON
-(never pickle). A 10-seed scan already ranks the heads much like the committed 100-seed one:"""),
+(never pickle) and load back, checksums verified, with `mechicl.load_result`. A 10-seed scan already ranks the heads much like the committed 100-seed one:"""),
     new_code_cell("""\
 from pathlib import Path
 
-from mechicl.overlap import spearman, top_k_overlap
+from mechicl.analyses.overlap import spearman, top_k_overlap
 
-committed_path = Path("../figures/results/smollm2-135m-prefix_matching")
+committed_path = Path("../figures/results/smollm2-135m-scan")
 if committed_path.exists():
-    committed = mechicl.HeadScores.load(committed_path)
+    committed = mechicl.load_result(committed_path).scores["prefix_matching"]
     print("spearman with the 100-seed scan:", round(spearman(prefix, committed), 3))
     print("top-10 heads shared:", top_k_overlap(prefix, committed, 10))"""),
     new_code_cell("""\

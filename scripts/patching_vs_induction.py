@@ -1,10 +1,11 @@
 """Which heads matter for a patching result, and are they the induction heads? (issue 6 note)
 
     .venv/bin/python scripts/patching_vs_induction.py \\
-        figures/patching/results/smollm2-135m-ioi-head_out figures/results --out FILE.json
+        figures/patching/ioi-heads/results/smollm2-135m-ioi-head_out \
+        figures/results/smollm2-135m-scan --out FILE.json
 
-Reads a saved ``[layer, head]`` PatchResult and the HeadScores folders of an induction scan
-(``mechicl scan`` writes ``<model>-prefix_matching`` etc. into ``figures/results``), and reports
+Reads a saved ``[layer, head]`` PatchResult and the result of an induction scan (``mechicl scan``
+writes ``results/<model>-scan``), and reports
 the top heads by |effect|, where the top induction heads rank in the patching result, and the
 Spearman correlation / top-k overlap between |effect| and each induction score.
 """
@@ -16,19 +17,21 @@ from pathlib import Path
 import torch
 
 from mechicl._io import atomic_write_text
-from mechicl.overlap import spearman, top_k_overlap
-from mechicl.patching import PatchResult
-from mechicl.results import HeadScores
+from mechicl.analyses.overlap import spearman, top_k_overlap
+from mechicl.analyses.patching import PatchResult
+from mechicl.results import load_result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("patch_result", type=Path)
-    parser.add_argument("scan_results", type=Path, help="folder holding the scan's HeadScores")
+    parser.add_argument("scan_result", type=Path, help="a scan's result folder (ScanResult)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    result = PatchResult.load(args.patch_result)
+    result = load_result(args.patch_result)
+    if not isinstance(result, PatchResult):
+        raise SystemExit(f"{args.patch_result} holds a {type(result).__name__}, not a PatchResult")
     if result.axes != ("layer", "head"):
         raise SystemExit(f"need a [layer, head] result, got {result.axes}")
     effect = result.effect().abs()
@@ -42,10 +45,7 @@ def main() -> None:
                                    "effect": float(result.effect().flatten()[i])}
                                   for i in order[: args.k]],
                     "scores": {}}
-    for folder in sorted(args.scan_results.iterdir()):
-        if not (folder / "meta.json").is_file():
-            continue
-        scores = HeadScores.load(folder)
+    for scores in load_result(args.scan_result).scores.values():
         if scores.mean.shape != effect.shape:
             continue
         top = scores.top_heads(args.k)

@@ -12,9 +12,21 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mechicl.models import as_hooked_model  # noqa: E402
+from mechicl.model import as_hooked_model  # noqa: E402
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_store(tmp_path_factory):
+    """Results computed by tests go to a store of this session, never the user's."""
+    old = os.environ.get("MECHICL_STORE")
+    os.environ["MECHICL_STORE"] = str(tmp_path_factory.mktemp("store"))
+    yield
+    if old is None:
+        os.environ.pop("MECHICL_STORE", None)
+    else:
+        os.environ["MECHICL_STORE"] = old
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +50,14 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def tiny_gpt2():
-    from mechicl.toy_models import tiny_model
+    from mechicl.testing import tiny_model
 
     return as_hooked_model(tiny_model("gpt2"), name="tiny-gpt2")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from mechicl.toy_models import tiny_model
+    from mechicl.testing import tiny_model
 
     return as_hooked_model(tiny_model("llama"), name="tiny-llama")
 
@@ -53,14 +65,14 @@ def tiny_llama():
 @pytest.fixture(scope="session", params=["gpt2", "llama", "llama-mha"])
 def tiny(request):
     """Each tiny architecture: MHA+LayerNorm+learned positions, GQA+RMSNorm+rotary, MHA+RMS+rotary."""
-    from mechicl.toy_models import tiny_model
+    from mechicl.testing import tiny_model
 
     return as_hooked_model(tiny_model(request.param), name=f"tiny-{request.param}")
 
 
 @pytest.fixture(scope="session")
 def induction_toy():
-    from mechicl.toy_models import induction_model
+    from mechicl.testing import induction_model
 
     return as_hooked_model(induction_model(), name="induction-toy")
 
@@ -68,7 +80,7 @@ def induction_toy():
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A tiny Llama (GQA) saved as a local HF folder: exercises load_model(folder) too."""
-    from mechicl.toy_models import tiny_hf_model
+    from mechicl.testing import tiny_hf_model
 
     hf_model, tokenizer = tiny_hf_model("llama")
     folder = tmp_path_factory.mktemp("tiny-llama")

@@ -2,11 +2,11 @@
 
 Every function here works on ONE prompt at a time (batch size 1, so no padding), with explicit
 Python loops over layers, heads and answer positions, and hooks written out by hand. The module
-never imports :mod:`mechicl.importance`, :mod:`mechicl.masks` or :mod:`mechicl.pruning`: tests
+never imports :mod:`mechicl.analyses.importance`, :mod:`mechicl.model.masks` or :mod:`mechicl.analyses.pruning`: tests
 compare the batched, vectorised implementations against these.
 
 Prompts are tokenised here too (:func:`prompt_tokens`), as ``BOS + prompt + continuation``;
-tests check that :func:`mechicl.evaluation.answer_batch` gives the same tokens.
+tests check that :func:`mechicl.analyses.evaluation.answer_batch` gives the same tokens.
 
 Conventions: ``hook_z`` is ``[batch, pos, head, d_head]`` (query heads for grouped-query
 attention); the answer loss of a prompt is the mean over its answer tokens ``t`` of
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechicl.tasks import Example, Prompt, Task
+from mechicl.inputs.tasks import Example, Prompt, Task
 
 __all__ = [
     "ablation_reference",
@@ -390,6 +390,6 @@ def copy_prompts(n: int, **kwargs: Any) -> list[Prompt]:
 
 
 def copy_task(n: int = 24, **kwargs: Any) -> Task:
-    """A :class:`~mechicl.tasks.Task` of :func:`copy_examples` with template ``"{input}"``."""
+    """A :class:`~mechicl.inputs.tasks.Task` of :func:`copy_examples` with template ``"{input}"``."""
     return Task(name="copy", examples=tuple(copy_examples(n, **kwargs)), template="{input}",
                 separator=" ")

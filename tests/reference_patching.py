@@ -1,6 +1,6 @@
-"""Slow, obviously-correct references for activation patching, for testing :mod:`mechicl.patching`.
+"""Slow, obviously-correct references for activation patching, for testing :mod:`mechicl.analyses.patching`.
 
-Nothing here imports :mod:`mechicl.patching` (or its forward-pass helpers): every patched run is
+Nothing here imports :mod:`mechicl.analyses.patching` (or its forward-pass helpers): every patched run is
 ONE plain ``run_with_hooks`` forward pass of the whole (un-expanded) batch with ONE hand-written
 hook, and every value is a Python loop over cells. Tests compare mechicl's batched, vectorised
 patching against these and against TransformerLens's ``get_act_patch_*`` functions (wrapped by

@@ -2,8 +2,8 @@
 
 Everything here works on ONE prompt pair and ONE cell (one sender set, one patched slice) at a
 time, un-batched (batch size 1), with explicit ``model.run_with_hooks`` calls and hooks written
-out by hand. The module never imports :mod:`mechicl.patching`, :mod:`mechicl.path_patching` or
-:mod:`mechicl.attribution`: tests compare the batched, vectorised implementations with these.
+out by hand. The module never imports :mod:`mechicl.analyses.patching`, :mod:`mechicl.analyses.path_patching` or
+:mod:`mechicl.analyses.attribution`: tests compare the batched, vectorised implementations with these.
 
 Conventions: tokens are one unpadded row ``[pos]`` (BOS included); the metric is the logit
 difference ``logit[answer] - logit[wrong]`` at the last position; ``hook_z`` / ``hook_q`` are
@@ -260,7 +260,7 @@ def mha_equivalent(model: Any) -> Any:
     Each KV head's rows of ``k_proj``/``v_proj`` are repeated for the ``g`` query heads it
     serves (HF ``repeat_kv`` order: KV head ``j`` serves query heads ``j*g .. j*g+g-1``); every
     other weight is copied. Booted as a ``TransformerBridge`` with the same tokenizer (as
-    mechicl.toy_models does). Its query head ``h`` has its own ``hook_k``/``hook_v`` slice, so
+    mechicl.testing does). Its query head ``h`` has its own ``hook_k``/``hook_v`` slice, so
     patching that slice is the per-query-head view of the grouped model.
     """
     from transformer_lens.model_bridge import TransformerBridge

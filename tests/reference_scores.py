@@ -2,10 +2,10 @@
 
 Every function here is written directly from its definition, with explicit Python loops over
 layers, heads and positions, ONE token sequence at a time (no batching) and float64 arithmetic.
-They are deliberately independent of :mod:`mechicl.induction` (never imported here): tests compare
+They are deliberately independent of :mod:`mechicl.analyses.induction` (never imported here): tests compare
 the fast vectorised scores against these to ~1e-5.
 
-Each score takes a :class:`mechicl.models.HookedModel` and one sequence ``tokens``
+Each score takes a :class:`mechicl.model.HookedModel` and one sequence ``tokens``
 (``LongTensor [pos]``, starting with BOS) and returns a float64 tensor ``[layer, head]`` for that
 sequence; callers average over sequences / seeds themselves.
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mechicl.checkpoints import (
+from mechicl.experiments.checkpoints import (
     Checkpoint,
     _parse_step,
     checkpoint_hashes,
@@ -31,7 +31,7 @@ NAMES = {"300": 2, "checkpoint-200": 1, "step-100": 1, "step0": 0}
 def sweep_folder(tmp_path_factory):
     """Four tiny Llama checkpoints named in four styles (out of order on disk), two of them the
     same weights; plus a Trainer-style ``runs`` folder and a file, which are not checkpoints."""
-    from mechicl.toy_models import tiny_hf_model
+    from mechicl.testing import tiny_hf_model
 
     root = tmp_path_factory.mktemp("sweep")
     models = {}
@@ -66,7 +66,7 @@ def test_step_names(name, step):
 
 
 def test_local_checkpoints_sorted_by_step(sweep_folder, caplog):
-    with caplog.at_level(logging.WARNING, logger="mechicl.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="mechicl.experiments.checkpoints"):
         found = local_checkpoints(sweep_folder)
     assert [c.label for c in found] == ["step0", "step-100", "checkpoint-200", "300"]
     assert [c.step for c in found] == [0, 100, 200, 300]
@@ -100,7 +100,7 @@ def test_local_checkpoints_errors(tmp_path, caplog):
 
     lone = tmp_path / "lone"
     _fake_checkpoint(lone / "step3", tokenizer=False)
-    with caplog.at_level(logging.WARNING, logger="mechicl.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="mechicl.experiments.checkpoints"):
         assert [c.step for c in local_checkpoints(lone)] == [3]
     assert "without tokenizer files" in caplog.text and "step3" in caplog.text
 
@@ -122,7 +122,7 @@ def test_checkpoints_load_and_identical_weights_are_found(sweep_folder):
 def test_sweep_end_to_end(sweep_folder):
     """A weight-based score on every checkpoint, the table, and the figure: identical weights
     are flagged from the provenance the results carry, without reloading."""
-    from mechicl.induction import ov_eigen_copying_scores
+    from mechicl.analyses.induction import ov_eigen_copying_scores
 
     found = local_checkpoints(sweep_folder)
     results = {c: ov_eigen_copying_scores(c.load()) for c in found}
@@ -186,7 +186,7 @@ def test_revisions_match_transformer_lens():
         _resolve_checkpoint_to_revision,
     )
 
-    from mechicl.checkpoints import REVISION_FORMATS
+    from mechicl.experiments.checkpoints import REVISION_FORMATS
 
     assert dict(REVISION_FORMATS) == _CHECKPOINT_REVISION_FORMATS
     for model, step in [("EleutherAI/pythia-160m", 2), ("stanford-crfm/battlestar-gpt2-small-x49",

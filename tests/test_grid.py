@@ -3,7 +3,7 @@ job expansion, and content-addressed job keys."""
 
 import pytest
 
-from mechicl.grid import Grid, GridError, Job, load_grid, parse_grid
+from mechicl.experiments.grid import Grid, GridError, Job, load_grid, parse_grid
 
 GOOD = """
 [grid]
@@ -36,7 +36,10 @@ def test_expands_models_x_tasks_x_shots_x_seeds(tmp_path):
         (m, t, s, seed) for m in grid.models for t in grid.tasks for s in grid.shots
         for seed in grid.seeds}
     assert all(j.task is None and j.shots is None for j in scans)
-    assert imps[0].options == {"method": "bansal", "n": 50}
+    # complete options: the given ones and the registry's defaults for the rest
+    from mechicl.analyses import ANALYSES
+
+    assert imps[0].options == ANALYSES["importance"].resolve({"method": "bansal", "n": 50})
     assert jobs == grid.jobs()  # stable order
     assert imps[0].describe() == "importance smollm2-135m country_capital 0-shot seed 0"
 
@@ -82,13 +85,13 @@ def test_keys_change_with_weights_options_version_and_only_then():
     ("[grid]\nmodels=['m']\n[analyses.probe]\n", r"unknown analysis \[analyses.probe\]"),
     ("[grid]\nmodels=['m']\n[analyses.importance]\n", "runs per task: give grid.tasks"),
     ("[grid]\nmodels=['m']\n[analyses.scan]\nseeds=3\n", "unknown option analyses.scan.seeds"),
-    ("[grid]\nmodels=['m']\n[analyses.scan]\nn_seeds='3'\n", "analyses.scan.n_seeds = '3': need int"),
+    ("[grid]\nmodels=['m']\n[analyses.scan]\nn_seeds='3'\n", "analyses.scan.n_seeds = '3': need an integer"),
     ("[grid]\nmodels=['m']\n[analyses.scan]\nn_seeds=0\n", "need an integer >= 1"),
-    ("[grid]\nmodels=['m']\n[analyses.scan]\nscores=['prefix']\n", r"unknown scores \['prefix'\]"),
+    ("[grid]\nmodels=['m']\n[analyses.scan]\nscores=['prefix']\n", r"analyses.scan.scores = \['prefix'\] is not allowed; choose from"),
     ("[grid]\nmodels=['m']\ntasks=['antonyms']\n[analyses.importance]\nmethod='grad'\n",
-     r"analyses.importance.method = 'grad': choose one of"),
+     r"analyses.importance.method = 'grad' is not allowed; choose one of"),
     ("[grid]\nmodels=['m']\ntasks=['antonyms']\n[analyses.accuracy]\nlength_normalize=1\n",
-     "need bool"),
+     "length_normalize = 1: need true or false"),
 ])
 def test_errors_name_the_bad_key(tmp_path, text, match):
     path = tmp_path / "grid.toml"

@@ -9,12 +9,12 @@ import torch
 from torch.testing import assert_close
 
 import mechicl
-from mechicl.evaluation import answer_batch
-from mechicl.importance import ffn_importance, head_importance, importance_prompts
-from mechicl.masks import Mask
-from mechicl.models import as_hooked_model
+from mechicl.analyses.evaluation import answer_batch
+from mechicl.analyses.importance import ffn_importance, head_importance, importance_prompts
+from mechicl.model import as_hooked_model
+from mechicl.model.masks import Mask
 from mechicl.results import HeadScores, LayerScores
-from mechicl.toy_models import INDUCTION_MODEL_HEADS, tiny_model
+from mechicl.testing import INDUCTION_MODEL_HEADS, tiny_model
 
 N_PROMPTS = 5
 
@@ -182,7 +182,7 @@ def test_induction_toy_ranks_its_induction_head_first(induction_toy, method):
     (a loss higher by ~1e-6)."""
     model = induction_toy
     prompts = ref.copy_prompts(6)
-    assert mechicl.evaluation.choice_logprobs(model, prompts)[0].argmax(-1).tolist() == [
+    assert mechicl.analyses.evaluation.choice_logprobs(model, prompts)[0].argmax(-1).tolist() == [
         p.gold for p in prompts]
     imp = head_importance(model, prompts=prompts, method=method)
     induction = INDUCTION_MODEL_HEADS["induction"]

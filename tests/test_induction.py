@@ -9,10 +9,10 @@ import torch
 from torch.testing import assert_close
 
 import mechicl
-from mechicl.cli import build_parser, parse_scores
-from mechicl.induction import SCORES, induction_scan, repeated_sequences
+from mechicl.analyses.induction import SCORES, induction_scan, parse_scores, repeated_sequences
+from mechicl.cli import build_parser
 from mechicl.results import HeadScores
-from mechicl.toy_models import INDUCTION_MODEL_HEADS
+from mechicl.testing import INDUCTION_MODEL_HEADS
 
 N_SEEDS = 3
 
@@ -25,8 +25,8 @@ def short(s: int) -> int:
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def scanned(request):
     """A tiny MHA (LayerNorm, learned positions, biases) and a tiny GQA model, fully scanned."""
-    from mechicl.models import as_hooked_model
-    from mechicl.toy_models import tiny_model
+    from mechicl.model import as_hooked_model
+    from mechicl.testing import tiny_model
 
     model = as_hooked_model(tiny_model(request.param), name=f"tiny-{request.param}")
     # batch_tokens small enough that the seeds go through several padded batches.
@@ -38,7 +38,7 @@ def scanned(request):
 @pytest.mark.parametrize("indexing", ["exact", "reference"])
 def test_prefix_matching_equals_reference(scanned, indexing):
     model, result = scanned
-    fast = mechicl.prefix_matching_scores(model, n_seeds=N_SEEDS, length=short,
+    fast = mechicl.analyses.induction.prefix_matching_scores(model, n_seeds=N_SEEDS, length=short,
                                           indexing=indexing, progress=False)
     assert len(fast.tokens) == N_SEEDS
     for s, tokens in enumerate(fast.tokens):
@@ -66,7 +66,7 @@ def test_reference_indexing_differs_from_exact(scanned):
     _, result = scanned
     model = scanned[0]
     exact = result.scores["prefix_matching"].mean
-    literal = mechicl.prefix_matching_scores(model, n_seeds=N_SEEDS, length=short,
+    literal = mechicl.analyses.induction.prefix_matching_scores(model, n_seeds=N_SEEDS, length=short,
                                              indexing="reference", progress=False).mean
     assert (literal >= exact - 1e-9).all() and (literal - exact).abs().max() > 1e-6
 
@@ -93,7 +93,7 @@ def test_per_position_loss_equals_reference(scanned):
 @pytest.mark.parametrize("stream", ["embeddings", "residual"])
 def test_copying_equals_reference(scanned, stream):
     model, _ = scanned
-    fast = mechicl.copying_scores(model, n_seeds=N_SEEDS, length=short, stream=stream,
+    fast = mechicl.analyses.induction.copying_scores(model, n_seeds=N_SEEDS, length=short, stream=stream,
                                   batch_tokens=64, progress=False)
     for s, tokens in enumerate(fast.tokens):
         assert len(tokens) == 4 * short(s) + 1 and len(set(tokens.tolist())) == len(tokens)
@@ -104,8 +104,8 @@ def test_copying_equals_reference(scanned, stream):
 def test_copying_in_query_blocks_equals_reference(scanned, monkeypatch):
     """Force the smallest query blocks (16 rows) so that sequences span several blocks."""
     model, _ = scanned
-    monkeypatch.setattr(mechicl.induction, "_BLOCK_ELEMENTS", 1)
-    fast = mechicl.copying_scores(model, n_seeds=N_SEEDS, length=short, progress=False)
+    monkeypatch.setattr(mechicl.analyses.induction, "_BLOCK_ELEMENTS", 1)
+    fast = mechicl.analyses.induction.copying_scores(model, n_seeds=N_SEEDS, length=short, progress=False)
     assert max(len(t) for t in fast.tokens) > 32
     for s, tokens in enumerate(fast.tokens):
         assert_close(fast.per_seed[s], ref.ref_copying(model, tokens), rtol=0, atol=1e-5)
@@ -114,7 +114,7 @@ def test_copying_in_query_blocks_equals_reference(scanned, monkeypatch):
 def test_scans_leave_no_hooks_behind(scanned):
     """The copying pass stops early by raising inside its last hook: hooks must still go."""
     model, _ = scanned
-    mechicl.copying_scores(model, n_seeds=1, length=short, progress=False)
+    mechicl.analyses.induction.copying_scores(model, n_seeds=1, length=short, progress=False)
     leftover = {name: len(hp._forward_hooks) for name, hp in model.bridge.hook_dict.items()
                 if len(hp._forward_hooks)}
     assert not leftover
@@ -148,7 +148,7 @@ def test_user_tokens_reproduce_the_scan(scanned):
     model, result = scanned
     pm = result.scores["prefix_matching"]
     bases = [t[1 : 1 + short(s)] for s, t in enumerate(pm.tokens)]
-    mine = mechicl.prefix_matching_scores(model, tokens=bases, progress=False)
+    mine = mechicl.analyses.induction.prefix_matching_scores(model, tokens=bases, progress=False)
     assert_close(mine.per_seed, pm.per_seed, rtol=0, atol=1e-7)
 
 
@@ -202,7 +202,11 @@ def test_results_roundtrip(scanned, tmp_path):
 def test_cli_parsing():
     assert parse_scores("prefix,ov,prefix_matching") == ["prefix_matching", "ov_eigen"]
     args = build_parser().parse_args(["scan", "--out", "x", "--seeds", "7"])
-    assert args.seeds == 7 and set(args.scores) == set(SCORES)
+    # --seeds is n_seeds; no --scores given: the registry's default (every score)
+    assert args.n_seeds == 7 and args.scores is None
+    from mechicl.analyses import ANALYSES
+
+    assert ANALYSES["scan"].resolve({})["scores"] == list(SCORES)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["scan", "--out", "x", "--scores", "nope"])
     with pytest.raises(SystemExit):
@@ -226,7 +230,7 @@ def test_default_model_scores_equal_reference(smollm2):
         assert_close(prev.per_seed[s], ref.ref_previous_token(smollm2, tokens), rtol=0, atol=1e-5)
     # The full-vocabulary float64 reference costs ~5 s per token here: one short sequence.
     base = pm.tokens[0][1:9]
-    cp = mechicl.copying_scores(smollm2, tokens=[base], progress=False)
+    cp = mechicl.analyses.induction.copying_scores(smollm2, tokens=[base], progress=False)
     assert_close(cp.per_seed[0], ref.ref_copying(smollm2, cp.tokens[0]), rtol=0, atol=1e-4)
 
 
@@ -234,7 +238,7 @@ def test_default_model_scores_equal_reference(smollm2):
 def test_default_model_ablating_top_prefix_heads_hurts_induction(smollm2):
     """Zero-ablating the top-5 prefix-matching heads raises the loss on the repeated copies far
     more than ablating 5 random heads (mean over 5 random draws). Numbers: docs/benchmarks.md."""
-    pm = mechicl.prefix_matching_scores(smollm2, n_seeds=8, progress=False)
+    pm = mechicl.analyses.induction.prefix_matching_scores(smollm2, n_seeds=8, progress=False)
     # Fresh sequences (another seed), all with L = 25 so that they stack into one batch.
     tokens = torch.stack([repeated_sequences(smollm2, n_seeds=1, seed=100 + i)[0]
                           for i in range(4)])
@@ -280,6 +284,6 @@ def test_prefix_matching_equals_transformerlens_detect_head(tiny_gpt2):
     tokens = tiny_gpt2.to_tokens(text)[0]
     base = tokens[1 : L + 1]
     assert torch.equal(tokens[1:], base.repeat(4))
-    ours = mechicl.prefix_matching_scores(tiny_gpt2, tokens=[base], progress=False).mean
+    ours = mechicl.analyses.induction.prefix_matching_scores(tiny_gpt2, tokens=[base], progress=False).mean
     tl = detect_head(tiny_gpt2.bridge, text, "induction_head").double()
     assert_close(tl * (4 * L + 1) / (3 * L), ours, rtol=0, atol=1e-5)

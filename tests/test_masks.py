@@ -13,10 +13,15 @@ import torch
 from torch.testing import assert_close
 
 import mechicl
-from mechicl.evaluation import answer_batch, answer_losses, choice_logprobs, masked_choice_logprobs
-from mechicl.masks import ActivationMeans, Mask, mean_activations, stack_hooks
-from mechicl.tasks import build_prompts
-from mechicl.toy_models import FIRST_WORD_ID, INDUCTION_MODEL_HEADS
+from mechicl.analyses.evaluation import (
+    answer_batch,
+    answer_losses,
+    choice_logprobs,
+    masked_choice_logprobs,
+)
+from mechicl.inputs.tasks import build_prompts
+from mechicl.model.masks import ActivationMeans, Mask, mean_activations, stack_hooks
+from mechicl.testing import FIRST_WORD_ID, INDUCTION_MODEL_HEADS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -439,7 +444,7 @@ def test_evaluate_with_mask_equals_explicit_hooks(tiny_gpt2):
         hooked = mechicl.evaluate(model, task, shots=1, n=10)
     assert hooked.accuracy == result.accuracy
     assert hooked.predictions["prediction"].tolist() == result.predictions["prediction"].tolist()
-    assert result.config["mask"] == mask.to_dict() and hooked.config["mask"] is None
+    assert result.params["mask"] == mask.to_dict() and hooked.params["mask"] is None
     plain = mechicl.evaluate(model, task, shots=1, n=10)
     assert plain.predictions["loglik"].tolist() != result.predictions["loglik"].tolist()
 

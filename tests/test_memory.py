@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechicl.memory import (
+from mechicl.analyses.evaluation import longest_prompt
+from mechicl.analyses.induction import longest_scan_sequence
+from mechicl.experiments.memory import (
     ANALYSES,
     REFERENCE_SHAPES,
     MemoryEstimate,
     ModelShape,
     batch_tokens_for_budget,
     estimate_memory,
-    longest_prompt,
-    longest_scan_sequence,
     memory_table,
-    parse_bytes,
 )
+from mechicl.model.loading import parse_bytes
 
 # ---- sizes ---------------------------------------------------------------------------------
 
@@ -217,7 +217,7 @@ def test_budget_too_small_says_what_is_needed():
 def test_longest_scan_sequence_matches_the_scan_inputs(tiny_folder):
     """The sequence length a budget is computed for is the longest the scan really runs."""
     from mechicl import load_model
-    from mechicl.induction import copying_sequences, repeated_sequences
+    from mechicl.analyses.induction import copying_sequences, repeated_sequences
 
     model = load_model(tiny_folder)
     for n_seeds in (1, 4):
@@ -237,7 +237,7 @@ def test_longest_scan_sequence_matches_the_scan_inputs(tiny_folder):
 
 
 def test_longest_prompt_counts_prompt_plus_longest_answer(smollm2):
-    from mechicl.tasks import build_prompts, load_task
+    from mechicl.inputs.tasks import build_prompts, load_task
 
     model = smollm2
     prompts = build_prompts(load_task("antonyms"), shots=2, n=20)
@@ -274,7 +274,7 @@ def test_weights_equal_the_tiny_models_parameter_bytes(tiny_folder):
 def _saved_bytes(model, tokens) -> int:
     """Bytes of the distinct non-parameter tensors autograd saves in one gradient-importance
     forward pass (the backward's memory)."""
-    from mechicl.importance import token_gate_grads
+    from mechicl.analyses.importance import token_gate_grads
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -297,7 +297,7 @@ def test_importance_activations_are_what_autograd_saves(dtype):
     """Deterministic: the modelled activations against the tensors autograd actually keeps for
     the backward (not counting layer 0's attention, which needs no gradient, nor the gates)."""
     import mechicl
-    from mechicl.toy_models import tiny_model
+    from mechicl.testing import tiny_model
 
     model = mechicl.as_hooked_model(tiny_model("llama", n_layers=8))
     model.bridge.to(getattr(torch, dtype))

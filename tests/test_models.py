@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 import mechicl
-from mechicl.models import BUILTIN_MODELS, HOOK_KINDS, ModelNotAvailableError, load_model
+from mechicl.model import BUILTIN_MODELS, HOOK_KINDS, ModelNotAvailableError, load_model
 
 
 def _raw_expanded(raw: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def test_biases_are_zero_when_absent_and_real_when_present(tiny_gpt2, tiny_llama
 
 def test_folded_weights_equal_compatibility_mode(tiny):
     """Our folding (without touching the bridge) equals TransformerLens's processed weights."""
-    from mechicl.toy_models import tiny_model
+    from mechicl.testing import tiny_model
 
     ours = tiny.folded_weights()
     ref = tiny_model(tiny.name.removeprefix("tiny-"))  # a fresh copy: compat mode mutates it
@@ -120,7 +120,7 @@ def test_delegation_to_bridge(tiny_llama):
 
 
 def test_info_hashes_change_with_weights():
-    from mechicl.toy_models import tiny_model
+    from mechicl.testing import tiny_model
 
     a = mechicl.as_hooked_model(tiny_model("llama", seed=0))
     b = mechicl.as_hooked_model(tiny_model("llama", seed=0))
@@ -182,7 +182,7 @@ def test_disk_offload_via_max_memory_equals_plain_load(tiny_folder, plain_tiny, 
     """A CPU budget too small for the weights sends them to disk; forward passes, gradients
     and the weights hash are unchanged. (From a safetensors checkpoint, transformers reads
     offloaded weights straight from its files: offload_folder stays empty.)"""
-    from mechicl.importance import token_gate_grads
+    from mechicl.analyses.importance import token_gate_grads
 
     plain, tokens = plain_tiny
     model = load_model(tiny_folder, device_map="auto", max_memory={"cpu": "150KB"},

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from mechicl.overlap import (
+from mechicl.analyses.overlap import (
     _rank_rows,
     bootstrap_ci,
     jaccard,

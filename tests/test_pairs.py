@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from mechicl.pairs import (
+from mechicl.inputs.pairs import (
     IOI_ABBA_TEMPLATES,
     IOI_BABA_TEMPLATES,
     IOI_NAMES,
@@ -20,8 +20,8 @@ from mechicl.pairs import (
     register_pairs,
     repeated_token_pairs,
 )
-from mechicl.tasks import load_task
-from mechicl.toy_models import FIRST_WORD_ID, SPECIAL_TOKEN_IDS
+from mechicl.inputs.tasks import load_task
+from mechicl.testing import FIRST_WORD_ID, SPECIAL_TOKEN_IDS
 
 # Forward passes here are few and short; one thread is faster on a busy 2-core machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -342,7 +342,7 @@ def test_ioi_rejects_bad_arguments(smollm2, caplog):
         ioi_pairs(smollm2, 2, templates=["Then, [B] and [A] saw a [ANIMAL]. [B] thanked"])
     with pytest.raises((ValueError, TypeError), match="swap"):
         ioi_pairs(smollm2, 2, corruption="swap")
-    with caplog.at_level(logging.INFO, logger="mechicl.pairs"):
+    with caplog.at_level(logging.INFO, logger="mechicl.inputs.pairs"):
         p = ioi_pairs(smollm2, 2)
     assert "default names are not single tokens" in caplog.text
     custom = ioi_pairs(smollm2, 4, names=["Mary", "John", "Anna", "Paul", "Mark"])

@@ -1,4 +1,4 @@
-"""Activation patching (mechicl.patching) on the tiny models: every target equals
+"""Activation patching (mechicl.analyses.patching) on the tiny models: every target equals
 TransformerLens's ``get_act_patch_*`` (or a plain one-forward-per-cell loop,
 tests/reference_patching.py) for three kinds of metric, in both directions; the per-query-head
 k/v view equals ordinary patching of an equivalent multi-head model; cell subsets, batching,
@@ -14,11 +14,12 @@ import torch
 from torch.testing import assert_close
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechicl.models import as_hooked_model
-from mechicl.pairs import PromptPairs
-from mechicl.patching import TARGETS, PatchResult, as_inputs, patch, target_axes
+from mechicl.analyses._engine import as_inputs
+from mechicl.analyses.patching import TARGETS, PatchResult, patch, target_axes
+from mechicl.inputs.pairs import PromptPairs
+from mechicl.model import as_hooked_model
 from mechicl.results import HeadScores
-from mechicl.toy_models import FIRST_WORD_ID, SPECIAL_TOKEN_IDS, tiny_hf_model
+from mechicl.testing import FIRST_WORD_ID, SPECIAL_TOKEN_IDS, tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

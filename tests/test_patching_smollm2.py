@@ -13,8 +13,8 @@ import reference_patching as ref  # tests/reference_patching.py: slow, plain ref
 import torch
 from torch.testing import assert_close
 
-from mechicl.pairs import PromptPairs
-from mechicl.patching import patch
+from mechicl.analyses.patching import patch
+from mechicl.inputs.pairs import PromptPairs
 
 pytestmark = pytest.mark.slow
 

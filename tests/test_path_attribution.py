@@ -25,8 +25,8 @@ from scipy import stats
 from torch.testing import assert_close
 
 from mechicl import agreement, attribution_patch, patch, path_patch
-from mechicl.models import as_hooked_model
-from mechicl.toy_models import tiny_hf_model, tiny_model
+from mechicl.model import as_hooked_model
+from mechicl.testing import tiny_hf_model, tiny_model
 
 # One thread for the whole module, the real-model tests too: on a busy 2-core machine a
 # two-thread SmolLM2 forward pass measured 4 s against 0.2 s with one thread.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mechicl.overlap import overlap_matrix
+from mechicl.analyses.overlap import overlap_matrix
 from mechicl.plotting import matrix_heatmap, patch_heatmap, score_scatter
 from mechicl.results import HeadScores
 
@@ -39,7 +39,7 @@ def test_score_scatter_points_and_labels():
 
 
 def test_patch_heatmap_layouts():
-    from mechicl.patching import PatchResult
+    from mechicl.analyses.patching import PatchResult
 
     values = torch.tensor([[0.0, 0.5], [1.0, float("nan")]])
     res = PatchResult(target="head_out", axes=("layer", "head"), values=values, per_pair=None,

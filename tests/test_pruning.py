@@ -10,9 +10,9 @@ import reference_importance as ref  # tests/reference_importance.py: tasks and p
 import torch
 
 import mechicl
-import mechicl.pruning
-from mechicl.masks import Mask
-from mechicl.pruning import PruneCurve, prune_curve, prune_order, pruning_mask
+import mechicl.analyses.pruning
+from mechicl.analyses.pruning import PruneCurve, prune_curve, prune_order, pruning_mask
+from mechicl.model.masks import Mask
 from mechicl.results import HeadScores
 
 SHOTS, N = 1, 10
@@ -205,13 +205,13 @@ def test_combined_head_and_ffn_grid(tiny_llama, task):
 def test_duplicate_masks_are_evaluated_once(tiny_gpt2, task, monkeypatch):
     model = tiny_gpt2
     seen: list[list[Mask]] = []
-    original = mechicl.pruning.masked_choice_logprobs
+    original = mechicl.analyses.pruning.masked_choice_logprobs
 
     def spy(model, prompts, masks, **kwargs):
         seen.append(list(masks))
         return original(model, prompts, masks, **kwargs)
 
-    monkeypatch.setattr(mechicl.pruning, "masked_choice_logprobs", spy)
+    monkeypatch.setattr(mechicl.analyses.pruning, "masked_choice_logprobs", spy)
     scores = scores_for(model)
     # two names for one ranking; 10% of 8 heads removes none, like 0%
     curve = prune_curve(model, task, shots=SHOTS, n=N,

@@ -2,7 +2,7 @@
 
 They check the references themselves (hand-computed values on synthetic attention patterns,
 the hand-built induction model's known heads, identities such as eig(AB) = eig(BA)), so that the
-fast scores in mechicl.induction can then be trusted when they agree with them.
+fast scores in mechicl.analyses.induction can then be trusted when they agree with them.
 """
 
 import math
@@ -25,7 +25,7 @@ from reference_scores import (
     ref_previous_token,
 )
 
-from mechicl.toy_models import FIRST_WORD_ID, INDUCTION_MODEL_HEADS
+from mechicl.testing import FIRST_WORD_ID, INDUCTION_MODEL_HEADS
 
 L = 6
 N_COPIES = 4

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import mechicl
-from mechicl.overlap import kendall, spearman, top_k_overlap, top_k_pvalue
-from mechicl.pruning import PruneCurve, prune_order, pruning_mask
+from mechicl.analyses.overlap import kendall, spearman, top_k_overlap, top_k_pvalue
+from mechicl.analyses.pruning import PruneCurve, prune_order, pruning_mask
+from mechicl.inputs.tasks import TASKS, build_prompts, load_task, register_task
 from mechicl.report import ReportConfig, build_report
 from mechicl.results import HeadScores, LayerScores
-from mechicl.tasks import TASKS, build_prompts, load_task, register_task
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reference_importance as ref  # noqa: E402
@@ -84,10 +84,17 @@ def test_writes_every_figure_table_and_summary(report):
     assert len(ids) == len(set(ids)), "element ids are unique"
     for anchor in re.findall(r'<a href="#([^"]+)">', page):  # the contents link to h2 headings
         assert re.search(f'<h2 id="{anchor}">', page), anchor
-    meta = json.loads((out / "report.json").read_text())
-    assert meta["config"]["tasks"] == [TASK_A, TASK_B] and meta["seconds"]["total"] > 0
-    assert meta["computed"] == {"scan": 2, "accuracy": 4, "importance": 4, "ffn_importance": 2,
-                                "pruning": 4} and meta["reused"] == {}
+    meta = json.loads((out / "result.json").read_text())
+    assert meta["kind"] == "Report" and meta["params"]["tasks"] == [TASK_A, TASK_B]
+    assert report.seconds["total"] > 0
+    assert report.computed == {"scan": 1, "accuracy": 4, "importance": 4, "ffn_importance": 2,
+                               "pruning": 4}
+    # the "highest first" rankings' scan of prefix matching alone: taken from the full scan
+    assert report.reused == {"scan": 1}
+    loaded = mechicl.load_result(out)  # the folder is a result: verified, loadable
+    assert set(loaded.tables) == set(report.tables) and set(loaded.figures) == expected_figures
+    index = json.loads((out / "results" / "index.json").read_text())["results"]
+    assert set(index) == set(loaded.sources) and len(index) == 15  # the shown results
     assert not list(out.rglob("*.tmp")), "no temporary files left behind"
 
 
@@ -95,7 +102,7 @@ def test_figures_show_the_stored_values(report):
     imp = HeadScores.load(report.out / "results" / "importance" / f"{TASK_A}-1shot-bansal")
     z = torch.tensor(report.figures[f"importance-{TASK_A}-1shot"].data[0].z)
     torch.testing.assert_close(z, (imp.mean / imp.mean.max()).double())
-    scan = HeadScores.load(report.out / "results" / "tiny-llama-prefix_matching")
+    scan = mechicl.load_result(report.out / "results" / "scan").scores["prefix_matching"]
     torch.testing.assert_close(torch.tensor(report.figures["scan-prefix_matching"].data[0].z),
                                scan.mean.double())
     ffn = LayerScores.load(report.out / "results" / "ffn" / f"{TASK_B}-1shot")
@@ -112,8 +119,8 @@ def test_prompt_split_is_disjoint_and_follows_the_seeded_list(report):
                                           f"{task}-{shots}shot")
             plist = build_prompts(load_task(task), shots=shots, seed=0)
             assert imp.params["prompt_ids"] == [p.id for p in plist[:6]]
-            assert acc.config["prompt_ids"] == [p.id for p in plist[6:14]]
-            assert not set(imp.params["prompt_ids"]) & set(acc.config["prompt_ids"])
+            assert acc.params["prompt_ids"] == [p.id for p in plist[6:14]]
+            assert not set(imp.params["prompt_ids"]) & set(acc.params["prompt_ids"])
 
 
 def test_tables_equal_independent_computation(model, report):
@@ -131,7 +138,7 @@ def test_tables_equal_independent_computation(model, report):
     for row in overlap.to_dict("records"):
         imp = HeadScores.load(out / "results" / "importance" /
                               f"{row['task']}-{row['shots']}shot-bansal")
-        scan = HeadScores.load(out / "results" / f"tiny-llama-{row['induction score']}")
+        scan = mechicl.load_result(out / "results" / "scan").scores[row["induction score"]]
         assert row["spearman"] == pytest.approx(spearman(scan, imp))
         assert row["kendall"] == pytest.approx(kendall(scan, imp))
         assert row[f"top-{k} overlap"] == pytest.approx(top_k_overlap(scan, imp, k))
@@ -151,12 +158,12 @@ def test_induction_first_curve_removes_the_highest_prefix_heads(model, report):
     heads masked; the same-task curve with the least important heads masked."""
     out = report.out
     curve = PruneCurve.load(out / "results" / "pruning" / f"{TASK_A}-1shot-heads")
-    scan = HeadScores.load(out / "results" / "tiny-llama-prefix_matching")
+    scan = mechicl.load_result(out / "results" / "scan").scores["prefix_matching"]
     imp = HeadScores.load(out / "results" / "importance" / f"{TASK_A}-1shot-bansal")
     plist = build_prompts(load_task(TASK_A), shots=1, seed=0)[6:14]
     data = curve.data.set_index(["head_ranking", "head_percent"])
     for name, scores in ((f"same task ({TASK_A})", imp.mean),
-                         ("induction heads first (prefix matching)", -scan.mean),
+                         ("prefix matching, highest first", -scan.mean),
                          (f"other task ({TASK_B})", None)):
         if scores is None:
             scores = HeadScores.load(out / "results" / "importance" / f"{TASK_B}-1shot-bansal").mean
@@ -170,7 +177,8 @@ def test_induction_first_curve_removes_the_highest_prefix_heads(model, report):
 
 
 def test_second_run_reuses_everything_and_writes_the_same_tables(model, report, tmp_path):
-    again = build_report(model, report.out, ReportConfig(**CONFIG))
+    again = build_report(model, report.out, ReportConfig(**CONFIG), store=tmp_path / "fresh")
+    # a fresh store: every result is taken from the report folder (its checksums verified)
     assert again.computed == {} and sum(again.reused.values()) == 16
     for name, table in report.tables.items():
         pd.testing.assert_frame_equal(again.tables[name], table, check_exact=False, rtol=1e-12)
@@ -181,9 +189,10 @@ def test_changed_settings_recompute_only_what_they_affect(model, report, tmp_pat
     import shutil
 
     shutil.copytree(report.out, out)
-    changed = build_report(model, out, ReportConfig(**{**CONFIG, "n": 5}))
+    changed = build_report(model, out, ReportConfig(**{**CONFIG, "n": 5}),
+                           store=tmp_path / "fresh")
     # new importance prompts: importance, FFN importance, evaluation slices and curves move;
-    # the scans do not depend on n
+    # the scan does not depend on n
     assert changed.reused == {"scan": 2}
     assert changed.computed["importance"] == 4
     imp = HeadScores.load(out / "results" / "importance" / f"{TASK_A}-0shot-bansal")
@@ -192,58 +201,64 @@ def test_changed_settings_recompute_only_what_they_affect(model, report, tmp_pat
 
 def test_reuse_folder_and_force(model, report, tmp_path):
     out = tmp_path / "elsewhere"
-    reused = build_report(model, out, ReportConfig(**CONFIG), reuse=[report.out])
-    assert reused.computed == {} and (out / "results" / "tiny-llama-copying").is_dir()
+    store = tmp_path / "store"
+    reused = build_report(model, out, ReportConfig(**CONFIG), reuse=[report.out], store=store)
+    assert reused.computed == {} and (out / "results" / "scan").is_dir()
     forced = build_report(model, out, ReportConfig(**{**CONFIG, "prune_tasks": (TASK_A,),
-                                                      "ffn": False}), force=True)
-    assert forced.reused == {} and forced.computed["pruning"] == 1
+                                                      "ffn": False}), force=True, store=store)
+    # everything computed again (the one-score scan of the rankings: from the new full scan)
+    assert forced.reused == {"scan": 1} and forced.computed["pruning"] == 1
+    assert forced.computed["scan"] == 1
 
 
-def test_other_model_and_broken_results_are_not_reused(report, tmp_path):
+def test_other_model_and_broken_results_are_not_reused(model, report, tmp_path):
     import shutil
 
-    from mechicl.toy_models import tiny_model
+    from mechicl.testing import tiny_model
 
     out = tmp_path / "other"
     shutil.copytree(report.out, out)
     (out / "results" / "accuracy" / f"{TASK_A}-0shot" / "result.json").write_text("{broken")
-    other = mechicl.as_hooked_model(tiny_model("llama", seed=1), name="tiny-llama")
     cfg = ReportConfig(**{**CONFIG, "prune_tasks": (), "ffn": False, "tasks": (TASK_A,)})
-    result = build_report(other, out, cfg)
+    same = build_report(model, out, cfg, store=tmp_path / "fresh")
+    assert same.computed == {"accuracy": 1}  # the broken one; the rest verified and reused
+    other = mechicl.as_hooked_model(tiny_model("llama", seed=1), name="tiny-llama")
+    result = build_report(other, out, cfg, store=tmp_path / "fresh")
     assert result.reused == {} and result.computed["accuracy"] == 2
     assert mechicl.EvalResult.load(out / "results" / "accuracy" / f"{TASK_A}-0shot").model[
         "weights_sha256"] == other.weights_hash
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"tasks": ("nope",)}, "unknown tasks"),
+    ({"tasks": ("nope",)}, r"report.tasks = \['nope'\] is not allowed; choose from"),
     ({"tasks": "sentiment"}, "tasks"),  # a type error under the runtime type checker
     ({"prune_tasks": ("sentiment",)}, "not in tasks"),
     ({"shots": (0, -1)}, "shots"),
     ({"prune_shots": (5,)}, "not in shots"),
-    ({"scores": ("induction",)}, "unknown scores"),
-    ({"method": "gradient"}, "method='gradient'"),
-    ({"n": 0}, "n=0"),
-    ({"percents": (10, 20)}, "need 0"),
+    ({"scores": ("induction",)}, r"report.scores = \['induction'\] is not allowed"),
+    ({"method": "gradient"}, r"report.method = 'gradient' is not allowed; choose one of"),
+    ({"n": 0}, r"report.n = 0: need an integer >= 1"),
+    ({"percents": (10, 20)}, "containing 0"),
     ({"ffn_percents": (0, 100)}, "ffn_percents"),
     ({"top_k_percent": 0}, "top_k_percent"),
-    ({"formats": ("gif",)}, "unknown formats"),
+    ({"formats": ("gif",)}, r"report.formats = \['gif'\] is not allowed"),
     ({"scan_length": 1}, "scan_length"),
-    ({"importance_batch_tokens": 0}, "importance_batch_tokens=0"),
+    ({"importance_batch_tokens": 0}, r"report.importance_batch_tokens = 0"),
 ])
 def test_bad_settings_name_the_value(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ReportConfig(**{**CONFIG, **bad})
 
 
-def test_memory_budget_fits_every_analysis_of_the_report(model, tmp_path, monkeypatch):
-    """fit_memory_budget sizes each batch for the longest row its analyses feed (slow reference:
-    every prompt with every answer, one row at a time), and build_report uses both sizes."""
-    import mechicl.report as report_module
-    from mechicl.evaluation import answer_batch
-    from mechicl.induction import repeated_sequences
-    from mechicl.memory import batch_tokens_for_budget, estimate_memory
-    from mechicl.report import fit_memory_budget
+def test_memory_budget_sizes_every_job_of_the_report(model, tmp_path):
+    """With a memory budget every job's batch is sized for the longest row it feeds the model
+    (slow reference: every prompt with every answer, one row at a time) by its analysis's
+    memory model; the stored manifests record the sizes."""
+    from mechicl.analyses import Job
+    from mechicl.analyses.evaluation import answer_batch
+    from mechicl.analyses.induction import repeated_sequences
+    from mechicl.experiments.memory import batch_tokens_for_budget, estimate_memory
+    from mechicl.experiments.store import ResultStore
 
     config = ReportConfig(**{**CONFIG, "tasks": (TASK_A, TASK_B), "shots": (0, 2),
                              "prune_tasks": (TASK_B,), "prune_shots": (2,), "ffn": False,
@@ -253,13 +268,14 @@ def test_memory_budget_fits_every_analysis_of_the_report(model, tmp_path, monkey
         return max(int(answer_batch(model, [p], which=c).attention_mask.sum())
                    for p in prompts for c in range(len(p.continuations)))
 
-    rank, both = [], []
-    for task in config.tasks:
-        for shots in config.shots:
-            plist = build_prompts(load_task(task), shots=shots, seed=config.seed)
-            rank += plist[:config.n]
-            both += plist[:config.n + config.eval_n]
-    seq_importance, seq_all = longest_row(rank), longest_row(both)
+    def rows(job):
+        plist = build_prompts(load_task(job.task), shots=job.shots, seed=config.seed)
+        if job.analysis == "importance":
+            return plist[:config.n]
+        return plist[config.n:config.n + config.eval_n]  # accuracy and pruning
+
+    seq_importance = max(longest_row(build_prompts(load_task(t), shots=s, seed=0)[:config.n])
+                         for t in config.tasks for s in config.shots)
     seq_scan = max(len(t) for t in repeated_sequences(model, n_seeds=config.scan_seeds,
                                                       length=lambda s: config.scan_length))
     # A budget with room for exactly two of the longest importance rows.
@@ -267,25 +283,24 @@ def test_memory_budget_fits_every_analysis_of_the_report(model, tmp_path, monkey
                              analysis="importance").total
     assert estimate_memory(model, batch_tokens=3 * seq_importance, seq_len=seq_importance,
                            analysis="importance").total > budget
-    fitted = fit_memory_budget(model, config, budget)
-    assert fitted.importance_batch_tokens == 2 * seq_importance
-    assert fitted.batch_tokens == min(
-        batch_tokens_for_budget(model, budget, seq_len=seq_scan, analysis="scan"),
-        batch_tokens_for_budget(model, budget, seq_len=seq_all, analysis="choices"))
-    assert fitted.batch_tokens > fitted.importance_batch_tokens  # forward-only rows are cheaper
-    assert dataclasses.replace(fitted, batch_tokens=config.batch_tokens,
-                               importance_batch_tokens=None) == config
-
-    seen: dict[str, list] = {"importance": [], "scan": []}
-    for name, key in (("head_importance", "importance"), ("induction_scan", "scan")):
-        real = getattr(report_module, name)
-        monkeypatch.setattr(report_module, name, lambda *a, real=real, key=key, **kw: (
-            seen[key].append(kw["batch_tokens"]) or real(*a, **kw)))
-    build_report(model, tmp_path / "budget", fitted)
-    assert seen == {"importance": [2 * seq_importance] * 4,
-                    "scan": [fitted.batch_tokens] * len(config.scores)}
+    store = ResultStore(tmp_path / "store")
+    build_report(model, tmp_path / "budget", config, store=store, memory_budget=budget)
+    sizes: dict[str, list[int]] = {}
+    for entry in store.entries():
+        job = Job.from_dict(entry.manifest["job"])
+        kind = job.record().memory_model(job)
+        if kind is None or "narrowed_from" in entry.manifest:  # no forward pass of its own
+            continue
+        seq = seq_scan if job.analysis == "scan" else longest_row(rows(job))
+        assert entry.manifest["batch_tokens"] == batch_tokens_for_budget(
+            model, budget, seq_len=seq, analysis=kind), job.describe()
+        sizes.setdefault(job.analysis, []).append((seq, entry.manifest["batch_tokens"]))
+    assert max(sizes["importance"]) == (seq_importance, 2 * seq_importance)  # two longest rows
+    # forward-only rows are cheaper: more of them fit
+    assert min(t // s for s, t in sizes["accuracy"]) > 2
     with pytest.raises(ValueError, match=f"too small: scan on one sequence of {seq_scan} tokens"):
-        fit_memory_budget(model, config, budget // 8)
+        build_report(model, tmp_path / "small", config, store=tmp_path / "store2",
+                     memory_budget=budget // 8)
 
 
 def test_too_few_examples_is_an_error(model, tmp_path):

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import mechicl
-from mechicl.grid import parse_grid, task_digest
-from mechicl.overlap import overlap_table, top_k
-from mechicl.runner import grid_results, load_result, run_grid
-from mechicl.store import ResultStore
-from mechicl.tasks import TASKS, load_task, register_task
+from mechicl.analyses.overlap import overlap_table, top_k
+from mechicl.experiments.grid import parse_grid, task_digest
+from mechicl.experiments.runner import grid_results, run_grid
+from mechicl.experiments.store import ResultStore
+from mechicl.inputs.tasks import TASKS, load_task, register_task
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reference_importance as ref  # noqa: E402
@@ -31,7 +31,7 @@ REGISTER = textwrap.dedent(f"""
     import dataclasses, sys
     sys.path.insert(0, {str(Path(__file__).parent)!r})
     import reference_importance as ref
-    from mechicl.tasks import TASKS, register_task
+    from mechicl.inputs.tasks import TASKS, register_task
     for i, name in enumerate(({TASK_A!r}, {TASK_B!r})):
         if name not in TASKS:
             register_task(name, lambda name=name, i=i: dataclasses.replace(
@@ -73,7 +73,7 @@ def test_run_computes_every_job_once_and_reruns_from_the_store(finished, tiny_fo
     def no_loading(*args, **kwargs):
         raise AssertionError("a finished grid loaded its model")
 
-    monkeypatch.setattr(mechicl.models, "load_model", no_loading)
+    monkeypatch.setattr(mechicl.model, "load_model", no_loading)
     again = run_grid(parse_grid(grid_dict(tiny_folder)), store, progress=False)
     assert again.counts == {"cached": n_jobs, "computed": 0, "failed": 0}
     assert again.table().key.tolist() == table.key.tolist()
@@ -83,18 +83,18 @@ def test_stored_results_equal_direct_library_calls(finished, tiny_folder, one_th
     store, summary = finished
     model = mechicl.load_model(tiny_folder)
     rows = {(r["analysis"], r["task"], r["shots"]): r["key"] for r in summary.jobs}
-    scan = load_result(store.get(rows["scan", None, None]))
+    scan = store.get(rows["scan", None, None]).load().scores
     direct = mechicl.induction_scan(model, scores=("prefix_matching", "copying"), n_seeds=3,
                                     seed=0, length=lambda s: 8, progress=False)
     for name in ("prefix_matching", "copying"):
         torch.testing.assert_close(scan[name].per_seed, direct.scores[name].per_seed,
                                    rtol=0, atol=0)
-    imp = load_result(store.get(rows["importance", TASK_B, 1]))
+    imp = store.get(rows["importance", TASK_B, 1]).load()
     torch.testing.assert_close(imp.mean, mechicl.head_importance(
         model, TASK_B, shots=1, n=6, seed=0).mean, rtol=0, atol=0)
-    acc = load_result(store.get(rows["accuracy", TASK_A, 0]))
+    acc = store.get(rows["accuracy", TASK_A, 0]).load()
     assert acc.accuracy == mechicl.evaluate(model, TASK_A, shots=0, n=6, seed=0).accuracy
-    overlap = load_result(store.get(rows["overlap", TASK_B, 1]))
+    overlap = store.get(rows["overlap", TASK_B, 1]).load().data
     expected = overlap_table({(TASK_B, 1): imp}, scan, k=top_k(imp.mean.numel(), percentile=10),
                              n_permutations=20, seed=0)
     pd.testing.assert_frame_equal(overlap, expected)
@@ -111,7 +111,7 @@ def test_keys_change_with_weights_config_and_task_data_and_only_then(finished, t
                                                                       tmp_path):
     import shutil
 
-    from mechicl.toy_models import tiny_hf_model
+    from mechicl.testing import tiny_hf_model
 
     reference, summary = finished
     store = ResultStore(shutil.copytree(reference.root, tmp_path / "store"))
@@ -161,12 +161,13 @@ def test_keys_change_with_weights_config_and_task_data_and_only_then(finished, t
 
 
 def test_failed_jobs_are_reported_and_the_rest_finish(tiny_folder, tmp_path, monkeypatch):
-    from mechicl import runner
+    from mechicl.analyses import ANALYSES
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(runner.ANALYSIS_FUNCTIONS, "importance", broken)
+    monkeypatch.setitem(ANALYSES, "importance", dataclasses.replace(ANALYSES["importance"],
+                                                                    run=broken))
     store = ResultStore(tmp_path / "store")
     summary = run_grid(parse_grid(grid_dict(tiny_folder)), store, progress=False)
     assert summary.counts == {"cached": 0, "computed": 1 + 4, "failed": 4 + 4}
@@ -304,7 +305,7 @@ def test_cli_run_and_runs(finished, tiny_folder, tmp_path, capsys):
 
 def test_registered_tasks_reach_workers(tiny_folder):
     # the worker re-registers a task whose data differs from its own registry's
-    from mechicl.runner import ModelWorker
+    from mechicl.experiments.runner import ModelWorker
 
     task = dataclasses.replace(ref.copy_task(40, seed=7), name=TASK_A)
     worker = ModelWorker({"name": "m", "spec": str(tiny_folder)}, threads=1)
@@ -322,7 +323,7 @@ def test_checkpoint_sweep_runs_once_per_distinct_weights_and_plots(tmp_path):
     """A folder of local checkpoints in a grid: one model per checkpoint, identical weights
     share keys (computed once), and --out writes the score-vs-step table and figures."""
     from mechicl.cli import main
-    from mechicl.toy_models import tiny_hf_model
+    from mechicl.testing import tiny_hf_model
 
     folder = tmp_path / "ckpts"
     for name, seed in {"step0": 0, "step-100": 1, "checkpoint-200": 1, "300": 2}.items():
@@ -334,7 +335,7 @@ def test_checkpoint_sweep_runs_once_per_distinct_weights_and_plots(tmp_path):
     grid.write_text('[checkpoints.tiny]\nfolder = "ckpts"\n[grid]\nseeds = [0]\n'
                     '[analyses.scan]\nn_seeds = 2\nlength = 6\n'
                     'scores = ["prefix_matching", "previous_token"]\n')
-    parsed = mechicl.grid.load_grid(grid)
+    parsed = mechicl.experiments.grid.load_grid(grid)
     assert parsed.models == ("tiny@step0", "tiny@step-100", "tiny@checkpoint-200", "tiny@300")
     assert [parsed.entry(m).step for m in parsed.models] == [0, 100, 200, 300]
     store = tmp_path / "store"
@@ -363,7 +364,7 @@ def test_checkpoint_sweep_runs_once_per_distinct_weights_and_plots(tmp_path):
     grid.write_text(grid.read_text().replace("n_seeds = 2", "n_seeds = 3"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        again = run_grid(mechicl.grid.load_grid(grid), ResultStore(store), executor="ray",
+        again = run_grid(mechicl.experiments.grid.load_grid(grid), ResultStore(store), executor="ray",
                          executor_options={"threads": 1}, progress=False)
     finally:
         ray.shutdown()
@@ -385,7 +386,7 @@ def test_model_load_options_reach_the_worker_and_the_key(tiny_folder, tmp_path):
     assert half.ok and full.ok and half.jobs[0]["key"] != full.jobs[0]["key"]
     manifest = store.get(half.jobs[0]["key"]).manifest
     assert manifest["entry"]["load"] == {"dtype": "bfloat16"}
-    scores = load_result(store.get(half.jobs[0]["key"]))["prefix_matching"]
+    scores = store.get(half.jobs[0]["key"]).load().scores["prefix_matching"]
     assert scores.model["weights_sha256"] == manifest["model"]["weights_sha256"]
     for table, match in [({"dtype": "int8"}, r"models.*dtype = 'int8': choose one of"),
                          ({"n_devices": 0}, r"models.*: n_devices=0: need an integer >= 1"),
@@ -394,11 +395,11 @@ def test_model_load_options_reach_the_worker_and_the_key(tiny_folder, tmp_path):
                           r"max_memory key 'gpu0' is not a device"),
                          ({"device_map": "sideways"}, r"device_map='sideways' is neither"),
                          ({"cuda": True}, r"unknown key models.*cuda")]:
-        with pytest.raises(mechicl.grid.GridError, match=match):
+        with pytest.raises(mechicl.experiments.grid.GridError, match=match):
             parse_grid({**data, "models": {str(tiny_folder): table}})
     # a grid for a cluster parses on a machine without its GPUs
     parse_grid({**data, "models": {str(tiny_folder): {"n_devices": 8}}})
-    with pytest.raises(mechicl.grid.GridError, match=r"is not in grid.models"):
+    with pytest.raises(mechicl.experiments.grid.GridError, match=r"is not in grid.models"):
         parse_grid({**data, "models": {"other": {}}})
 
 
@@ -406,14 +407,17 @@ def test_memory_budget_chooses_batch_tokens_without_changing_keys(tiny_folder, t
                                                                   one_thread):
     """[models.X] memory_budget: each job's batch_tokens is the largest that fits the budget
     (recorded in the manifest); keys and results are those of the run without a budget."""
-    from mechicl.memory import batch_tokens_for_budget, estimate_memory
-    from mechicl.runner import _longest_sequence
+    from mechicl.experiments.memory import batch_tokens_for_budget, estimate_memory
+
+    def longest(model, job, task):
+        return job.record().sequence_length(model, job, task)
 
     analyses = {"scan": {"n_seeds": 3, "length": 8}, "importance": {"n": 6}}
     model = mechicl.load_model(tiny_folder)
     plain = parse_grid(grid_dict(tiny_folder, **analyses))
-    seq_len, job = max((_longest_sequence(model, j, load_task(j.task)), j)
-                       for j in plain.jobs() if j.analysis == "importance")
+    seq_len, job = max(((longest(model, j, load_task(j.task)), j)
+                        for j in plain.jobs() if j.analysis == "importance"),
+                       key=lambda pair: pair[0])
     # A budget with room for exactly two of the longest rows of the importance jobs.
     two_rows = estimate_memory(model, batch_tokens=2 * seq_len, seq_len=seq_len,
                                analysis="importance").total
@@ -428,7 +432,7 @@ def test_memory_budget_chooses_batch_tokens_without_changing_keys(tiny_folder, t
                  (row["analysis"], row["task"], row["shots"]))
         task = load_task(j.task) if j.task else None
         expected = batch_tokens_for_budget(
-            model, two_rows, seq_len=_longest_sequence(model, j, task),
+            model, two_rows, seq_len=longest(model, j, task),
             analysis="scan" if j.analysis == "scan" else "importance")
         assert store.get(row["key"]).manifest["batch_tokens"] == expected
         if j.analysis == "importance" and (j.task, j.shots) == (job.task, job.shots):
@@ -438,43 +442,48 @@ def test_memory_budget_chooses_batch_tokens_without_changing_keys(tiny_folder, t
     assert [r["key"] for r in budgeted.jobs] == [r["key"] for r in unbudgeted.jobs]
     for row in budgeted.jobs:
         if row["analysis"] == "importance":
-            a = load_result(store.get(row["key"]))
-            b = load_result(ResultStore(tmp_path / "plain").get(row["key"]))
+            a = store.get(row["key"]).load()
+            b = ResultStore(tmp_path / "plain").get(row["key"]).load()
             torch.testing.assert_close(a.mean, b.mean, rtol=1e-4, atol=1e-6)
-    with pytest.raises(mechicl.grid.GridError, match=r"memory_budget.*unknown unit"):
+    with pytest.raises(mechicl.experiments.grid.GridError, match=r"memory_budget.*unknown unit"):
         parse_grid({**data, "models": {str(tiny_folder): {"memory_budget": "8 parsecs"}}})
 
 
-def test_memory_budget_of_a_report_job_fits_all_its_analyses(tiny_folder, tmp_path,
-                                                               monkeypatch, one_thread):
-    """A report job under a budget: one batch size, the smallest of what its analyses fit
-    (report.fit_memory_budget), used by head importance too; not the model's context."""
-    import mechicl.report as report_module
-    from mechicl.memory import batch_tokens_for_budget, estimate_memory, longest_prompt
-    from mechicl.report import ReportConfig, fit_memory_budget, report_prompts
+def test_memory_budget_of_a_report_job_sizes_each_of_its_analyses(tiny_folder, tmp_path,
+                                                                 one_thread):
+    """A report job under a budget: its results are jobs of their own, each sized for the
+    longest row it feeds the model (not the model's context, which no budget holds)."""
+    from mechicl.analyses import Job
+    from mechicl.analyses.evaluation import longest_prompt
+    from mechicl.experiments.memory import batch_tokens_for_budget, estimate_memory
+    from mechicl.inputs.tasks import build_prompts
 
     options = {"n": 6, "eval_n": 8, "scan_seeds": 3, "scan_length": 8, "prune_tasks": [TASK_A],
                "prune_shots": [1], "percents": [0, 50], "ffn_percents": [0, 50], "draws": 1,
                "n_permutations": 20, "n_resamples": 20}
     model = mechicl.load_model(tiny_folder)
-    config = ReportConfig(tasks=(TASK_A, TASK_B), shots=(0, 1), **{
-        k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
-    seq = longest_prompt(model, [p for rank, _ in report_prompts(config).values() for p in rank])
+    seq = max(longest_prompt(model, build_prompts(load_task(t), shots=s, n=6))
+              for t in (TASK_A, TASK_B) for s in (0, 1))
     budget = estimate_memory(model, batch_tokens=2 * seq, seq_len=seq, analysis="importance").total
-    fitted = fit_memory_budget(model, config, budget)
-    expected = min(fitted.batch_tokens, fitted.importance_batch_tokens)
-    assert expected == 2 * seq
     with pytest.raises(ValueError, match="too small"):  # what sizing for the context gave
         batch_tokens_for_budget(model, budget, seq_len=model.n_ctx, analysis="importance")
-    seen = []
-    real = report_module.head_importance
-    monkeypatch.setattr(report_module, "head_importance",
-                        lambda *a, **kw: seen.append(kw["batch_tokens"]) or real(*a, **kw))
     data = grid_dict(tiny_folder, report=options)
     data["models"] = {str(tiny_folder): {"memory_budget": budget}}
     store = ResultStore(tmp_path / "store")
     summary = run_grid(parse_grid(data), store, progress=False, executor_options={"threads": 1})
     assert summary.ok, summary.table()
-    (row,) = summary.jobs
-    assert store.get(row["key"]).manifest["batch_tokens"] == expected
-    assert seen == [expected] * 4
+    assert [r["analysis"] for r in summary.jobs if r["asked"]] == ["report"]
+    importance = []
+    for row in summary.jobs:
+        entry = store.get(row["key"])
+        job = Job.from_dict(entry.manifest["job"])
+        kind = job.record().memory_model(job)
+        if kind is None or "narrowed_from" in entry.manifest:
+            continue
+        task = load_task(job.task) if job.task else None
+        assert entry.manifest["batch_tokens"] == batch_tokens_for_budget(
+            model, budget, seq_len=job.record().sequence_length(model, job, task),
+            analysis=kind), job.describe()
+        if job.analysis == "importance":
+            importance.append(entry.manifest["batch_tokens"])
+    assert len(importance) == 4 and 2 * seq in importance

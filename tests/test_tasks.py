@@ -9,8 +9,8 @@ import torch
 from torch.testing import assert_close
 
 import mechicl
-from mechicl.evaluation import answer_batch, choice_logprobs, evaluate, wilson_interval
-from mechicl.tasks import (
+from mechicl.analyses.evaluation import answer_batch, choice_logprobs, evaluate, wilson_interval
+from mechicl.inputs.tasks import (
     TASKS,
     Example,
     Prompt,
@@ -146,14 +146,14 @@ def test_evaluate_result_and_roundtrip(tiny_llama, tmp_path):
     assert result.accuracy == df["correct"].mean()
     assert result.ci_low <= result.accuracy <= result.ci_high
     back = type(result).load(result.save(tmp_path / "r"))
-    assert back.summary() == result.summary() and back.config == result.config
+    assert back.summary() == result.summary() and back.params == result.params
     assert back.predictions.drop(columns=["loglik", "n_tokens", "demo_ids"]).equals(
         df.drop(columns=["loglik", "n_tokens", "demo_ids"]))
     assert back.predictions["loglik"].tolist() == df["loglik"].tolist()
     assert back.predictions["demo_ids"].tolist() == df["demo_ids"].tolist()
     normed = evaluate(tiny_llama, toy_task(multi_token=True), shots=0, n=10,
                       length_normalize=True)
-    assert normed.config["length_normalize"] is True
+    assert normed.params["length_normalize"] is True
 
 
 def test_evaluate_explicit_prompts_equals_built_prompts(tiny_llama):
@@ -162,11 +162,11 @@ def test_evaluate_explicit_prompts_equals_built_prompts(tiny_llama):
     prompts = build_prompts(task, shots=2, seed=3)
     explicit = evaluate(tiny_llama, task, shots=2, prompts=prompts[:10])
     assert explicit.summary() == built.summary()
-    assert explicit.config["prompt_ids"] == built.config["prompt_ids"] == [p.id for p in
+    assert explicit.params["prompt_ids"] == built.params["prompt_ids"] == [p.id for p in
                                                                            prompts[:10]]
     pd.testing.assert_frame_equal(explicit.predictions, built.predictions)
     tail = evaluate(tiny_llama, task, shots=2, prompts=prompts[10:14])
-    assert tail.n == 4 and tail.config["prompt_ids"] == [p.id for p in prompts[10:14]]
+    assert tail.n == 4 and tail.params["prompt_ids"] == [p.id for p in prompts[10:14]]
     with pytest.raises(ValueError, match="with prompts= give neither"):
         evaluate(tiny_llama, task, shots=2, prompts=prompts[:3], n=3)
     with pytest.raises(ValueError, match="prompts= is empty"):
@@ -288,7 +288,7 @@ def test_registry_errors():
     with pytest.raises(KeyError, match="unknown task 'nope'; registered tasks: \\["):
         load_task("nope")
     with pytest.raises(ValueError, match="already registered"):
-        mechicl.tasks.register_task("sentiment", lambda: toy_task())
+        mechicl.inputs.tasks.register_task("sentiment", lambda: toy_task())
 
 
 def test_counterfactual_task_records_both_answers():

@@ -1,4 +1,4 @@
-"""Tests for mechicl.toy_models: toy tokenizer, tiny random bridges, hand-built induction model."""
+"""Tests for mechicl.testing: toy tokenizer, tiny random bridges, hand-built induction model."""
 
 import math
 import os
@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from mechicl.toy_models import (
+from mechicl.testing import (
     FIRST_WORD_ID,
     INDUCTION_MODEL_HEADS,
     SPECIAL_TOKEN_IDS,

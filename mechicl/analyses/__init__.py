@@ -1,0 +1,75 @@
+"""The analyses layer: one module per analysis, each declaring itself once in the registry.
+
+========================  ==========================================  =====================
+analysis (CLI command)    module                                      result type
+========================  ==========================================  =====================
+``scan``                  :mod:`~mechicl.analyses.induction`          ``ScanResult``
+``accuracy`` (``eval``)   :mod:`~mechicl.analyses.evaluation`         ``EvalResult``
+``importance``            :mod:`~mechicl.analyses.importance`         ``HeadScores``
+``ffn_importance``        :mod:`~mechicl.analyses.importance`         ``LayerScores``
+``pruning`` (``prune``)   :mod:`~mechicl.analyses.pruning`            ``PruneCurve``
+``patching`` (``patch``)  :mod:`~mechicl.analyses.patching`           ``PatchResult``
+``path_patching``         :mod:`~mechicl.analyses.path_patching`      ``PatchResult``
+``attribution``           :mod:`~mechicl.analyses.attribution`        ``PatchResult``
+``overlap``               :mod:`~mechicl.analyses.overlap`            ``OverlapTable``
+========================  ==========================================  =====================
+
+(``report``, registered by :mod:`mechicl.report`, composes them.) Support modules:
+:mod:`~mechicl.analyses.metrics` (patching metrics) and the declared private modules
+``_registry`` (the :class:`Analysis` record, :class:`Option`, :class:`Job`) and ``_engine``
+(batched patched copies shared by the three patching analyses).
+
+Importing this package registers every analysis in :data:`ANALYSES`.
+"""
+
+from mechicl.analyses import (
+    attribution,
+    evaluation,
+    importance,
+    induction,
+    metrics,
+    overlap,
+    patching,
+    path_patching,
+    pruning,
+)
+from mechicl.analyses._registry import (
+    ANALYSES,
+    MEMORY_MODELS,
+    Analysis,
+    Call,
+    Job,
+    Option,
+    OptionError,
+    Outputs,
+    get_analysis,
+    job_stem,
+    options_table,
+    register_analysis,
+    task_slug,
+)
+
+__all__ = [
+    "ANALYSES",
+    "MEMORY_MODELS",
+    "Analysis",
+    "Call",
+    "Job",
+    "Option",
+    "OptionError",
+    "Outputs",
+    "attribution",
+    "evaluation",
+    "get_analysis",
+    "importance",
+    "induction",
+    "job_stem",
+    "metrics",
+    "options_table",
+    "overlap",
+    "patching",
+    "path_patching",
+    "pruning",
+    "register_analysis",
+    "task_slug",
+]

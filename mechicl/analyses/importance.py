@@ -1,0 +1,459 @@
+"""Head importance and FFN importance for in-context learning tasks.
+
+Gradient importance of every attention head from one forward + backward pass per batch, with
+the loss on the answer tokens only (the gold continuation of each k-shot prompt), parameters
+frozen. A gate ``g`` multiplies each head's output ``z`` (``hook_z``, before ``W_O``; query heads
+for grouped-query attention) at every token: ``dL/dg[b, t, l, h] = sum_d z[b,t,l,h,d] *
+dL/dz[b,t,l,h,d]``, the per-token quantity both gradient methods need.
+
+* ``method="bansal"`` (Bansal et al. 2023, llm-interpret ``calculate_importance``):
+  ``I[l, h] = sum_b sum_t |dL_b/dg[b, t, l, h]| / sum_b (N_b - 1)``: the absolute value per
+  token, summed over tokens and examples, divided by the number of positions that receive
+  gradient (``N_b`` real tokens of example ``b``). The last layer is divided by the number of
+  answer tokens instead, as in the reference (only answer-predicting positions of the last
+  layer get gradient). ``L_b`` is the mean cross-entropy over example ``b``'s answer tokens,
+  which is the reference's loss at its default batch size of 1; here examples are batched but
+  their losses are summed, so every example keeps its own gradient.
+* ``method="michel"`` (Michel et al. 2019): ``I[l, h] = mean_b |sum_t dL_b/dg[b, t, l, h]|``
+  = the mean over examples of ``|dL_b / d mask[l, h]|`` for a multiplicative head mask.
+* ``method="ablation"``: the exact counterpart: the change of the answer loss (or the drop of
+  accuracy) when each head is removed (zero or mean ablation); the masked copies for many
+  heads share a forward pass.
+
+``normalize_layers=True`` divides every layer's scores by their L2 norm over heads, as Michel
+et al. do. :func:`ffn_importance` knocks out each layer's MLP and reports the accuracy drop
+(Bansal et al.'s FFN ranking) or the loss increase.
+
+Axis names: ``example layer head batch pos``.
+"""
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechicl._batching import length_batches
+from mechicl._checks import check_choice
+from mechicl.analyses._engine import frozen_parameters
+from mechicl.analyses._registry import (
+    Analysis,
+    Call,
+    Job,
+    Option,
+    Outputs,
+    job_stem,
+    register_analysis,
+    task_slug,
+)
+from mechicl.analyses.evaluation import (
+    AnswerBatch,
+    answer_batch,
+    answer_losses,
+    longest_prompt,
+    masked_choice_logprobs,
+    task_prompts,
+)
+from mechicl.analyses.overlap import kendall, spearman, top_k_overlap
+from mechicl.inputs.tasks import Prompt, Task, build_prompts, load_task, resolve_prompts
+from mechicl.model.hooked import HookedModel, as_hooked_model
+from mechicl.model.masks import Ablation, ActivationMeans, Mask, mean_activations
+from mechicl.plotting import head_heatmap, layer_bars
+from mechicl.results import HeadScores, LayerScores
+
+__all__ = ["IMPORTANCE_METHODS", "ffn_importance", "head_importance", "importance_prompts",
+           "token_gate_grads"]
+
+log = logging.getLogger(__name__)
+
+Method = Literal["bansal", "michel", "ablation"]
+IMPORTANCE_METHODS: tuple[str, ...] = ("bansal", "michel", "ablation")
+Metric = Literal["loss", "accuracy"]
+
+
+def importance_prompts(task: Task | str, *, shots: int, n: int | None = None, seed: int = 0,
+                       **prompt_options: Any) -> list[Prompt]:
+    """The k-shot prompts an importance run uses (:func:`mechicl.inputs.tasks.build_prompts`)."""
+    task_obj = load_task(task) if isinstance(task, str) else task
+    return build_prompts(task_obj, shots=shots, n=n, seed=seed, **prompt_options)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateGrads:
+    """Per-token head-gate gradients of one batch.
+
+    Attributes:
+        grads: ``[batch, pos, layer, head]`` ``dL_b / dg`` (0 at padding).
+        n_real: ``[batch]`` real tokens per example.
+        n_answer: ``[batch]`` answer tokens per example.
+        loss: ``[batch]`` mean answer cross-entropy per example.
+    """
+
+    grads: Float[Tensor, "batch pos layer head"]
+    n_real: Tensor
+    n_answer: Tensor
+    loss: Float[Tensor, " batch"] = field(repr=False)
+
+
+def token_gate_grads(
+    model: HookedModel, tokens: Tensor, attention_mask: Tensor, answer_mask: Tensor, *,
+    mask: Mask | None = None,
+) -> GateGrads:
+    """One forward + backward: ``dL_b/dg[b, t, l, h]`` for a gate on every head at every token.
+
+    ``L_b`` is the mean cross-entropy over example ``b``'s answer tokens (``answer_mask``); the
+    batch loss is the sum of the examples' losses, so each row's gradient is its own.
+    """
+    model = as_hooked_model(model)
+    n_batch, n_pos = tokens.shape
+    target = answer_mask.clone().bool()
+    target[:, 0] = False
+    b_idx, pos = torch.nonzero(target, as_tuple=True)
+    counts = target.sum(-1)
+    if bool((counts == 0).any()):
+        raise ValueError("every example needs at least one answer token after position 0")
+    gate = torch.ones(model.n_layers, n_batch, n_pos, model.n_heads, device=model.device,
+                      dtype=model.dtype, requires_grad=True)
+
+    def gate_hook(z: Tensor, hook: Any, layer: int) -> Tensor:  # z: [batch, pos, head, d_head]
+        return z * gate[layer][..., None]
+
+    hooks = mask.hooks(model) if mask is not None else []
+    hooks += [(name, (lambda layer: lambda z, hook: gate_hook(z, hook, layer))(i))
+              for i, name in enumerate(model.hook_names("z"))]
+    with frozen_parameters(model), torch.enable_grad():
+        logits = model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=hooks,
+                                      return_type="logits")
+        picked = logits[b_idx, pos - 1]  # [target, d_vocab]
+        nll = torch.logsumexp(picked, -1) - picked.gather(-1, tokens[b_idx, pos][:, None])[:, 0]
+        per_example = torch.zeros(n_batch, dtype=nll.dtype, device=nll.device)
+        per_example = per_example.index_add(0, b_idx, nll / counts[b_idx].to(nll.dtype))
+        (grad,) = torch.autograd.grad(per_example.sum(), gate)
+    grads = grad.detach().permute(1, 2, 0, 3)  # [batch, pos, layer, head]
+    return GateGrads(grads=grads, n_real=attention_mask.sum(-1), n_answer=counts,
+                     loss=per_example.detach())
+
+
+def _gradient_importance(model: HookedModel, batch: AnswerBatch, method: str, mask: Mask | None,
+                         batch_tokens: int, progress: bool, token_normalization: str = "reference",
+                         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(aggregate [layer, head], per-example [example, layer, head], extras)."""
+    n_ex = batch.tokens.shape[0]
+    per_token_sum = torch.zeros(n_ex, model.n_layers, model.n_heads, dtype=torch.float64)
+    signed_sum = torch.zeros_like(per_token_sum)
+    n_real = torch.zeros(n_ex, dtype=torch.long)
+    n_answer = torch.zeros(n_ex, dtype=torch.long)
+    loss = torch.zeros(n_ex, dtype=torch.float64)
+    lengths = batch.attention_mask.sum(-1).tolist()
+    for rows in tqdm(length_batches(lengths, batch_tokens), desc=f"importance ({method})",
+                     disable=not progress, unit="batch"):
+        width = max(lengths[i] for i in rows)
+        g = token_gate_grads(model, batch.tokens[rows, :width], batch.attention_mask[rows, :width],
+                             batch.answer_mask[rows, :width], mask=mask)
+        grads = g.grads.double().cpu()
+        per_token_sum[rows] = grads.abs().sum(1)
+        signed_sum[rows] = grads.sum(1)
+        n_real[rows] = g.n_real.cpu()
+        n_answer[rows] = g.n_answer.cpu()
+        loss[rows] = g.loss.double().cpu()
+    extras = {"n_real": n_real, "n_answer": n_answer, "loss": loss}
+    if method == "michel":
+        per_example = signed_sum.abs()
+        return per_example.mean(0), per_example, extras
+    # Bansal: positions that receive gradient = N - 1 (the last token predicts nothing); the last
+    # layer only gets gradient at answer-predicting positions, so it is divided by those.
+    denom = (n_real - 1).to(torch.float64)[:, None].expand(n_ex, model.n_layers).clone()
+    if token_normalization == "reference":
+        denom[:, -1] = n_answer.to(torch.float64)
+    per_example = per_token_sum / denom[:, :, None]
+    aggregate = per_token_sum.sum(0) / denom.sum(0)[:, None]
+    return aggregate, per_example, extras
+
+
+def _ablation_masks(model: HookedModel, base: Mask | None, ablation: str,
+                    means: ActivationMeans | None, what: Literal["heads", "ffn"]) -> list[Mask]:
+    kw = {"ablation": ablation, "means": means}
+    base_mask = base if base is not None else Mask.keep_all(model)
+    masks = [base_mask & Mask.keep_all(model, **kw)]
+    if what == "heads":
+        masks += [base_mask & Mask.remove(model, heads=[(layer, head)], **kw)
+                  for layer in range(model.n_layers) for head in range(model.n_heads)]
+    else:
+        masks += [base_mask & Mask.remove(model, ffns=[layer], **kw)
+                  for layer in range(model.n_layers)]
+    return masks
+
+
+def _knockout_effects(model: HookedModel, prompts: Sequence[Prompt], masks: list[Mask],
+                      metric: str, length_normalize: bool, batch_tokens: int, progress: bool,
+                      ) -> Tensor:
+    """``[example, mask-1]``: effect of each knockout mask (masks[1:]) vs masks[0], per
+    example: loss increase, or correct(base) - correct(knocked out)."""
+    if metric == "loss":
+        batch = answer_batch(model, prompts)
+        losses = answer_losses(model, batch, masks, batch_tokens=batch_tokens, progress=progress)
+        return (losses[1:] - losses[0]).T
+    loglik, n_tok = masked_choice_logprobs(model, prompts, masks, batch_tokens=batch_tokens,
+                                           progress=progress)
+    score = loglik / n_tok.clamp(min=1) if length_normalize else loglik
+    gold = torch.tensor([p.gold for p in prompts])
+    correct = (score.argmax(-1) == gold).double()  # [mask, example]
+    return (correct[0] - correct[1:]).T
+
+
+def _means_for(model: HookedModel, prompts: Sequence[Prompt], ablation: str,
+               means: ActivationMeans | None, batch_tokens: int) -> ActivationMeans | None:
+    if ablation != "mean" or means is not None:
+        return means
+    batch = answer_batch(model, prompts)
+    return mean_activations(model, batch.tokens, attention_mask=batch.attention_mask,
+                            batch_tokens=batch_tokens)
+
+
+def head_importance(
+    model: HookedModel, task: Task | str | None = None, *, shots: int = 5,
+    method: Method = "bansal", n: int | None = 50, seed: int = 0,
+    prompts: Sequence[Prompt] | None = None, normalize_layers: bool = False,
+    ablation: Ablation = "zero", metric: Metric = "loss", means: ActivationMeans | None = None,
+    mask: Mask | None = None, length_normalize: bool = False,
+    token_normalization: Literal["reference", "uniform"] = "reference",
+    batch_tokens: int | None = None, progress: bool = False, **prompt_options: Any,
+) -> HeadScores:
+    """Importance of every attention head for a task at ``shots`` demonstrations.
+
+    Args:
+        model: the model.
+        task: a :class:`~mechicl.inputs.tasks.Task` or registered task name.
+        shots: demonstrations per prompt.
+        method: ``"bansal"`` or ``"michel"`` (gradient; one forward + backward per batch) or
+            ``"ablation"`` (remove each head; one masked copy of the data per head).
+        n: evaluation examples (default 50; None: all); ``seed`` seeds their choice and
+            demonstrations.
+        prompts: explicit prompts instead of building them from ``task``.
+        normalize_layers: divide each layer's scores by their L2 norm over heads (Michel et al.).
+        ablation: ``"zero"`` or ``"mean"`` (only for ``method="ablation"``).
+        metric: ``"loss"`` (answer loss increase) or ``"accuracy"`` (accuracy drop); gradient
+            methods use the loss.
+        means: mean activations for mean ablation (default: computed on the same prompts).
+        mask: compute importance with this mask applied (e.g. after pruning).
+        length_normalize: accuracy by mean log-probability per token (``metric="accuracy"``).
+        token_normalization: ``"bansal"`` only: ``"reference"`` divides the last layer by the
+            answer-token count and the others by ``N - 1`` (as llm-interpret); ``"uniform"``
+            divides every layer by ``N - 1``, so that layers are comparable (the reference's
+            last layer is inflated by ``(N - 1) / answer tokens``).
+        batch_tokens: rows x longest row per pass (default 2048 for gradients, 4096 otherwise).
+        progress: show a progress bar.
+        **prompt_options: passed to :func:`~mechicl.inputs.tasks.build_prompts`.
+
+    Returns:
+        :class:`~mechicl.HeadScores` named ``importance_<method>``: ``mean`` is the importance
+        (higher = more important), ``per_seed`` holds one row per example (the per-example
+        score; ``mean`` is their average, token-weighted for ``"bansal"``), ``extras`` the
+        per-example token counts and answer losses.
+    """
+    model = as_hooked_model(model)
+    check_choice("method", method, IMPORTANCE_METHODS)
+    check_choice("ablation", ablation, ("zero", "mean"))
+    check_choice("metric", metric, ("loss", "accuracy"))
+    check_choice("token_normalization", token_normalization, ("reference", "uniform"))
+    if method != "ablation" and (metric != "loss" or ablation != "zero"):
+        raise ValueError(f"method={method!r} is a gradient of the answer loss: metric={metric!r} "
+                         f"and ablation={ablation!r} only apply to method='ablation'")
+    name, prompt_list = resolve_prompts(task, prompts, shots=shots, n=n, seed=seed, prompt_options=prompt_options)
+    if not prompt_list:
+        raise ValueError("no prompts")
+    budget = batch_tokens or (2048 if method != "ablation" else 4096)
+    batch = answer_batch(model, prompt_list)
+    extras: dict[str, Tensor] = {}
+    if method == "ablation":
+        means = _means_for(model, prompt_list, ablation, means, budget)
+        masks = _ablation_masks(model, mask, ablation, means, "heads")
+        effects = _knockout_effects(model, prompt_list, masks, metric, length_normalize, budget,
+                                    progress)
+        per_example = effects.reshape(len(prompt_list), model.n_layers, model.n_heads)
+        aggregate = per_example.mean(0)
+    else:
+        aggregate, per_example, extras = _gradient_importance(model, batch, method, mask, budget,
+                                                              progress, token_normalization)
+    if normalize_layers:
+        norms = aggregate.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # [layer, 1]
+        aggregate = aggregate / norms
+        per_example = per_example / norms
+    var = per_example.var(0) if per_example.shape[0] > 1 else torch.zeros_like(aggregate)
+    lengths = batch.attention_mask.sum(-1).tolist()
+    params = {"task": name, "shots": shots, "method": method, "n": len(prompt_list), "seed": seed,
+              "normalize_layers": normalize_layers, "metric": metric, "ablation": ablation,
+              "token_normalization": token_normalization,
+              "mask": None if mask is None else mask.to_dict(),
+              "prompt_ids": [p.id for p in prompt_list], **prompt_options}
+    return HeadScores(name=f"importance_{method}", mean=aggregate.double(), var=var.double(),
+                      per_seed=per_example.double(), params=params, model=model.info(),
+                      tokens=[batch.tokens[i, :n_].cpu() for i, n_ in enumerate(lengths)],
+                      extras=extras)
+
+
+def ffn_importance(
+    model: HookedModel, task: Task | str | None = None, *, shots: int = 5,
+    metric: Metric = "accuracy", n: int | None = 50, seed: int = 0,
+    prompts: Sequence[Prompt] | None = None, ablation: Ablation = "zero",
+    means: ActivationMeans | None = None, mask: Mask | None = None,
+    length_normalize: bool = False, batch_tokens: int = 4096, progress: bool = False,
+    **prompt_options: Any,
+) -> LayerScores:
+    """Importance of each layer's MLP: the accuracy drop (or loss increase) when it is knocked out.
+
+    Bansal et al. rank FFNs by ``baseline accuracy - accuracy with FFN i removed``. All
+    ``n_layers`` knocked-out copies are batched through shared forward passes.
+
+    Returns:
+        :class:`~mechicl.results.LayerScores` named ``ffn_importance``: ``mean`` ``[layer]``,
+        ``per_seed`` ``[example, layer]``.
+    """
+    model = as_hooked_model(model)
+    check_choice("metric", metric, ("loss", "accuracy"))
+    check_choice("ablation", ablation, ("zero", "mean"))
+    name, prompt_list = resolve_prompts(task, prompts, shots=shots, n=n, seed=seed, prompt_options=prompt_options)
+    means = _means_for(model, prompt_list, ablation, means, batch_tokens)
+    masks = _ablation_masks(model, mask, ablation, means, "ffn")
+    effects = _knockout_effects(model, prompt_list, masks, metric, length_normalize, batch_tokens,
+                                progress)  # [example, layer]
+    params = {"task": name, "shots": shots, "metric": metric, "n": len(prompt_list), "seed": seed,
+              "ablation": ablation, "mask": None if mask is None else mask.to_dict(),
+              "prompt_ids": [p.id for p in prompt_list], **prompt_options}
+    return LayerScores.from_per_seed("ffn_importance", effects, params=params, model=model.info())
+
+
+# --------------------------------------------------------------------------------------------
+# The registered analyses
+# --------------------------------------------------------------------------------------------
+
+
+def _run_heads(call: Call) -> HeadScores:
+    o = call.options
+    return head_importance(
+        call.model, call.task, shots=call.shots, method=o["method"], seed=call.seed,
+        prompts=task_prompts(call.task, call.job), normalize_layers=o["normalize_layers"],
+        ablation=o["ablation"], metric=o["metric"], token_normalization=o["token_normalization"],
+        progress=call.progress, **call.batch())
+
+
+def _check_heads(options: dict[str, Any], tasks: Sequence[str], shots: Sequence[int]) -> None:
+    if options["method"] != "ablation" and (options["metric"] != "loss"
+                                            or options["ablation"] != "zero"):
+        raise ValueError(f"method={options['method']!r} is a gradient of the answer loss: "
+                         f"metric={options['metric']!r} and ablation={options['ablation']!r} "
+                         "only apply to method='ablation'")
+
+
+def _heads_outputs(pairs: Sequence[tuple[Job, HeadScores]], options: Mapping[str, Any]) -> Outputs:
+    """One map per task, shot count and method; heatmaps (one colour scale per map, or per task
+    and method with ``shared_scale``); with several methods, their rank agreement with the
+    first."""
+    results, figures, rows = {}, {}, []
+    by_key = {(job.task, job.shots, job.options["method"]): scores for job, scores in pairs}
+    first_method = pairs[0][0].options["method"] if pairs else None
+    for job, scores in pairs:
+        method = job.options["method"]
+        stem = job_stem(job, method)
+        results[stem] = scores
+        group = [s for j, s in pairs if j.task == job.task and j.options["method"] == method]
+        if options.get("shared_scale"):
+            zmin = min(0.0, min(float(s.mean.min()) for s in group))
+            zmax = max(float(s.mean.max()) for s in group)
+        else:  # token-normalised maps shrink with prompt length: one scale each by default
+            zmin, zmax = min(0.0, float(scores.mean.min())), float(scores.mean.max())
+        shape = scores.model.get("shape") or {}
+        kv = shape.get("n_heads", 1) // shape.get("n_kv_heads", 1) if shape else 1
+        figures[stem] = head_heatmap(scores, title=f"{task_slug(job.task)} {job.shots}-shot: "
+                                     f"{method} importance", zmin=zmin, zmax=zmax,
+                                     kv_group_size=kv, colorbar_title="importance")
+        row = {"task": job.task, "shots": job.shots, "method": method, "n": scores.params["n"],
+               "top_heads": " ".join(f"{a}.{b}" for a, b in scores.top_heads(5))}
+        first = by_key.get((job.task, job.shots, first_method))
+        if method != first_method and first is not None:
+            row |= {"vs": first_method, "spearman": spearman(scores, first),
+                    "kendall": kendall(scores, first),
+                    "top10_overlap": top_k_overlap(scores, first, min(10, scores.mean.numel()))}
+        rows.append(row)
+    return Outputs(results=results, figures=figures, rows=rows)
+
+
+def _importance_memory(job: Job) -> str:
+    return "choices" if job.options["method"] == "ablation" else "importance"
+
+
+def _prompt_length(model: Any, job: Job, task: Any) -> int:
+    return longest_prompt(model, task_prompts(task, job))
+
+
+N_PROMPTS = Option(name="n", type=int, default=50, nullable=True, minimum=1,
+                   help="prompts per task and shot count (none: the whole pool)")
+ABLATION = Option(name="ablation", type=str, default="zero", choices=("zero", "mean"),
+                  help="how a head / FFN is removed: zero or mean ablation")
+
+HEAD_IMPORTANCE = register_analysis(Analysis(
+    name="importance", help="head importance on ICL tasks (gradient or ablation)",
+    run=_run_heads, result_type=HeadScores, per_task=True, memory=_importance_memory,
+    sequence_length=_prompt_length, check=_check_heads, outputs=_heads_outputs,
+    options=(
+        Option(name="method", type=str, default="bansal", choices=IMPORTANCE_METHODS,
+               sweep=True, help="bansal or michel (gradients) or ablation (exact); the CLI "
+                                "takes several and compares them"),
+        N_PROMPTS,
+        ABLATION,
+        Option(name="metric", type=str, default="loss", choices=("loss", "accuracy"),
+               help="for method ablation: answer-loss increase or accuracy drop"),
+        Option(name="normalize_layers", type=bool, default=False,
+               help="divide each layer's scores by their L2 norm (Michel et al.)"),
+        Option(name="token_normalization", type=str, default="reference",
+               choices=("reference", "uniform"),
+               help="bansal: last layer by answer tokens as llm-interpret (reference), or "
+                    "every layer by N - 1 tokens (uniform)"),
+        Option(name="batch_tokens", type=int, default=None, nullable=True, minimum=1,
+               role="execution", help="rows x longest row per pass (default 2048 for "
+                                      "gradients, 4096 for ablation)"),
+        Option(name="shared_scale", type=bool, default=False, role="output",
+               help="one colour scale for all shot counts of a task and method"),
+    ),
+))
+
+
+def _run_ffn(call: Call) -> LayerScores:
+    o = call.options
+    return ffn_importance(call.model, call.task, shots=call.shots, seed=call.seed,
+                          prompts=task_prompts(call.task, call.job), metric=o["metric"],
+                          ablation=o["ablation"], progress=call.progress, **call.batch())
+
+
+def _ffn_outputs(pairs: Sequence[tuple[Job, LayerScores]], options: Mapping[str, Any]) -> Outputs:
+    results, figures, rows = {}, {}, []
+    for job, scores in pairs:
+        stem = job_stem(job, "ffn")
+        results[stem] = scores
+        figures[stem] = layer_bars(scores, title=f"{task_slug(job.task)} {job.shots}-shot: FFN "
+                                   "knock-out", yaxis_title=f"{job.options['metric']} change")
+        order = torch.argsort(scores.mean, stable=True).tolist()  # least important first
+        rows.append({"task": job.task, "shots": job.shots, "metric": job.options["metric"],
+                     "n": scores.params["n"],
+                     "top layers": " ".join(map(str, order[::-1][:5]))})
+    return Outputs(results=results, figures=figures, rows=rows)
+
+
+FFN_IMPORTANCE = register_analysis(Analysis(
+    name="ffn_importance", command="ffn-importance",
+    help="FFN importance: each layer's MLP knocked out (Bansal et al.)",
+    run=_run_ffn, result_type=LayerScores, per_task=True, memory="choices",
+    sequence_length=_prompt_length, outputs=_ffn_outputs,
+    options=(
+        N_PROMPTS,
+        Option(name="metric", type=str, default="accuracy", choices=("loss", "accuracy"),
+               help="accuracy drop (Bansal et al.'s ranking) or answer-loss increase"),
+        ABLATION,
+        Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
+               help="rows x longest row per forward pass, counting every knocked-out copy"),
+    ),
+))

@@ -1,0 +1,401 @@
+"""Agreement between two per-head (or per-layer) score maps: rank correlations, top-k overlap
+and their null distributions.
+
+Rank correlations are computed on the scores themselves (Spearman's rho = Pearson correlation of
+average ranks, so ties get their mean rank; Kendall's tau-b), flattened over layers x heads.
+llm-interpret's ``spearman_rankings.py`` correlates the *argsort permutations* instead, which is
+not a rank correlation (it compares which flat index holds the k-th smallest score).
+
+Set overlap of the top heads: :func:`top_k_overlap` (share of ``a``'s top k in ``b``'s top k),
+:func:`jaccard`, :func:`rank_biased_overlap` (Webber, Moffat & Zobel 2010: top-weighted, no
+cut-off), and :func:`top_k_pvalue`, the hypergeometric probability of at least that overlap
+between two random k-sets. :func:`permutation_pvalue` gives a permutation null for any of these;
+:func:`bootstrap_ci` a percentile interval over the seeds / examples the score maps were averaged
+from (``HeadScores.per_seed``). :func:`overlap_matrix` compares many maps at once (DataFrame).
+
+Axis names: ``layer head seed``.
+"""
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechicl.analyses._registry import (
+    Analysis,
+    Call,
+    Job,
+    Option,
+    Outputs,
+    get_analysis,
+    job_stem,
+    register_analysis,
+)
+from mechicl.results import HeadScores, LayerScores, read_result, result_type, write_result
+
+__all__ = ["OverlapTable", "bootstrap_ci", "jaccard", "kendall", "overlap_matrix", "overlap_table",
+           "permutation_pvalue", "rank", "rank_biased_overlap", "spearman", "top_k",
+           "top_k_overlap", "top_k_pvalue"]
+
+Scores = HeadScores | LayerScores | Tensor
+
+
+def _flat(x: Scores) -> Float[Tensor, " n"]:
+    t = x.mean if isinstance(x, (HeadScores, LayerScores)) else torch.as_tensor(x)
+    return t.detach().flatten().to("cpu", torch.float64)
+
+
+def _pair(a: Scores, b: Scores) -> tuple[Tensor, Tensor]:
+    x, y = _flat(a), _flat(b)
+    if x.shape != y.shape:
+        raise ValueError(f"score maps differ in size: {x.numel()} vs {y.numel()}")
+    if x.numel() < 2:
+        raise ValueError("need at least 2 scores to correlate")
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        raise ValueError("scores contain NaN or inf")
+    return x, y
+
+
+def rank(x: Float[Tensor, "..."]) -> Float[Tensor, " n"]:
+    """Average ranks of the flattened scores (1 = smallest; ties share their mean rank).
+
+    >>> rank(torch.tensor([10.0, 30.0, 20.0, 20.0])).tolist()
+    [1.0, 4.0, 2.5, 2.5]
+    """
+    return _rank_rows(torch.as_tensor(x, dtype=torch.float64).flatten()[None])[0]
+
+
+def spearman(a: Scores, b: Scores) -> float:
+    """Spearman's rho between two score maps (NaN if either is constant)."""
+    x, y = _pair(a, b)
+    return float(_spearman_rows(x[None], y[None])[0])
+
+
+def kendall(a: Scores, b: Scores) -> float:
+    """Kendall's tau-b between two score maps (all pairs, vectorised; NaN if either is constant)."""
+    x, y = _pair(a, b)
+    dx = torch.sign(x[:, None] - x[None, :])
+    dy = torch.sign(y[:, None] - y[None, :])
+    upper = torch.triu(torch.ones_like(dx, dtype=torch.bool), diagonal=1)
+    concordance = (dx * dy)[upper].sum()
+    n_x = (dx[upper] != 0).sum().double()  # pairs not tied in x
+    n_y = (dy[upper] != 0).sum().double()
+    denom = (n_x * n_y).sqrt()
+    return float("nan") if denom == 0 else float(concordance / denom)
+
+
+def top_k_overlap(a: Scores, b: Scores, k: int) -> float:
+    """Share of the ``k`` highest-scoring entries of ``a`` that are among the top ``k`` of ``b``."""
+    x, y = _pair(a, b)
+    k = top_k(x.numel(), k=k)
+    return float(_top_k_overlap_rows(x[None], y[None], k)[0])
+
+
+def top_k(n: int, *, k: int | None = None, percentile: int | float | None = None) -> int:
+    """``k`` itself, or the number of entries in the top ``percentile`` % of ``n`` (at least 1).
+
+    >>> top_k(270, percentile=10)
+    27
+    """
+    if (k is None) == (percentile is None):
+        raise ValueError("give exactly one of k and percentile")
+    if percentile is not None:
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile={percentile} must be in (0, 100]")
+        k = max(1, round(n * percentile / 100))
+    assert k is not None
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in 1..{n}")
+    return k
+
+
+def _top_set(x: Tensor, k: int) -> set[int]:
+    return set(torch.argsort(x, descending=True, stable=True)[:k].tolist())
+
+
+def jaccard(a: Scores, b: Scores, k: int) -> float:
+    """|A ∩ B| / |A ∪ B| of the two top-``k`` sets."""
+    x, y = _pair(a, b)
+    k = top_k(x.numel(), k=k)
+    sa, sb = _top_set(x, k), _top_set(y, k)
+    return len(sa & sb) / len(sa | sb)
+
+
+def rank_biased_overlap(a: Scores, b: Scores, p: float = 0.9) -> float:
+    """Rank-biased overlap RBO_ext (Webber et al. 2010, eq. 32) of the two rankings (highest
+    score first, ties broken by position), in [0, 1]; ``p`` sets the top-weightedness (the top
+    ``1 / (1 - p)`` ranks carry most of the weight).
+
+    For rankings of the full length ``n``: ``RBO = X_n/n p^n + (1 - p)/p sum_d X_d/d p^d``,
+    where ``X_d`` is the overlap of the two top-``d`` sets; identical rankings give 1.
+    """
+    x, y = _pair(a, b)
+    if not 0 < p < 1:
+        raise ValueError(f"p={p} must be in (0, 1)")
+    n = x.numel()
+    rank_x = torch.empty(n, dtype=torch.long)
+    rank_x[torch.argsort(x, descending=True, stable=True)] = torch.arange(1, n + 1)
+    rank_y = torch.empty(n, dtype=torch.long)
+    rank_y[torch.argsort(y, descending=True, stable=True)] = torch.arange(1, n + 1)
+    # an item is in both top-d sets from depth max(rank_x, rank_y) on
+    overlap = torch.cumsum(torch.bincount(torch.maximum(rank_x, rank_y), minlength=n + 1)[1:], 0)
+    d = torch.arange(1, n + 1, dtype=torch.float64)
+    agreement = overlap.double() / d
+    weights = p ** d
+    return float(agreement[-1] * p**n + (1 - p) / p * (agreement * weights).sum())
+
+
+def top_k_pvalue(a: Scores, b: Scores, k: int) -> float:
+    """P(overlap >= observed) for two independent uniformly random k-subsets of the n entries
+    (hypergeometric upper tail): how surprising the observed top-k overlap is."""
+    x, y = _pair(a, b)
+    n = x.numel()
+    k = top_k(n, k=k)
+    observed = len(_top_set(x, k) & _top_set(y, k))
+    total = math.comb(n, k)
+    tail = sum(math.comb(k, j) * math.comb(n - k, k - j) for j in range(observed, k + 1))
+    return tail / total
+
+
+def _rank_rows(x: Tensor) -> Tensor:
+    """Average ranks along the last axis of ``[m, n]`` (ties share their mean rank)."""
+    m, n = x.shape
+    order = torch.argsort(x, dim=-1, stable=True)
+    sorted_x = torch.gather(x, -1, order)
+    new_run = torch.ones_like(sorted_x, dtype=torch.bool)
+    new_run[:, 1:] = sorted_x[:, 1:] != sorted_x[:, :-1]
+    run_id = torch.cumsum(new_run.long(), -1) - 1 + torch.arange(m)[:, None] * n  # global ids
+    ordinal = torch.arange(1, n + 1, dtype=torch.float64).expand(m, n).flatten()
+    total = torch.zeros(m * n, dtype=torch.float64).index_add_(0, run_id.flatten(), ordinal)
+    count = torch.zeros(m * n, dtype=torch.float64).index_add_(0, run_id.flatten(),
+                                                               torch.ones_like(ordinal))
+    ranks_sorted = (total / count.clamp_min(1))[run_id]
+    out = torch.empty_like(ranks_sorted)
+    out.scatter_(-1, order, ranks_sorted)
+    return out
+
+
+def _top_k_overlap_rows(x: Tensor, y: Tensor, k: int) -> Tensor:
+    """Top-k overlap of each row pair of ``[m, n]`` maps (ties broken by position)."""
+    top_x = torch.argsort(x, dim=-1, descending=True, stable=True)[:, :k]
+    top_y = torch.argsort(y, dim=-1, descending=True, stable=True)[:, :k]
+    member_y = torch.zeros_like(y, dtype=torch.bool).scatter_(1, top_y, True)
+    return member_y.gather(1, top_x).double().sum(-1) / k
+
+
+def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
+    x = x - x.mean(-1, keepdim=True)
+    y = y - y.mean(-1, keepdim=True)
+    denom = (x.square().sum(-1) * y.square().sum(-1)).sqrt()
+    return torch.where(denom > 0, (x * y).sum(-1) / denom, torch.full_like(denom, float("nan")))
+
+
+def _spearman_rows(x: Tensor, y: Tensor) -> Tensor:
+    return _pearson_rows(_rank_rows(x), _rank_rows(y))
+
+
+Statistic = Callable[[Tensor, Tensor], float]
+
+
+def permutation_pvalue(a: Scores, b: Scores, *, statistic: str = "spearman", k: int = 10,
+                       n_permutations: int = 1000, seed: int = 0) -> float:
+    """Permutation p-value of ``statistic`` (``"spearman"`` or ``"top_k"``): the share of random
+    relabellings of ``b``'s heads with a statistic at least as large as observed,
+    ``(1 + #{null >= observed}) / (1 + n_permutations)`` (one-sided: more agreement than chance).
+    """
+    x, y = _pair(a, b)
+    if statistic not in ("spearman", "top_k"):
+        raise ValueError(f"statistic={statistic!r} is not allowed; choose 'spearman' or 'top_k'")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations={n_permutations} must be >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    perms = torch.argsort(torch.rand(n_permutations, x.numel(), generator=gen), dim=-1)
+    shuffled = y[perms]  # [permutation, n]
+    if statistic == "spearman":
+        observed = spearman(x, y)
+        null = _spearman_rows(x.expand_as(shuffled), shuffled)
+    else:
+        k = top_k(x.numel(), k=k)
+        observed = top_k_overlap(x, y, k)
+        null = _top_k_overlap_rows(x.expand_as(shuffled), shuffled, k)
+    return float((1 + (null >= observed - 1e-12).sum()) / (1 + n_permutations))
+
+
+def bootstrap_ci(a: HeadScores | LayerScores, b: HeadScores | LayerScores, *,
+                 statistic: str = "spearman", k: int = 10, n_resamples: int = 1000,
+                 confidence: float = 0.95, seed: int = 0, paired: bool = False,
+                 ) -> tuple[float, float, float]:
+    """Percentile bootstrap interval of ``statistic`` (``"spearman"`` or ``"top_k"``) between
+    the mean maps of ``a`` and ``b``, resampling their rows (``per_seed``: seeds or examples)
+    with replacement. ``paired=True`` resamples the same row indices in both (same examples).
+
+    Returns:
+        ``(estimate on the full data, low, high)``.
+    """
+    if statistic not in ("spearman", "top_k"):
+        raise ValueError(f"statistic={statistic!r} is not allowed; choose 'spearman' or 'top_k'")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence} must be in (0, 1)")
+    pa = a.per_seed.flatten(1).double()
+    pb = b.per_seed.flatten(1).double()
+    if pa.shape[1] != pb.shape[1]:
+        raise ValueError(f"score maps differ in size: {pa.shape[1]} vs {pb.shape[1]}")
+    if paired and pa.shape[0] != pb.shape[0]:
+        raise ValueError(f"paired=True needs as many rows in both ({pa.shape[0]} vs {pb.shape[0]})")
+    gen = torch.Generator().manual_seed(seed)
+
+    def resampled_means(rows: Tensor, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if idx is None:
+            idx = torch.randint(rows.shape[0], (n_resamples, rows.shape[0]), generator=gen)
+        counts = torch.zeros(n_resamples, rows.shape[0], dtype=torch.float64)
+        counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+        return counts @ rows / rows.shape[0], idx  # [resample, n]
+
+    means_a, idx = resampled_means(pa)
+    means_b, _ = resampled_means(pb, idx if paired else None)
+    if statistic == "spearman":
+        estimate = spearman(pa.mean(0), pb.mean(0))
+        values = _spearman_rows(means_a, means_b)
+    else:
+        k = top_k(pa.shape[1], k=k)
+        estimate = top_k_overlap(pa.mean(0), pb.mean(0), k)
+        values = _top_k_overlap_rows(means_a, means_b, k)
+    alpha = (1 - confidence) / 2
+    low, high = torch.nanquantile(values, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+    return estimate, float(low), float(high)
+
+
+_STATS: dict[str, Callable[..., float]] = {
+    "spearman": lambda a, b, k: spearman(a, b),
+    "kendall": lambda a, b, k: kendall(a, b),
+    "top_k": top_k_overlap,
+    "jaccard": jaccard,
+    "rbo": lambda a, b, k: rank_biased_overlap(a, b),
+    "top_k_pvalue": top_k_pvalue,
+}
+
+
+def overlap_matrix(maps: Mapping[str, Scores], *, statistic: str = "spearman", k: int = 10,
+                   ) -> pd.DataFrame:
+    """``statistic`` between every pair of the named score maps (tasks x shots, models...), as a
+    square DataFrame. Statistics: spearman, kendall, top_k, jaccard, rbo, top_k_pvalue."""
+    if statistic not in _STATS:
+        raise ValueError(f"statistic={statistic!r} is not allowed; choose one of {list(_STATS)}")
+    names = list(maps)
+    fn = _STATS[statistic]
+    values = [[fn(maps[r], maps[c], k) for c in names] for r in names]
+    return pd.DataFrame(values, index=names, columns=names)
+
+
+def overlap_table(importance: Mapping[tuple[str, int], HeadScores],
+                  scans: Mapping[str, HeadScores], *, k: int, n_permutations: int = 1000,
+                  n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Every induction score against every importance map: one row per (task, shots, score)
+    with Spearman, Kendall tau-b, top-``k`` overlap, Jaccard@k, rank-biased overlap, the
+    hypergeometric and permutation p-values and (when both maps have several seeds / examples)
+    a bootstrap interval of Spearman's rho.
+
+    Args:
+        importance: ``(task, shots) -> importance map``.
+        scans: ``score name -> induction score map``.
+        k: the number of "top heads".
+    """
+    rows = []
+    for (task_name, shots), imp in importance.items():
+        for score, scan in scans.items():
+            row = {"task": task_name, "shots": shots, "induction score": score,
+                   "spearman": spearman(scan, imp), "kendall": kendall(scan, imp),
+                   f"top-{k} overlap": top_k_overlap(scan, imp, k),
+                   f"jaccard@{k}": jaccard(scan, imp, k),
+                   "rbo (p=0.9)": rank_biased_overlap(scan, imp, p=0.9),
+                   "hypergeom p": top_k_pvalue(scan, imp, k),
+                   "permutation p": permutation_pvalue(
+                       scan, imp, statistic="spearman", n_permutations=n_permutations,
+                       seed=seed)}
+            if scan.per_seed.shape[0] > 1 and imp.per_seed.shape[0] > 1:
+                _, low, high = bootstrap_ci(scan, imp, statistic="spearman",
+                                            n_resamples=n_resamples, seed=seed)
+                row |= {"spearman ci low": low, "spearman ci high": high}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The registered analysis: a scan's scores against an importance map
+# --------------------------------------------------------------------------------------------
+
+
+@result_type
+@dataclass(frozen=True, kw_only=True)
+class OverlapTable:
+    """Overlap statistics between score maps (:func:`overlap_table`'s rows).
+
+    Attributes:
+        data: one row per (task, shots, induction score).
+        params: the settings (k, permutations, resamples, seed).
+        model: the model's provenance.
+    """
+
+    data: pd.DataFrame = field(repr=False)
+    params: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.data.copy()
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write as a folder (:func:`~mechicl.results.write_result`, ``overlap.parquet``)."""
+        return write_result(path, kind="OverlapTable", params=self.params, model=self.model,
+                            tables={"overlap": self.data})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "OverlapTable":
+        folder = read_result(path, "OverlapTable")
+        return cls(data=folder.tables["overlap"], params=folder.params, model=folder.model)
+
+
+def _inputs(job: Job) -> dict[str, Job]:
+    # by name through the registry: the scan and importance modules need not be imported here
+    given = job.input_options
+    return {"scan": get_analysis("scan").job(job.model, given.get("scan"), seed=job.seed),
+            "importance": get_analysis("importance").job(
+                job.model, given.get("importance"), seed=job.seed, task=job.task,
+                shots=job.shots)}
+
+
+def _run(call: Call) -> OverlapTable:
+    scan, importance = call.inputs["scan"], call.inputs["importance"]
+    o = call.options
+    k = top_k(importance.mean.numel(), percentile=o["top_k_percent"])
+    table = overlap_table({(call.job.task, call.job.shots): importance}, scan.scores, k=k,
+                          n_permutations=o["n_permutations"], n_resamples=o["n_resamples"],
+                          seed=call.seed)
+    params = {"task": call.job.task, "shots": call.job.shots, "k": k, **o, "seed": call.seed}
+    return OverlapTable(data=table, params=params, model=importance.model)
+
+
+def _outputs(pairs: Sequence[tuple[Job, OverlapTable]], options: Mapping[str, Any]) -> Outputs:
+    return Outputs(results={job_stem(job, "overlap"): table for job, table in pairs},
+                   rows=[row for _, table in pairs for row in table.data.to_dict("records")])
+
+
+OVERLAP = register_analysis(Analysis(
+    name="overlap", help="overlap between induction scores and a task's head importance",
+    run=_run, result_type=OverlapTable, per_task=True, needs_model=False, memory=None,
+    inputs=_inputs, configured_by=("scan", "importance"), outputs=_outputs,
+    options=(
+        Option(name="top_k_percent", type=float, default=10.0, minimum=0, below=100.0001,
+               help="the 'top heads': this percentage of all heads"),
+        Option(name="n_permutations", type=int, default=1000, minimum=1,
+               help="relabellings of the permutation p-value"),
+        Option(name="n_resamples", type=int, default=1000, minimum=1,
+               help="bootstrap resamples of Spearman's interval"),
+    ),
+))

@@ -1,0 +1,38 @@
+"""The model layer: loading a model, the uniform per-head view of its bridge, head / FFN masks,
+and token frequency rankings. Everything above it (inputs, analyses, experiments, the report)
+takes a :class:`HookedModel`.
+
+Modules: :mod:`~mechicl.model.loading` (built-in offline models, folders, ``.gguf`` files, hub
+ids, device placement), :mod:`~mechicl.model.hooked` (:class:`HookedModel`),
+:mod:`~mechicl.model.masks` (:class:`Mask`), :mod:`~mechicl.model.tokens`.
+"""
+
+from mechicl.model.hooked import HOOK_KINDS, FoldedWeights, HookedModel, as_hooked_model
+from mechicl.model.loading import (
+    BUILTIN_MODELS,
+    ModelNotAvailableError,
+    cache_dir,
+    convert_gguf,
+    load_model,
+    parse_bytes,
+)
+from mechicl.model.masks import ActivationMeans, Mask, mean_activations
+from mechicl.model.tokens import FrequencyRanking, frequency_ranking
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "HOOK_KINDS",
+    "ActivationMeans",
+    "FoldedWeights",
+    "FrequencyRanking",
+    "HookedModel",
+    "Mask",
+    "ModelNotAvailableError",
+    "as_hooked_model",
+    "cache_dir",
+    "convert_gguf",
+    "frequency_ranking",
+    "load_model",
+    "mean_activations",
+    "parse_bytes",
+]

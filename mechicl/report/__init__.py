@@ -1,0 +1,13 @@
+"""The paper report (Bansal et al. 2023): :func:`build_report` computes every result it needs
+through the result store and renders figures, tables, ``report.md`` and ``report.html``."""
+
+from mechicl.report.build import (
+    REPORT,
+    Report,
+    ReportConfig,
+    build_report,
+    render_report,
+    report_jobs,
+)
+
+__all__ = ["REPORT", "Report", "ReportConfig", "build_report", "render_report", "report_jobs"]

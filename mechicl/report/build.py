@@ -1,0 +1,755 @@
+"""The paper report: every figure type of Bansal et al. (2023) for one model, with a summary.
+
+The report is an analysis like the others (``report`` in the registry, so grids run it too)
+whose inputs are the results it shows: one induction scan, ICL accuracy and head importance per
+task x shot count, FFN knock-out importance, head and FFN pruning curves (by the task's own
+importance, by another task's, with the highest induction scores first, random), computed as
+jobs of their own through the result store (:func:`report_jobs`). :func:`build_report` runs
+them (what is stored already is reused, in this folder, in ``reuse`` folders or in the store),
+renders the report and writes, into one folder::
+
+    report.md, report.html      the summary (tables + figures; the HTML is interactive)
+    result.json                 the settings and provenance (a result folder: checksummed)
+    img/<figure>.png            every figure (other formats on request), and its plotly JSON
+    tables/<table>.csv          every table (and .parquet)
+    results/<kind>/<name>/      every result it shows, with results/index.json (their keys)
+
+Prompt split per task and shot count (one seeded list of k-shot prompts): the first ``n`` give
+the importance maps (and so the pruning rankings); the next ``eval_n`` give the accuracies and
+the pruning curves, so rankings are never evaluated on their own prompts.
+"""
+
+import base64
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.offline
+
+from mechicl._io import atomic_path
+from mechicl.analyses._registry import Analysis, Call, Job, Option, register_analysis
+from mechicl.analyses.evaluation import ACCURACY, EvalResult, wilson_interval
+from mechicl.analyses.importance import FFN_IMPORTANCE, HEAD_IMPORTANCE, IMPORTANCE_METHODS
+from mechicl.analyses.induction import SCAN, SCORES
+from mechicl.analyses.overlap import OVERLAP, overlap_matrix, overlap_table, spearman, top_k
+from mechicl.analyses.pruning import (
+    PRUNING,
+    PruneCurve,
+    curve_summaries,
+    split_prompts,
+)
+from mechicl.experiments.grid import ModelEntry
+from mechicl.experiments.runner import LocalExecutor, job_keys, run_jobs
+from mechicl.experiments.store import ResultStore, default_store, index_text
+from mechicl.inputs.tasks import TASKS
+from mechicl.model.hooked import HookedModel, as_hooked_model
+from mechicl.plotting import (
+    FORMATS,
+    head_heatmap,
+    layer_bars,
+    loss_curve,
+    matrix_heatmap,
+    prune_curve_figure,
+    save_figure,
+    score_scatter,
+)
+from mechicl.report.render import Document
+from mechicl.results import HeadScores, LayerScores, read_result, result_type, write_result
+
+__all__ = ["REPORT", "Report", "ReportConfig", "build_report", "render_report", "report_jobs"]
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Settings: the report's options, declared once (the registry record, ReportConfig, the CLI)
+# --------------------------------------------------------------------------------------------
+
+REPORT_OPTIONS: tuple[Option, ...] = (
+    Option(name="tasks", type=list, item=str, default=None, nullable=True,
+           choices=lambda: list(TASKS),
+           help="tasks for importance, accuracy and overlap (default: every registered task)"),
+    Option(name="shots", type=list, item=int, default=[0, 1, 5], minimum=0,
+           help="shot counts (the paper's 0, 1, 5)"),
+    Option(name="n", type=int, default=HEAD_IMPORTANCE.option("n").default, minimum=1,
+           help="importance prompts per task and shot count"),
+    Option(name="eval_n", type=int, default=PRUNING.option("eval_n").default, minimum=1,
+           help="further prompts per task and shot count for accuracy and pruning curves"),
+    Option(name="method", type=str, default="bansal", choices=IMPORTANCE_METHODS,
+           help="importance method"),
+    Option(name="scores", type=list, item=str, default=["prefix_matching", "copying"],
+           choices=SCORES, parse=SCAN.option("scores").parse,
+           help="induction scores shown (the first ranks the 'highest first' pruning curve)"),
+    Option(name="scan_seeds", type=int, default=SCAN.option("n_seeds").default, minimum=1,
+           help="random sequences of the induction scan"),
+    Option(name="scan_length", type=int, default=None, nullable=True, minimum=2,
+           help="one length L for every scan sequence (default: 2s + 25)"),
+    Option(name="prune_tasks", type=list, item=str, default=["country_capital", "antonyms"],
+           non_empty=False, choices=lambda: list(TASKS),
+           help="tasks with pruning curves and FFN knock-out (a subset of tasks)"),
+    Option(name="prune_shots", type=list, item=int, default=[1], minimum=0,
+           help="shot counts of the pruning curves (a subset of shots)"),
+    dataclasses.replace(PRUNING.option("percents"),
+                        help="percentages of heads removed along the head pruning curves"),
+    dataclasses.replace(PRUNING.option("ffn_percents"),
+                        default=[0.0, 10.0, 20.0, 30.0, 40.0, 50.0],
+                        help="percentages of FFNs removed along the FFN pruning curves"),
+    Option(name="draws", type=int, default=PRUNING.option("draws").default, minimum=0,
+           help="random pruning orders per curve"),
+    Option(name="ffn", type=bool, default=True, help="FFN knock-out and FFN pruning curves"),
+    # the overlap statistics are the overlap analysis's
+    *(OVERLAP.option(name) for name in ("top_k_percent", "n_permutations", "n_resamples")),
+    Option(name="formats", type=list, item=str, default=["png"], choices=FORMATS,
+           help="figure formats written to img/ (PNG always: report.md embeds it)"),
+    Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
+           help="rows x longest row per forward pass (scan, accuracy, FFNs, pruning)"),
+    Option(name="importance_batch_tokens", type=int, default=None, nullable=True, minimum=1,
+           role="execution", help="the same for head importance (default: its own, 2048)"),
+)
+
+
+def _check(options: dict[str, Any], tasks: Sequence[str], shots: Sequence[int]) -> None:
+    chosen = options["tasks"] if options["tasks"] is not None else list(TASKS)
+    if options["top_k_percent"] <= 0:
+        raise ValueError(f"top_k_percent={options['top_k_percent']!r} must be in (0, 100]")
+    missing = [t for t in options["prune_tasks"] if t not in chosen]
+    if missing:
+        raise ValueError(f"prune_tasks {missing} are not in tasks={chosen}")
+    missing_shots = [s for s in options["prune_shots"] if s not in options["shots"]]
+    if missing_shots:
+        raise ValueError(f"prune_shots {missing_shots} are not in shots={options['shots']}")
+
+
+def _default(name: str) -> Any:
+    value = next(o for o in REPORT_OPTIONS if o.name == name).default
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """What the report computes: the ``report`` analysis's options (their defaults and checks
+    are the registry's, :data:`REPORT`) plus the seed. The defaults give the committed report
+    of the default model.
+
+    Attributes:
+        tasks: tasks for importance, accuracy and overlap (default: every registered task).
+        shots: shot counts (default 0, 1, 5 as the paper).
+        n: prompts per task and shot count for the importance maps.
+        eval_n: further prompts per task and shot count for accuracy and pruning curves.
+        method: importance method (``bansal``, ``michel`` or ``ablation``).
+        scores: induction scores shown (from one scan of every score).
+        scan_seeds: random sequences of the scan.
+        scan_length: one length L for every scan sequence (default: Bansal et al.'s
+            L = 2s + 25 for seed index s); small vocabularies need a short one.
+        prune_tasks: tasks with pruning curves and FFN knock-out (a subset of ``tasks``).
+        prune_shots: shot counts of the pruning curves and FFN knock-out (a subset of ``shots``).
+        percents: percentages of heads removed along the head pruning curves.
+        ffn_percents: percentages of FFNs removed along the FFN pruning curves.
+        draws: random-ranking draws per pruning curve.
+        ffn: compute FFN knock-out importance and FFN pruning curves.
+        top_k_percent: "top heads" for the overlap statistics: this percentage of all heads.
+        n_permutations: permutations of the permutation p-values.
+        n_resamples: bootstrap resamples of the confidence intervals.
+        formats: figure formats written to ``img/`` (PNG is always written: report.md embeds it).
+        batch_tokens: rows x longest row per forward pass (scans, accuracy, FFN knock-out,
+            pruning curves).
+        importance_batch_tokens: the same for head importance (None: its default, 2048 for
+            gradients). A memory budget (:func:`build_report`) sizes every job instead.
+        seed: seeds prompts, scans, random rankings, permutations and resamples.
+    """
+
+    tasks: tuple[str, ...] = field(default_factory=lambda: tuple(TASKS))
+    shots: tuple[int, ...] = _default("shots")
+    n: int = _default("n")
+    eval_n: int = _default("eval_n")
+    method: str = _default("method")
+    scores: tuple[str, ...] = _default("scores")
+    scan_seeds: int = _default("scan_seeds")
+    scan_length: int | None = _default("scan_length")
+    prune_tasks: tuple[str, ...] = _default("prune_tasks")
+    prune_shots: tuple[int, ...] = _default("prune_shots")
+    percents: tuple[int | float, ...] = _default("percents")
+    ffn_percents: tuple[int | float, ...] = _default("ffn_percents")
+    draws: int = _default("draws")
+    ffn: bool = _default("ffn")
+    top_k_percent: int | float = _default("top_k_percent")
+    n_permutations: int = _default("n_permutations")
+    n_resamples: int = _default("n_resamples")
+    formats: tuple[str, ...] = _default("formats")
+    batch_tokens: int = _default("batch_tokens")
+    importance_batch_tokens: int | None = _default("importance_batch_tokens")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in self.options().items():
+            if isinstance(value, str | bytes) and name not in ("method",):
+                raise ValueError(f"{name}={value!r} must be a sequence (e.g. a tuple)")
+        if not self.tasks:
+            raise ValueError("tasks=() is empty: give at least one task")
+        resolved = REPORT.resolve(self.options(), where="report")
+        for name, value in resolved.items():
+            object.__setattr__(self, name, tuple(value) if isinstance(value, list) else value)
+
+    def options(self) -> dict[str, Any]:
+        """The ``report`` analysis's options (everything but the seed), lists for tuples."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items() if k != "seed"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.options(), "seed": self.seed}
+
+    @classmethod
+    def from_job(cls, job: Job) -> "ReportConfig":
+        options = dict(job.options)
+        if options.get("tasks") is None:
+            options["tasks"] = list(TASKS)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()},
+                   seed=job.seed)
+
+
+# --------------------------------------------------------------------------------------------
+# The report's jobs
+# --------------------------------------------------------------------------------------------
+
+
+def report_jobs(config: ReportConfig, model: str) -> dict[str, Job]:
+    """Every result the report shows, as jobs of their analyses, by the name of its folder
+    under ``results/``: the scan (every score), accuracy on the ``eval_n`` prompts after the
+    ``n`` importance prompts, head importance, FFN knock-out importance, and the head and FFN
+    pruning curves of the prune tasks (whose rankings are the importance jobs and the scan)."""
+    seed, batch = config.seed, config.batch_tokens
+    jobs = {"scan": SCAN.job(model, {"n_seeds": config.scan_seeds, "length": config.scan_length,
+                                     "batch_tokens": batch}, seed=seed)}
+    for task in config.tasks:
+        for shots in config.shots:
+            cell = dict(seed=seed, task=task, shots=shots)
+            jobs[f"accuracy/{task}-{shots}shot"] = ACCURACY.job(
+                model, {"n": config.eval_n, "skip": config.n, "batch_tokens": batch}, **cell)
+            jobs[f"importance/{task}-{shots}shot-{config.method}"] = HEAD_IMPORTANCE.job(
+                model, {"method": config.method, "n": config.n,
+                        "batch_tokens": config.importance_batch_tokens}, **cell)
+    common = dict(draws=config.draws, method=config.method, n=config.n, eval_n=config.eval_n,
+                  scan_seeds=config.scan_seeds, scan_length=config.scan_length,
+                  batch_tokens=batch)
+    for i, task in enumerate(config.prune_tasks):
+        other = config.prune_tasks[(i + 1) % len(config.prune_tasks)]
+        for shots in config.prune_shots:
+            cell = dict(seed=seed, task=task, shots=shots)
+            rankings = ["same", *([other] if other != task else []),
+                        f"{config.scores[0]}:high-first"]
+            jobs[f"pruning/{task}-{shots}shot-heads"] = PRUNING.job(model, {
+                "rankings": rankings, "percents": list(config.percents),
+                "ffn_percents": [0.0], **common}, **cell)
+            if config.ffn:
+                jobs[f"ffn/{task}-{shots}shot"] = FFN_IMPORTANCE.job(
+                    model, {"n": config.n, "batch_tokens": batch}, **cell)
+                jobs[f"pruning/{task}-{shots}shot-ffn"] = PRUNING.job(model, {
+                    "rankings": [], "ffn_rankings": ["same"], "percents": [0.0],
+                    "ffn_percents": list(config.ffn_percents), **common}, **cell)
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------
+# The report as a result
+# --------------------------------------------------------------------------------------------
+
+
+@result_type
+@dataclass(frozen=True, kw_only=True)
+class Report:
+    """A rendered report.
+
+    Attributes:
+        config: the settings.
+        tables: every table by name (written as ``tables/<name>.csv`` and ``.parquet``).
+        figures: every figure by name (written as ``img/<name>.png`` and its plotly JSON).
+        results: every result shown, by its name under ``results/`` (not loaded back by
+            :meth:`load`: ``mechicl.load_result(folder / "results" / name)`` reads one).
+        sources: name -> the key, seconds and status (``cached`` / ``computed``) of each
+            result when the report was rendered.
+        model: the model's provenance.
+        params: the settings as a dict (``config.to_dict()``).
+        out: the folder it was written to (:func:`build_report`), if any.
+        seconds: wall time of :func:`build_report` per stage (``total`` included).
+        reused: per analysis, how many results :func:`build_report` found stored.
+        computed: per analysis, how many it computed.
+    """
+
+    config: ReportConfig
+    tables: dict[str, pd.DataFrame] = field(repr=False)
+    figures: dict[str, go.Figure] = field(repr=False)
+    results: dict[str, Any] = field(default_factory=dict, repr=False)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    model: dict[str, Any] = field(default_factory=dict, repr=False)
+    out: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    reused: dict[str, int] = field(default_factory=dict)
+    computed: dict[str, int] = field(default_factory=dict)
+    document: Document | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the report folder (see the module docstring), atomically."""
+        def pages(folder: Path) -> None:
+            if self.document is not None:
+                _write_pages(folder, self.document, self.config, self.model, self.sources)
+            for name, fig in self.figures.items():
+                (folder / "img").mkdir(exist_ok=True)
+                (folder / "img" / f"{name}.json").write_text(fig.to_json(), encoding="utf-8")
+            for name, table in self.tables.items():
+                (folder / "tables").mkdir(exist_ok=True)
+                (folder / "tables" / f"{name}.csv").write_text(table.to_csv(index=False),
+                                                                encoding="utf-8")
+            (folder / "results").mkdir(exist_ok=True)
+            (folder / "results" / "index.json").write_text(index_text({
+                name: {"key": s["key"], "seconds": s.get("seconds"),
+                       "mechicl": self.model.get("versions", {}).get("mechicl")}
+                for name, s in self.sources.items() if name in self.results}), encoding="utf-8")
+
+        return write_result(path, kind="Report", params=self.params, model=self.model,
+                            fields={"tables": list(self.tables), "figures": list(self.figures),
+                                    "sources": self.sources},
+                            tables={f"tables/{n}": t for n, t in self.tables.items()},
+                            parts={f"results/{n}": r for n, r in self.results.items()},
+                            extra=pages)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Report":
+        """The report's settings, tables and figures (the results it shows stay on disk)."""
+        folder = read_result(path, "Report")
+        figures = {name: _figure_from_json((folder.path / "img" / f"{name}.json").read_text(
+            encoding="utf-8")) for name in folder.fields["figures"]}
+        tables = {name: folder.tables[f"tables/{name}"] for name in folder.fields["tables"]}
+        params = dict(folder.params)
+        seed = params.pop("seed", 0)
+        config = ReportConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in params.items()}, seed=seed)
+        return cls(config=config, tables=tables, figures=figures, model=folder.model,
+                   sources=folder.fields["sources"], out=folder.path)
+
+
+def _decode_arrays(value: Any) -> Any:
+    """plotly's JSON encodes arrays as ``{"dtype", "bdata" (base64), "shape"}``, which
+    ``plotly.io.from_json`` leaves as dicts: back to numpy arrays."""
+    if isinstance(value, dict):
+        if set(value) <= {"dtype", "bdata", "shape"} and {"dtype", "bdata"} <= set(value):
+            array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+            if "shape" in value:
+                array = array.reshape([int(n) for n in str(value["shape"]).split(",")])
+            return array
+        return {k: _decode_arrays(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_arrays(v) for v in value]
+    return value
+
+
+def _figure_from_json(text: str) -> go.Figure:
+    return go.Figure(_decode_arrays(json.loads(text)), skip_invalid=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ModelView:
+    """What the document says about the model, from the results' provenance."""
+
+    info: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name"))
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.info["shape"]["n_layers"])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.info["shape"]["n_heads"])
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(self.info["shape"]["n_kv_heads"])
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+def _relative(scores: HeadScores) -> Any:
+    """The map divided by its largest value (importance maps share one 0-1 colour scale)."""
+    top = scores.mean.max()
+    return scores.mean / top if float(top) > 0 else scores.mean
+
+
+def render_report(config: ReportConfig, results: Mapping[str, Any],
+                  sources: Mapping[str, Mapping[str, Any]] | None = None) -> Report:
+    """The report of ``results`` (:func:`report_jobs`'s names -> loaded results): every table
+    and figure, and the document. Overlap statistics are computed here (they are cheap)."""
+    scan = results["scan"]
+    scans = {s: scan.scores[s] for s in config.scores}
+    view = _ModelView(scan.model)
+    accuracy = {(t, s): results[f"accuracy/{t}-{s}shot"] for t in config.tasks
+                for s in config.shots}
+    importance = {(t, s): results[f"importance/{t}-{s}shot-{config.method}"]
+                  for t in config.tasks for s in config.shots}
+    ffn, head_curves, ffn_curves = {}, {}, {}
+    for t in config.prune_tasks:
+        for s in config.prune_shots:
+            head_curves[t, s] = results[f"pruning/{t}-{s}shot-heads"]
+            if config.ffn:
+                ffn[t, s] = results[f"ffn/{t}-{s}shot"]
+                ffn_curves[t, s] = results[f"pruning/{t}-{s}shot-ffn"]
+    k = top_k(view.n_layers * view.n_heads, percentile=config.top_k_percent)
+    overlap = overlap_table(importance, scans, k=k, n_permutations=config.n_permutations,
+                            n_resamples=config.n_resamples, seed=config.seed)
+    document = _document(view, config, scans, accuracy, importance, ffn, head_curves,
+                         ffn_curves, overlap, k)
+    return Report(config=config, tables=document.tables, figures=document.figures,
+                  results=dict(results), sources={k: dict(v) for k, v in (sources or {}).items()},
+                  model=view.info, document=document)
+
+
+def _write_pages(out: Path, doc: Document, config: ReportConfig, model: Mapping[str, Any],
+                 sources: Mapping[str, Mapping[str, Any]]) -> None:
+    """Figures, report.md and report.html into the folder being written."""
+    formats = list(dict.fromkeys(["png", *config.formats]))
+    for name, fig in doc.figures.items():
+        save_figure(fig, out / "img" / name, formats)
+    computed = [s for s in sources.values() if s.get("status") == "computed"]
+    work: dict[str, float] = {}
+    for s in sources.values():
+        if s.get("seconds") is not None:
+            work[s["analysis"]] = work.get(s["analysis"], 0.0) + float(s["seconds"])
+    cost = ", ".join(f"{k} {v / 60:.1f} min" for k, v in work.items())
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    title = f"mechicl report: {Path(str(model.get('name'))).name}"
+    blocks = list(doc.blocks)
+    doc.blocks.insert(0, ("text", (
+        f"Created {created} by mechicl {model.get('versions', {}).get('mechicl')}; "
+        f"{len(computed)} of its {len(sources)} results computed for this rendering, the others "
+        f"reused from the result store. Computing every result took "
+        f"{sum(work.values()) / 60:.0f} min on the machines that made them ({cost}; results "
+        "imported without a recorded time not counted). Settings and provenance: "
+        "`result.json`. Interactive version: `report.html`; static figures: `img/`; tables: "
+        "`tables/`; the results themselves: `results/`.")))
+    try:
+        (out / "report.md").write_text(f"# {title}\n\n" + doc.markdown(), encoding="utf-8")
+        (out / "plotly.min.js").write_text(plotly.offline.get_plotlyjs(), encoding="utf-8")
+        (out / "report.html").write_text(doc.html(title), encoding="utf-8")
+    finally:
+        doc.blocks[:] = blocks
+
+
+
+
+def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, HeadScores],
+              accuracy: dict[tuple[str, int], EvalResult],
+              importance: dict[tuple[str, int], HeadScores],
+              ffn: dict[tuple[str, int], LayerScores],
+              head_curves: dict[tuple[str, int], PruneCurve],
+              ffn_curves: dict[tuple[str, int], PruneCurve], overlap: pd.DataFrame,
+              k: int) -> Document:
+    doc = Document()
+    group = model.group_size
+    n_total = model.n_layers * model.n_heads
+    info = model.info
+    doc.text(
+        f"Model `{model.name}` ({model.n_layers} layers x {model.n_heads} query heads"
+        + (f", {model.n_kv_heads} KV heads" if model.n_kv_heads != model.n_heads else "")
+        + f" = {n_total} heads; weights sha256 `{str(info['weights_sha256'])[:12]}`). "
+        f"Tasks: {', '.join(config.tasks)}; shots {', '.join(map(str, config.shots))}. "
+        f"Importance method `{config.method}` on {config.n} prompts per task and shot count; "
+        f"accuracy and pruning curves on the next {config.eval_n} prompts of the same seeded "
+        f"list (disjoint from the importance prompts). Induction scans: {config.scan_seeds} "
+        f"random sequences per score. Heatmaps put layer 0 at the bottom"
+        + ("; white lines separate the KV groups." if group > 1 else "."))
+
+    # 1. accuracy
+    doc.heading(2, "ICL accuracy")
+    acc = pd.DataFrame([r.summary() for r in accuracy.values()])
+    wide = acc.pivot(index="task", columns="shots", values="accuracy").reindex(config.tasks)
+    wide.columns = [f"{s}-shot" for s in wide.columns]
+    wide.insert(0, "chance", acc.groupby("task").chance.first().reindex(config.tasks))
+    doc.table("accuracy", wide.reset_index(), f"Accuracy on {config.eval_n} prompts per cell "
+              "(95% Wilson intervals in accuracy-long.csv)")
+    doc.tables["accuracy-long"] = acc
+    weak = [t for t in config.tasks
+            if acc[acc.task == t].accuracy.max() <= acc[acc.task == t].chance.iloc[0] + 0.05]
+    if weak:
+        doc.text(f"At or near chance at every shot count: {', '.join(weak)}. Their importance "
+                 "maps say which heads carry the answer loss, not which heads do the task.")
+
+    # 2. induction heads
+    doc.heading(2, "Induction heads: prefix matching and copying")
+    doc.figures_row([(f"scan-{s}", head_heatmap(
+        v, title=f"{s.replace('_', ' ')}", kv_group_size=group, colorbar_title="score"))
+        for s, v in scans.items()],
+        "Per-head induction scores (Bansal et al. Fig. 6 type). Prefix matching: attention from "
+        "each token to the token after its previous occurrence on repeated random tokens; "
+        "copying: the head's OV circuit raising the logits of the tokens it attends to.")
+    top_rows = []
+    for s, v in scans.items():
+        top_rows.append({"score": s, "top heads (layer.head)": " ".join(
+            f"{a}.{b}" for a, b in v.top_heads(min(10, n_total))),
+            "max": float(v.mean.max()), "mean": float(v.mean.mean())})
+    doc.table("induction-top-heads", pd.DataFrame(top_rows), "Top 10 heads per induction score")
+    if "prefix_matching" in scans and "loss_per_position" in scans["prefix_matching"].extras:
+        doc.figures_row([("loss-curve", loss_curve(
+            scans["prefix_matching"], title="next-token loss on repeated random tokens"))],
+            "The loss falls after the first copy: the model predicts repeated tokens in context.")
+
+    # 3. importance heatmaps
+    doc.heading(2, "Head importance per task and shot count")
+    doc.text(f"`{config.method}` importance of every head for the answer loss (Bansal et al. "
+             "Fig. 2 type). Each map is divided by its own maximum so that every heatmap "
+             "shares one 0-1 colour scale; rankings, and every statistic below, are unaffected.")
+    for task_name in config.tasks:
+        doc.heading(3, task_name)
+        doc.figures_row([(f"importance-{task_name}-{s}shot", head_heatmap(
+            _relative(importance[task_name, s]), title=f"{task_name} {s}-shot",
+            zmin=0.0, zmax=1.0, kv_group_size=group, colorbar_title="importance / max"))
+            for s in config.shots])
+
+    # 4. cross-task / cross-shot correlation
+    doc.heading(2, "Cross-task and cross-shot correlation of importance")
+    doc.text("Spearman rank correlation between importance maps (on the scores, not on argsort "
+             "permutations: see docs/concepts/overlap.md).")
+    matrices = []
+    for s in config.shots:
+        maps = {t: importance[t, s] for t in config.tasks}
+        if len(maps) > 1:
+            m = overlap_matrix(maps, statistic="spearman")
+            doc.tables[f"cross-task-{s}shot"] = m.reset_index(names="task")
+            matrices.append((f"cross-task-{s}shot", matrix_heatmap(
+                m, title=f"{s}-shot: Spearman across tasks", colorbar_title="rho")))
+    if matrices:
+        medians = []
+        for name, _ in matrices:
+            m = doc.tables[name].set_index("task").to_numpy()
+            off = m[~np.eye(len(m), dtype=bool)]
+            medians.append(f"{name.removeprefix('cross-task-')} {np.median(off):.2f}")
+        doc.text("Median Spearman between two tasks' importance maps: " + ", ".join(medians)
+                 + ".")
+        doc.figures_row(matrices, "Importance maps of different tasks agree when the same heads "
+                        "matter for them (Bansal et al. Fig. 3 type).")
+    if len(config.shots) > 1:
+        pairs = [(a, b) for i, a in enumerate(config.shots) for b in config.shots[i + 1:]]
+        cross = pd.DataFrame(
+            [[spearman(importance[t, a], importance[t, b]) for a, b in pairs]
+             for t in config.tasks], index=list(config.tasks),
+            columns=[f"{a} vs {b} shots" for a, b in pairs])
+        doc.tables["cross-shot"] = cross.reset_index(names="task")
+        doc.figures_row([("cross-shot", matrix_heatmap(
+            cross, title="Spearman across shot counts", colorbar_title="rho"))],
+            "Per task: how stable the importance ranking is across shot counts.")
+
+    # 5. pruning
+    if head_curves:
+        doc.heading(2, "Pruning heads")
+        doc.text("Accuracy while removing a growing share of heads (zero ablation of the head's "
+                 "output before W_O), least important first by the task's own importance "
+                 "ranking, by another task's ranking, and with the highest induction (prefix "
+                 "matching) scores first; random orders as the baseline (mean, band: min-max "
+                 "of the draws). Bansal et al. Figs. 4 and 8 type.")
+        doc.figures_row([(f"prune-heads-{t}-{s}shot", prune_curve_figure(c, x="head_percent"))
+                         for (t, s), c in head_curves.items()])
+        base = next(iter(head_curves.values()))
+        low, high = wilson_interval(round(base.baseline * config.eval_n), config.eval_n)
+        doc.text(f"Curves are evaluated on {config.eval_n} prompts: one prompt is "
+                 f"{100 / config.eval_n:.0f} accuracy points, and the 95% interval of the first "
+                 f"unpruned accuracy ({base.baseline:.2f}) is [{low:.2f}, {high:.2f}]; read "
+                 "differences of a few points as noise.")
+        doc.table("prune-heads-accuracy", _prune_accuracy(head_curves, "head"),
+                  "Accuracy by share of heads removed (random: mean over draws)")
+        doc.table("prune-heads-summary", _prune_summary(head_curves),
+                  "Largest share of heads removable with accuracy within 5 points of the "
+                  "unpruned model (and above chance)")
+    if ffn:
+        doc.heading(2, "FFN importance and pruning FFNs")
+        doc.figures_row([(f"ffn-importance-{t}-{s}shot", layer_bars(
+            v, title=f"{t} {s}-shot: FFN knock-out", yaxis_title="accuracy drop"))
+            for (t, s), v in ffn.items()],
+            "Accuracy drop when each layer's FFN is removed (Bansal et al. Fig. 5 type); error "
+            "bars: one standard error over prompts.")
+        if ffn_curves:
+            doc.figures_row([(f"prune-ffn-{t}-{s}shot", prune_curve_figure(c, x="ffn_percent"))
+                             for (t, s), c in ffn_curves.items()])
+            doc.table("prune-ffn-accuracy", _prune_accuracy(ffn_curves, "ffn"),
+                      "Accuracy by share of FFNs removed (random: mean over draws)")
+            doc.table("prune-ffn-summary", _prune_summary(ffn_curves, unit="ffn"),
+                      "Largest share of FFNs removable within 5 points")
+
+    # 6. overlap
+    doc.heading(2, "Overlap: induction heads vs task-important heads")
+    chance = k * k / n_total
+    doc.text(f"Top-k statistics use the top {config.top_k_percent:g}% of heads (k = {k} of "
+             f"{n_total}; a random pair of sets shares {chance:.1f} heads on average). "
+             "`hypergeom p`: exact one-sided p-value of the top-k overlap; `permutation p`: of "
+             f"Spearman, {config.n_permutations} relabellings of the heads; `spearman ci`: 95% "
+             f"percentile bootstrap ({config.n_resamples} resamples) over scan sequences and "
+             "importance prompts, of the unweighted per-prompt mean maps (the reported "
+             "importance is token-weighted, so the estimate can sit slightly off-centre).")
+    lines = []
+    for score in scans:
+        rows = overlap[overlap["induction score"] == score]
+        significant = int((rows["hypergeom p"] < 0.05).sum())
+        lines.append(f"- {score.replace('_', ' ')}: median Spearman with importance "
+                     f"{rows.spearman.median():+.2f} (range {rows.spearman.min():+.2f} to "
+                     f"{rows.spearman.max():+.2f}); top-{k} overlap median "
+                     f"{rows[f'top-{k} overlap'].median():.2f} (chance {k / n_total:.2f}), "
+                     f"larger than chance (hypergeometric p < 0.05) in {significant} of "
+                     f"{len(rows)} task x shot maps.")
+    doc.text("\n".join(lines))
+    doc.table("overlap", overlap, "Induction score vs importance per task and shot count")
+    columns = [(s, shots) for s in scans for shots in config.shots]
+    for stat, title, zmin in (("spearman", "Spearman", -1.0), (f"top-{k} overlap",
+                                                                  f"top-{k} overlap", 0.0)):
+        mat = overlap.pivot_table(index="task", columns=["induction score", "shots"],
+                                  values=stat).reindex(index=list(config.tasks), columns=columns)
+        mat.columns = [f"{s.replace('_', ' ')} {shots}-shot" for s, shots in mat.columns]
+        doc.figures_row([(f"overlap-{'topk' if stat != 'spearman' else stat}", matrix_heatmap(
+            mat, title=f"{title}: induction score vs importance", zmin=zmin, zmax=1.0,
+            colorscale="RdBu_r" if stat == "spearman" else "Blues",
+            colorbar_title="rho" if stat == "spearman" else "share of top heads"))])
+    last = max(config.shots)
+    first_score = next(iter(scans))
+    doc.text(f"Each head's {first_score.replace('_', ' ')} score against its importance at "
+             f"{last} shots; the 5 highest heads of either score are labelled.")
+    for i in range(0, len(config.tasks), 3):
+        doc.figures_row([(f"scatter-{first_score}-{t}-{last}shot", score_scatter(
+            scans[first_score], importance[t, last], x_title=first_score.replace("_", " "),
+            y_title="importance", title=f"{t} {last}-shot")) for t in config.tasks[i:i + 3]])
+    return doc
+
+
+def _prune_accuracy(curves: dict[tuple[str, int], PruneCurve], unit: str) -> pd.DataFrame:
+    """One row per task, shots and ranking; one column per percentage removed."""
+    key, x = f"{unit}_ranking", f"{unit}_percent"
+    frames = []
+    for (task_name, shots), curve in curves.items():
+        data = curve.data[curve.data[key] != "none"]
+        wide = data.pivot_table(index=key, columns=x, values="accuracy", aggfunc="mean")
+        wide.columns = [f"{p:g}%" for p in wide.columns]
+        wide = wide.reset_index().rename(columns={key: "ranking"})
+        wide.insert(0, "shots", shots)
+        wide.insert(0, "task", task_name)
+        frames.append(wide)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _prune_summary(curves: dict[tuple[str, int], PruneCurve], unit: str = "head",
+                   ) -> pd.DataFrame:
+    table = curve_summaries(curves)
+    key = "head_ranking" if unit == "head" else "ffn_ranking"
+    value = "max_head_percent" if unit == "head" else "max_ffn_percent"
+    return table[["task", "shots", key, "baseline", value, "draws"]].rename(
+        columns={key: "ranking", value: f"max % {unit}s removed"})
+
+
+# --------------------------------------------------------------------------------------------
+# The registered analysis, and building a report for a loaded model
+# --------------------------------------------------------------------------------------------
+
+
+def _run(call: Call) -> Report:
+    return render_report(ReportConfig.from_job(call.job), call.inputs, call.provenance)
+
+
+REPORT = register_analysis(Analysis(
+    name="report", help="the paper report: scans, importance, pruning, FFNs, overlap; figures "
+                        "+ report.md / report.html",
+    run=_run, result_type=Report, needs_model=False, memory=None, check=_check,
+    inputs=lambda job: report_jobs(ReportConfig.from_job(job), job.model),
+    options=REPORT_OPTIONS,
+))
+
+
+def _copy_into(source: Path, out: Path) -> None:
+    """Copy a report folder's files into ``out``, each atomically; other files of ``out`` are
+    left alone (``out`` may be a folder of other outputs too)."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            target = out / path.relative_to(source)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(path, tmp)
+
+
+def build_report(
+    model: HookedModel, out: str | os.PathLike[str], config: ReportConfig | None = None, *,
+    store: ResultStore | str | os.PathLike[str] | None = None,
+    reuse: Sequence[str | os.PathLike[str]] = (), force: bool = False,
+    memory_budget: str | int | None = None, progress: bool = False,
+) -> Report:
+    """Compute (or reuse) everything the report needs, render it and write it into ``out``.
+
+    Every result is a job of its analysis (:func:`report_jobs`) run through the result
+    ``store``: results stored already (by this report, a grid or the command line, for the
+    same model weights, options and task data) are reused; so are results in ``out`` and in
+    the ``reuse`` folders (report folders or command-line output folders: their
+    ``results/index.json``), copied into the store after their checksums are verified.
+
+    Args:
+        model: the model.
+        out: the report folder (created; other files in it are left alone).
+        config: what to compute (default :class:`ReportConfig`).
+        store: the result store (default :func:`~mechicl.experiments.store.default_store`).
+        reuse: more folders whose results may be reused.
+        force: compute every result again (and replace them in the store).
+        memory_budget: choose every job's batch size so its estimated peak memory fits this
+            (e.g. ``"8GB"``), instead of the configured ``batch_tokens``.
+        progress: show progress bars.
+
+    Returns:
+        The :class:`Report`, with what this build computed and reused.
+
+    Raises:
+        ValueError: bad settings, or an analysis failed (its own error is raised).
+    """
+    start = time.perf_counter()
+    model = as_hooked_model(model)
+    config = config or ReportConfig()
+    out = Path(out)
+    for folder in map(Path, reuse):
+        if not folder.is_dir():
+            raise ValueError(f"reuse folder {folder} does not exist")
+    for task in config.tasks:  # every task has prompts left for evaluation: check before work
+        for shots in config.shots:
+            split_prompts(task, shots=shots, n_rank=config.n, n_eval=config.eval_n,
+                          seed=config.seed)
+    store = store if isinstance(store, ResultStore) else ResultStore(store or default_store())
+    job = REPORT.job(model.name, config.options(), seed=config.seed)
+    if force:
+        for _, key in job_keys([job], model.info()):
+            store.discard(key)
+    entry = ModelEntry(name=model.name, spec=model.name, memory_budget=memory_budget)
+    summary = run_jobs([job], store, entries={model.name: entry},
+                       executor=LocalExecutor(models={model.name: model}, progress=progress),
+                       progress=progress, seed_from=[] if force else [out, *reuse])
+    summary.raise_first()
+    stored = store.get(summary.jobs[0]["key"])
+    _copy_into(stored.result_path, out)
+    report = Report.load(out)
+    reused: dict[str, int] = {}
+    computed: dict[str, int] = {}
+    for row in summary.jobs[1:]:
+        counts = computed if row["status"] == "computed" else reused
+        counts[row["analysis"]] = counts.get(row["analysis"], 0) + 1
+    return dataclasses.replace(report, out=out, reused=reused, computed=computed,
+                               seconds={"total": round(time.perf_counter() - start, 1)})
