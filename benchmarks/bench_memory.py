@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ANALYSES = ("forward", "scan", "importance", "choices")
+MEMORY_MODELS = ("forward", "scan", "importance", "choices")
 MiB = 1 << 20
 
 
@@ -104,7 +104,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                        for i in range(rows)]
             mechicl.analyses.evaluation.choice_logprobs(model, prompts, batch_tokens=rows * seq_len)
         else:
-            raise ValueError(f"unknown analysis {analysis!r}; allowed: {list(ANALYSES)}")
+            raise ValueError(f"unknown analysis {analysis!r}; allowed: {list(MEMORY_MODELS)}")
         return seq_len
 
     for analysis in sorted({a for a, _ in spec["runs"]}):
@@ -151,7 +151,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--analyses", default=",".join(ANALYSES))
+    parser.add_argument("--analyses", default=",".join(MEMORY_MODELS))
     parser.add_argument("--rows", default="1,2,4", help="batch sizes (rows per pass)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--dtype", default="float32")
@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     if not can_measure():
         raise SystemExit("needs Linux: the peak resident memory is reset via /proc/self/clear_refs")
     analyses = args.analyses.split(",")
-    unknown = sorted(set(analyses) - set(ANALYSES))
+    unknown = sorted(set(analyses) - set(MEMORY_MODELS))
     if unknown:
-        raise SystemExit(f"unknown analyses {unknown}; allowed: {list(ANALYSES)}")
+        raise SystemExit(f"unknown analyses {unknown}; allowed: {list(MEMORY_MODELS)}")
     records = []
     for analysis in analyses:
         for rows in (int(r) for r in args.rows.split(",")):

@@ -1,15 +1,11 @@
 """Atomic file and folder writes: a reader never sees a half-written result."""
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
 
 
 @contextlib.contextmanager
@@ -42,30 +38,3 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically and return the path."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
-def write_meta_and_table(path: str | os.PathLike[str], meta: dict[str, Any], meta_name: str,
-                         table: pd.DataFrame, table_name: str) -> Path:
-    """A result folder with ``meta_name`` (JSON) and ``table_name`` (parquet), atomically."""
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        (tmp / meta_name).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        table.to_parquet(tmp / table_name, index=False)
-    return Path(path)
-
-
-def read_meta_and_table(path: str | os.PathLike[str], kind: str, meta_name: str,
-                        table_name: str) -> tuple[dict[str, Any], pd.DataFrame]:
-    """(meta, table) of a folder written by :func:`write_meta_and_table`; checks its kind."""
-    path = Path(path)
-    meta = json.loads((path / meta_name).read_text(encoding="utf-8"))
-    if meta.get("kind") != kind:
-        raise ValueError(f"{path} does not hold a {kind} (kind={meta.get('kind')!r})")
-    return meta, pd.read_parquet(path / table_name)

@@ -330,9 +330,11 @@ def run_run(args: argparse.Namespace) -> int:
     if args.out is not None:
         write_run_outputs(grid, store, summary, args.out, formats=args.formats)
     counts = summary.counts
+    skipped = (f", {counts['skipped']} not needed (read only by stored jobs)"
+               if counts.get("skipped") else "")
     print(f"{len(summary.jobs)} jobs: {counts['computed']} computed, {counts['cached']} "
-          f"already in the store, {counts['failed']} failed ({summary.seconds:.1f} s, "
-          f"{summary.executor} executor); store {summary.store}")
+          f"already in the store, {counts['failed']} failed{skipped} ({summary.seconds:.1f} "
+          f"s, {summary.executor} executor); store {summary.store}")
     for job, error in summary.errors.items():
         print(f"FAILED {job}: {error}")
     if args.out is not None:
@@ -384,7 +386,9 @@ analysis is a subcommand too (:func:`build_parser`)."""
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser: one subcommand per registered analysis, plus :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(prog="mechicl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mechicl", description="Mechanistic interpretability of in-context learning: one "
+        "subcommand per analysis, plus report, run (experiment grids) and runs (the store).")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level and show tracebacks")
     parser.add_argument("--version", action="version", version=f"mechicl {__version__}")

@@ -11,7 +11,7 @@ import torch
 from mechicl.analyses.evaluation import longest_prompt
 from mechicl.analyses.induction import longest_scan_sequence
 from mechicl.experiments.memory import (
-    ANALYSES,
+    MEMORY_MODELS,
     REFERENCE_SHAPES,
     MemoryEstimate,
     ModelShape,
@@ -107,7 +107,7 @@ def test_estimates_against_hand_computation():
 def test_one_row_at_least_and_rows_scale_linearly():
     one = estimate_memory(SMALL, dtype="float32", batch_tokens=3, seq_len=10, analysis="scan")
     assert one.rows == 1
-    for analysis in ANALYSES:
+    for analysis in MEMORY_MODELS:
         e1, e4 = (estimate_memory(SMALL, dtype="float32", batch_tokens=r * 16, seq_len=16,
                                   analysis=analysis) for r in (1, 4))
         assert e4.weights == e1.weights and e4.per_pass == 4 * e1.per_pass
@@ -180,7 +180,7 @@ def test_memory_table():
 # ---- budgets -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("analysis", ANALYSES)
+@pytest.mark.parametrize("analysis", MEMORY_MODELS)
 def test_budget_is_the_largest_fit_and_monotone(analysis):
     shape, seq_len = REFERENCE_SHAPES["smollm2-135m"], 512
     previous = 0

@@ -268,3 +268,13 @@ def test_cli_grid_and_report_compute_the_same_bytes(tiny_folder, tmp_path, capsy
     files = [found[k][key].files() for k in stores]
     assert files[0] == files[1] == files[2]
     assert len(files[0]) >= 2
+
+
+def test_the_docs_show_the_current_defaults_table():
+    from pathlib import Path
+
+    from mechicl.analyses import options_markdown
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+    assert options_markdown() in page.read_text(), (
+        "docs/architecture.md's defaults table is stale: paste mechicl.analyses.options_markdown()")

@@ -149,3 +149,36 @@ def test_committed_indexes_name_their_results():
             assert (folder / name / "result.json").is_file(), (folder, name)
             assert len(entry["key"]) == 64
     assert mechicl.load_result(FIGURES / "results" / "smollm2-135m-scan").params["n_seeds"] == 100
+
+
+@pytest.mark.slow
+def test_committed_results_of_the_old_pipeline_equal_the_new_one(smollm2, tmp_path):
+    """Before / after the rebuild around the registry: results the earlier code computed for the
+    committed report (migrated by scripts/migrate_results.py) equal what the registered analyses
+    compute now for the same job, through the CLI's path (run_jobs + the store)."""
+    from mechicl.experiments.grid import ModelEntry
+    from mechicl.experiments.runner import LocalExecutor, run_jobs
+    from mechicl.experiments.store import ResultStore, read_index
+
+    index = read_index(FIGURES / "report" / "results")
+    names = ["accuracy/antonyms-1shot", "importance/antonyms-1shot-bansal"]
+    jobs = [mechicl.Job.from_dict(index[name]["job"]) for name in names]
+    store = ResultStore(tmp_path / "store")
+    summary = run_jobs(jobs, store, entries={"smollm2-135m": ModelEntry(
+        name="smollm2-135m", spec="smollm2-135m")}, progress=False,
+        executor=LocalExecutor(models={"smollm2-135m": smollm2}))
+    assert summary.ok and [r["status"] for r in summary.jobs] == ["computed", "computed"]
+    for name, row in zip(names, summary.jobs, strict=True):
+        assert row["key"] == index[name]["key"], name  # the key the migration gave it
+        old, new = load_result(FIGURES / "report" / "results" / name), store.get(row["key"]).load()
+        assert new.params == old.params, name
+        if name.startswith("accuracy"):
+            assert new.accuracy == old.accuracy
+            pd.testing.assert_frame_equal(new.predictions.drop(columns="loglik"),
+                                          old.predictions.drop(columns="loglik"))
+            torch.testing.assert_close(  # summed log-probabilities: thread-count rounding
+                torch.tensor(new.predictions.loglik.tolist()),
+                torch.tensor(old.predictions.loglik.tolist()), rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(new.mean, old.mean, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(new.per_seed, old.per_seed, rtol=1e-5, atol=1e-7)

@@ -3,10 +3,11 @@
 An :class:`Analysis` record holds what one analysis *is*: its name, its options (types,
 defaults, allowed values: :class:`Option`), the function that runs it on a model, its result
 type, what it runs over (tasks x shot counts, or once per model), the results it reads
-(``inputs``), and its memory model. The Python API of each analysis module, the command line
-(one subcommand per analysis, flags generated from the options), grid files (validation and
-expansion into jobs), ``mechicl run`` / ``mechicl runs`` and the report all read the same
-record, so a default or a list of allowed values exists in one place.
+(``inputs``), and its memory model. The command line (one subcommand per analysis, flags
+generated from the options), grid files (validation and expansion into jobs), ``mechicl run``
+/ ``mechicl runs`` and the report all read the same record, so a default or a list of allowed
+values exists in one place; the Python functions' keyword defaults are the record's (a test
+compares them).
 
 A :class:`Job` is one request to run an analysis: model, task, shot count, seed and the complete
 options (defaults filled in by :meth:`Analysis.resolve`). Its content address
@@ -39,6 +40,7 @@ __all__ = [
     "Outputs",
     "get_analysis",
     "job_stem",
+    "options_markdown",
     "options_table",
     "register_analysis",
     "task_slug",
@@ -82,12 +84,13 @@ class Option:
         choices: the allowed values (of the elements, for a list), or a function returning
             them (for registries that grow at run time, e.g. tasks or prompt-pair generators).
         minimum: the smallest allowed number (of each element, for a list).
+        maximum: the largest allowed number.
         below: numbers must be smaller than this.
-        nullable: ``None`` is allowed (meaning "the analysis decides", e.g. all prompts).
+        nullable: ``None`` is allowed (meaning "the analysis decides", e.g. all prompts; on
+            the command line ``none`` or ``all``).
         non_empty: a list must have at least one element.
         must_contain: a list must contain this value (e.g. 0 in a list of percentages).
-        sweep: the CLI takes a comma-separated list and runs one job per value (grid files
-            take one value).
+        sweep: the CLI takes a comma-separated list and grid files a list: one job per value.
         sort: a list's order carries no meaning: it is put in the order of ``choices``, so
             that every spelling gives the same job key.
         role: ``"result"`` (part of the job's key), ``"execution"`` (how fast, not what:
@@ -104,6 +107,7 @@ class Option:
     item: type | None = None
     choices: Sequence[Any] | Callable[[], Iterable[Any]] | None = None
     minimum: int | float | None = None
+    maximum: int | float | None = None
     below: int | float | None = None
     nullable: bool = False
     non_empty: bool = True
@@ -141,6 +145,8 @@ class Option:
             what += f" from {allowed}"
         if self.minimum is not None:
             what += f", each >= {self.minimum:g}" if self.type is list else f" >= {self.minimum:g}"
+        if self.maximum is not None:
+            what += f" and <= {self.maximum:g}"
         if self.below is not None:
             what += f" and < {self.below:g}"
         if self.must_contain is not None:
@@ -188,6 +194,8 @@ class Option:
                     raise OptionError(f"{label} = {value!r}: need {self.describe()}")
                 if self.below is not None and v >= self.below:
                     raise OptionError(f"{label} = {value!r}: need {self.describe()}")
+                if self.maximum is not None and v > self.maximum:
+                    raise OptionError(f"{label} = {value!r}: need {self.describe()}")
         # one spelling per value, so that 10 and 10.0 give the same job key
         if self.type is float:
             return float(value)
@@ -200,7 +208,9 @@ class Option:
     def from_text(self, text: str) -> Any:
         """A CLI argument -> the value (checked); argparse reports the error."""
         try:
-            if self.parse is not None:
+            if self.nullable and text.strip().lower() in ("none", "all"):
+                value = None
+            elif self.parse is not None:
                 value = self.parse(text)
             elif self.type is list:
                 value = [_scalar(self.item, t.strip(), self.name) for t in text.split(",")
@@ -569,3 +579,23 @@ def options_table(analyses: Iterable[str] | None = None) -> list[dict[str, Any]]
                          "default": o.default, "allowed": o.describe(), "role": o.role,
                          "sweep": o.sweep, "help": o.help})
     return rows
+
+
+def _shown(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def options_markdown(analyses: Iterable[str] | None = None) -> str:
+    """:func:`options_table` as a markdown table (analysis, command, option, default, allowed,
+    role): the defaults table of ``docs/architecture.md`` (a test checks that it is current).
+    """
+    lines = ["| analysis | command | option | default | allowed | role |",
+             "|---|---|---|---|---|---|"]
+    for r in options_table(analyses):
+        lines.append(f"| {r['analysis']} | `{r['command']}` | `{r['option']}` | "
+                     f"`{_shown(r['default'])}` | {r['allowed']} | {r['role']} |")
+    return "\n".join(lines) + "\n"

@@ -296,7 +296,8 @@ def _outputs(pairs: Sequence[tuple[Job, PatchResult]], options: Mapping[str, Any
 ATTRIBUTION = register_analysis(Analysis(
     name="attribution", help="attribution patching (one backward pass) and its agreement with "
                              "exact activation patching",
-    run=_run, result_type=PatchResult, memory="forward", inputs=_exact,
+    # no batches to size: one forward + backward per pair (its exact input is sized as patching)
+    run=_run, result_type=PatchResult, memory=None, inputs=_exact,
     sequence_length=pair_length, outputs=_outputs,
     # exactly activation patching's options: the estimate is compared with that job's result
     options=PATCHING.options,

@@ -391,7 +391,7 @@ OVERLAP = register_analysis(Analysis(
     run=_run, result_type=OverlapTable, per_task=True, needs_model=False, memory=None,
     inputs=_inputs, configured_by=("scan", "importance"), outputs=_outputs,
     options=(
-        Option(name="top_k_percent", type=float, default=10.0, minimum=0, below=100.0001,
+        Option(name="top_k_percent", type=float, default=10.0, minimum=0, maximum=100,
                help="the 'top heads': this percentage of all heads"),
         Option(name="n_permutations", type=int, default=1000, minimum=1,
                help="relabellings of the permutation p-value"),

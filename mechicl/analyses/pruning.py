@@ -362,7 +362,7 @@ def ranking_inputs(job: Job) -> dict[str, Job]:
     out: dict[str, Job] = {}
     scores = list(dict.fromkeys(s for s in (parse_ranking(r)[0] for r in o["rankings"])
                                 if s in SCORES))
-    for kind, specs in (("heads", o["rankings"]), ("ffn", o["ffn_rankings"])):
+    for kind, specs in _used_rankings(o):
         for spec in specs:
             source, _ = parse_ranking(spec, heads=kind == "heads")
             if source in SCORES:  # one scan of the scores the rankings use
@@ -382,9 +382,16 @@ def ranking_inputs(job: Job) -> dict[str, Job]:
     return out
 
 
+def _used_rankings(options: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
+    """The head and FFN ranking specs a curve uses: none for a unit pruned at 0% only."""
+    return [(kind, options[key] if any(p > 0 for p in options[percents]) else [])
+            for kind, key, percents in (("heads", "rankings", "percents"),
+                                        ("ffn", "ffn_rankings", "ffn_percents"))]
+
+
 def _rankings(call: Call, kind: str) -> dict[str, Tensor]:
     """Label -> scores whose ascending order is the pruning order."""
-    specs = call.options["rankings" if kind == "heads" else "ffn_rankings"]
+    specs = dict(_used_rankings(call.options))[kind]
     out = {}
     for spec in specs:
         source, direction = parse_ranking(spec, heads=kind == "heads")

@@ -66,7 +66,7 @@ from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.model.loading import parse_bytes, resolve_dtype
 
 __all__ = [
-    "ANALYSES",
+    "MEMORY_MODELS",
     "REFERENCE_SHAPES",
     "MemoryEstimate",
     "ModelShape",
@@ -75,8 +75,7 @@ __all__ = [
     "memory_table",
 ]
 
-Analysis = Literal["forward", "scan", "importance", "choices"]
-ANALYSES: tuple[str, ...] = MEMORY_MODELS  # declared once, with the analysis registry
+MemoryModel = Literal["forward", "scan", "importance", "choices"]
 """Memory models :func:`estimate_memory` knows: a plain forward pass with logits, the
 induction scan, gradient head importance (forward + backward), choice scoring."""
 
@@ -254,7 +253,7 @@ class MemoryEstimate:
     """Estimated memory of one forward pass (and backward, for ``"importance"``), in bytes.
 
     Attributes:
-        analysis: the memory model (one of :data:`ANALYSES`).
+        analysis: the memory model (one of :data:`MEMORY_MODELS`).
         dtype: the parameter and activation dtype.
         rows: sequences per pass (``max(1, batch_tokens // seq_len)``).
         seq_len: tokens per sequence.
@@ -356,7 +355,7 @@ def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
 
 def estimate_memory(
     shape: ModelShape | HookedModel, *, dtype: torch.dtype | str | None = None,
-    batch_tokens: int, seq_len: int, analysis: Analysis,
+    batch_tokens: int, seq_len: int, analysis: MemoryModel,
 ) -> MemoryEstimate:
     """Estimated peak memory of one pass of ``analysis`` (see the module docstring).
 
@@ -368,7 +367,7 @@ def estimate_memory(
         batch_tokens: rows x longest row per pass, as the analyses' ``batch_tokens``
             argument: ``max(1, batch_tokens // seq_len)`` rows.
         seq_len: the longest sequence (all rows are padded to it).
-        analysis: one of :data:`ANALYSES`.
+        analysis: one of :data:`MEMORY_MODELS`.
 
     Returns:
         A :class:`MemoryEstimate` (bytes).
@@ -378,7 +377,7 @@ def estimate_memory(
     >>> est.rows, round(est.weights / 2**20), round(est.total / 2**30, 2)
     (4, 513, 4.24)
     """
-    check_choice("analysis", analysis, ANALYSES)
+    check_choice("analysis", analysis, MEMORY_MODELS)
     check_positive("batch_tokens", batch_tokens)
     check_positive("seq_len", seq_len)
     torch_dtype = _resolve_dtype(shape, dtype)
@@ -388,7 +387,7 @@ def estimate_memory(
 
 def batch_tokens_for_budget(
     shape: ModelShape | HookedModel, budget: int | str, *,
-    dtype: torch.dtype | str | None = None, seq_len: int, analysis: Analysis,
+    dtype: torch.dtype | str | None = None, seq_len: int, analysis: MemoryModel,
 ) -> int:
     """The largest ``batch_tokens`` (a multiple of ``seq_len``) whose estimated peak memory,
     weights included, fits in ``budget``.
@@ -402,7 +401,7 @@ def batch_tokens_for_budget(
             that holds the model.
         dtype: as in :func:`estimate_memory`.
         seq_len: the longest sequence.
-        analysis: one of :data:`ANALYSES`.
+        analysis: one of :data:`MEMORY_MODELS`.
 
     Returns:
         ``rows * seq_len``, at least ``seq_len``.
@@ -414,7 +413,7 @@ def batch_tokens_for_budget(
     ...                         seq_len=512, analysis="importance")
     4096
     """
-    check_choice("analysis", analysis, ANALYSES)
+    check_choice("analysis", analysis, MEMORY_MODELS)
     check_positive("seq_len", seq_len)
     limit = parse_bytes(budget)
     torch_dtype = _resolve_dtype(shape, dtype)
@@ -434,7 +433,7 @@ def batch_tokens_for_budget(
 def memory_table(
     shapes: Mapping[str, ModelShape] | None = None,
     dtypes: Sequence[torch.dtype | str] = ("float32", "bfloat16"), *,
-    seq_len: int = 512, analysis: Analysis = "importance",
+    seq_len: int = 512, analysis: MemoryModel = "importance",
     budgets: Sequence[int | str] = ("24GiB", "80GiB"),
 ) -> pd.DataFrame:
     """Weights and batch sizes that fit memory budgets, per model and dtype.
@@ -443,7 +442,7 @@ def memory_table(
         shapes: name -> shape (default :data:`REFERENCE_SHAPES`).
         dtypes: dtypes to tabulate.
         seq_len: the sequence length of the batch sizes.
-        analysis: the memory model (one of :data:`ANALYSES`).
+        analysis: the memory model (one of :data:`MEMORY_MODELS`).
         budgets: memory budgets (:func:`parse_bytes`).
 
     Returns:
@@ -451,7 +450,7 @@ def memory_table(
         ``per_sequence_gib`` (what one sequence of ``seq_len`` adds) and one column
         ``batch_tokens@<budget>`` per budget (0 when not even one sequence fits).
     """
-    check_choice("analysis", analysis, ANALYSES)
+    check_choice("analysis", analysis, MEMORY_MODELS)
     shapes = REFERENCE_SHAPES if shapes is None else shapes
     records = []
     for name, shape in shapes.items():

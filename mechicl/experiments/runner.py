@@ -336,11 +336,6 @@ EXECUTORS: dict[str, type] = {"local": LocalExecutor, "ray": RayExecutor}
 # --------------------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------
-# The driver
-# --------------------------------------------------------------------------------------------
-
-
 def model_fingerprint(entry: ModelEntry) -> str | None:
     """A fingerprint of the files a model entry loads (paths, sizes, modification times) and
     its load options, or None for hub models (their files are not known before loading).
@@ -374,8 +369,9 @@ class RunSummary:
 
     Attributes:
         jobs: every job with its key (None if its model could not be loaded) and status:
-            ``cached`` (found in the store), ``computed``, ``failed``; the jobs asked for come
-            first (``asked`` True), then the jobs they read.
+            ``cached`` (found in the store), ``computed``, ``failed``, or ``skipped`` (read
+            only by jobs that were stored already); the jobs asked for come first (``asked``
+            True), then the jobs they read.
         errors: job description -> error message.
         exceptions: job description (or model) -> the exception (the first per job), to
             re-raise where a caller wants the error itself.
@@ -522,28 +518,40 @@ class _Run:
 
     def assign_keys(self, plan: _ModelPlan) -> None:
         """Keys of the plan's jobs, inputs first; stored ones are settled."""
-        def key(i: int) -> str:
-            if self.keys[i] is None:
-                inputs = [key(d) for d in self.deps[i].values()]
-                self.keys[i] = self.jobs[i].key(plan.identity or {}, self.version,
-                                                inputs=inputs, task_data=self.task_data)
-                self.rows[i]["key"] = self.keys[i]
-            return self.keys[i]
-
         for i in plan.jobs:
-            k = key(i)
+            self.keys[i] = _key(i, self.jobs, self.deps, self.keys, plan.identity or {},
+                                self.version, self.task_data)
+            self.rows[i]["key"] = self.keys[i]
+        for i in plan.jobs:
+            k = self.keys[i]
+            assert k is not None
             if self.stored(k, self.jobs[i]) or self.narrowed(plan, i):
                 self.finish(i, "cached")
             elif k in self.owner and self.owner[k] != i:  # another model computes it
                 self.in_flight.setdefault(k, []).append(i)
             else:
                 self.owner[k] = i
+        self.skip_unneeded(plan)
+
+    def skip_unneeded(self, plan: _ModelPlan) -> None:
+        """Jobs read only by stored jobs need not run (e.g. the inputs of a stored report)."""
+        stack = [i for i in plan.jobs if self.rows[i]["asked"]
+                 and self.rows[i]["status"] == "pending"]
+        needed = set(stack)
+        while stack:
+            for d in self.deps[stack.pop()].values():
+                if d not in needed and self.rows[d]["status"] == "pending":
+                    needed.add(d)
+                    stack.append(d)
+        for i in plan.jobs:
+            if self.rows[i]["status"] == "pending" and i not in needed:
+                self.finish(i, "skipped")
 
     def stored(self, key: str, job: Job) -> bool:
         """``key`` is in the store, or in a seed folder (then verified and copied in)."""
         if self.store.has(key):
             return True
-        path = self.seeds.get(key)
+        path, entry = self.seeds.get(key, (None, {}))
         if path is None:
             return False
         try:
@@ -554,7 +562,8 @@ class _Run:
         manifest = {"job": job.to_dict(), "kind": job.analysis, "model": folder.model,
                     "inputs": [], "mechicl": _version(),
                     "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "seconds": None, "executor": "imported", "imported_from": str(path)}
+                    "seconds": entry.get("seconds"), "executor": "imported",
+                    "imported_from": str(path)}
         self.store.put_folder(key, manifest, path)
         log.info("reusing %s", path)
         return True
@@ -794,27 +803,35 @@ class _Run:
         return self.summary
 
 
+def _key(i: int, jobs: Sequence[Job], deps: Sequence[Mapping[str, int]],
+         keys: list[str | None], identity: Mapping[str, Any], version: str,
+         task_data: Mapping[str, str]) -> str:
+    """The key of ``jobs[i]`` (its inputs' keys first), memoised in ``keys``."""
+    if keys[i] is None:
+        inputs = [_key(d, jobs, deps, keys, identity, version, task_data)
+                  for d in deps[i].values()]
+        keys[i] = jobs[i].key(identity, version, inputs=inputs, task_data=task_data)
+    key = keys[i]
+    assert key is not None
+    return key
+
+
 def job_keys(jobs: Sequence[Job], identity: Mapping[str, Any]) -> list[tuple[Job, str]]:
     """Every job of ``jobs`` and of what they read (as :func:`run_jobs` runs them) with its key
     for a model of ``identity`` (``weights_sha256``, ``tokenizer_sha256``)."""
     closure, deps, _ = _with_inputs(jobs)
     tasks = {name: task_digest(load_task(name))
              for name in sorted({t for job in closure for t in job.task_names()})}
-    version = _version()
     keys: list[str | None] = [None] * len(closure)
-
-    def key(i: int) -> str:
-        if keys[i] is None:
-            inputs = [key(d) for d in deps[i].values()]
-            keys[i] = closure[i].key(identity, version, inputs=inputs, task_data=tasks)
-        return keys[i]
-
-    return [(job, key(i)) for i, job in enumerate(closure)]
+    return [(job, _key(i, closure, deps, keys, identity, _version(), tasks))
+            for i, job in enumerate(closure)]
 
 
-def _seed_index(folders: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
-    """key -> result folder, from the ``results/index.json`` of output / report folders."""
-    out: dict[str, Path] = {}
+def _seed_index(folders: Sequence[str | os.PathLike[str]]
+                ) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """key -> (result folder, index entry), from the ``results/index.json`` of output and
+    report folders."""
+    out: dict[str, tuple[Path, dict[str, Any]]] = {}
     for folder in map(Path, folders):
         try:
             entries = read_index(folder / "results")
@@ -823,7 +840,7 @@ def _seed_index(folders: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
             continue
         for name, entry in entries.items():
             if isinstance(entry, dict) and isinstance(entry.get("key"), str):
-                out.setdefault(entry["key"], folder / "results" / name)
+                out.setdefault(entry["key"], (folder / "results" / name, entry))
     return out
 
 

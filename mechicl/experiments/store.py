@@ -214,7 +214,7 @@ class ResultStore:
             m = entry.manifest
             job = m.get("job", {})
             model = m.get("model", {})
-            options = {k: v for k, v in job.get("options", {}).items() if k != "_inputs"}
+            options = job.get("options", {})
             rows.append({
                 "key": entry.key[:12], "analysis": job.get("analysis"),
                 "model": job.get("model"), "weights": str(model.get("weights_sha256", ""))[:12],

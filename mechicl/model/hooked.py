@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechicl._version import __version__
 from mechicl.model.tokens import FrequencyRanking, frequency_ranking
 
 __all__ = [
@@ -481,8 +482,8 @@ class HookedModel:
     def info(self) -> dict[str, Any]:
         """Provenance of this model for result files: name, ids, hashes, dtype, shape, package
         versions."""
-        versions = {}
-        for pkg in ("mechicl", "torch", "transformer-lens", "transformers"):
+        versions: dict[str, str | None] = {"mechicl": __version__}  # not an install's metadata
+        for pkg in ("torch", "transformer-lens", "transformers"):
             try:
                 versions[pkg] = importlib.metadata.version(pkg)
             except importlib.metadata.PackageNotFoundError:

@@ -38,6 +38,7 @@ import plotly.graph_objects as go
 import plotly.offline
 
 from mechicl._io import atomic_path
+from mechicl._version import __version__
 from mechicl.analyses._registry import Analysis, Call, Job, Option, register_analysis
 from mechicl.analyses.evaluation import ACCURACY, EvalResult, wilson_interval
 from mechicl.analyses.importance import FFN_IMPORTANCE, HEAD_IMPORTANCE, IMPORTANCE_METHODS
@@ -315,8 +316,7 @@ class Report:
                                                                 encoding="utf-8")
             (folder / "results").mkdir(exist_ok=True)
             (folder / "results" / "index.json").write_text(index_text({
-                name: {"key": s["key"], "seconds": s.get("seconds"),
-                       "mechicl": self.model.get("versions", {}).get("mechicl")}
+                name: {"key": s["key"], "seconds": s.get("seconds"), "mechicl": __version__}
                 for name, s in self.sources.items() if name in self.results}), encoding="utf-8")
 
         return write_result(path, kind="Report", params=self.params, model=self.model,
@@ -442,7 +442,7 @@ def _write_pages(out: Path, doc: Document, config: ReportConfig, model: Mapping[
     title = f"mechicl report: {Path(str(model.get('name'))).name}"
     blocks = list(doc.blocks)
     doc.blocks.insert(0, ("text", (
-        f"Created {created} by mechicl {model.get('versions', {}).get('mechicl')}; "
+        f"Created {created} by mechicl {__version__}; "
         f"{len(computed)} of its {len(sources)} results computed for this rendering, the others "
         f"reused from the result store. Computing every result took "
         f"{sum(work.values()) / 60:.0f} min on the machines that made them ({cost}; results "
@@ -748,7 +748,7 @@ def build_report(
     report = Report.load(out)
     reused: dict[str, int] = {}
     computed: dict[str, int] = {}
-    for row in summary.jobs[1:]:
+    for row in summary.jobs[1:]:  # not computed: stored, or not needed (a stored report)
         counts = computed if row["status"] == "computed" else reused
         counts[row["analysis"]] = counts.get(row["analysis"], 0) + 1
     return dataclasses.replace(report, out=out, reused=reused, computed=computed,
