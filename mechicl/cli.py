@@ -77,15 +77,20 @@ def parse_int_list(text: str) -> list[int]:
     return values
 
 
-def parse_tasks(text: str) -> list[str]:
+def parse_tasks(text: str, *, files: bool = True) -> list[str]:
     """``"sentiment,boolq"`` or ``"all"`` -> task names; task files (``.jsonl``, ``.csv``,
-    ``.tsv``) pass; unknown names raise."""
+    ``.tsv``) pass if ``files``; unknown names raise.
+
+    >>> parse_tasks("boolq,my_task.jsonl")
+    ['boolq', 'my_task.jsonl']
+    """
     names = list(TASKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in TASKS and not n.endswith(TASK_FILE_SUFFIXES)]
+    unknown = [n for n in names
+               if n not in TASKS and not (files and n.endswith(TASK_FILE_SUFFIXES))]
     if unknown or not names:
+        also = " (or a .jsonl/.csv task file, or 'all')" if files else " (or 'all')"
         raise argparse.ArgumentTypeError(
-            f"unknown tasks {unknown or [text]}; registered: {sorted(TASKS)} (or a .jsonl/.csv "
-            "task file, or 'all')")
+            f"unknown tasks {unknown or [text]}; registered: {sorted(TASKS)}{also}")
     return names
 
 
@@ -130,7 +135,8 @@ def _add_model(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--model", default="smollm2-135m",
                      help="built-in name, hub id, local folder or .gguf (default smollm2-135m)")
     group = sub.add_argument_group("model loading (big models: docs/concepts/big-models.md)")
-    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "bf16", "fp16"),
+    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "fp32", "bf16",
+                                           "fp16"),
                        default=None, help="parameter dtype (default float32)")
     group.add_argument("--device", default=None, help="one device for the whole model "
                        "(default cpu; e.g. cuda:0)")
@@ -252,11 +258,9 @@ def _add_report(subparsers: Any) -> None:
     _add_model(sub)
     group = sub.add_argument_group("report options")
     for option in REPORT.options:
-        if option.name == "tasks":
-            group.add_argument("--tasks", type=parse_tasks, default=None,
-                               help="comma-separated task names (default: every built-in task)")
-        elif option.name == "prune_tasks":
-            group.add_argument("--prune-tasks", type=parse_tasks, default=None,
+        if option.name in ("tasks", "prune_tasks"):  # registered tasks (no task files)
+            group.add_argument(_flag(option), dest=option.name, default=None,
+                               type=lambda text: parse_tasks(text, files=False),
                                help=option.help)
         else:
             _add_option(group, option)

@@ -12,8 +12,9 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+import pandas as pd
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
@@ -22,16 +23,22 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from mechicl._io import atomic_path
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from mechicl.analyses.patching import PatchResult
-    from mechicl.analyses.pruning import PruneCurve
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["checkpoint_figure", "head_heatmap", "layer_bars", "loss_curve", "matrix_heatmap",
-           "patch_heatmap", "prune_curve_figure", "save_figure", "score_scatter"]
+__all__ = ["checkpoint_figure", "head_heatmap", "kv_group_size", "layer_bars", "loss_curve",
+           "matrix_heatmap", "patch_heatmap", "prune_curve_figure", "save_figure",
+           "score_scatter"]
+
+
+def kv_group_size(model: dict[str, Any]) -> int:
+    """Query heads per KV head, from a result's model provenance (``model["shape"]``; 1 if it
+    does not say), to mark the groups on layer x head figures.
+
+    >>> kv_group_size({"shape": {"n_heads": 9, "n_kv_heads": 3}})
+    3
+    """
+    shape = model.get("shape") or {}
+    return int(shape.get("n_heads", 1)) // int(shape.get("n_kv_heads", 1) or 1)
 
 FORMATS = ("png", "svg", "pdf", "html")
 
@@ -112,7 +119,7 @@ def layer_bars(scores: LayerScores | Float[Tensor, " layer"], *, title: str | No
     return fig
 
 
-def prune_curve_figure(curve: "PruneCurve", *, x: str = "head_percent", title: str | None = None,
+def prune_curve_figure(curve: Any, *, x: str = "head_percent", title: str | None = None,
                        ) -> go.Figure:
     """Accuracy vs percentage pruned, one line per ranking; random draws as their mean with a
     min-max band; the unpruned accuracy and chance as dashed lines.
@@ -160,7 +167,7 @@ def prune_curve_figure(curve: "PruneCurve", *, x: str = "head_percent", title: s
     return fig
 
 
-def patch_heatmap(result: "PatchResult", *, sum_over: str | None = None,
+def patch_heatmap(result: Any, *, sum_over: str | None = None,
                   title: str | None = None, effect: bool = True) -> go.Figure:
     """A heatmap of a patching result: layer x head, layer x position, or (1-D) layers.
 
@@ -217,7 +224,7 @@ def patch_heatmap(result: "PatchResult", *, sum_over: str | None = None,
     return fig
 
 
-def matrix_heatmap(matrix: "pd.DataFrame", *, title: str = "", zmin: float | None = -1.0,
+def matrix_heatmap(matrix: pd.DataFrame, *, title: str = "", zmin: float | None = -1.0,
                    zmax: float | None = 1.0, colorscale: str = "RdBu_r",
                    colorbar_title: str = "", fmt: str = ".2f") -> go.Figure:
     """A square (or any) matrix of statistics, e.g. from :func:`mechicl.analyses.overlap.overlap_matrix`,
@@ -330,7 +337,7 @@ def _si(value: int | float) -> str:
     return f"{value:g}"
 
 
-def checkpoint_figure(table: "pd.DataFrame", *, value: str = "mean", top_k: int = 3,
+def checkpoint_figure(table: pd.DataFrame, *, value: str = "mean", top_k: int = 3,
                       log_x: bool = False, title: str | None = None) -> go.Figure:
     """Per-head scores across training steps: for each score, the maximum over heads at every
     step (dashed black; hover names the head) and the ``top_k`` heads of the last step as lines.

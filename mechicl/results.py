@@ -407,6 +407,8 @@ class LayerScores:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "LayerScores":
+        """Read a result written by :meth:`save`, verified
+        (:func:`~mechicl.results.read_result`)."""
         folder = read_result(path, "LayerScores")
         t = folder.tensors
         return cls(name=folder.fields["name"], mean=t["mean"], var=t["var"],

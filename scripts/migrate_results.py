@@ -22,7 +22,9 @@ fresh clone:
   labels) are not indexed and are computed again. ``report.json`` becomes
   ``report.legacy.json`` (``mechicl report`` writes ``result.json``).
 
-Run it again on a converted tree: it changes nothing.
+Run it again on a converted tree: it changes nothing. ``--rekey`` recomputes the keys of every
+``results/index.json`` from the jobs they name, after a change of the key scheme (for results
+that are still what their jobs compute).
 """
 
 import argparse
@@ -38,12 +40,13 @@ from safetensors.torch import load_file
 
 import mechicl
 from mechicl._io import atomic_path
-from mechicl.analyses.evaluation import EvalResult
+from mechicl.analyses.evaluation import EvalResult, task_prompts
 from mechicl.analyses.induction import SCAN, SCORES, ScanResult
 from mechicl.analyses.patching import PatchResult
 from mechicl.analyses.pruning import PruneCurve
 from mechicl.experiments.runner import job_keys
 from mechicl.experiments.store import read_index, write_index
+from mechicl.inputs.tasks import load_task
 from mechicl.report.build import ReportConfig, report_jobs
 from mechicl.results import HeadScores, LayerScores, load_result, unpad_sequences
 
@@ -181,9 +184,16 @@ def combine_scan(results: Path, model_name: str) -> Path | None:
     return target
 
 
+def _expected_prompt_ids(job: mechicl.Job) -> list[str] | None:
+    """The prompt ids the job runs on (tasks' prompts), or None if it has none."""
+    if job.task is None:
+        return None
+    return [p.id for p in task_prompts(load_task(job.task), job)]
+
+
 def index_report(folder: Path, scan: Path | None, seconds: dict[Path, float | None]) -> int:
-    """Index the results of a legacy report folder that the current report would compute
-    identically; returns how many."""
+    """Index the results of a legacy report folder that the current report computes
+    identically (same job, and for task results the same prompts); returns how many."""
     config_data = json.loads((folder / "report.json").read_text(encoding="utf-8"))["config"]
     seed = config_data.pop("seed", 0)
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config_data.items()
@@ -191,19 +201,16 @@ def index_report(folder: Path, scan: Path | None, seconds: dict[Path, float | No
     fields.pop("draws", None)  # the default changed: the curves are computed again
     config = ReportConfig(**fields, seed=seed)
     results = folder / "results"
-    model_name = None
+    first = next(p for p in sorted(results.glob("*/*")) if (p / "result.json").is_file())
+    identity = load_result(first).model
+    jobs = report_jobs(config, identity["name"])
+    names = list(jobs)
+    keys = dict(zip(names, (key for _, key in job_keys([jobs[n] for n in names], identity)),
+                    strict=False))  # the asked jobs come first, in order
     entries = read_index(results)
     count = 0
-    for path in sorted(results.glob("*/*")):
-        if (path / "result.json").is_file():
-            model_name = load_result(path).model["name"]
-            identity = load_result(path).model
-            break
-    assert model_name is not None
-    jobs = report_jobs(config, model_name)
-    keyed = {id(job): key for job, key in job_keys(list(jobs.values()), identity)}
     for name, job in jobs.items():
-        if job.analysis in ("pruning",):
+        if job.analysis == "pruning":  # options changed since: computed again
             continue
         path = results / name
         if name == "scan":
@@ -214,12 +221,11 @@ def index_report(folder: Path, scan: Path | None, seconds: dict[Path, float | No
             shutil.copytree(scan, path)
         elif not (path / "result.json").is_file():
             continue
-        result = load_result(path)
-        if job.analysis in ("accuracy", "importance", "ffn_importance"):
-            expected_ids = result.params.get("prompt_ids")
-            if expected_ids is None:
-                continue
-        entries[name] = {"key": keyed[id(job)], "job": job.to_dict(),
+        ids = _expected_prompt_ids(job)
+        if ids is not None and load_result(path).params.get("prompt_ids") != ids:
+            log.warning("not indexing %s: it was computed on other prompts", path)
+            continue
+        entries[name] = {"key": keys[name], "job": job.to_dict(),
                          "seconds": seconds.get(path), "mechicl": mechicl.__version__}
         count += 1
     write_index(results, entries)
@@ -231,6 +237,32 @@ def index_report(folder: Path, scan: Path | None, seconds: dict[Path, float | No
     return count
 
 
+def rekey(results: Path) -> int:
+    """Recompute the key of every entry of ``results/index.json`` from its job (e.g. after the
+    key scheme changed), for results that are still what the job computes. Entries without a
+    job are left alone. Returns how many keys changed."""
+    entries = read_index(results)
+    report = results.parent / "result.json"
+    if report.is_file() and json.loads(report.read_text(encoding="utf-8"))["kind"] == "Report":
+        # a report's results are the jobs of its settings, by name
+        stored = load_result(results.parent)
+        for name, job in report_jobs(stored.config, stored.model["name"]).items():
+            if name in entries and not entries[name].get("job"):
+                entries[name]["job"] = job.to_dict()
+    changed = 0
+    for name, entry in entries.items():
+        if not entry.get("job") or not (results / name / "result.json").is_file():
+            continue
+        job = mechicl.Job.from_dict(entry["job"])
+        identity = load_result(results / name).model
+        key = job_keys([job], identity)[0][1]
+        if key != entry["key"]:
+            entry["key"] = key
+            changed += 1
+    write_index(results, entries)
+    return changed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="*", type=Path, default=[Path("figures")])
@@ -238,8 +270,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the model name of `mechicl scan` output (results/<model>-<score>)")
     parser.add_argument("--report", type=Path, action="append", default=[],
                         help="a legacy report folder to index (default: FOLDER/report)")
+    parser.add_argument("--rekey", action="store_true",
+                        help="only recompute the keys of every results/index.json from its "
+                             "jobs (after a change of the key scheme)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.rekey:
+        for folder in args.folders:
+            for index in sorted(folder.rglob("index.json")):
+                log.info("%s: %d keys changed", index, rekey(index.parent))
+        return 0
     for folder in args.folders:
         seconds = convert_tree(folder)
         scan = combine_scan(folder / "results", args.model)

@@ -1,7 +1,7 @@
 """The package's architecture, read from the source (ast): no import cycles (function-level
 imports included), no module importing another module's underscore names unless that module is
-a declared private module (``_name.py``), and each layer importing only from the layers below
-it (docs/architecture.md)."""
+a declared private module (``_name.py``), private modules of a subpackage used only inside it,
+and each layer importing only from the layers below it (docs/architecture.md)."""
 
 import ast
 from pathlib import Path
@@ -33,25 +33,14 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
 
 
-def _type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def imports(path: Path, known: set[str]) -> list[tuple[str, list[str], int]]:
     """(imported module, names taken from it, line) for every import of mechicl modules in
-    the file, at any depth (functions included); ``if TYPE_CHECKING:`` blocks are skipped
-    (they do not run)."""
+    the file, at any depth (functions and ``if TYPE_CHECKING:`` blocks included)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     this = module_name(path)
     out = []
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("mechicl"):
@@ -149,6 +138,20 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "ROOT", pkg)
     with pytest.raises(AssertionError, match="import cycles"):
         test_no_import_cycles()
+
+
+def test_private_modules_stay_in_their_package():
+    """A private module of a subpackage (``mechicl/analyses/_engine.py``) is imported only by
+    modules of that subpackage; the package-level ones (``mechicl/_io.py``) by any module."""
+    mods = modules()
+    bad = []
+    for name, path in mods.items():
+        for target, _, line in imports(path, set(mods)):
+            package, _, leaf = target.rpartition(".")
+            if leaf.startswith("_") and package != "mechicl" and not (
+                    name == package or name.startswith(package + ".")):
+                bad.append(f"{path.relative_to(ROOT.parent)}:{line} imports {target}")
+    assert not bad, "\n".join(bad)
 
 
 def test_no_underscore_names_across_modules():

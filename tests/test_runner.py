@@ -73,7 +73,7 @@ def test_run_computes_every_job_once_and_reruns_from_the_store(finished, tiny_fo
     def no_loading(*args, **kwargs):
         raise AssertionError("a finished grid loaded its model")
 
-    monkeypatch.setattr(mechicl.model, "load_model", no_loading)
+    monkeypatch.setattr(mechicl.experiments.runner, "load_model", no_loading)
     again = run_grid(parse_grid(grid_dict(tiny_folder)), store, progress=False)
     assert again.counts == {"cached": n_jobs, "computed": 0, "failed": 0}
     assert again.table().key.tolist() == table.key.tolist()

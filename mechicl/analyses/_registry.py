@@ -21,6 +21,7 @@ This module is private to :mod:`mechicl.analyses`, which re-exports its public n
 
 import argparse
 import hashlib
+import itertools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +84,8 @@ class Option:
         item: the element type of a list option.
         choices: the allowed values (of the elements, for a list), or a function returning
             them (for registries that grow at run time, e.g. tasks or prompt-pair generators).
+        registry: for choices from a function, what they are ("task"): the docs say "naming a
+            registered task" instead of listing this process's registry.
         minimum: the smallest allowed number (of each element, for a list).
         maximum: the largest allowed number.
         below: numbers must be smaller than this.
@@ -91,8 +94,8 @@ class Option:
         non_empty: a list must have at least one element.
         must_contain: a list must contain this value (e.g. 0 in a list of percentages).
         sweep: the CLI takes a comma-separated list and grid files a list: one job per value.
-        sort: a list's order carries no meaning: it is put in the order of ``choices``, so
-            that every spelling gives the same job key.
+        sort: a list's order carries no meaning: it is put in the order of ``choices`` (or
+            sorted), so that every spelling gives the same job key.
         role: ``"result"`` (part of the job's key), ``"execution"`` (how fast, not what:
             left out of the key, e.g. ``batch_tokens``) or ``"output"`` (how results are
             presented by the CLI: not passed to the run function).
@@ -106,6 +109,7 @@ class Option:
     help: str
     item: type | None = None
     choices: Sequence[Any] | Callable[[], Iterable[Any]] | None = None
+    registry: str | None = None
     minimum: int | float | None = None
     maximum: int | float | None = None
     below: int | float | None = None
@@ -134,14 +138,17 @@ class Option:
             return None
         return list(self.choices() if callable(self.choices) else self.choices)
 
-    def describe(self) -> str:
-        """What is allowed, in words (for error messages and the docs)."""
+    def describe(self, *, live: bool = True) -> str:
+        """What is allowed, in words: for error messages (``live``: this process's registered
+        choices) and the docs (choices from a registry described by name)."""
         kind = self.item if self.type is list else self.type
         what = _TYPE_NAMES[kind]
         if self.type is list:
             what = f"a list of {what.removeprefix('an ').removeprefix('a ')}s"
-        allowed = self.allowed()
-        if allowed is not None:
+        if not live and callable(self.choices) and self.registry:
+            what += f" naming {'' if self.type is list else 'a '}registered {self.registry}"
+            what += "s" if self.type is list else ""
+        elif (allowed := self.allowed()) is not None:
             what += f" from {allowed}"
         if self.minimum is not None:
             what += f", each >= {self.minimum:g}" if self.type is list else f" >= {self.minimum:g}"
@@ -165,6 +172,9 @@ class Option:
             raise OptionError(f"{label} = None: need {self.describe()}")
         if self.type is list and isinstance(value, tuple):
             value = list(value)
+        if self.item is float and isinstance(value, list):  # 10 and 10.0 are one value
+            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                     for v in value]
         if not _type_ok(value, self.type):
             raise OptionError(f"{label} = {value!r}: need {self.describe()}"
                               + (" (booleans are not numbers)" if isinstance(value, bool) else ""))
@@ -201,8 +211,8 @@ class Option:
             return float(value)
         if self.item is float:
             return [float(v) for v in value]
-        if self.sort and allowed is not None:
-            return sorted(value, key=allowed.index)
+        if self.sort:
+            return sorted(value, key=allowed.index) if allowed is not None else sorted(value)
         return value
 
     def from_text(self, text: str) -> Any:
@@ -262,10 +272,12 @@ class Job:
     input_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def describe(self) -> str:
+        """One line naming the job: analysis, model, task and shots, seed."""
         where = f" {self.task} {self.shots}-shot" if self.task is not None else ""
         return f"{self.analysis} {self.model}{where} seed {self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
+        """The job as JSON data (:meth:`from_dict` inverts it)."""
         out = {"analysis": self.analysis, "model": self.model, "seed": self.seed,
                "task": self.task, "shots": self.shots, "options": self.options}
         if self.input_options:
@@ -274,9 +286,11 @@ class Job:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Job":
+        """The job :meth:`to_dict` wrote."""
         return cls(**data)
 
     def record(self) -> "Analysis":
+        """The job's analysis (its registry record)."""
         return get_analysis(self.analysis)
 
     def inputs(self) -> dict[str, "Job"]:
@@ -288,7 +302,7 @@ class Job:
         """The tasks whose data this job reads (its task; a report's tasks)."""
         if self.task is not None:
             return [self.task]
-        return list(self.options.get("tasks", []))
+        return list(self.options.get("tasks") or [])
 
     def key_options(self) -> dict[str, Any]:
         """The options that determine the result (execution and output options left out)."""
@@ -296,7 +310,8 @@ class Job:
         return {k: v for k, v in self.options.items() if roles.get(k, "result") == "result"}
 
     def key(self, model_identity: Mapping[str, Any], version: str, *,
-            inputs: Sequence[str] = (), task_data: Mapping[str, str] | None = None) -> str:
+            inputs: Mapping[str, str] | None = None,
+            task_data: Mapping[str, str] | None = None) -> str:
         """The content address of this job's result: sha256 of the canonical JSON of what
         determines it.
 
@@ -304,9 +319,10 @@ class Job:
             model_identity: ``{"weights_sha256": ..., "tokenizer_sha256": ...}`` (the model's
                 name is left out: the same weights share results; other entries are ignored).
             version: mechicl's version.
-            inputs: the keys of the results this job reads.
+            inputs: the keys of the results this job reads, by input name.
             task_data: task name -> hash of the task's data, so that editing a task's examples
-                or template changes the key.
+                or template changes the key (only the job's own tasks count: the key of a job
+                without tasks does not depend on what else runs with it).
         """
         identity = {k: model_identity[k] for k in ("weights_sha256", "tokenizer_sha256")}
         payload: dict[str, Any] = {
@@ -314,8 +330,8 @@ class Job:
             "shots": self.shots, "seed": self.seed, "options": self.key_options(),
             "mechicl": version}
         if inputs:
-            payload["inputs"] = list(inputs)
-        if task_data:
+            payload["inputs"] = dict(inputs)
+        if task_data and self.task_names():
             payload["task_data"] = {name: task_data[name] for name in self.task_names()}
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
@@ -331,8 +347,8 @@ class Call:
         job: the job being run.
         task: the job's task (None for analyses that do not run per task).
         inputs: name -> loaded result of each input job.
-        provenance: name -> where each input came from (``key``, ``seconds`` it took,
-            ``status`` in this run: ``cached`` or ``computed``).
+        provenance: name -> where each input came from (its ``job``, ``key``, ``analysis``
+            and the ``seconds`` computing it took).
         progress: show progress bars.
     """
 
@@ -345,15 +361,18 @@ class Call:
 
     @property
     def options(self) -> dict[str, Any]:
+        """The job's complete options."""
         return self.job.options
 
     @property
     def shots(self) -> int:
+        """The job's shot count (analyses that run per task)."""
         assert self.job.shots is not None, "only analyses that run per task have shots"
         return self.job.shots
 
     @property
     def seed(self) -> int:
+        """The job's seed."""
         return self.job.seed
 
     def batch(self) -> dict[str, int]:
@@ -454,14 +473,29 @@ class Analysis:
 
     @property
     def cli_name(self) -> str:
+        """The command-line subcommand."""
         return self.command or self.name
 
     def option(self, name: str) -> Option:
+        """The option ``name`` (unknown names raise, listing the known ones)."""
         for o in self.options:
             if o.name == name:
                 return o
         raise OptionError(f"unknown option {self.name}.{name}; allowed: "
                           f"{sorted(o.name for o in self.options)}")
+
+    def variants(self, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """One option set per combination of the values of sweep options given as lists (the
+        command line's comma-separated values, a grid file's lists); the others unchanged.
+
+        >>> [v["method"] for v in get_analysis("importance").variants(
+        ...     {"method": ["bansal", "michel"], "n": 20})]
+        ['bansal', 'michel']
+        """
+        sweeps = {o.name for o in self.options if o.sweep and o.type is not list}
+        listed = {k: v for k, v in options.items() if k in sweeps and isinstance(v, list)}
+        return [{**options, **dict(zip(listed, combo, strict=True))}
+                for combo in itertools.product(*listed.values())]
 
     def defaults(self) -> dict[str, Any]:
         """Every option's default value."""
@@ -576,7 +610,8 @@ def options_table(analyses: Iterable[str] | None = None) -> list[dict[str, Any]]
             kind = f"list[{o.item.__name__}]" if o.type is list and o.item else o.type.__name__
             rows.append({"analysis": name, "command": spec.cli_name, "option": o.name,
                          "flag": "--" + o.name.replace("_", "-"), "type": kind,
-                         "default": o.default, "allowed": o.describe(), "role": o.role,
+                         "default": o.default, "allowed": o.describe(live=False),
+                         "role": o.role,
                          "sweep": o.sweep, "help": o.help})
     return rows
 

@@ -299,6 +299,7 @@ ATTRIBUTION = register_analysis(Analysis(
     # no batches to size: one forward + backward per pair (its exact input is sized as patching)
     run=_run, result_type=PatchResult, memory=None, inputs=_exact,
     sequence_length=pair_length, outputs=_outputs,
-    # exactly activation patching's options: the estimate is compared with that job's result
-    options=PATCHING.options,
+    # activation patching's options (its batch size aside: one backward pass per pair): the
+    # estimate is compared with that job's result
+    options=tuple(o for o in PATCHING.options if o.name != "batch_tokens"),
 ))

@@ -371,6 +371,8 @@ class EvalResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "EvalResult":
+        """Read a result written by :meth:`save`, verified
+        (:func:`~mechicl.results.read_result`)."""
         folder = read_result(path, "EvalResult")
         preds = folder.tables["predictions"]
         for column in preds.columns:  # parquet gives list columns back as numpy arrays

@@ -62,7 +62,7 @@ from mechicl.analyses.overlap import kendall, spearman, top_k_overlap
 from mechicl.inputs.tasks import Prompt, Task, build_prompts, load_task, resolve_prompts
 from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.model.masks import Ablation, ActivationMeans, Mask, mean_activations
-from mechicl.plotting import head_heatmap, layer_bars
+from mechicl.plotting import head_heatmap, kv_group_size, layer_bars
 from mechicl.results import HeadScores, LayerScores
 
 __all__ = ["IMPORTANCE_METHODS", "ffn_importance", "head_importance", "importance_prompts",
@@ -366,11 +366,10 @@ def _heads_outputs(pairs: Sequence[tuple[Job, HeadScores]], options: Mapping[str
             zmax = max(float(s.mean.max()) for s in group)
         else:  # token-normalised maps shrink with prompt length: one scale each by default
             zmin, zmax = min(0.0, float(scores.mean.min())), float(scores.mean.max())
-        shape = scores.model.get("shape") or {}
-        kv = shape.get("n_heads", 1) // shape.get("n_kv_heads", 1) if shape else 1
         figures[stem] = head_heatmap(scores, title=f"{task_slug(job.task)} {job.shots}-shot: "
                                      f"{method} importance", zmin=zmin, zmax=zmax,
-                                     kv_group_size=kv, colorbar_title="importance")
+                                     kv_group_size=kv_group_size(scores.model),
+                                     colorbar_title="importance")
         row = {"task": job.task, "shots": job.shots, "method": method, "n": scores.params["n"],
                "top_heads": " ".join(f"{a}.{b}" for a, b in scores.top_heads(5))}
         first = by_key.get((job.task, job.shots, first_method))

@@ -56,7 +56,7 @@ from mechicl.analyses._registry import (
 )
 from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.model.masks import Mask
-from mechicl.plotting import head_heatmap
+from mechicl.plotting import head_heatmap, kv_group_size
 from mechicl.results import HeadScores, read_result, result_type, write_result
 
 logger = logging.getLogger(__name__)
@@ -438,6 +438,8 @@ class ScanResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "ScanResult":
+        """Read a result written by :meth:`save`, verified
+        (:func:`~mechicl.results.read_result`)."""
         folder = read_result(path, "ScanResult")
         scores = {name: HeadScores.load(folder.part(name)) for name in folder.fields["scores"]}
         t = folder.tensors
@@ -711,8 +713,7 @@ def _outputs(pairs: Sequence[tuple[Job, ScanResult]], options: Mapping[str, Any]
     for job, scan in pairs:
         slug = job_stem(job)
         results[f"{slug}-scan"] = scan
-        shape = scan.model.get("shape") or {}
-        group = shape.get("n_heads", 1) // shape.get("n_kv_heads", 1) if shape else 1
+        group = kv_group_size(scan.model)
         for name, scores in scan.scores.items():
             figures[f"{slug}-{name}"] = head_heatmap(
                 scores, title=f"{slug}: {name.replace('_', ' ')}", kv_group_size=group)

@@ -357,6 +357,8 @@ class OverlapTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "OverlapTable":
+        """Read a result written by :meth:`save`, verified
+        (:func:`~mechicl.results.read_result`)."""
         folder = read_result(path, "OverlapTable")
         return cls(data=folder.tables["overlap"], params=folder.params, model=folder.model)
 
@@ -381,6 +383,11 @@ def _run(call: Call) -> OverlapTable:
     return OverlapTable(data=table, params=params, model=importance.model)
 
 
+def _check(options: dict[str, Any], tasks: Sequence[str], shots: Sequence[int]) -> None:
+    if options["top_k_percent"] <= 0:
+        raise ValueError(f"top_k_percent={options['top_k_percent']!r} must be in (0, 100]")
+
+
 def _outputs(pairs: Sequence[tuple[Job, OverlapTable]], options: Mapping[str, Any]) -> Outputs:
     return Outputs(results={job_stem(job, "overlap"): table for job, table in pairs},
                    rows=[row for _, table in pairs for row in table.data.to_dict("records")])
@@ -389,7 +396,7 @@ def _outputs(pairs: Sequence[tuple[Job, OverlapTable]], options: Mapping[str, An
 OVERLAP = register_analysis(Analysis(
     name="overlap", help="overlap between induction scores and a task's head importance",
     run=_run, result_type=OverlapTable, per_task=True, needs_model=False, memory=None,
-    inputs=_inputs, configured_by=("scan", "importance"), outputs=_outputs,
+    inputs=_inputs, configured_by=("scan", "importance"), outputs=_outputs, check=_check,
     options=(
         Option(name="top_k_percent", type=float, default=10.0, minimum=0, maximum=100,
                help="the 'top heads': this percentage of all heads"),

@@ -216,6 +216,8 @@ class PatchResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PatchResult":
+        """Read a result written by :meth:`save`, verified
+        (:func:`~mechicl.results.read_result`)."""
         folder = read_result(path, "PatchResult")
         t, f = folder.tensors, folder.fields
         return cls(target=f["target"], axes=tuple(f["axes"]), values=t["values"],
@@ -390,6 +392,7 @@ def _outputs(pairs: Sequence[tuple[Job, PatchResult]], options: Mapping[str, Any
 
 PAIR_OPTIONS: tuple[Option, ...] = (
     Option(name="prompts", type=str, default="ioi", choices=lambda: sorted(PAIR_GENERATORS),
+           registry="prompt-pair generator",
            help="prompt-pair generator (ioi, colored_objects, capitals, repeated_tokens, ...)"),
     Option(name="n", type=int, default=32, minimum=1, help="prompt pairs"),
     Option(name="metric", type=str, default="logit_diff", choices=METRICS,

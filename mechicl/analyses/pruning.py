@@ -183,6 +183,8 @@ class PruneCurve:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PruneCurve":
+        """Read a result written by :meth:`save`, verified
+        (:func:`~mechicl.results.read_result`)."""
         folder = read_result(path, "PruneCurve")
         return cls(data=folder.tables["curve"], params=folder.params, model=folder.model)
 
@@ -424,6 +426,11 @@ def _check(options: dict[str, Any], tasks: Sequence[str], shots: Sequence[int]) 
         parse_ranking(spec)
     for spec in options["ffn_rankings"]:
         parse_ranking(spec, heads=False)
+    for unit, key, percents in (("heads", "rankings", "percents"),
+                                ("FFNs", "ffn_rankings", "ffn_percents")):
+        if any(p > 0 for p in options[percents]) and not options[key] and not options["draws"]:
+            raise ValueError(f"{percents}={options[percents]} removes {unit}, but there is "
+                             f"nothing to order them by: give {key} or draws > 0")
 
 
 def _outputs(pairs: Sequence[tuple[Job, PruneCurve]], options: Mapping[str, Any]) -> Outputs:
@@ -438,7 +445,7 @@ def _outputs(pairs: Sequence[tuple[Job, PruneCurve]], options: Mapping[str, Any]
     return Outputs(results=results, figures=figures, rows=rows)
 
 
-PERCENT = dict(type=list, item=float, minimum=0, below=100, must_contain=0)
+PERCENT = dict(type=list, item=float, minimum=0, below=100, must_contain=0, sort=True)
 
 PRUNING = register_analysis(Analysis(
     name="pruning", command="prune",

@@ -48,7 +48,6 @@ floating-point rounding).
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import tomllib
 from collections.abc import Mapping
@@ -56,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mechicl.analyses._registry import ANALYSES, Analysis, Job, OptionError, get_analysis
+from mechicl.analyses import ANALYSES, Analysis, Job, OptionError, get_analysis
 from mechicl.experiments.checkpoints import hub_checkpoints, local_checkpoints
 from mechicl.inputs.tasks import TASKS
 from mechicl.model.loading import parse_bytes, placement_kwargs
@@ -124,16 +123,6 @@ def _axis_defaults(spec: Analysis, options: Mapping[str, Any], tasks: tuple[str,
     return out
 
 
-def _variants(spec: Analysis, options: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One option set per combination of the values of sweep options given as lists."""
-    sweeps = {o.name for o in spec.options if o.sweep and o.type is not list}
-    listed = {k: v for k, v in options.items() if k in sweeps and isinstance(v, list)}
-    out = []
-    for combo in itertools.product(*listed.values()):
-        out.append({**options, **dict(zip(listed, combo, strict=True))})
-    return out
-
-
 @dataclass(frozen=True)
 class Grid:
     """A parsed grid: the axes, the models (with load options and checkpoint sweeps) and the
@@ -163,7 +152,7 @@ class Grid:
                 cells = ([(t, s) for t in self.tasks for s in self.shots] if spec.per_task
                          else [(None, None)])
                 given = _axis_defaults(spec, self.analyses[analysis], self.tasks, self.shots)
-                for options in _variants(spec, given):
+                for options in spec.variants(given):
                     for task, shots in cells:
                         for seed in self.seeds:
                             out.append(spec.job(model, options, seed=seed, task=task,
@@ -193,7 +182,7 @@ def _check_options(name: str, options: Any, tasks: list[str], shots: list[int]) 
     if spec.per_task and not tasks:
         raise GridError(f"[analyses.{name}] runs per task: give grid.tasks = [...]")
     try:
-        for variant in _variants(spec, _axis_defaults(spec, options, tuple(tasks),
+        for variant in spec.variants(_axis_defaults(spec, options, tuple(tasks),
                                                       tuple(shots))):
             spec.resolve(variant, where=f"analyses.{name}", tasks=tasks, shots=shots)
     except OptionError as err:
@@ -316,7 +305,17 @@ def parse_grid(data: dict[str, Any], *, base: str | Path | None = None) -> Grid:
         if name not in ANALYSES:
             raise GridError(f"unknown analysis [analyses.{name}]; known: {sorted(ANALYSES)}")
         parsed[name] = _check_options(name, options, tasks, shots)
+    per_task = [a for a in parsed if get_analysis(a).per_task]
+    if per_task and "shots" not in grid:
+        raise GridError(f"[analyses.{per_task[0]}] runs per task and shot count: give "
+                        "grid.shots = [...] (e.g. [0, 1, 5])")
     for name in parsed:
+        for source in get_analysis(name).configured_by:
+            swept = [k for k, v in parsed.get(source, {}).items()
+                     if isinstance(v, list) and get_analysis(source).option(k).sweep]
+            if swept:
+                raise GridError(f"[analyses.{name}] compares the grid's own [analyses.{source}] "
+                                f"results: give one value of {source}.{swept[0]}, not a list")
         missing = [a for a in get_analysis(name).configured_by if a not in parsed]
         if missing:
             raise GridError(f"[analyses.{name}] compares the grid's own results: add "

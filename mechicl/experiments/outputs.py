@@ -14,7 +14,6 @@ the same ``--out``, ``mechicl report --reuse DIR`` and a report rebuilt from its
 work this way, also on a fresh clone without a store.
 """
 
-import itertools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -24,14 +23,13 @@ from typing import Any
 import pandas as pd
 
 from mechicl._io import atomic_write_text
-from mechicl.analyses._registry import Analysis, Job, Outputs, get_analysis, job_stem
+from mechicl.analyses import Analysis, Job, Outputs, get_analysis, job_stem
 from mechicl.experiments.grid import ModelEntry
-from mechicl.experiments.runner import LocalExecutor, job_keys, run_jobs
-from mechicl.experiments.store import ResultStore, default_store, write_index
+from mechicl.experiments.runner import LocalExecutor, run_jobs
+from mechicl.experiments.store import ResultStore, as_store, read_index, write_index
 from mechicl.inputs.tasks import TASK_FILE_SUFFIXES, register_task, task_from_file
-from mechicl.model.loading import load_model
 from mechicl.plotting import save_figure
-from mechicl.results import load_result
+from mechicl.results import ResultError
 
 __all__ = ["markdown_table", "run_analysis", "write_outputs"]
 
@@ -81,8 +79,15 @@ def write_outputs(spec: Analysis, done: Sequence[tuple[Job, Any, str, Mapping[st
         outputs = Outputs(results={job_stem(job, spec.name): r for job, r in pairs},
                           rows=[{"job": job.describe()} for job, _ in pairs])
     by_result = {id(result): (job, key, manifest) for job, result, key, manifest in done}
-    index = {}
+    try:  # earlier commands into the same folder stay indexed
+        index = {name: entry for name, entry in read_index(out / "results").items()
+                 if (out / "results" / name).is_dir()}
+    except ResultError:
+        index = {}
     for stem, result in outputs.results.items():
+        if id(result) not in by_result:
+            raise ValueError(f"{spec.name}'s outputs() gave results/{stem} a result that is not "
+                             "one of the jobs' results: it must return them as they are")
         result.save(out / "results" / stem)
         job, key, manifest = by_result[id(result)]
         index[stem] = {"key": key, "job": job.to_dict(), "seconds": manifest.get("seconds"),
@@ -140,28 +145,18 @@ def run_analysis(
              else [(None, None)])
     if spec.per_task and not tasks:
         raise ValueError(f"{spec.cli_name} runs per task: give tasks")
-    sweeps = {o.name for o in spec.options if o.sweep}
-    listed = {k: v for k, v in run_options.items() if k in sweeps and isinstance(v, list)}
-    jobs = []
-    for combo in itertools.product(*listed.values()):
-        variant = {**run_options, **dict(zip(listed, combo, strict=True))}
-        for task, k in cells:
-            jobs.append(spec.job(model, variant, seed=seed, task=task, shots=k))
-    store = store if isinstance(store, ResultStore) else ResultStore(store or default_store())
+    jobs = [spec.job(model, variant, seed=seed, task=task, shots=k)
+            for variant in spec.variants(run_options) for task, k in cells]
+    store = as_store(store)
     entry = ModelEntry(name=model, spec=model, load=dict(load or {}), memory_budget=memory_budget)
-    loaded = {}
-    if force:  # the keys need the model's identity
-        loaded[model] = load_model(model, **dict(load or {}))
-        for _, key in job_keys(jobs, loaded[model].info()):
-            store.discard(key)
     summary = run_jobs(jobs, store, entries={model: entry},
-                       executor=LocalExecutor(models=loaded, progress=progress),
-                       progress=progress, seed_from=[] if force or out is None else [out])
+                       executor=LocalExecutor(progress=progress), progress=progress,
+                       seed_from=[] if out is None else [out], force=force)
     summary.raise_first()
     done = []
-    for job, row in zip(jobs, summary.jobs, strict=False):
+    for job, row in zip(jobs, summary.asked_rows(), strict=True):
         stored = store.get(row["key"])
-        done.append((job, load_result(stored.result_path), row["key"], stored.manifest))
+        done.append((job, stored.load(), row["key"], stored.manifest))
     if out is None:
         pairs = [(job, result) for job, result, _, _ in done]
         outputs = spec.outputs(pairs, given) if spec.outputs else Outputs()

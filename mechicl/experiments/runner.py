@@ -50,44 +50,32 @@ from tqdm.auto import tqdm
 
 from mechicl._io import atomic_write_text
 from mechicl._version import __version__
-from mechicl.analyses._registry import Call, Job
+from mechicl.analyses import Call, Job
 from mechicl.experiments.checkpoints import Checkpoint, checkpoint_table
 from mechicl.experiments.grid import Grid, ModelEntry, task_digest
 from mechicl.experiments.memory import batch_tokens_for_budget
-from mechicl.experiments.store import ResultStore, default_store, read_index
+from mechicl.experiments.store import (
+    ResultStore,
+    as_store,
+    read_index,
+    read_tree,
+    write_tree,
+)
 from mechicl.inputs.tasks import TASKS, Task, load_task, register_task
 from mechicl.model.loading import BUILTIN_MODELS, cache_dir, load_model
 from mechicl.plotting import checkpoint_figure, save_figure
 from mechicl.results import ResultError, load_result, read_result
 
-__all__ = ["EXECUTORS", "LocalExecutor", "ModelWorker", "RayExecutor", "RunSummary", "compute",
-           "grid_results", "job_keys", "job_result", "model_fingerprint", "run_grid",
+__all__ = ["EXECUTORS", "LocalExecutor", "ModelWorker", "RayExecutor", "RunSummary",
+           "compute", "grid_results", "job_keys", "job_result", "model_fingerprint", "run_grid",
            "run_jobs", "sized_job", "sweep_tables", "write_run_outputs"]
 
 log = logging.getLogger(__name__)
 
 
-def _version() -> str:
-    return __version__
-
-
 # --------------------------------------------------------------------------------------------
 # Workers: load one model, run its jobs, return results as bytes
 # --------------------------------------------------------------------------------------------
-
-
-def _read_tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _write_tree(root: Path, files: Mapping[str, bytes]) -> None:
-    for rel, data in files.items():
-        dest = (root / rel).resolve()
-        if not dest.is_relative_to(root.resolve()):
-            raise ValueError(f"result file {rel!r} escapes its folder")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
 
 
 def sized_job(model: Any, job: Job, task: Task | None, budget: str | int | None) -> Job:
@@ -159,9 +147,7 @@ class ModelWorker:
         """``{"weights_sha256", "tokenizer_sha256", "info"}`` of the loaded model."""
         model = self.model()
         with self._threads():
-            info = model.info()
-        return {"weights_sha256": info["weights_sha256"],
-                "tokenizer_sha256": info["tokenizer_sha256"], "info": info}
+            return _identity(model.info())
 
     def run(self, job: dict[str, Any], tasks: dict[str, Task],
             inputs: dict[str, dict[str, bytes]] | None = None,
@@ -179,13 +165,11 @@ class ModelWorker:
         with self._threads(), tempfile.TemporaryDirectory(prefix="mechicl-job-") as tmp:
             loaded = {}
             for name, files in (inputs or {}).items():
-                _write_tree(Path(tmp) / "inputs" / name, files)
-                loaded[name] = load_result(Path(tmp) / "inputs" / name)
+                write_tree(Path(tmp) / name, files)
+                loaded[name] = load_result(Path(tmp) / name)
             threads = torch.get_num_threads()
-            result = compute(job_obj, model=model, tasks=tasks, inputs=loaded,
-                             provenance=provenance, progress=self.progress)
-            result.save(Path(tmp) / "result")
-            files = _read_tree(Path(tmp) / "result")
+            files = _result_files(compute(job_obj, model=model, tasks=tasks, inputs=loaded,
+                                          provenance=provenance, progress=self.progress))
         return {"files": files, "seconds": round(time.perf_counter() - start, 3),
                 "batch_tokens": job_obj.options.get("batch_tokens"), "threads": threads,
                 "host": socket.gethostname()}
@@ -203,12 +187,23 @@ class Executor(Protocol):
     name: str
     slots: int  # models worked on at once
 
-    def open(self, entry: ModelEntry) -> Any: ...
-    def submit(self, worker: Any, method: str, *args: Any) -> Any: ...
-    def wait(self, futures: list[Any]) -> list[Any]: ...
-    def result(self, future: Any) -> Any: ...
-    def close(self, worker: Any) -> None: ...
-    def shutdown(self) -> None: ...
+    def open(self, entry: ModelEntry) -> Any:
+        """A worker for the model ``entry`` (it loads the model when first needed)."""
+
+    def submit(self, worker: Any, method: str, *args: Any) -> Any:
+        """Call ``worker.method(*args)``; a future of its value."""
+
+    def wait(self, futures: list[Any]) -> list[Any]:
+        """Some of ``futures`` that are done (at least one)."""
+
+    def result(self, future: Any) -> Any:
+        """A done future's value (its exception is raised)."""
+
+    def close(self, worker: Any) -> None:
+        """Release a worker and its model."""
+
+    def shutdown(self) -> None:
+        """Release what the executor started (e.g. a local Ray)."""
 
 
 @dataclass(eq=False)
@@ -372,6 +367,8 @@ class RunSummary:
             ``cached`` (found in the store), ``computed``, ``failed``, or ``skipped`` (read
             only by jobs that were stored already); the jobs asked for come first (``asked``
             True), then the jobs they read.
+        asked: for each job passed to :func:`run_jobs`, in order, the index of its row in
+            ``jobs`` (a job passed twice has one row).
         errors: job description -> error message.
         exceptions: job description (or model) -> the exception (the first per job), to
             re-raise where a caller wants the error itself.
@@ -381,6 +378,7 @@ class RunSummary:
     """
 
     jobs: list[dict[str, Any]] = field(default_factory=list)
+    asked: list[int] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     exceptions: dict[str, BaseException] = field(default_factory=dict, repr=False)
     seconds: float = 0.0
@@ -388,11 +386,17 @@ class RunSummary:
     store: str = ""
 
     def table(self) -> pd.DataFrame:
+        """One row per job: analysis, model, task, shots, seed, key, status, seconds, asked."""
         return pd.DataFrame(self.jobs, columns=["analysis", "model", "task", "shots", "seed",
                                                 "key", "status", "seconds", "asked"])
 
+    def asked_rows(self) -> list[dict[str, Any]]:
+        """The rows of the jobs passed to :func:`run_jobs`, in their order."""
+        return [self.jobs[i] for i in self.asked]
+
     @property
     def counts(self) -> dict[str, int]:
+        """How many jobs ended in each status."""
         out = {"cached": 0, "computed": 0, "failed": 0}
         for row in self.jobs:
             out[row["status"]] = out.get(row["status"], 0) + 1
@@ -400,6 +404,7 @@ class RunSummary:
 
     @property
     def ok(self) -> bool:
+        """No job failed."""
         return not self.errors
 
     def raise_first(self) -> None:
@@ -411,47 +416,74 @@ class RunSummary:
             raise RuntimeError(f"{job}: {message}")
 
 
-def _manifest(job: Job, entry: ModelEntry, identity: dict[str, Any], executor: str,
-              seconds: float, inputs: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+def _identity(info: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's identity for keys: its weights and tokenizer hashes, and its info."""
+    return {"weights_sha256": info["weights_sha256"],
+            "tokenizer_sha256": info["tokenizer_sha256"], "info": dict(info)}
+
+
+def _manifest(job: Job, entry: ModelEntry | None, identity: Mapping[str, Any], executor: str,
+              seconds: float | None, inputs: list[str], extra: Mapping[str, Any]
+              ) -> dict[str, Any]:
     info = identity.get("info", {})
     return {
         "job": job.to_dict(),
         "kind": job.analysis,
-        "model": {"weights_sha256": identity["weights_sha256"],
-                  "tokenizer_sha256": identity["tokenizer_sha256"],
+        "model": {"weights_sha256": identity.get("weights_sha256"),
+                  "tokenizer_sha256": identity.get("tokenizer_sha256"),
                   **{k: info.get(k) for k in ("name", "hf_id", "source", "dtype", "shape",
                                                   "versions")}},
-        "entry": entry.to_dict(), "inputs": inputs, "mechicl": _version(),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "entry": entry.to_dict() if entry is not None else None, "inputs": inputs,
+        "mechicl": __version__, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": seconds, "executor": executor, **extra,
     }
+
+
+def _result_files(result: Any) -> dict[str, bytes]:
+    """A result's folder as ``{relative path: bytes}`` (saved in a temporary folder)."""
+    with tempfile.TemporaryDirectory(prefix="mechicl-result-") as tmp:
+        result.save(Path(tmp) / "result")
+        return read_tree(Path(tmp) / "result")
 
 
 def _job_id(job: Job) -> str:
     return json.dumps(job.to_dict(), sort_keys=True, default=str)
 
 
-def _with_inputs(jobs: Sequence[Job]) -> tuple[list[Job], list[dict[str, int]], int]:
-    """``jobs`` followed by every job they read (recursively, each once), the index of each
-    job's inputs, and how many of the jobs were asked for."""
+def _with_inputs(jobs: Sequence[Job]) -> tuple[list[Job], list[dict[str, int]], list[int]]:
+    """The jobs asked for (each once, in order), then every job they read (recursively, each
+    once); the index of each job's inputs; the index of each asked job."""
     out: list[Job] = []
     index: dict[str, int] = {}
-    deps: list[dict[str, int]] = []
 
-    def add(job: Job) -> int:
+    def place(job: Job) -> tuple[int, bool]:
         key = _job_id(job)
         if key in index:
-            return index[key]
-        i = len(out)
-        index[key] = i
+            return index[key], False
+        index[key] = len(out)
         out.append(job)
-        deps.append({})
-        deps[i] = {name: add(dep) for name, dep in job.inputs().items()}
-        return i
+        return index[key], True
 
-    for job in jobs:
-        add(job)
-    return out, deps, len(jobs)
+    asked = [place(job)[0] for job in jobs]
+    deps: list[dict[str, int]] = []
+    i = 0
+    while i < len(out):  # breadth first: inputs after the jobs that read them
+        deps.append({name: place(dep)[0] for name, dep in out[i].inputs().items()})
+        i += 1
+    return out, deps, asked
+
+
+def _key(i: int, jobs: Sequence[Job], deps: Sequence[Mapping[str, int]],
+         keys: list[str | None], identity: Mapping[str, Any],
+         task_data: Mapping[str, str]) -> str:
+    """The key of ``jobs[i]`` (its inputs' keys first), memoised in ``keys``."""
+    if keys[i] is None:
+        inputs = {name: _key(d, jobs, deps, keys, identity, task_data)
+                  for name, d in deps[i].items()}
+        keys[i] = jobs[i].key(identity, __version__, inputs=inputs, task_data=task_data)
+    key = keys[i]
+    assert key is not None
+    return key
 
 
 @dataclass
@@ -471,23 +503,29 @@ class _Run:
 
     def __init__(self, jobs: Sequence[Job], entries: Mapping[str, ModelEntry],
                  store: ResultStore, executor: Any, progress: bool,
-                 seed_from: Sequence[str | os.PathLike[str]] = ()):
-        self.store, self.executor = store, executor
-        self.seeds = _seed_index(seed_from)
-        self.version = _version()
-        self.jobs, self.deps, self.n_asked = _with_inputs(jobs)
+                 seed_from: Sequence[str | os.PathLike[str]] = (), force: bool = False):
+        self.store, self.executor, self.force = store, executor, force
+        self.seeds = {} if force else _seed_index(seed_from)
+        self.jobs, self.deps, self.asked = _with_inputs(jobs)
+        self.readers: list[list[int]] = [[] for _ in self.jobs]  # jobs reading each job
+        for i, deps in enumerate(self.deps):
+            for d in deps.values():
+                self.readers[d].append(i)
         names = sorted({t for job in self.jobs for t in job.task_names()})
         # Workers get the tasks' data, not only their names: tasks registered in this process
         # (or edited) reach Ray workers, and the data's hash is part of every key.
         self.tasks = {name: load_task(name) for name in names}
         self.task_data = {name: task_digest(task) for name, task in self.tasks.items()}
+        asked = set(self.asked)
         self.rows = [{"analysis": j.analysis, "model": j.model, "task": j.task,
                       "shots": j.shots, "seed": j.seed, "key": None, "status": "pending",
-                      "seconds": None, "asked": i < self.n_asked}
+                      "seconds": None, "asked": i in asked}
                      for i, j in enumerate(self.jobs)]
         self.keys: list[str | None] = [None] * len(self.jobs)
+        self.fresh: set[str] = set()  # keys computed by this run
         self.submitted = [False] * len(self.jobs)
-        self.summary = RunSummary(executor=executor.name, store=str(store.root))
+        self.summary = RunSummary(asked=list(self.asked), executor=executor.name,
+                                  store=str(store.root))
         self.plans: dict[str, _ModelPlan] = {}
         for i, job in enumerate(self.jobs):
             entry = entries.get(job.model) or ModelEntry(name=job.model, spec=job.model)
@@ -495,10 +533,12 @@ class _Run:
         # key -> jobs of other models waiting for it: models with identical weights (e.g. two
         # checkpoints) share keys, and each key is computed once even when they run in parallel
         self.in_flight: dict[str, list[int]] = {}
-        self.owner: dict[str, int] = {}  # key in flight -> the job computing it
+        self.owner: dict[str, int] = {}  # key being computed -> the job computing it
         self.waiting: deque[_ModelPlan] = deque()
         self.open: list[_ModelPlan] = []
         self.active: dict[Any, tuple[str, _ModelPlan, int | None]] = {}  # future -> call
+        self.scheduling = False
+        self.again = False
         self.bar = tqdm(total=len(self.jobs), desc="jobs", disable=not progress, unit="job")
 
     # ---- bookkeeping ------------------------------------------------------------------------
@@ -512,20 +552,19 @@ class _Run:
             self.summary.errors[self.jobs[i].describe()] = error
         self.bar.update(1)
         if state == "failed":  # whatever reads this job fails too
-            for j, deps in enumerate(self.deps):
-                if i in deps.values():
-                    self.finish(j, "failed", error=f"an input failed ({self.jobs[i].describe()})")
+            for j in self.readers[i]:
+                self.finish(j, "failed", error=f"an input failed ({self.jobs[i].describe()})")
 
     def assign_keys(self, plan: _ModelPlan) -> None:
         """Keys of the plan's jobs, inputs first; stored ones are settled."""
         for i in plan.jobs:
             self.keys[i] = _key(i, self.jobs, self.deps, self.keys, plan.identity or {},
-                                self.version, self.task_data)
+                                self.task_data)
             self.rows[i]["key"] = self.keys[i]
         for i in plan.jobs:
             k = self.keys[i]
             assert k is not None
-            if self.stored(k, self.jobs[i]) or self.narrowed(plan, i):
+            if not self.force and self.stored(k, self.jobs[i]) or self.narrowed(plan, i):
                 self.finish(i, "cached")
             elif k in self.owner and self.owner[k] != i:  # another model computes it
                 self.in_flight.setdefault(k, []).append(i)
@@ -544,8 +583,12 @@ class _Run:
                     needed.add(d)
                     stack.append(d)
         for i in plan.jobs:
-            if self.rows[i]["status"] == "pending" and i not in needed:
-                self.finish(i, "skipped")
+            k = self.keys[i]
+            if self.rows[i]["status"] != "pending" or i in needed or self.in_flight.get(k):
+                continue  # (another model waits for this key: it is computed for that one)
+            if self.owner.get(k) == i:  # let another model compute the key if it needs it
+                del self.owner[k]
+            self.finish(i, "skipped")
 
     def stored(self, key: str, job: Job) -> bool:
         """``key`` is in the store, or in a seed folder (then verified and copied in)."""
@@ -559,18 +602,23 @@ class _Run:
         except ResultError as err:
             log.warning("not reusing %s: %s", path, err)
             return False
-        manifest = {"job": job.to_dict(), "kind": job.analysis, "model": folder.model,
-                    "inputs": [], "mechicl": _version(),
-                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "seconds": entry.get("seconds"), "executor": "imported",
-                    "imported_from": str(path)}
-        self.store.put_folder(key, manifest, path)
+        if folder.kind != job.record().result_type.__name__:
+            log.warning("not reusing %s: it holds a %s, %s gives a %s", path, folder.kind,
+                        job.analysis, job.record().result_type.__name__)
+            return False
+        identity = {"weights_sha256": folder.model.get("weights_sha256"),
+                    "tokenizer_sha256": folder.model.get("tokenizer_sha256"),
+                    "info": folder.model}
+        self.store.put_folder(key, _manifest(
+            job, None, identity, "imported", entry.get("seconds"), [],
+            {"imported_from": str(path)}), path)
         log.info("reusing %s", path)
         return True
 
     def narrowed(self, plan: _ModelPlan, i: int) -> bool:
         """Job ``i``'s result from a stored result of the same analysis computed for more
-        values of its ``narrow_option`` (a scan of more scores), if there is one."""
+        values of its ``narrow_option`` (a scan of more scores), if there is one (with
+        ``force``, only one computed by this run)."""
         job = self.jobs[i]
         spec = job.record()
         if spec.narrow_option is None or spec.narrow is None:
@@ -578,23 +626,20 @@ class _Run:
         option = spec.option(spec.narrow_option)
         values = list(job.options[option.name])
         extra = [v for v in option.allowed() or [] if v not in values]
-        inputs = [self.keys[d] for d in self.deps[i].values()]
+        inputs = {name: self.keys[d] for name, d in self.deps[i].items()}
         for size in range(1, len(extra) + 1):
             for more in itertools.combinations(extra, size):
                 wider = dataclasses.replace(job, options={
                     **job.options, option.name: option.check(values + list(more))})
-                key = wider.key(plan.identity or {}, self.version, inputs=inputs,
+                key = wider.key(plan.identity or {}, __version__, inputs=inputs,
                                 task_data=self.task_data)
-                if not self.stored(key, wider):
+                if (key not in self.fresh) if self.force else not self.stored(key, wider):
                     continue
-                stored = self.store.get(key)
-                result = spec.narrow(load_result(stored.result_path), values)
-                with tempfile.TemporaryDirectory(prefix="mechicl-narrow-") as tmp:
-                    result.save(Path(tmp) / "result")
-                    files = _read_tree(Path(tmp) / "result")
+                result = spec.narrow(self.store.get(key).load(), values)
                 self.store.put(self.keys[i], _manifest(
-                    job, plan.entry, plan.identity or {}, "driver", 0.0, inputs,
-                    {"narrowed_from": key, "host": socket.gethostname()}), files)
+                    job, plan.entry, plan.identity or {}, "driver", 0.0, list(inputs.values()),
+                    {"narrowed_from": key, "host": socket.gethostname()}),
+                    _result_files(result))
                 return True
         return False
 
@@ -602,19 +647,6 @@ class _Run:
         """All inputs of job ``i`` are stored."""
         return all(self.rows[d]["status"] in ("cached", "computed")
                    for d in self.deps[i].values())
-
-    def input_files(self, i: int) -> dict[str, dict[str, bytes]]:
-        return {name: self.store.get(self.keys[d]).files() for name, d in self.deps[i].items()}
-
-    def provenance(self, i: int) -> dict[str, dict[str, Any]]:
-        """Where each input of job ``i`` came from: key, seconds, status in this run."""
-        out = {}
-        for name, d in self.deps[i].items():
-            manifest = self.store.get(self.keys[d]).manifest
-            out[name] = {"key": self.keys[d], "seconds": manifest.get("seconds"),
-                         "created": manifest.get("created"), "status": self.rows[d]["status"],
-                         "analysis": self.jobs[d].analysis}
-        return out
 
     def wider_pending(self, i: int) -> bool:
         """Another job of this run computes a wider result that answers job ``i`` (a scan
@@ -624,45 +656,66 @@ class _Run:
         if name is None:
             return False
         mine = set(job.options[name])
-        rest = {k: v for k, v in job.options.items() if k != name}
+        rest = {k: v for k, v in job.key_options().items() if k != name}
         for j, other in enumerate(self.jobs):
             if (j != i and self.rows[j]["status"] == "pending" and other.model == job.model
                     and other.analysis == job.analysis and other.seed == job.seed
                     and other.task == job.task and other.shots == job.shots
                     and set(other.options[name]) > mine
-                    and {k: v for k, v in other.options.items() if k != name} == rest):
+                    and {k: v for k, v in other.key_options().items() if k != name} == rest):
                 return True
         return False
 
-    def schedule(self, plan: _ModelPlan) -> None:
-        """Submit the plan's ready model jobs to its worker; compute its ready derived jobs."""
-        for i in plan.jobs:
-            job, k = self.jobs[i], self.keys[i]
-            if (self.rows[i]["status"] != "pending" or self.submitted[i] or k is None
-                    or self.owner.get(k) != i or not self.ready(i) or self.wider_pending(i)):
-                continue
-            if self.narrowed(plan, i):  # a wider result was computed meanwhile
-                self.done_key(i, cached=True)
-                continue
-            if not job.record().needs_model:
-                self.submitted[i] = True
-                self.derive(plan, i)
-            elif plan.worker is not None:
-                self.submitted[i] = True
-                self.call("run", plan, i)
+    def runnable(self, plan: _ModelPlan) -> list[int]:
+        """The plan's jobs that can start now: pending, computed by this plan, not started,
+        inputs stored, no wider job of this run pending."""
+        return [i for i in plan.jobs
+                if self.rows[i]["status"] == "pending" and not self.submitted[i]
+                and self.keys[i] is not None and self.owner.get(self.keys[i]) == i
+                and self.ready(i) and not self.wider_pending(i)]
+
+    def schedule(self) -> None:
+        """Start what can start: derived jobs on this process, model jobs on their open
+        workers. Re-entrant calls (a derived job finishing) only ask for another pass, so the
+        stack stays flat however many jobs finish."""
+        if self.scheduling:
+            self.again = True
+            return
+        self.scheduling = True
+        try:
+            self.again = True
+            while self.again:
+                self.again = False
+                for plan in self.plans.values():
+                    if plan.identity is None:
+                        continue
+                    for i in self.runnable(plan):
+                        if self.narrowed(plan, i):  # a wider result was computed meanwhile
+                            self.done_key(i, cached=True)
+                        elif not self.jobs[i].record().needs_model:
+                            self.submitted[i] = True
+                            self.derive(plan, i)
+                        elif plan.worker is not None:
+                            self.submitted[i] = True
+                            self.call("run", plan, i)
+        finally:
+            self.scheduling = False
+
+    def put(self, i: int, manifest: dict[str, Any], files: dict[str, bytes]) -> None:
+        key = self.keys[i]
+        assert key is not None
+        self.store.put(key, manifest, files, replace=self.force)
+        self.fresh.add(key)
 
     def derive(self, plan: _ModelPlan, i: int) -> None:
         """Compute a job that needs no model (``overlap``, ``report``) on this process."""
         job = self.jobs[i]
         start = time.perf_counter()
         try:
-            with tempfile.TemporaryDirectory(prefix="mechicl-derive-") as tmp:
-                loaded = {name: load_result(self.store.get(self.keys[d]).result_path)
-                          for name, d in self.deps[i].items()}
-                result = compute(job, model=None, tasks=self.tasks, inputs=loaded,
-                                 provenance=self.provenance(i))
-                result.save(Path(tmp) / "result")
-                files = _read_tree(Path(tmp) / "result")
+            loaded = {name: self.store.get(self.keys[d]).load()
+                      for name, d in self.deps[i].items()}
+            files = _result_files(compute(job, model=None, tasks=self.tasks, inputs=loaded,
+                                          provenance=self.provenance(i)))
         except Exception as err:  # noqa: BLE001 - reported, the run goes on
             log.info("%s failed", job.describe(), exc_info=True)
             self.summary.exceptions.setdefault(job.describe(), err)
@@ -670,9 +723,8 @@ class _Run:
             return
         seconds = round(time.perf_counter() - start, 3)
         inputs = [self.keys[d] for d in self.deps[i].values()]
-        self.store.put(self.keys[i], _manifest(job, plan.entry, plan.identity or {}, "driver",
-                                               seconds, inputs, {"host": socket.gethostname()}),
-                       files)
+        self.put(i, _manifest(job, plan.entry, plan.identity or {}, "driver", seconds, inputs,
+                              {"host": socket.gethostname()}), files)
         self.done_key(i, seconds=seconds)
 
     def done_key(self, i: int, *, seconds: float | None = None, error: str | None = None,
@@ -688,9 +740,19 @@ class _Run:
                             f"{self.jobs[i].model} failed: {error}")
             else:
                 self.finish(j, "cached")
-        for plan in self.plans.values():
-            if plan.identity is not None:
-                self.schedule(plan)
+        self.schedule()
+
+    def input_files(self, i: int) -> dict[str, dict[str, bytes]]:
+        return {name: self.store.get(self.keys[d]).files() for name, d in self.deps[i].items()}
+
+    def provenance(self, i: int) -> dict[str, dict[str, Any]]:
+        """Where each input of job ``i`` came from: its job, key and the seconds it took."""
+        out = {}
+        for name, d in self.deps[i].items():
+            manifest = self.store.get(self.keys[d]).manifest
+            out[name] = {"key": self.keys[d], "job": self.jobs[d].to_dict(),
+                         "seconds": manifest.get("seconds"), "analysis": self.jobs[d].analysis}
+        return out
 
     # ---- workers ----------------------------------------------------------------------------
 
@@ -704,25 +766,42 @@ class _Run:
         plan.outstanding += 1
         self.active[future] = (kind, plan, i)
 
-    def needs_worker(self, plan: _ModelPlan) -> bool:
+    def has_work(self, plan: _ModelPlan) -> bool:
+        """The plan's model must be loaded: to learn its identity, or to run a job now."""
+        return plan.identity is None or any(
+            self.jobs[i].record().needs_model for i in self.runnable(plan))
+
+    def has_pending(self, plan: _ModelPlan) -> bool:
         return any(self.rows[i]["status"] == "pending" and self.jobs[i].record().needs_model
                    and self.owner.get(self.keys[i]) == i for i in plan.jobs)
 
     def open_next(self) -> None:
-        while self.waiting and len(self.open) < self.executor.slots:
+        """Open models that have work, as many as the executor runs at once; a model whose
+        jobs wait for another model's results stays queued."""
+        for _ in range(len(self.waiting)):
+            if len(self.open) >= self.executor.slots:
+                return
             plan = self.waiting.popleft()
+            if not self.has_work(plan):
+                self.waiting.append(plan)
+                continue
             plan.worker = self.executor.open(plan.entry)
             self.open.append(plan)
             if plan.identity is None:
                 self.call("identity", plan)
             else:
-                self.schedule(plan)
+                self.schedule()
 
     def close_idle(self, plan: _ModelPlan) -> None:
-        if plan.outstanding == 0 and plan in self.open and not self.needs_worker(plan):
-            self.executor.close(plan.worker)
-            plan.worker = None
-            self.open.remove(plan)
+        """Release a model with nothing running and nothing to start (queued again if it
+        still has jobs waiting for other models' results)."""
+        if plan.outstanding or plan not in self.open or self.has_work(plan):
+            return
+        self.executor.close(plan.worker)
+        plan.worker = None
+        self.open.remove(plan)
+        if self.has_pending(plan) and plan not in self.waiting:
+            self.waiting.append(plan)
 
     def on_result(self, kind: str, plan: _ModelPlan, i: int | None, value: Any) -> None:
         if kind == "identity":
@@ -730,15 +809,14 @@ class _Run:
             if plan.fingerprint:
                 self.store.remember_identity(plan.fingerprint, value)
             self.assign_keys(plan)
-            self.schedule(plan)
+            self.schedule()
             return
         assert i is not None
         job = self.jobs[i]
         extra = {k: value[k] for k in ("batch_tokens", "threads", "host")}
         inputs = [self.keys[d] for d in self.deps[i].values()]
-        self.store.put(self.keys[i], _manifest(job, plan.entry, plan.identity or {},
-                                               self.executor.name, value["seconds"], inputs,
-                                               extra), value["files"])
+        self.put(i, _manifest(job, plan.entry, plan.identity or {}, self.executor.name,
+                              value["seconds"], inputs, extra), value["files"])
         self.done_key(i, seconds=value["seconds"])
 
     def on_error(self, kind: str, plan: _ModelPlan, i: int | None, err: Exception) -> None:
@@ -756,25 +834,22 @@ class _Run:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def run(self) -> "RunSummary":
+    def run(self) -> RunSummary:
         start = time.perf_counter()
         # Models whose identity is remembered: settle what is cached without loading them.
         loaded = getattr(self.executor, "models", {})
         for plan in self.plans.values():
             if plan.entry.name in loaded:  # given loaded: its identity is at hand
-                info = loaded[plan.entry.name].info()
-                plan.identity = {"weights_sha256": info["weights_sha256"],
-                                 "tokenizer_sha256": info["tokenizer_sha256"], "info": info}
+                plan.identity = _identity(loaded[plan.entry.name].info())
             else:
                 plan.fingerprint = model_fingerprint(plan.entry)
             if plan.fingerprint:
                 plan.identity = self.store.remembered_identity(plan.fingerprint)
             if plan.identity is not None:
                 self.assign_keys(plan)
-                self.schedule(plan)  # derived jobs whose inputs are stored
-                if not self.needs_worker(plan):
-                    continue
-            self.waiting.append(plan)
+        self.schedule()  # derived jobs whose inputs are stored
+        self.waiting.extend(p for p in self.plans.values()
+                            if p.identity is None or self.has_pending(p))
         try:
             self.open_next()
             while self.active:
@@ -803,19 +878,6 @@ class _Run:
         return self.summary
 
 
-def _key(i: int, jobs: Sequence[Job], deps: Sequence[Mapping[str, int]],
-         keys: list[str | None], identity: Mapping[str, Any], version: str,
-         task_data: Mapping[str, str]) -> str:
-    """The key of ``jobs[i]`` (its inputs' keys first), memoised in ``keys``."""
-    if keys[i] is None:
-        inputs = [_key(d, jobs, deps, keys, identity, version, task_data)
-                  for d in deps[i].values()]
-        keys[i] = jobs[i].key(identity, version, inputs=inputs, task_data=task_data)
-    key = keys[i]
-    assert key is not None
-    return key
-
-
 def job_keys(jobs: Sequence[Job], identity: Mapping[str, Any]) -> list[tuple[Job, str]]:
     """Every job of ``jobs`` and of what they read (as :func:`run_jobs` runs them) with its key
     for a model of ``identity`` (``weights_sha256``, ``tokenizer_sha256``)."""
@@ -823,7 +885,7 @@ def job_keys(jobs: Sequence[Job], identity: Mapping[str, Any]) -> list[tuple[Job
     tasks = {name: task_digest(load_task(name))
              for name in sorted({t for job in closure for t in job.task_names()})}
     keys: list[str | None] = [None] * len(closure)
-    return [(job, _key(i, closure, deps, keys, identity, _version(), tasks))
+    return [(job, _key(i, closure, deps, keys, identity, tasks))
             for i, job in enumerate(closure)]
 
 
@@ -847,7 +909,8 @@ def _seed_index(folders: Sequence[str | os.PathLike[str]]
 def run_jobs(jobs: Sequence[Job], store: ResultStore | str | os.PathLike[str] | None = None,
              *, entries: Mapping[str, ModelEntry] | None = None, executor: str | Any = "local",
              progress: bool = True, executor_options: dict[str, Any] | None = None,
-             seed_from: Sequence[str | os.PathLike[str]] = ()) -> "RunSummary":
+             seed_from: Sequence[str | os.PathLike[str]] = (), force: bool = False
+             ) -> RunSummary:
     """Run every job (and every job they read) that is not in ``store`` yet.
 
     Each model's identity comes from the store (remembered by file fingerprint) or from
@@ -867,13 +930,15 @@ def run_jobs(jobs: Sequence[Job], store: ResultStore | str | os.PathLike[str] | 
         seed_from: output or report folders whose results (``results/index.json``) may be
             used instead of computing: copied into the store after their checksums are
             verified.
+        force: compute every job again; each new result replaces the stored one when it is
+            committed (a failed job leaves the old result in place).
 
     Returns:
         A :class:`RunSummary`: every job with its key and status (the jobs asked for first,
         then the inputs they read); failed jobs are listed in ``errors`` (the others still
         run).
     """
-    store = store if isinstance(store, ResultStore) else ResultStore(store or default_store())
+    store = as_store(store)
     if isinstance(executor, str):
         if executor not in EXECUTORS:
             raise ValueError(f"unknown executor {executor!r}; choose one of {sorted(EXECUTORS)}")
@@ -881,12 +946,12 @@ def run_jobs(jobs: Sequence[Job], store: ResultStore | str | os.PathLike[str] | 
     elif executor_options:
         raise ValueError("executor_options only apply when the executor is given by name")
     store.clean_tmp()
-    return _Run(jobs, dict(entries or {}), store, executor, progress, seed_from).run()
+    return _Run(jobs, dict(entries or {}), store, executor, progress, seed_from, force).run()
 
 
 def run_grid(grid: Grid, store: ResultStore | str | os.PathLike[str] | None = None, *,
              executor: str | Any = "local", progress: bool = True,
-             executor_options: dict[str, Any] | None = None) -> "RunSummary":
+             executor_options: dict[str, Any] | None = None) -> RunSummary:
     """Run every job of ``grid`` that is not in ``store`` yet (:func:`run_jobs`).
 
     Args:
@@ -897,12 +962,13 @@ def run_grid(grid: Grid, store: ResultStore | str | os.PathLike[str] | None = No
                     executor=executor, progress=progress, executor_options=executor_options)
 
 
-def job_result(store: ResultStore, summary: "RunSummary", index: int) -> Any:
-    """The loaded result of the summary's job ``index`` (it must be cached or computed)."""
-    row = summary.jobs[index]
+def job_result(store: ResultStore, summary: RunSummary, index: int) -> Any:
+    """The loaded result of the ``index``-th job passed to :func:`run_jobs` (it must be cached
+    or computed)."""
+    row = summary.asked_rows()[index]
     if row["status"] not in ("cached", "computed"):
         raise ValueError(f"job {index} ({row['analysis']}) has no result: {row['status']}")
-    return load_result(store.get(row["key"]).result_path)
+    return store.get(row["key"]).load()
 
 
 # --------------------------------------------------------------------------------------------
@@ -915,10 +981,10 @@ def grid_results(grid: Grid, store: ResultStore, summary: RunSummary,
     """(job, loaded result) for the grid's finished jobs (optionally only some analyses)."""
     wanted = set(analyses) if analyses is not None else None
     out = []
-    for job, row in zip(grid.jobs(), summary.jobs, strict=False):  # then come implicit inputs
+    for job, row in zip(grid.jobs(), summary.asked_rows(), strict=True):
         if row["key"] and row["status"] in ("cached", "computed") and (
                 wanted is None or job.analysis in wanted):
-            out.append((job, load_result(store.get(row["key"]).result_path)))
+            out.append((job, store.get(row["key"]).load()))
     return out
 
 
@@ -927,7 +993,7 @@ def sweep_tables(grid: Grid, store: ResultStore, summary: RunSummary) -> dict[st
     steps (:func:`mechicl.experiments.checkpoints.checkpoint_table`; the first seed), with
     ``identical_to`` naming an earlier checkpoint with the same weights."""
     found: dict[str, dict[Checkpoint, list]] = {}
-    for job, row in zip(grid.jobs(), summary.jobs, strict=False):
+    for job, row in zip(grid.jobs(), summary.asked_rows(), strict=True):
         entry = grid.entry(job.model)
         if (entry.sweep is None or job.analysis != "scan" or job.seed != grid.seeds[0]
                 or row["status"] not in ("cached", "computed")):
@@ -935,7 +1001,7 @@ def sweep_tables(grid: Grid, store: ResultStore, summary: RunSummary) -> dict[st
         checkpoint = Checkpoint(model=entry.spec, step=entry.step,
                                 label=entry.name.split("@", 1)[1], load_kwargs=entry.load)
         found.setdefault(entry.sweep, {})[checkpoint] = list(
-            load_result(store.get(row["key"]).result_path).scores.values())
+            store.get(row["key"]).load().scores.values())
     return {sweep: checkpoint_table(results) for sweep, results in found.items()}
 
 

@@ -35,8 +35,8 @@ from mechicl._io import atomic_write_text
 from mechicl.model.loading import cache_dir
 from mechicl.results import ResultError, load_result
 
-__all__ = ["INDEX_FILE", "ResultStore", "StoredResult", "default_store", "index_text",
-           "read_index", "write_index"]
+__all__ = ["INDEX_FILE", "ResultStore", "StoredResult", "as_store", "default_store", "index_text",
+           "read_index", "read_tree", "write_index", "write_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class StoredResult:
 
     @property
     def result_path(self) -> Path:
+        """The result's folder (a result folder of :mod:`mechicl.results`)."""
         return self.path / "result"
 
     def load(self) -> Any:
@@ -73,9 +74,27 @@ class StoredResult:
     def files(self) -> dict[str, bytes]:
         """The result's files (relative path -> bytes), without the manifest: what two runs
         of the same job are compared by (the manifest holds times and hosts)."""
-        root = self.result_path
-        return {p.relative_to(root).as_posix(): p.read_bytes()
-                for p in sorted(root.rglob("*")) if p.is_file()}
+        return read_tree(self.result_path)
+
+
+def read_tree(root: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Every file under ``root``: relative path -> bytes (how results travel to and from
+    workers)."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_tree(root: str | os.PathLike[str], files: Mapping[str, bytes]) -> None:
+    """Write :func:`read_tree`'s output under ``root``; a path that leaves ``root`` is an
+    error."""
+    root = Path(root)
+    for rel, data in files.items():
+        dest = (root / rel).resolve()
+        if not dest.is_relative_to(root.resolve()):
+            raise ValueError(f"result file {rel!r} escapes its folder")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -115,14 +134,17 @@ class ResultStore:
         return f"ResultStore({str(self.root)!r})"
 
     def path(self, key: str) -> Path:
+        """The folder of the result ``key`` (a bad key raises)."""
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise ValueError(f"{key!r} is not a job key (64 lowercase hex digits)")
         return self.root / "objects" / key[:2] / key
 
     def has(self, key: str) -> bool:
+        """A finished result ``key`` is stored."""
         return (self.path(key) / "job.json").is_file()
 
     def get(self, key: str) -> StoredResult:
+        """The stored result ``key`` (``KeyError`` if there is none)."""
         path = self.path(key)
         try:
             manifest = json.loads((path / "job.json").read_text(encoding="utf-8"))
@@ -138,27 +160,27 @@ class ResultStore:
         folder.mkdir()
         return folder
 
-    def put(self, key: str, manifest: dict[str, Any], files: dict[str, bytes]) -> bool:
+    def put(self, key: str, manifest: dict[str, Any], files: dict[str, bytes], *,
+            replace: bool = False) -> bool:
         """Commit a result: ``files`` (paths relative to the result folder -> bytes) and the
-        manifest, atomically. Returns False if the key was already there (nothing changed)."""
+        manifest, atomically. Returns False if the key was already there (nothing changed),
+        unless ``replace``: then the old result is moved aside only once the new one is
+        complete, and removed after the new one is in place."""
         target = self.path(key)
-        if self.has(key):
+        if self.has(key) and not replace:
             return False
         work = self._tmp_dir()
         try:
             folder = work / key
-            for rel, data in files.items():
-                dest = (folder / "result" / rel).resolve()
-                if not dest.is_relative_to((folder / "result").resolve()):
-                    raise ValueError(f"result file {rel!r} escapes the result folder")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(data)
+            write_tree(folder / "result", files)
             (folder / "result").mkdir(parents=True, exist_ok=True)
             body = {"format": FORMAT_VERSION, "key": key, **manifest}
             (folder / "job.json").write_text(json.dumps(body, indent=2, sort_keys=True),
                                              encoding="utf-8")
             _fsync_tree(folder)
             target.parent.mkdir(parents=True, exist_ok=True)
+            if replace and target.exists():
+                os.rename(target, work / "old")
             try:
                 os.rename(folder, target)
             except OSError:
@@ -173,10 +195,7 @@ class ResultStore:
                    ) -> bool:
         """Commit the result folder ``folder`` (e.g. one written by the command line or a
         report) under ``key``, as :meth:`put`."""
-        root = Path(folder)
-        files = {p.relative_to(root).as_posix(): p.read_bytes()
-                 for p in sorted(root.rglob("*")) if p.is_file()}
-        return self.put(key, manifest, files)
+        return self.put(key, manifest, read_tree(folder))
 
     def discard(self, key: str) -> bool:
         """Remove the result ``key`` (to compute it again); False if it was not there. The
@@ -190,6 +209,7 @@ class ResultStore:
         return True
 
     def keys(self) -> Iterator[str]:
+        """The keys of every finished result."""
         objects = self.root / "objects"
         if not objects.is_dir():
             return
@@ -199,6 +219,7 @@ class ResultStore:
                     yield folder.name
 
     def entries(self) -> Iterator[StoredResult]:
+        """Every finished result."""
         for key in self.keys():
             yield self.get(key)
 
@@ -250,6 +271,7 @@ class ResultStore:
     # ---- model identities ---------------------------------------------------------------
 
     def remembered_identity(self, fingerprint: str) -> dict[str, Any] | None:
+        """The model identity remembered for a file fingerprint, if any."""
         path = self.root / "models" / f"{fingerprint}.json"
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -257,8 +279,15 @@ class ResultStore:
             return None
 
     def remember_identity(self, fingerprint: str, identity: dict[str, Any]) -> None:
+        """Remember a model's identity for its file fingerprint (atomically)."""
         atomic_write_text(self.root / "models" / f"{fingerprint}.json",
                           json.dumps(identity, indent=2, sort_keys=True))
+
+
+def as_store(store: ResultStore | str | os.PathLike[str] | None) -> ResultStore:
+    """``store``, its folder, or None (:func:`~mechicl.experiments.store.default_store`) as
+    a :class:`~mechicl.experiments.store.ResultStore`."""
+    return store if isinstance(store, ResultStore) else ResultStore(store or default_store())
 
 
 # ---- indexes of output folders -------------------------------------------------------------

@@ -39,7 +39,7 @@ import plotly.offline
 
 from mechicl._io import atomic_path
 from mechicl._version import __version__
-from mechicl.analyses._registry import Analysis, Call, Job, Option, register_analysis
+from mechicl.analyses import Analysis, Call, Job, Option, register_analysis
 from mechicl.analyses.evaluation import ACCURACY, EvalResult, wilson_interval
 from mechicl.analyses.importance import FFN_IMPORTANCE, HEAD_IMPORTANCE, IMPORTANCE_METHODS
 from mechicl.analyses.induction import SCAN, SCORES
@@ -51,13 +51,14 @@ from mechicl.analyses.pruning import (
     split_prompts,
 )
 from mechicl.experiments.grid import ModelEntry
-from mechicl.experiments.runner import LocalExecutor, job_keys, run_jobs
-from mechicl.experiments.store import ResultStore, default_store, index_text
+from mechicl.experiments.runner import LocalExecutor, run_jobs
+from mechicl.experiments.store import ResultStore, as_store, index_text
 from mechicl.inputs.tasks import TASKS
 from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.plotting import (
     FORMATS,
     head_heatmap,
+    kv_group_size,
     layer_bars,
     loss_curve,
     matrix_heatmap,
@@ -78,7 +79,7 @@ log = logging.getLogger(__name__)
 
 REPORT_OPTIONS: tuple[Option, ...] = (
     Option(name="tasks", type=list, item=str, default=None, nullable=True,
-           choices=lambda: list(TASKS),
+           choices=lambda: list(TASKS), registry="task",
            help="tasks for importance, accuracy and overlap (default: every registered task)"),
     Option(name="shots", type=list, item=int, default=[0, 1, 5], minimum=0,
            help="shot counts (the paper's 0, 1, 5)"),
@@ -96,7 +97,7 @@ REPORT_OPTIONS: tuple[Option, ...] = (
     Option(name="scan_length", type=int, default=None, nullable=True, minimum=2,
            help="one length L for every scan sequence (default: 2s + 25)"),
     Option(name="prune_tasks", type=list, item=str, default=["country_capital", "antonyms"],
-           non_empty=False, choices=lambda: list(TASKS),
+           non_empty=False, choices=lambda: list(TASKS), registry="task",
            help="tasks with pruning curves and FFN knock-out (a subset of tasks)"),
     Option(name="prune_shots", type=list, item=int, default=[1], minimum=0,
            help="shot counts of the pruning curves (a subset of shots)"),
@@ -121,8 +122,8 @@ REPORT_OPTIONS: tuple[Option, ...] = (
 
 def _check(options: dict[str, Any], tasks: Sequence[str], shots: Sequence[int]) -> None:
     chosen = options["tasks"] if options["tasks"] is not None else list(TASKS)
-    if options["top_k_percent"] <= 0:
-        raise ValueError(f"top_k_percent={options['top_k_percent']!r} must be in (0, 100]")
+    assert OVERLAP.check is not None
+    OVERLAP.check(options, tasks, shots)  # its statistics are the overlap analysis's
     missing = [t for t in options["prune_tasks"] if t not in chosen]
     if missing:
         raise ValueError(f"prune_tasks {missing} are not in tasks={chosen}")
@@ -210,7 +211,24 @@ class ReportConfig:
         return {**self.options(), "seed": self.seed}
 
     @classmethod
+    def unchecked(cls, data: Mapping[str, Any]) -> "ReportConfig":
+        """The settings of a stored report (``to_dict()``'s output), as they were: not
+        validated again, so that a report whose tasks are not registered in this process
+        still loads."""
+        config = object.__new__(cls)
+        for name, spec in cls.__dataclass_fields__.items():
+            if name in data:
+                value = data[name]
+            elif spec.default_factory is not dataclasses.MISSING:
+                value = spec.default_factory()
+            else:
+                value = spec.default
+            object.__setattr__(config, name, tuple(value) if isinstance(value, list) else value)
+        return config
+
+    @classmethod
     def from_job(cls, job: Job) -> "ReportConfig":
+        """The settings of a ``report`` job."""
         options = dict(job.options)
         if options.get("tasks") is None:
             options["tasks"] = list(TASKS)
@@ -276,7 +294,7 @@ class Report:
         figures: every figure by name (written as ``img/<name>.png`` and its plotly JSON).
         results: every result shown, by its name under ``results/`` (not loaded back by
             :meth:`load`: ``mechicl.load_result(folder / "results" / name)`` reads one).
-        sources: name -> the key, seconds and status (``cached`` / ``computed``) of each
+        sources: name -> the job, key and seconds of each
             result when the report was rendered.
         model: the model's provenance.
         params: the settings as a dict (``config.to_dict()``).
@@ -316,7 +334,8 @@ class Report:
                                                                 encoding="utf-8")
             (folder / "results").mkdir(exist_ok=True)
             (folder / "results" / "index.json").write_text(index_text({
-                name: {"key": s["key"], "seconds": s.get("seconds"), "mechicl": __version__}
+                name: {"key": s["key"], "job": s.get("job"), "seconds": s.get("seconds"),
+                       "mechicl": __version__}
                 for name, s in self.sources.items() if name in self.results}), encoding="utf-8")
 
         return write_result(path, kind="Report", params=self.params, model=self.model,
@@ -333,10 +352,7 @@ class Report:
         figures = {name: _figure_from_json((folder.path / "img" / f"{name}.json").read_text(
             encoding="utf-8")) for name in folder.fields["figures"]}
         tables = {name: folder.tables[f"tables/{name}"] for name in folder.fields["tables"]}
-        params = dict(folder.params)
-        seed = params.pop("seed", 0)
-        config = ReportConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in params.items()}, seed=seed)
+        config = ReportConfig.unchecked(folder.params)  # its tasks need not be registered here
         return cls(config=config, tables=tables, figures=figures, model=folder.model,
                    sources=folder.fields["sources"], out=folder.path)
 
@@ -389,7 +405,7 @@ class _ModelView:
 
     @property
     def group_size(self) -> int:
-        return self.n_heads // self.n_kv_heads
+        return kv_group_size(self.info)
 
 
 def _relative(scores: HeadScores) -> Any:
@@ -432,7 +448,6 @@ def _write_pages(out: Path, doc: Document, config: ReportConfig, model: Mapping[
     formats = list(dict.fromkeys(["png", *config.formats]))
     for name, fig in doc.figures.items():
         save_figure(fig, out / "img" / name, formats)
-    computed = [s for s in sources.values() if s.get("status") == "computed"]
     work: dict[str, float] = {}
     for s in sources.values():
         if s.get("seconds") is not None:
@@ -442,11 +457,9 @@ def _write_pages(out: Path, doc: Document, config: ReportConfig, model: Mapping[
     title = f"mechicl report: {Path(str(model.get('name'))).name}"
     blocks = list(doc.blocks)
     doc.blocks.insert(0, ("text", (
-        f"Created {created} by mechicl {__version__}; "
-        f"{len(computed)} of its {len(sources)} results computed for this rendering, the others "
-        f"reused from the result store. Computing every result took "
-        f"{sum(work.values()) / 60:.0f} min on the machines that made them ({cost}; results "
-        "imported without a recorded time not counted). Settings and provenance: "
+        f"Rendered {created} by mechicl {__version__} from {len(sources)} results of the result "
+        f"store. Computing them took {sum(work.values()) / 60:.0f} min on the machines that made "
+        f"them ({cost}; results without a recorded time not counted). Settings and provenance: "
         "`result.json`. Interactive version: `report.html`; static figures: `img/`; tables: "
         "`tables/`; the results themselves: `results/`.")))
     try:
@@ -682,13 +695,15 @@ REPORT = register_analysis(Analysis(
 
 
 def _copy_into(source: Path, out: Path) -> None:
-    """Copy a report folder's files into ``out``, each atomically; other files of ``out`` are
-    left alone (``out`` may be a folder of other outputs too)."""
-    for path in sorted(source.rglob("*")):
-        if path.is_file():
-            target = out / path.relative_to(source)
-            with atomic_path(target) as tmp:
-                shutil.copyfile(path, tmp)
+    """Copy a report folder's files into ``out``, each atomically and ``result.json`` last
+    (until it is in place the folder fails its checksum, never passes it half-copied); other
+    files of ``out`` are left alone (``out`` may hold other outputs too)."""
+    files = sorted((p for p in source.rglob("*") if p.is_file()),
+                   key=lambda p: p == source / "result.json")
+    for path in files:
+        target = out / path.relative_to(source)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(path, tmp)
 
 
 def build_report(
@@ -733,22 +748,20 @@ def build_report(
         for shots in config.shots:
             split_prompts(task, shots=shots, n_rank=config.n, n_eval=config.eval_n,
                           seed=config.seed)
-    store = store if isinstance(store, ResultStore) else ResultStore(store or default_store())
+    store = as_store(store)
     job = REPORT.job(model.name, config.options(), seed=config.seed)
-    if force:
-        for _, key in job_keys([job], model.info()):
-            store.discard(key)
     entry = ModelEntry(name=model.name, spec=model.name, memory_budget=memory_budget)
     summary = run_jobs([job], store, entries={model.name: entry},
                        executor=LocalExecutor(models={model.name: model}, progress=progress),
-                       progress=progress, seed_from=[] if force else [out, *reuse])
+                       progress=progress, seed_from=[out, *reuse], force=force)
     summary.raise_first()
-    stored = store.get(summary.jobs[0]["key"])
+    stored = store.get(summary.asked_rows()[0]["key"])
     _copy_into(stored.result_path, out)
     report = Report.load(out)
     reused: dict[str, int] = {}
     computed: dict[str, int] = {}
-    for row in summary.jobs[1:]:  # not computed: stored, or not needed (a stored report)
+    for row in summary.jobs[1:]:  # the report's results; not computed: stored, or not
+        # needed (the rendered report was stored)
         counts = computed if row["status"] == "computed" else reused
         counts[row["analysis"]] = counts.get(row["analysis"], 0) + 1
     return dataclasses.replace(report, out=out, reused=reused, computed=computed,
