@@ -324,3 +324,14 @@ def test_report_cli(tiny_folder, tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown tasks|not in tasks"):
         main(["report", "--model", str(tiny_folder), "--tasks", TASK_A,
               "--prune-tasks", TASK_B, "--out", str(out)])
+
+
+def test_a_report_loads_where_its_tasks_are_not_registered(report):
+    """A stored report is read as it was: its settings are not checked against this process's
+    task registry again."""
+    saved = {name: TASKS.pop(name) for name in (TASK_A, TASK_B)}
+    try:
+        loaded = mechicl.load_result(report.out)
+        assert loaded.config.tasks == (TASK_A, TASK_B) and "accuracy" in loaded.tables
+    finally:
+        TASKS.update(saved)

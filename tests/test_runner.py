@@ -487,3 +487,87 @@ def test_memory_budget_of_a_report_job_sizes_each_of_its_analyses(tiny_folder, t
         if job.analysis == "importance":
             importance.append(entry.manifest["batch_tokens"])
     assert len(importance) == 4 and 2 * seq in importance
+
+
+# ---- regressions found in review --------------------------------------------------------------
+
+
+def test_asked_jobs_come_first_and_results_match_their_jobs(tiny_folder, tmp_path):
+    """Jobs with inputs before jobs without: every asked job runs and grid_results pairs each
+    job with its own result (positions once shifted when inputs came between asked jobs)."""
+    from mechicl.analyses import ANALYSES
+
+    data = {"grid": {"models": [str(tiny_folder)], "tasks": [TASK_A], "shots": [1],
+                     "seeds": [0]},
+            "analyses": {"pruning": {"n": 4, "eval_n": 4, "percents": [0, 50], "draws": 1},
+                         "scan": {"n_seeds": 2, "length": 6}}}
+    grid = parse_grid(data)
+    store = ResultStore(tmp_path / "store")
+    summary = run_grid(grid, store, progress=False, executor_options={"threads": 1})
+    assert summary.ok
+    asked = summary.asked_rows()
+    assert [r["analysis"] for r in asked] == [j.analysis for j in grid.jobs()]
+    assert all(r["asked"] and r["status"] == "computed" for r in asked)
+    assert {r["analysis"] for r in summary.jobs if not r["asked"]} == {"importance"}
+    for job, result in grid_results(grid, store, summary):
+        assert isinstance(result, ANALYSES[job.analysis].result_type), job.describe()
+
+
+def test_a_jobs_key_does_not_depend_on_the_rest_of_the_run():
+    from mechicl.analyses import ANALYSES
+
+    ident = {"weights_sha256": "a" * 64, "tokenizer_sha256": "b" * 64}
+    scan = ANALYSES["scan"].job("m")
+    assert scan.key(ident, "v") == scan.key(ident, "v", task_data={TASK_A: "d" * 64})
+    report = ANALYSES["report"].job("m")
+    assert report.task_names() == []  # tasks=None: every registered task, named by its inputs
+
+
+def test_many_derived_jobs_finish_without_deep_recursion(tmp_path):
+    """Derived jobs that are ready at once are computed in one flat pass (the scheduler used to
+    recurse once per job)."""
+    from mechicl.analyses import ANALYSES, Analysis, Option, register_analysis
+    from mechicl.results import LayerScores
+
+    spec = register_analysis(Analysis(
+        name="probe_derived", help="a derived test analysis", memory=None, needs_model=False,
+        run=lambda call: LayerScores.from_per_seed(
+            "probe", torch.full((1, 2), float(call.options["i"]))),
+        result_type=LayerScores,
+        options=(Option(name="i", type=int, default=0, help="which"),)))
+    try:
+        jobs = [spec.job("m", {"i": i}) for i in range(400)]
+        import mechicl.experiments.runner as runner
+
+        run = runner._Run(jobs, {}, ResultStore(tmp_path / "s"), runner.LocalExecutor(),
+                          progress=False)
+        for plan in run.plans.values():  # the model's identity, as if remembered
+            plan.identity = {"weights_sha256": "a" * 64, "tokenizer_sha256": "b" * 64}
+            run.assign_keys(plan)
+        summary = run.run()
+        assert summary.counts["computed"] == 400
+    finally:
+        del ANALYSES["probe_derived"]
+
+
+def test_force_replaces_a_result_only_once_the_new_one_exists(tmp_path):
+    store = ResultStore(tmp_path)
+    key = "ab" * 32
+    store.put(key, {"job": {}}, {"a": b"old"})
+    assert not store.put(key, {"job": {}}, {"a": b"new"})  # not replaced without replace=
+    assert store.put(key, {"job": {}}, {"a": b"new"}, replace=True)
+    assert store.get(key).files() == {"a": b"new"} and not any((tmp_path / "tmp").iterdir())
+
+
+def test_overlap_cannot_read_a_swept_importance():
+    from mechicl.experiments.grid import GridError
+
+    data = {"grid": {"models": ["m"], "tasks": [TASK_A], "shots": [0]},
+            "analyses": {"scan": {}, "importance": {"method": ["bansal", "michel"]},
+                         "overlap": {}}}
+    with pytest.raises(GridError, match=r"give one value of importance.method, not a list"):
+        parse_grid(data)
+    data["grid"].pop("shots")
+    data["analyses"]["importance"] = {}
+    with pytest.raises(GridError, match=r"give grid.shots"):
+        parse_grid(data)
