@@ -181,4 +181,7 @@ def test_committed_results_of_the_old_pipeline_equal_the_new_one(smollm2, tmp_pa
                 torch.tensor(old.predictions.loglik.tolist()), rtol=1e-5, atol=1e-5)
         else:
             torch.testing.assert_close(new.mean, old.mean, rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(new.per_seed, old.per_seed, rtol=1e-5, atol=1e-7)
+            # per-prompt gradients are float32 sums whose order depends on the thread count: allow
+            # float32 rounding relative to the largest score (3.7 here), not to each entry
+            scale = float(old.per_seed.abs().max())
+            torch.testing.assert_close(new.per_seed, old.per_seed, rtol=1e-5, atol=1e-6 * scale)
