@@ -24,7 +24,7 @@ Axis names used across the package (in jaxtyping shapes and einops patterns):
 from mechicl._version import __version__
 from mechicl.analyses import ANALYSES, Analysis, Job, Option, overlap, register_analysis
 from mechicl.analyses.attribution import agreement, attribution_patch
-from mechicl.analyses.evaluation import EvalResult, evaluate
+from mechicl.analyses.evaluation import EvalResult, evaluate, evaluate_masks
 from mechicl.analyses.importance import ffn_importance, head_importance
 from mechicl.analyses.induction import ScanResult, induction_scan
 from mechicl.analyses.overlap import OverlapTable
@@ -78,6 +78,7 @@ __all__ = [
     "build_prompts",
     "build_report",
     "evaluate",
+    "evaluate_masks",
     "ffn_importance",
     "head_heatmap",
     "head_importance",

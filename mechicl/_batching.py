@@ -4,6 +4,25 @@ budget, and right padding (exact under causal attention: no real position attend
 import torch
 from torch import Tensor
 
+# Tokens per forward pass on a CPU. Measured on the 2-core machine with SmolLM2-135M
+# (benchmarks/bench_scoring.py, docs/benchmarks.md): a pass costs ~85 ms even for one token (the
+# weights are read once per pass), so short sequences are packed, but beyond ~512 tokens bigger
+# passes only add padding (choice scoring, antonyms 1-shot: 3.1 s at 512, 3.5 s at 2048;
+# country_capital 5-shot under 30 FFN masks: 11.8 s at 512, 17.1 s at 8192; a 12-sequence
+# prefix-matching scan of 421-509 tokens: 13.9-15.5 s in 4096-token batches, 8.9-9.3 s one
+# sequence per pass). On an accelerator batching pays and the caller's budget is used as is.
+CPU_PASS_TOKENS = 512
+
+
+def device_batch_tokens(device: torch.device, batch_tokens: int) -> int:
+    """``batch_tokens`` for a forward pass on ``device``: capped at :data:`CPU_PASS_TOKENS`
+    on a CPU.
+
+    >>> device_batch_tokens(torch.device("cpu"), 4096), device_batch_tokens(torch.device("cpu"), 100)
+    (512, 100)
+    """
+    return min(batch_tokens, CPU_PASS_TOKENS) if device.type == "cpu" else batch_tokens
+
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Group sequence indices, sorted by length, so that rows x longest <= ``batch_tokens``

@@ -168,6 +168,32 @@ def test_matches_transformerlens(tiny, case):
         assert got.labels["pos"] == tiny.to_str_tokens(CLEAN[0])
 
 
+@pytest.mark.parametrize("target", ["head_out", "resid_pre", "resid_mid", "pattern", "v", "k"])
+def test_by_pos_patching_reuses_the_unpatched_prefix(tiny, target, monkeypatch):
+    """By position, passes run after a cached unpatched prefix (issue 20); the numbers equal
+    whole-prompt passes (and TransformerLens, test_matches_transformerlens above)."""
+    from mechicl.analyses import _engine
+
+    assert _engine.prefix_reuse_exact(tiny)  # probed (and cached) before the spy
+    starts: list[int] = []
+    real = _engine.run_copies
+
+    def spy(*args, **kwargs):
+        starts.append(kwargs.get("start_pos", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_engine, "run_copies", spy)
+    kw = dict(target=target, by_pos=True, answer=ANSWER, wrong=WRONG, batch_tokens=40)
+    got = patch(tiny, CLEAN, CORRUPTED, "logit_diff", **kw)
+    assert max(starts) > 0  # some passes skipped a prefix
+    monkeypatch.setattr(_engine, "prefix_reuse_exact", lambda model: False)
+    starts.clear()
+    whole = patch(tiny, CLEAN, CORRUPTED, "logit_diff", **kw)
+    assert set(starts) == {0}
+    assert_close(got.per_pair, whole.per_pair, atol=ATOL, rtol=0)
+    assert (whole.per_pair.amax() - whole.per_pair.amin()) > 1e-3
+
+
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
 def test_resid_mid_is_the_residual_stream(tiny, direction):
     """Replacing the whole residual stream between attention and MLP of any layer by the other

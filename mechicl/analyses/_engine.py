@@ -33,6 +33,7 @@ from einops import einsum, repeat
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from mechicl._checks import check_choice
 from mechicl.analyses.metrics import Metric, MetricFn, resolve_metric
@@ -83,7 +84,7 @@ def copies_only(fn: Hook) -> Hook:
 def run_copies(
     model: HookedModel, tokens: Int[Tensor, " pos"], *, start_layers: Int[Tensor, " copy"],
     hooks: Iterable[tuple[str, Hook]], read_positions: Int[Tensor, " n"] | None,
-    stop_at: str | None = None, _trust_unembed: bool = False,
+    stop_at: str | None = None, start_pos: int = 0, _trust_unembed: bool = False,
 ) -> Tensor:
     """Run copies of ``tokens`` with ``hooks``, each copy joining at its start layer.
 
@@ -102,6 +103,10 @@ def run_copies(
             the full logits ``[copy, pos, vocab]``.
         stop_at: a hook name at which to stop; the copies' activation there is returned (the
             hooks are expected to have captured what they need).
+        start_pos: no copy differs from the unpatched prompt before this position: the prefix
+            runs once, unpatched, into a key/value cache, and the pass covers positions
+            ``start_pos..`` only. The hooks then see (and ``read_positions`` index) those
+            positions, as :func:`suffix_slices` arranges.
 
     Returns:
         Logits at ``read_positions`` (or all positions), or the activation at ``stop_at``.
@@ -109,6 +114,8 @@ def run_copies(
     starts = start_layers.tolist()
     if any(b < a for a, b in zip(starts, starts[1:], strict=False)):
         raise ValueError(f"start_layers must be non-decreasing, got {starts}")
+    if not 0 <= start_pos < len(tokens):
+        raise ValueError(f"start_pos={start_pos} must be in 0..{len(tokens) - 1}")
     by_name: dict[str, list[Hook]] = {}
     for layer in sorted(set(starts)):
         by_name[model.hook_name("resid_pre", layer)] = [grow_hook(starts.count(layer))]
@@ -121,9 +128,13 @@ def run_copies(
             raise _Stop(x)
         by_name.setdefault(stop_name, []).append(stop)
     fwd = [(name, compose(fns)) for name, fns in by_name.items()]
+    kwargs: dict[str, Any] = {}
+    if start_pos:
+        kwargs["past_key_values"] = prefix_cache(model, tokens[:start_pos], starts)
+        tokens = tokens[start_pos:]
     try:
         logits = model.run_with_hooks(tokens[None].to(model.device), fwd_hooks=fwd,
-                                      return_type="logits")
+                                      return_type="logits", **kwargs)
     except _Stop as stopped:
         if stop_at is not None:
             return stopped.value[1:]
@@ -133,6 +144,58 @@ def run_copies(
         raise RuntimeError(f"the forward pass never reached {stop_at!r}")
     logits = logits[1:]
     return logits if read_positions is None else logits[:, read_positions]
+
+
+def prefix_cache(model: HookedModel, prefix: Int[Tensor, " pos"], starts: Sequence[int]) -> Any:
+    """The key/value cache of the unpatched ``prefix``, each layer's repeated to the rows a
+    pass of copies with these start layers holds there (row 0 and the copies started)."""
+    cache = DynamicCache()
+    with torch.no_grad():
+        model.run_with_hooks(prefix[None].to(model.device), return_type="logits",
+                             past_key_values=cache, logits_to_keep=1)
+    counts = torch.bincount(torch.tensor(list(starts), dtype=torch.long),
+                            minlength=model.n_layers)[: model.n_layers]
+    rows = 1 + counts.cumsum(0)  # rows present at each layer
+    if len(cache.layers) != model.n_layers:
+        raise RuntimeError(f"the cache has {len(cache.layers)} layers, the model {model.n_layers}")
+    for layer, n in zip(cache.layers, rows.tolist(), strict=True):
+        layer.batch_select_indices(torch.zeros(n, dtype=torch.long, device=layer.keys.device))
+    return cache
+
+
+_EXACT_PREFIX: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def prefix_reuse_exact(model: HookedModel) -> bool:
+    """Whether a pass over a suffix after :func:`prefix_cache` reproduces the model's logits
+    (checked once per model on a short probe with copies joining at two layers; False e.g. for
+    a bridge without a key/value cache)."""
+    bridge = model.bridge
+    if bridge not in _EXACT_PREFIX:
+        probe = torch.arange(3, 3 + min(8, model.d_vocab - 3))
+        starts = torch.tensor([0, model.n_layers - 1])
+        try:
+            with torch.no_grad():
+                full = run_copies(model, probe, start_layers=starts, hooks=[],
+                                  read_positions=None)
+                mine = run_copies(model, probe, start_layers=starts, hooks=[],
+                                  read_positions=None, start_pos=3)
+            scale = full.abs().max().clamp_min(1.0)
+            _EXACT_PREFIX[bridge] = bool(((full[:, 3:] - mine).abs().max() / scale) < 1e-4)
+        except Exception as err:  # noqa: BLE001 - any failure means: run whole prompts
+            logger.info("prefix reuse unavailable for %s (%s)", model.name, err)
+            _EXACT_PREFIX[bridge] = False
+    return _EXACT_PREFIX[bridge]
+
+
+def suffix_slices(sel: Tensor, source: Tensor, pos_dim: int, start_pos: int
+                  ) -> tuple[Tensor, Tensor]:
+    """``sel`` and ``source`` of a patch for a pass over positions ``start_pos..``: sliced
+    along their position axis ``pos_dim`` (a size-1 axis broadcasts and stays)."""
+    def cut(x: Tensor) -> Tensor:
+        return x if x.shape[pos_dim] == 1 else x.narrow(pos_dim, start_pos,
+                                                         x.shape[pos_dim] - start_pos)
+    return cut(sel), cut(source)
 
 
 def unembed(model: HookedModel, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
@@ -493,10 +556,13 @@ def source_names(model: HookedModel, target: str, layers: Sequence[int], kv_head
 
 def patch_hooks(model: HookedModel, target: str, axes: tuple[str, ...], cells: Tensor,
                 by_pos: bool, kv_heads: str, source: dict[str, Tensor], n_pos: int,
-                ) -> list[tuple[str, Hook]]:
-    """Hooks patching copy ``i`` of a pass at ``cells[i]`` with the ``source`` activations."""
+                start_pos: int = 0) -> list[tuple[str, Hook]]:
+    """Hooks patching copy ``i`` of a pass at ``cells[i]`` with the ``source`` activations
+    (in a pass over positions ``start_pos..``, see :func:`run_copies`)."""
     kind, layout = TARGET_SPECS[target]
     hooks: list[tuple[str, Hook]] = []
+    if start_pos and not prefix_reusable(target, kv_heads):
+        raise ValueError(f"target={target!r} with kv_heads={kv_heads!r} patches whole prompts")
     for layer in torch.unique(cells[:, 0]).tolist():
         rows = torch.nonzero(cells[:, 0] == layer)[:, 0]
         if target in ("k", "v") and kv_heads == "query":
@@ -507,11 +573,19 @@ def patch_hooks(model: HookedModel, target: str, axes: tuple[str, ...], cells: T
         name = model.hook_name(kind, layer)
         src = source[name]
         sel = selection(layout, axes, (len(cells), *src.shape[1:]), cells, rows, by_pos)
+        if start_pos:  # positions are axis 1, the query positions of a pattern axis 2
+            sel, src = suffix_slices(sel, src, 2 if layout == "pattern" else 1, start_pos)
         if target == "resid_mid":
             hooks += resid_mid_hooks(model, layer, sel, src)
         else:
             hooks.append((name, replace_hook(sel, src)))
     return hooks
+
+
+def prefix_reusable(target: str, kv_heads: str) -> bool:
+    """Whether patches of ``target`` can run over a suffix after a cached prefix: not the
+    query-head view of keys / values, whose hooks rebuild whole attention patterns."""
+    return not (target in ("k", "v") and kv_heads == "query")
 
 
 def resid_mid_hooks(model: HookedModel, layer: int, sel: Tensor, src: Tensor
@@ -595,9 +669,10 @@ def copies_per_pass(model: HookedModel, inputs: Inputs, metric: Metric, batch_to
 
 def run_cells(
     model: HookedModel, inputs: Inputs, metric: Metric, *, cells: Tensor,
-    base: list[Tensor], hooks_for: Callable[[int, Tensor], list[tuple[str, Hook]]],
+    base: list[Tensor], hooks_for: Callable[..., list[tuple[str, Hook]]],
     start_layers: Tensor, batch_tokens: int, progress: bool, desc: str,
     pass_starts: Callable[[Tensor], Tensor] | None = None,
+    start_positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Evaluate ``metric`` with each cell's patch: ``hooks_for(pair, chunk_cells)`` gives the
     hooks of one pass (copy i patched at ``chunk_cells[i]``) on the ``base[pair]`` prompt.
@@ -606,13 +681,27 @@ def run_cells(
     cells run in that order (see :func:`mechicl.analyses._engine.run_copies`). ``pass_starts(chunk)``
     overrides the start layers of a pass's copies (they must keep its order non-decreasing).
 
+    ``start_positions[cell]``, if given, is the position before which the cell's copy equals
+    the unpatched prompt (by-position patching): cells then run in order of position, each
+    pass over the positions from its smallest one after a cached prefix, and
+    ``hooks_for(pair, chunk_cells, start_pos)`` gives hooks for that suffix. Used only for
+    metrics of the answer logits (others read full logits) and where
+    :func:`prefix_reuse_exact` holds.
+
     Returns ``(per_cell [cell], per_pair [cell, pair] or None)``: the metric averaged over
     pairs (or the callable's batch value), and per pair.
     """
     n_cells, n_pairs = len(cells), len(inputs)
     per_copy = copies_per_pass(model, inputs, metric, batch_tokens)
-    order = torch.argsort(start_layers, stable=True)
-    chunks = [order[i:i + per_copy] for i in range(0, n_cells, per_copy)]
+    if start_positions is not None and not (metric.builtin and prefix_reuse_exact(model)):
+        start_positions = None
+    if start_positions is None:
+        order = torch.argsort(start_layers, stable=True)
+        chunks = [order[i:i + per_copy] for i in range(0, n_cells, per_copy)]
+    else:  # by position; within a pass, by start layer
+        order = torch.argsort(start_positions * (model.n_layers + 1) + start_layers, stable=True)
+        chunks = [order[i:i + per_copy] for i in range(0, n_cells, per_copy)]
+        chunks = [c[torch.argsort(start_layers[c], stable=True)] for c in chunks]
     per_pair = torch.zeros(n_cells, n_pairs) if metric.builtin else None
     per_cell = torch.zeros(n_cells)
     bar = tqdm(total=len(chunks) * n_pairs, desc=desc, disable=not progress)
@@ -620,12 +709,15 @@ def run_cells(
         for chunk in chunks:
             chunk_cells = cells[chunk]
             starts = start_layers[chunk] if pass_starts is None else pass_starts(chunk)
+            first = 0 if start_positions is None else int(start_positions[chunk].min())
             full: list[Tensor] = []
             for p in range(n_pairs):
                 tokens = base[p]
-                read = None if not metric.builtin else torch.tensor([len(tokens) - 1])
-                out = run_copies(model, tokens, start_layers=starts,
-                                 hooks=hooks_for(p, chunk_cells), read_positions=read)
+                read = None if not metric.builtin else torch.tensor([len(tokens) - 1 - first])
+                hooks = (hooks_for(p, chunk_cells) if start_positions is None
+                         else hooks_for(p, chunk_cells, first))
+                out = run_copies(model, tokens, start_layers=starts, hooks=hooks,
+                                 read_positions=read, start_pos=first)
                 if metric.builtin:
                     assert per_pair is not None and inputs.answer is not None
                     per_pair[chunk, p] = metric.on_answer_logits(

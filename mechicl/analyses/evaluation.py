@@ -2,11 +2,19 @@
 
 Each choice is scored by the log-likelihood of its continuation given the prompt, summed over
 its tokens (optionally divided by the number of tokens); the prediction is the argmax, as in
-lm-evaluation-harness's multiple-choice scoring. Prompts are batched with right padding and an
-attention mask, which under causal attention leaves every real position's logits unchanged.
-When every choice of a prompt is a single token, one forward pass of the prompt scores all of
-them (the next-token distribution at the prompt's last position); otherwise each choice gets
-its own row.
+lm-evaluation-harness's multiple-choice scoring.
+
+Shared-context scoring (the default where the model supports a KV cache): one pass over a
+prompt's context, unembedded only at its last position, fills a key/value cache; one more
+pass runs every choice's tokens (but the last) against copies of that cache, so the context is
+computed once, not once per choice. Under several masks, each masked copy of the context joins
+the pass at the first layer its mask touches (below it, it equals the unmasked context), so a
+mask of layer ``L`` costs ``n_layers - L`` blocks. A pass holds one prompt (unpadded, the
+batch growing between layers) or several short ones (left-padded, with an attention mask and
+position ids; the masked copies then run every layer), up to
+:func:`~mechicl._batching.device_batch_tokens` context tokens. The reference,
+``scoring="rows"``, gives each choice its own row (context + choice), batched with right
+padding, full logits.
 
 :func:`answer_batch` gives tokens plus the mask of the answer (continuation) tokens, for
 analyses that need the loss on exactly those tokens (head importance).
@@ -15,8 +23,10 @@ Axis names: ``example choice batch pos``.
 """
 
 import functools
+import logging
 import math
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +35,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
-from mechicl._batching import length_batches, pad_right
+from mechicl._batching import device_batch_tokens, length_batches, pad_right
+from mechicl._checks import check_choice
+from mechicl.analyses._engine import grow_hook
 from mechicl.analyses._registry import (
     Analysis,
     Call,
@@ -42,11 +55,14 @@ from mechicl.analyses._registry import (
 )
 from mechicl.inputs.tasks import Prompt, Task, build_prompts, load_task
 from mechicl.model.hooked import HookedModel, as_hooked_model
-from mechicl.model.masks import Mask, masked_logits
+from mechicl.model.masks import Mask, masked_logits, stack_hooks
 from mechicl.results import read_result, result_type, write_result
 
-__all__ = ["AnswerBatch", "EvalResult", "answer_batch", "answer_losses", "choice_logprobs",
-           "encode_prompt", "evaluate", "longest_prompt", "masked_choice_logprobs",
+logger = logging.getLogger(__name__)
+
+__all__ = ["SCORINGS", "AnswerBatch", "EvalResult", "answer_batch", "answer_losses",
+           "choice_logprobs", "encode_prompt", "evaluate", "evaluate_masks", "longest_prompt",
+           "masked_choice_logprobs", "shared_context_scores", "shared_context_supported",
            "wilson_interval"]
 
 
@@ -133,9 +149,13 @@ def _rows(model: HookedModel, prompts: Sequence[Prompt]) -> list[_Row]:
     return rows
 
 
+Scoring = Literal["auto", "shared", "rows"]
+SCORINGS: tuple[str, ...] = ("auto", "shared", "rows")
+
+
 def choice_logprobs(
     model: HookedModel, prompts: Sequence[Prompt], *, mask: Mask | None = None,
-    batch_tokens: int = 4096, progress: bool = False,
+    batch_tokens: int = 4096, progress: bool = False, scoring: Scoring = "auto",
 ) -> tuple[Float[Tensor, "example choice"], Int[Tensor, "example choice"]]:
     """Summed log-probability of each prompt's continuations, and their token counts.
 
@@ -143,43 +163,293 @@ def choice_logprobs(
         model: the model.
         prompts: the prompts.
         mask: run under this head / FFN mask.
-        batch_tokens: rows x longest row per forward pass.
+        batch_tokens: tokens per forward pass (rows x longest row).
         progress: show a progress bar.
+        scoring: ``"shared"`` (one pass over the shared context, see the module docstring),
+            ``"rows"`` (each choice its own row: the reference) or ``"auto"`` (shared where
+            the model supports it).
 
     Returns:
         ``(loglik, n_tokens)``, both ``[example, max_choices]``; missing choices (prompts with
         fewer choices) hold ``-inf`` and 0.
     """
     loglik, n_tokens = masked_choice_logprobs(model, prompts, [mask] if mask is not None else None,
-                                              batch_tokens=batch_tokens, progress=progress)
+                                              batch_tokens=batch_tokens, progress=progress,
+                                              scoring=scoring)
     return loglik[0], n_tokens
 
 
 def masked_choice_logprobs(
     model: HookedModel, prompts: Sequence[Prompt], masks: Sequence[Mask | None] | None, *,
-    batch_tokens: int = 4096, progress: bool = False,
+    batch_tokens: int = 4096, progress: bool = False, scoring: Scoring = "auto",
 ) -> tuple[Float[Tensor, "mask example choice"], Int[Tensor, "example choice"]]:
     """:func:`choice_logprobs` under each of several masks, many masked copies per forward pass.
 
     Args:
         masks: the masks (``None``: the unmasked model only, as one mask).
-        batch_tokens: rows x longest row per forward pass, counting every masked copy.
+        batch_tokens: tokens per forward pass, counting every masked copy.
+        scoring: as in :func:`choice_logprobs`.
 
     Returns:
         ``(loglik [mask, example, choice], n_tokens [example, choice])``.
+
+    >>> from mechicl.inputs.tasks import Prompt
+    >>> prompts = [Prompt(id="q", text="w1 w2 w3", continuations=(" w4 w5", " w6"), gold=0)]
+    >>> masks = [None, Mask.remove(model, ffns=[1])]
+    >>> shared, n = masked_choice_logprobs(model, prompts, masks)
+    >>> rows, _ = masked_choice_logprobs(model, prompts, masks, scoring="rows")
+    >>> n.tolist(), bool(torch.allclose(shared, rows, atol=1e-5))
+    ([[2, 1]], True)
     """
     model = as_hooked_model(model)
+    check_choice("scoring", scoring, SCORINGS)
     if not prompts:
         raise ValueError("no prompts to score")
     mask_list = _mask_list(model, masks)
     if not mask_list:
         raise ValueError("no masks to score under")
-    n_masks = len(mask_list)
+    if scoring == "auto":
+        scoring = "shared" if shared_context_supported(model) else "rows"
+    if scoring == "shared":
+        return _shared_logprobs(model, prompts, mask_list, batch_tokens, progress)
+    return _row_logprobs(model, prompts, mask_list, batch_tokens, progress)
+
+
+def _empty_scores(prompts: Sequence[Prompt], n_masks: int) -> tuple[Tensor, Tensor]:
+    """``loglik [mask, example, choice]`` (0 for real choices, -inf for missing ones) and
+    ``n_tokens [example, choice]`` zeros."""
     n_choices = max(len(p.continuations) for p in prompts)
     loglik = torch.full((n_masks, len(prompts), n_choices), float("-inf"), dtype=torch.float64)
     n_tokens = torch.zeros((len(prompts), n_choices), dtype=torch.long)
     for p_idx, p in enumerate(prompts):
         loglik[:, p_idx, : len(p.continuations)] = 0.0
+    return loglik, n_tokens
+
+
+def _shared_logprobs(model: HookedModel, prompts: Sequence[Prompt], mask_list: list[Mask | None],
+                     batch_tokens: int, progress: bool) -> tuple[Tensor, Tensor]:
+    """Shared-context scoring in passes of at most ``batch_tokens`` context tokens (counting
+    every masked copy): short prompts are packed several per pass, a long prompt's masks are
+    split over several passes."""
+    loglik, n_tokens = _empty_scores(prompts, len(mask_list))
+    # Masks that change nothing are answered by the unmasked row every pass has; the others
+    # go in order of the first layer they touch, so copies in one pass share the most layers.
+    plain = [i for i, m in enumerate(mask_list) if m is None or m.is_identity]
+    masked = sorted((i for i, m in enumerate(mask_list) if m is not None and not m.is_identity),
+                    key=lambda i: mask_list[i].first_layer)  # type: ignore[union-attr]
+    encoded = [encode_prompt(model, p) for p in prompts]
+    for p_idx, (_, conts) in enumerate(encoded):
+        n_tokens[p_idx, : len(conts)] = torch.tensor([len(ids) for ids in conts])
+    passes = _shared_passes([len(context) for context, _ in encoded], len(masked),
+                            device_batch_tokens(model.device, batch_tokens))
+    bar = tqdm(total=len(passes), desc="scoring", disable=not progress, unit="pass")
+    for group, (lo, hi) in passes:
+        chunk = masked[lo:hi]
+        lp = shared_context_scores(model, [encoded[i] for i in group],
+                                   [mask_list[i] for i in chunk])  # [prompt, row, choice]
+        for j, p_idx in enumerate(group):
+            n_ch = len(encoded[p_idx][1])
+            if chunk:
+                loglik[torch.tensor(chunk), p_idx, :n_ch] = lp[j, 1:, :n_ch]
+            if plain:
+                loglik[torch.tensor(plain), p_idx, :n_ch] = lp[j, 0, :n_ch]
+        bar.update(1)
+    bar.close()
+    return loglik, n_tokens
+
+
+def _shared_passes(lengths: Sequence[int], n_masked: int, batch_tokens: int,
+                   ) -> list[tuple[list[int], tuple[int, int]]]:
+    """Passes of shared-context scoring: (prompt indices, slice of the ordered masks). A pass
+    holds ``prompts x (1 + masks)`` rows of its longest context, at most ``batch_tokens``
+    tokens; prompts are packed in order of length, and a prompt whose masked copies do not fit
+    gets passes of its own, each with as many masks as fit (at least one)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows = 1 + n_masked
+    passes: list[tuple[list[int], tuple[int, int]]] = []
+    group: list[int] = []
+    for i in order:
+        if rows * lengths[i] > batch_tokens:  # alone, masks split over passes
+            per_pass = max(1, batch_tokens // lengths[i] - 1)
+            passes += [([i], (lo, min(lo + per_pass, n_masked)))
+                       for lo in range(0, max(n_masked, 1), per_pass)]
+            continue
+        width = lengths[group[0]] if group else lengths[i]  # the group's longest context
+        if group and rows * width * (len(group) + 1) > batch_tokens:
+            passes.append((group, (0, n_masked)))
+            group = []
+        group.append(i)
+    if group:
+        passes.append((group, (0, n_masked)))
+    return passes
+
+
+def shared_context_scores(
+    model: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    masks: Sequence[Mask] = (),
+) -> Float[Tensor, "prompt row choice"]:
+    """Summed log-probability of each prompt's continuations after its context, for the
+    unmasked model (row 0) and under each mask (row ``1 + i``), off one pass over the contexts.
+
+    The context pass unembeds only the last position and fills a key/value cache, which is
+    repeated per choice; a second pass runs the choices' tokens but their last. With one prompt
+    the pass starts with the unmasked row alone and, at ``hook_resid_pre`` of the first layer a
+    mask touches, a copy of that row joins (masks must then be ordered by
+    :attr:`~mechicl.model.masks.Mask.first_layer`); each layer's cache is completed with copies
+    of the unmasked row before the choices run. Several prompts are left-padded (attention mask
+    and position ids) and run every masked copy from the first layer.
+
+    Args:
+        model: a model whose bridge accepts ``past_key_values`` (see
+            :func:`shared_context_supported`).
+        prompts: ``(context, continuations)`` token ids per prompt, as from
+            :func:`encode_prompt` (BOS first; each continuation non-empty).
+        masks: the masks (none: the unmasked row only).
+
+    Returns:
+        ``[prompt, 1 + len(masks), max_choices]`` float64 log-likelihoods (``-inf`` for a
+        prompt's missing choices).
+    """
+    n_p, n_rows = len(prompts), 1 + len(masks)
+    n_ch = max(len(conts) for _, conts in prompts)
+    if any(not ids for _, conts in prompts for ids in conts):
+        raise ValueError("every continuation needs at least one token")
+    starts = [m.first_layer for m in masks]
+    grow = n_p == 1
+    if grow and starts != sorted(starts):
+        raise ValueError(f"masks must be ordered by their first layer, got {starts}")
+    identity = Mask.keep_all(model)
+    lengths = torch.tensor([len(context) for context, _ in prompts])
+    width = int(lengths.max())
+    ctx = torch.full((n_p, width), model.pad_token_id, dtype=torch.long)
+    for i, (context, _) in enumerate(prompts):  # left padding: every context ends at `width`
+        ctx[i, width - len(context):] = torch.tensor(list(context))
+    ctx_attn = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
+    cache = DynamicCache()
+    if grow:  # one unpadded row; masked copies join at their first layer
+        hooks = [(model.hook_name("resid_pre", layer), grow_hook(starts.count(layer)))
+                 for layer in sorted(set(starts))]
+        kwargs: dict[str, Any] = {}
+        tokens = ctx
+    else:
+        hooks = []
+        attn = repeat(ctx_attn, "p pos -> (row p) pos", row=n_rows)
+        kwargs = {"attention_mask": attn.to(model.device),
+                  "position_ids": (attn.cumsum(-1) - 1).clamp(min=0).to(model.device)}
+        tokens = repeat(ctx, "p pos -> (row p) pos", row=n_rows)
+    if masks:
+        hooks += stack_hooks(model, [identity, *masks], rows_per_mask=n_p)
+    out = torch.full((n_rows, n_p, n_ch), float("-inf"), dtype=torch.float64)
+    with torch.no_grad():
+        last = model.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks, return_type="logits",
+                                    past_key_values=cache, logits_to_keep=1, **kwargs)[:, -1]
+        if last.shape[0] != n_rows * n_p:
+            raise RuntimeError(f"the context pass ended with {last.shape[0]} rows, not "
+                               f"{n_rows * n_p}")
+        logp = rearrange(last.double().log_softmax(-1).cpu(), "(row p) vocab -> row p vocab",
+                         row=n_rows)
+        for i, (_, conts) in enumerate(prompts):
+            out[:, i, : len(conts)] = logp[:, i, [ids[0] for ids in conts]]
+        longest = max(len(ids) for _, conts in prompts for ids in conts)
+        if longest > 1:
+            _score_rest(model, prompts, masks, cache, out, grow=grow, ctx_attn=ctx_attn,
+                        lengths=lengths)
+    return rearrange(out, "row p choice -> p row choice")
+
+
+def _score_rest(model: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                masks: Sequence[Mask], cache: Any, out: Tensor, *, grow: bool, ctx_attn: Tensor,
+                lengths: Tensor) -> None:
+    """Add the log-probabilities of the continuations' tokens after the first (``out[row, p,
+    choice]``), running them against the context's cache, which is repeated per choice."""
+    n_p, n_rows = len(prompts), 1 + len(masks)
+    n_ch = max(len(conts) for _, conts in prompts)
+    # Rows of the choice pass: (row, prompt, choice). A layer's cache holds the rows present
+    # there in the context pass (a growing batch); the others equal row 0.
+    for layer in cache.layers:
+        have = int(layer.keys.shape[0]) // n_p
+        idx = torch.cat([torch.arange(have * n_p), torch.arange(n_p).repeat(n_rows - have)])
+        layer.batch_select_indices(idx.repeat_interleave(n_ch).to(layer.keys.device))
+    rest, _ = pad_right([list(conts[c][:-1]) if c < len(conts) else []
+                         for _, conts in prompts for c in range(n_ch)], model.pad_token_id)
+    tokens = repeat(rest, "pc pos -> (row pc) pos", row=n_rows)
+    kwargs: dict[str, Any] = {}
+    if not grow:  # the contexts' left padding stays masked; positions continue each context
+        attn = torch.cat([repeat(ctx_attn, "p pos -> (row p choice) pos", row=n_rows, choice=n_ch),
+                          torch.ones(tokens.shape, dtype=torch.long)], dim=1)
+        pos = repeat(lengths, "p -> (row p choice) 1", row=n_rows, choice=n_ch)
+        kwargs = {"attention_mask": attn.to(model.device),
+                  "position_ids": (pos + torch.arange(tokens.shape[1])).to(model.device)}
+    hooks = (stack_hooks(model, [Mask.keep_all(model), *masks], rows_per_mask=n_p * n_ch)
+             if masks else [])
+    logits = model.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks, return_type="logits",
+                                  past_key_values=cache, **kwargs)  # [(row p choice), pos, vocab]
+    targets = [(p * n_ch + c, t - 1, tok) for p, (_, conts) in enumerate(prompts)
+               for c, ids in enumerate(conts) for t, tok in enumerate(ids) if t > 0]
+    if not targets:
+        return
+    idx = torch.tensor(targets, dtype=torch.long)  # [target, 3]: (p choice), position, token
+    picked = rearrange(logits, "(row pc) pos vocab -> row pc pos vocab",
+                       row=n_rows)[:, idx[:, 0], idx[:, 1]].double()  # [row, target, vocab]
+    tok = repeat(idx[:, 2], "target -> row target 1", row=n_rows).to(picked.device)
+    lp = (picked.gather(-1, tok)[..., 0] - torch.logsumexp(picked, -1)).cpu()  # [row, target]
+    out.view(n_rows, n_p * n_ch).index_add_(1, idx[:, 0], lp)  # out: [row, p, choice]
+
+
+_SHARED_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def shared_context_supported(model: HookedModel) -> bool:
+    """Whether shared-context scoring reproduces per-choice rows on this model (checked once
+    per model on a short probe under a mask: False e.g. for bridges without a KV cache)."""
+    model = as_hooked_model(model)
+    bridge = model.bridge
+    if bridge not in _SHARED_OK:
+        context = list(range(3, 3 + min(8, model.d_vocab - 3)))
+        conts = [[3, 4], [5], [6, 7, 8]]
+        masks = [Mask.remove(model, ffns=[model.n_layers - 1])
+                 if model.hook_name("mlp_out", 0) in model.hook_dict
+                 else Mask.remove(model, heads=[(model.n_layers - 1, 0)])]
+        short = context[:4]
+        try:  # one prompt (a growing batch) and two packed, left-padded prompts
+            shared = torch.cat([shared_context_scores(model, [(context, conts)], masks),
+                                shared_context_scores(model, [(context, conts), (short, conts)],
+                                                      masks)])
+            ok = True
+        except Exception as err:  # noqa: BLE001 - any failure means: use the reference path
+            logger.info("shared-context scoring unavailable for %s (%s): scoring per row",
+                        model.name, err)
+            ok = False
+        if ok:
+            rows = torch.stack([torch.stack([_probe_rows(model, c, conts, m) for m in (None, *masks)])
+                                for c in (context, context, short)])
+            scale = rows.abs().max().clamp_min(1.0)
+            ok = bool(((shared - rows).abs().max() / scale) < 1e-4)
+            if not ok:
+                logger.warning("shared-context scoring differs from per-row scoring on %s: "
+                               "scoring per row", model.name)
+        _SHARED_OK[bridge] = ok
+    return _SHARED_OK[bridge]
+
+
+def _probe_rows(model: HookedModel, context: list[int], conts: list[list[int]],
+                mask: Mask | None) -> Tensor:
+    out = []
+    for ids in conts:
+        tokens = torch.tensor(context + ids, device=model.device)[None]
+        with torch.no_grad():
+            logits = _chunk_logits(model, tokens, torch.ones_like(tokens), [mask])[0, 0]
+        lp = logits.double().log_softmax(-1)
+        out.append(sum(float(lp[len(context) - 1 + t, tok]) for t, tok in enumerate(ids)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _row_logprobs(model: HookedModel, prompts: Sequence[Prompt], mask_list: list[Mask | None],
+                  batch_tokens: int, progress: bool) -> tuple[Tensor, Tensor]:
+    """The reference scoring: every choice its own row (context + choice), batched with right
+    padding, full logits."""
+    n_masks = len(mask_list)
+    loglik, n_tokens = _empty_scores(prompts, n_masks)
     rows = _rows(model, prompts)
     batches = length_batches([len(r.tokens) for r in rows], batch_tokens)
     total = sum(math.ceil(n_masks / _masks_per_pass(batch_tokens, len(b), len(rows[b[-1]].tokens)))
@@ -407,6 +677,35 @@ def evaluate(
         **prompt_options: passed to :func:`~mechicl.inputs.tasks.build_prompts` (``balanced``,
             ``order``, ``corruption``, ``corruption_rate``, ``unrelated_labels``).
     """
+    return evaluate_masks(model, task, [mask], shots=shots, n=n, seed=seed,
+                          length_normalize=length_normalize, batch_tokens=batch_tokens,
+                          progress=progress, prompts=prompts, **prompt_options)[0]
+
+
+def evaluate_masks(
+    model: HookedModel, task: Task | str, masks: Sequence[Mask | None], *, shots: int = 5,
+    n: int | None = None, seed: int = 0, length_normalize: bool = False,
+    batch_tokens: int = 4096, progress: bool = False, prompts: Sequence[Prompt] | None = None,
+    **prompt_options: Any,
+) -> list[EvalResult]:
+    """:func:`evaluate` under each of several masks, all scored together: the masked copies
+    of each prompt share its unmasked layers below the first layer their mask touches (see
+    :func:`masked_choice_logprobs`). Equals one :func:`evaluate` call per mask.
+
+    Args:
+        masks: the masks (``None``: the unmasked model).
+        the others: as :func:`evaluate`.
+
+    Returns:
+        One :class:`EvalResult` per mask, in order.
+
+    >>> no_ffn0 = Mask.remove(model, ffns=[0])
+    >>> results = evaluate_masks(model, "antonyms", [None, no_ffn0], shots=1, n=6)
+    >>> [r.n for r in results]
+    [6, 6]
+    >>> results[1].accuracy == evaluate(model, "antonyms", shots=1, n=6, mask=no_ffn0).accuracy
+    True
+    """
     model = as_hooked_model(model)
     task_obj = load_task(task) if isinstance(task, str) else task
     if prompts is None:
@@ -422,8 +721,20 @@ def evaluate(
         foreign = [p.id for p in prompts if p.id not in ids]
         if foreign:
             raise ValueError(f"prompts {foreign[:5]} are not examples of task {task_obj.name!r}")
-    loglik, n_tok = choice_logprobs(model, prompts, mask=mask, batch_tokens=batch_tokens,
-                                    progress=progress)
+    if not masks:
+        raise ValueError("masks is empty: give at least one mask (None for the unmasked model)")
+    loglik, n_tok = masked_choice_logprobs(model, prompts, list(masks), batch_tokens=batch_tokens,
+                                           progress=progress)
+    return [_eval_result(model, task_obj, prompts, loglik[i], n_tok, shots=shots, seed=seed,
+                         length_normalize=length_normalize, mask=mask,
+                         prompt_options=prompt_options)
+            for i, mask in enumerate(masks)]
+
+
+def _eval_result(model: HookedModel, task_obj: Task, prompts: Sequence[Prompt], loglik: Tensor,
+                 n_tok: Tensor, *, shots: int, seed: int, length_normalize: bool,
+                 mask: Mask | None, prompt_options: Mapping[str, Any]) -> EvalResult:
+    """An :class:`EvalResult` from the choices' log-likelihoods ``[example, choice]``."""
     score = loglik / n_tok.clamp(min=1) if length_normalize else loglik
     pred = score.argmax(-1)
     gold = torch.tensor([p.gold for p in prompts])

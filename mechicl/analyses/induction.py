@@ -43,7 +43,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechicl._batching import length_batches, pad_right
+from mechicl._batching import device_batch_tokens, length_batches, pad_right
 from mechicl._checks import check_choice, check_positive
 from mechicl.analyses._registry import (
     Analysis,
@@ -272,8 +272,10 @@ def _repeat_batch(model: HookedModel, tokens: Tensor, lengths: Tensor, block: Te
     hooks = [(model.hook_name("pattern", layer), functools.partial(reduce_pattern, layer=layer))
              for layer in range(model.n_layers)]
     with torch.no_grad():
+        # without the loss, the unembedding is skipped but for one position
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks,
-                                      return_type="logits" if want_loss else None)
+                                      return_type="logits" if want_loss else None,
+                                      **({} if want_loss else {"logits_to_keep": 1}))
         if not want_loss:
             return acc, None
         logits = logits[:, :-1].float()
@@ -288,7 +290,7 @@ def _run_repeated(model: HookedModel, seqs: list[Tensor], blocks: list[int], *,
     out = torch.zeros(len(seqs), 3, model.n_layers, model.n_heads, dtype=torch.float64)
     width_all = max(len(s) for s in seqs)
     losses = torch.full((len(seqs), width_all - 1), float("nan"), dtype=torch.float64)
-    batches = length_batches([len(s) for s in seqs], batch_tokens)
+    batches = length_batches([len(s) for s in seqs], device_batch_tokens(model.device, batch_tokens))
     for idx in tqdm(batches, desc="prefix-matching", disable=not progress, unit="batch"):
         tokens, lengths = _pad([seqs[i] for i in idx], model.pad_token_id, model.device)
         block = torch.tensor([blocks[i] for i in idx], device=model.device)
@@ -380,7 +382,7 @@ def _run_copying(model: HookedModel, seqs: list[Tensor], *, stream: Stream, batc
                  progress: bool) -> Float[Tensor, "seed layer head"]:
     weights = (model.W_O, model.b_O, model.W_U, model.b_U)
     out = torch.zeros(len(seqs), model.n_layers, model.n_heads, dtype=torch.float64)
-    batches = length_batches([len(s) for s in seqs], batch_tokens)
+    batches = length_batches([len(s) for s in seqs], device_batch_tokens(model.device, batch_tokens))
     for idx in tqdm(batches, desc="copying", disable=not progress, unit="batch"):
         tokens, lengths = _pad([seqs[i] for i in idx], model.pad_token_id, model.device)
         out[idx] = _copying_batch(model, tokens, lengths, stream, *weights).cpu()

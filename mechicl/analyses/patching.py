@@ -70,6 +70,7 @@ from mechicl.analyses._engine import (
     grid_cells,
     normalise,
     patch_hooks,
+    prefix_reusable,
     prepare,
     prepare_target,
     run_cells,
@@ -299,14 +300,18 @@ def patch(
                                                logits_corrupted)
     base = inputs.corrupted if denoise else inputs.clean
 
-    def hooks_for(p: int, chunk_cells: Tensor) -> list[tuple[str, Hook]]:
+    def hooks_for(p: int, chunk_cells: Tensor, start_pos: int = 0) -> list[tuple[str, Hook]]:
         return patch_hooks(model, target, axes, chunk_cells, by_pos, kv_heads, sources[p],
-                           len(base[p]))
+                           len(base[p]), start_pos=start_pos)
 
+    # By position, a copy patched at position p equals the unpatched prompt before p: the
+    # passes reuse a cached prefix (a pattern's position is its query position).
+    reuse = by_pos and prefix_reusable(target, kv_heads)
     per_cell, per_pair = run_cells(
         model, inputs, resolved, cells=all_cells, base=base, hooks_for=hooks_for,
         start_layers=all_cells[:, 0], batch_tokens=batch_tokens,
-        progress=progress, desc=f"patch {target}")
+        progress=progress, desc=f"patch {target}",
+        start_positions=all_cells[:, axes.index("pos")] if reuse else None)
     if resolved.normalize:
         per_cell = normalise(per_cell, clean_metric, corrupted_metric)
     values = torch.full(sizes, float("nan"))

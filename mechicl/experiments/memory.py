@@ -39,6 +39,11 @@ memory of SmolLM2-135M in ``benchmarks/bench_memory.py`` and docs/concepts/big-m
   backward, one layer's attention gradients (``P * 8``), whichever is larger; plus the head
   gates and their gradient.
 
+Since shared-context scoring (issue 20), ``"choices"`` unembeds only the last context position
+and the choices' tokens, and gradient importance only the answer-predicting positions, so their
+``logits`` (and, for importance, ``gradients``) terms are upper bounds: the estimates stay above
+the peak, by the full-logit terms, rather than tight.
+
 ``total`` is the peak: ``weights + kv_cache + max(activations, logits)`` for a forward-only
 pass (the layers' working sets are freed before the logits exist), and ``weights + kv_cache +
 activations + logits + gradients`` for ``"importance"`` (all are alive when the backward

@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mechicl._batching import device_batch_tokens
 from mechicl._io import atomic_write_text
 from mechicl._version import __version__
 from mechicl.analyses import Call, Job
@@ -153,7 +154,9 @@ class ModelWorker:
             inputs: dict[str, dict[str, bytes]] | None = None,
             provenance: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Run one job with the data of its tasks and the files of its inputs' results;
-        returns ``{"files": {path: bytes}, "seconds", "batch_tokens", "threads", "host"}``."""
+        returns ``{"files": {path: bytes}, "seconds", "batch_tokens", "pass_tokens", "device",
+        "threads", "host"}`` (``pass_tokens``: the tokens per forward pass the device's batch
+        shape allowed, :func:`mechicl._batching.device_batch_tokens`; provenance, not key)."""
         for name, task in tasks.items():  # analyses (and the report) find tasks by name
             if name not in TASKS or task_digest(load_task(name)) != task_digest(task):
                 register_task(name, lambda task=task: task, overwrite=True)
@@ -170,9 +173,12 @@ class ModelWorker:
             threads = torch.get_num_threads()
             files = _result_files(compute(job_obj, model=model, tasks=tasks, inputs=loaded,
                                           provenance=provenance, progress=self.progress))
+        budget = job_obj.options.get("batch_tokens")
         return {"files": files, "seconds": round(time.perf_counter() - start, 3),
-                "batch_tokens": job_obj.options.get("batch_tokens"), "threads": threads,
-                "host": socket.gethostname()}
+                "batch_tokens": budget, "threads": threads, "host": socket.gethostname(),
+                "pass_tokens": (None if budget is None
+                                else device_batch_tokens(model.device, int(budget))),
+                "device": str(model.device)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -813,7 +819,8 @@ class _Run:
             return
         assert i is not None
         job = self.jobs[i]
-        extra = {k: value[k] for k in ("batch_tokens", "threads", "host")}
+        extra = {k: value.get(k) for k in ("batch_tokens", "pass_tokens", "device", "threads",
+                                           "host")}
         inputs = [self.keys[d] for d in self.deps[i].values()]
         self.put(i, _manifest(job, plan.entry, plan.identity or {}, self.executor.name,
                               value["seconds"], inputs, extra), value["files"])

@@ -207,6 +207,17 @@ class Mask:
         return bool((self.heads == 1).all() and (self.ffn == 1).all())
 
     @property
+    def first_layer(self) -> int:
+        """The lowest layer whose heads or FFN the mask changes (``n_layers`` for the identity):
+        below it the masked model equals the unmasked one.
+
+        >>> Mask.remove((4, 2), heads=[(2, 1)]).first_layer
+        2
+        """
+        touched = ((self.heads != 1).any(-1) | (self.ffn != 1)).nonzero()
+        return int(touched[0, 0]) if len(touched) else self.n_layers
+
+    @property
     def removed_heads(self) -> list[tuple[int, int]]:
         """Heads with multiplier 0, in (layer, head) order."""
         return [(int(a), int(b)) for a, b in torch.nonzero(self.heads == 0).tolist()]
@@ -333,7 +344,11 @@ def stack_hooks(model: HookedModel, masks: Sequence[Mask], rows_per_mask: int | 
                 ) -> list[tuple[str, Callable[..., Tensor]]]:
     """Hooks applying ``masks[i]`` to rows ``i*rows_per_mask : (i+1)*rows_per_mask`` of a
     batch that holds one copy of the inputs per mask (``rows_per_mask=None``: one mask, every
-    row). Layers where every mask keeps everything get no hook."""
+    row). Layers where every mask keeps everything get no hook.
+
+    A batch with fewer rows than ``len(masks) * rows_per_mask`` gets the gates of its first
+    rows: a pass whose batch grows between layers (copies joining at the first layer their
+    mask touches) holds the first masks' rows at each layer."""
     if not masks:
         return []
     shapes = {tuple(m.heads.shape) for m in masks}
@@ -376,18 +391,20 @@ def stack_hooks(model: HookedModel, masks: Sequence[Mask], rows_per_mask: int | 
 
 def _head_hook(m: Tensor, mean: Tensor | None) -> Callable[..., Tensor]:
     def hook(z: Tensor, hook: Any) -> Tensor:  # z: [batch, pos, head, d_head]
-        out = z * m
+        g = m if m.shape[0] == 1 else m[: z.shape[0]]  # the rows present (a growing batch)
+        out = z * g
         if mean is not None:
-            out = out + (1 - m) * mean  # mean: [head, d_head] broadcasts over batch, pos
+            out = out + (1 - g) * mean  # mean: [head, d_head] broadcasts over batch, pos
         return out
     return hook
 
 
 def _ffn_hook(f: Tensor, mean: Tensor | None) -> Callable[..., Tensor]:
     def hook(out: Tensor, hook: Any) -> Tensor:  # out: [batch, pos, d_model]
-        res = out * f
+        g = f if f.shape[0] == 1 else f[: out.shape[0]]
+        res = out * g
         if mean is not None:
-            res = res + (1 - f) * mean
+            res = res + (1 - g) * mean
         return res
     return hook
 

@@ -1,0 +1,165 @@
+"""Benchmark choice scoring, masked scoring and induction scans against the FLOP floor (issue 20).
+
+Not a test: run by hand on an otherwise idle machine.
+
+    .venv/bin/python benchmarks/bench_scoring.py --out benchmarks/results/scoring.json
+
+In one process, after measuring the machine's matmul rate (benchmarks/floor.py):
+1. multiple-choice scoring of built-in tasks: per-choice rows (the previous scoring, kept as
+   ``scoring="rows"``) vs shared-context scoring, each against the floor of the shared passes;
+2. masked scoring: FFN knock-out masks (one per layer) and head-pruning masks (every layer) over
+   the same prompts, against the floor of the layers the masks recompute;
+3. the prefix-matching and copying scans against a plain forward of the model body (no
+   unembedding) over the same unpadded sequences, one per pass, and against their floor.
+Prints a markdown table for docs/benchmarks.md.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from floor import CostModel, matmul_rate  # noqa: E402
+
+import mechicl  # noqa: E402
+from mechicl.analyses.evaluation import encode_prompt, masked_choice_logprobs  # noqa: E402
+from mechicl.analyses.induction import (  # noqa: E402
+    _run_copying,
+    _run_repeated,
+    bansal_length,
+    copying_sequences,
+    repeated_sequences,
+)
+from mechicl.inputs.tasks import build_prompts, load_task  # noqa: E402
+from mechicl.model.masks import Mask  # noqa: E402
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def scoring_floor(cost: CostModel, model, prompts, masks) -> float:
+    """FLOPs of shared-context scoring: each prompt's context once per mask from its first
+    layer (and once unmasked), the last position unembedded; each choice's tokens but the last
+    after the context, unembedded where scored."""
+    firsts = [cost.n_layers] + [m.first_layer for m in masks if m is not None and not m.is_identity]
+    flops = 0.0
+    for p in prompts:
+        context, conts = encode_prompt(model, p)
+        rest = [len(ids) - 1 for ids in conts if len(ids) > 1]
+        for first in firsts:
+            start = 0 if first == cost.n_layers else first  # the unmasked row runs every layer
+            flops += cost.forward_from([len(context)], start)
+            flops += cost.forward_from(rest, start, past=len(context))
+            flops += cost.forward([], unembedded=1 + sum(rest))
+    return flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seeds", type=int, default=12, help="scan sequences")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    model = mechicl.load_model(args.model)
+    cost = CostModel.of(model)
+    rate = matmul_rate(model)
+    result: dict = {"model": args.model, "threads": torch.get_num_threads(),
+                    "cpus": os.cpu_count(), "matmul_gflops": rate / 1e9,
+                    "body_params": cost.body_params, "rows": []}
+    rows = result["rows"]
+
+    def add(name: str, seconds: float, floor_flops: float, baseline: float | None = None,
+            baseline_name: str = "") -> None:
+        floor_s = floor_flops / rate
+        row = {"benchmark": name, "seconds": seconds, "floor_seconds": floor_s,
+               "time_over_floor": seconds / floor_s}
+        if baseline is not None:
+            row |= {"baseline": baseline_name, "baseline_seconds": baseline,
+                    "speedup": baseline / seconds}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # warm-up: first-call overheads, the shared-context support probe
+    warm = build_prompts(load_task("antonyms"), shots=0, n=2, seed=0)
+    masked_choice_logprobs(model, warm, None)
+
+    # 1. unmasked choice scoring
+    for task, shots, n in [("country_capital", 5, 30), ("antonyms", 1, 40), ("antonyms", 0, 40),
+                           ("openbookqa", 5, 12), ("sst2", 5, 30)]:
+        prompts = build_prompts(load_task(task), shots=shots, n=n, seed=0)
+        t_rows, (want, _) = timed(lambda p=prompts: masked_choice_logprobs(model, p, None,
+                                                                            scoring="rows"))
+        t_shared, (got, _) = timed(lambda p=prompts: masked_choice_logprobs(model, p, None,
+                                                                             scoring="shared"))
+        same = bool(torch.equal(got.argmax(-1), want.argmax(-1)))
+        finite = torch.isfinite(want)
+        diff = float((got[finite] - want[finite]).abs().max())
+        add(f"choices {task} {shots}-shot x{n} (max |dll| {diff:.1e}, same predictions {same})",
+            t_shared, scoring_floor(cost, model, prompts, [None]), t_rows, "per-choice rows")
+
+    # 2. masked scoring
+    prompts = build_prompts(load_task("country_capital"), shots=1, n=8, seed=0)
+    ffn = [Mask.remove(model, ffns=[layer]) for layer in range(model.n_layers)]
+    gen = torch.Generator().manual_seed(0)
+    heads = [Mask(heads=(torch.rand(model.n_layers, model.n_heads, generator=gen) > f).float(),
+                  ffn=torch.ones(model.n_layers)) for f in torch.linspace(0.05, 0.5, 20).tolist()]
+    for name, masks in [("FFN knock-out (30 masks)", ffn), ("head pruning (20 masks)", heads)]:
+        t_rows, (want, _) = timed(lambda m=masks: masked_choice_logprobs(model, prompts, m,
+                                                                          scoring="rows"))
+        t_shared, (got, _) = timed(lambda m=masks: masked_choice_logprobs(model, prompts, m,
+                                                                           scoring="shared"))
+        finite = torch.isfinite(want)
+        diff = float((got[finite] - want[finite]).abs().max())
+        add(f"masked {name}, country_capital 1-shot x8 (max |dll| {diff:.1e})", t_shared,
+            scoring_floor(cost, model, prompts, masks), t_rows, "per-choice rows")
+
+    # 3. induction scans vs a plain forward of the body over the unpadded sequences
+    rep = repeated_sequences(model, n_seeds=args.seeds)
+    blocks = [bansal_length(s) for s in range(args.seeds)]
+    cop = copying_sequences(model, n_seeds=args.seeds)
+    body = model.bridge.original_model.model  # the HF body: blocks and final norm, no lm_head
+
+    def plain(seqs) -> None:
+        with torch.no_grad():
+            for s in seqs:
+                body(s[None].to(model.device))
+
+    plain(rep[:1])
+    t_plain_rep, _ = timed(lambda: plain(rep))
+    t_rep, _ = timed(lambda: _run_repeated(model, rep, blocks, indexing="exact", batch_tokens=4096,
+                                           progress=False, want_loss=False))
+    add(f"prefix-matching scan, {args.seeds} sequences of {min(map(len, rep))}-"
+        f"{max(map(len, rep))} tokens", t_rep, cost.forward([len(s) for s in rep]), t_plain_rep,
+        "plain body forward, unpadded")
+    t_plain_cop, _ = timed(lambda: plain(cop))
+    t_cop, _ = timed(lambda: _run_copying(model, cop, stream="embeddings", batch_tokens=4096,
+                                          progress=False))
+    add(f"copying scan, {args.seeds} sequences of {len(cop[0])} tokens", t_cop,
+        cost.forward([len(s) for s in cop]), t_plain_cop, "plain body forward, unpadded")
+    add("plain body forward (the scans' sequences)", t_plain_rep + t_plain_cop,
+        cost.forward([len(s) for s in rep + cop]))
+
+    print("\n| Benchmark | Time | Floor | Time / floor | Baseline | Speed-up |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        base = (f"{r['baseline']} {r['baseline_seconds']:.1f} s", f"{r['speedup']:.2f}x") \
+            if "baseline" in r else ("", "")
+        print(f"| {r['benchmark']} | {r['seconds']:.1f} s | {r['floor_seconds']:.2f} s | "
+              f"{r['time_over_floor']:.2f} | {base[0]} | {base[1]} |")
+    print(f"\nmatmul rate {rate / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
