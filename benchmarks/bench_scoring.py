@@ -95,7 +95,8 @@ def main() -> None:
 
     # 1. unmasked choice scoring
     for task, shots, n in [("country_capital", 5, 30), ("antonyms", 1, 40), ("antonyms", 0, 40),
-                           ("openbookqa", 5, 12), ("sst2", 5, 30)]:
+                           ("openbookqa", 5, 12), ("sentiment", 5, 30),
+                           ("boolq", 5, 8)]:
         prompts = build_prompts(load_task(task), shots=shots, n=n, seed=0)
         t_rows, (want, _) = timed(lambda p=prompts: masked_choice_logprobs(model, p, None,
                                                                             scoring="rows"))

@@ -91,9 +91,11 @@ def test_estimates_against_hand_computation():
     # inputs (2 x 32, float32), the pattern (P x 4)
     per_layer = 30 * 4 * (4 * 32 + 3 * 64) + 30 * 4 * 2 * 32 + 1200 * 4
     assert imp.activations == 2 * per_layer == 101760
-    # the dense logits gradient (> one layer's attention gradients, 8 x P) + gates and grads
-    assert imp.gradients == max(12000, 8 * 1200) + 2 * 2 * 30 * 4 * 4 == 13920
-    assert imp.total == 87168 + 7680 + 101760 + 12000 + 13920 == 222528
+    # logits at the answer-predicting positions only: one per row, kept for every row (3 x 3)
+    assert imp.logits == 3 * 3 * 100 * 4
+    # one layer's attention gradients (8 x P > the logits' gradient) + gates and grads
+    assert imp.gradients == max(3600, 8 * 1200) + 2 * 2 * 30 * 4 * 4 == 11520
+    assert imp.total == 87168 + 7680 + 101760 + 3600 + 11520 == 211728
 
     half = estimate_memory(SMALL, dtype="bf16", analysis="forward", **kw)
     assert half.dtype == "bfloat16" and half.weights == 21792 * 2
@@ -110,7 +112,12 @@ def test_one_row_at_least_and_rows_scale_linearly():
     for analysis in MEMORY_MODELS:
         e1, e4 = (estimate_memory(SMALL, dtype="float32", batch_tokens=r * 16, seq_len=16,
                                   analysis=analysis) for r in (1, 4))
-        assert e4.weights == e1.weights and e4.per_pass == 4 * e1.per_pass
+        assert e4.weights == e1.weights
+        if analysis == "importance":  # the kept positions are shared by the rows: rows x rows
+            assert e4.logits == 16 * e1.logits
+            assert e4.per_pass - e4.logits == 4 * (e1.per_pass - e1.logits)
+        else:
+            assert e4.per_pass == 4 * e1.per_pass
 
 
 def test_estimate_round_trip_and_text():

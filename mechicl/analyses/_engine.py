@@ -8,6 +8,10 @@ not ``n_layers``. The bridge accepts a batch that grows between blocks only when
 mask and position embeddings broadcast, which holds for a single unpadded prompt (batch 1):
 this is why patching runs one prompt (pair) per pass, with the copies as the batch.
 
+By position, a copy patched at position ``p`` also equals the unpatched prompt before ``p``:
+such passes run the prefix once into a key/value cache (each layer's repeated to the rows
+present there) and the copies over the remaining positions only (``start_pos``).
+
 The pass stops at the final residual stream (``ln_final.hook_in``) and unembeds only the answer
 positions, unless full logits are asked for; :func:`answer_logits_exact` checks once per model
 that this equals the model's own logits.

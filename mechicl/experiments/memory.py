@@ -34,15 +34,15 @@ memory of SmolLM2-135M in ``benchmarks/bench_memory.py`` and docs/concepts/big-m
   the norms (float32 for RMSNorm), and q/k-norm inputs where the model has them.
 * ``logits``: ``N * d_vocab * s``; for ``"scan"``, whose loss is taken in float32 with a
   ``logsumexp`` over the vocabulary, two float32 copies: ``N * d_vocab * 8``.
-* ``gradients`` (``"importance"`` only): the dense gradient of the logits (``N * d_vocab * s``;
-  indexing the answer positions back-propagates into a full-size zero tensor) or, later in the
-  backward, one layer's attention gradients (``P * 8``), whichever is larger; plus the head
-  gates and their gradient.
+* ``gradients`` (``"importance"`` only): the gradient of the logits or, later in the backward,
+  one layer's attention gradients (``P * 8``), whichever is larger; plus the head gates and
+  their gradient. Gradient importance unembeds only the answer-predicting positions (a set
+  shared by the batch's rows), so its ``logits`` are ``rows * rows * d_vocab * s`` (one such
+  position per row, the usual single-token answer; longer answers add theirs).
 
 Since shared-context scoring (issue 20), ``"choices"`` unembeds only the last context position
-and the choices' tokens, and gradient importance only the answer-predicting positions, so their
-``logits`` (and, for importance, ``gradients``) terms are upper bounds: the estimates stay above
-the peak, by the full-logit terms, rather than tight.
+and the choices' tokens; its ``logits`` term (``N * d_vocab * s``) is kept as an upper bound
+(the choice pass's logits depend on the choices), so its estimate is above the peak.
 
 ``total`` is the peak: ``weights + kv_cache + max(activations, logits)`` for a forward-only
 pass (the layers' working sets are freed before the logits exist), and ``weights + kv_cache +
@@ -344,6 +344,9 @@ def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
                      + p * (4 + (s if half else 0)))
         activations = m.n_layers * per_layer
         gates = 2 * m.n_layers * n * m.n_heads * s  # the head gates and their gradient
+        # only the answer-predicting positions are unembedded (logits_to_keep), a set shared by
+        # the batch's rows: about one position per row, for every row
+        logits = rows * rows * m.d_vocab * s
         gradients = max(logits, 8 * p) + gates
         total = weights + kv_cache + activations + logits + gradients
     else:
@@ -380,7 +383,7 @@ def estimate_memory(
     >>> est = estimate_memory(REFERENCE_SHAPES["smollm2-135m"], dtype="float32",
     ...                       batch_tokens=2048, seq_len=512, analysis="importance")
     >>> est.rows, round(est.weights / 2**20), round(est.total / 2**30, 2)
-    (4, 513, 4.24)
+    (4, 513, 3.57)
     """
     check_choice("analysis", analysis, MEMORY_MODELS)
     check_positive("batch_tokens", batch_tokens)
@@ -416,7 +419,7 @@ def batch_tokens_for_budget(
 
     >>> batch_tokens_for_budget(REFERENCE_SHAPES["smollm2-135m"], "8GiB", dtype="float32",
     ...                         seq_len=512, analysis="importance")
-    4096
+    4608
     """
     check_choice("analysis", analysis, MEMORY_MODELS)
     check_positive("seq_len", seq_len)
