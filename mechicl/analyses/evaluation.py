@@ -693,8 +693,17 @@ def evaluate_masks(
     :func:`masked_choice_logprobs`). Equals one :func:`evaluate` call per mask.
 
     Args:
+        model: a :class:`~mechicl.HookedModel` or bridge.
+        task: a :class:`~mechicl.inputs.tasks.Task` or a registered task name.
         masks: the masks (``None``: the unmasked model).
-        the others: as :func:`evaluate`.
+        shots: demonstrations per prompt.
+        n: number of evaluation examples (default: the whole evaluation pool).
+        seed: seeds example selection and demonstrations.
+        length_normalize: rank choices by mean log-probability per token instead of the sum.
+        batch_tokens: tokens per forward pass, counting every masked copy.
+        progress: show a progress bar.
+        prompts: evaluate these prompts of ``task`` instead of building them.
+        **prompt_options: passed to :func:`~mechicl.inputs.tasks.build_prompts`.
 
     Returns:
         One :class:`EvalResult` per mask, in order.
