@@ -174,22 +174,16 @@ def prefix_reuse_exact(model: HookedModel) -> bool:
     """Whether a pass over a suffix after :func:`prefix_cache` reproduces the model's logits
     (checked once per model on a short probe with copies joining at two layers; False e.g. for
     a bridge without a key/value cache)."""
-    bridge = model.bridge
-    if bridge not in _EXACT_PREFIX:
-        probe = torch.arange(3, 3 + min(8, model.d_vocab - 3))
-        starts = torch.tensor([0, model.n_layers - 1])
-        try:
-            with torch.no_grad():
-                full = run_copies(model, probe, start_layers=starts, hooks=[],
-                                  read_positions=None)
-                mine = run_copies(model, probe, start_layers=starts, hooks=[],
-                                  read_positions=None, start_pos=3)
-            scale = full.abs().max().clamp_min(1.0)
-            _EXACT_PREFIX[bridge] = bool(((full[:, 3:] - mine).abs().max() / scale) < 1e-4)
-        except Exception as err:  # noqa: BLE001 - any failure means: run whole prompts
-            logger.info("prefix reuse unavailable for %s (%s)", model.name, err)
-            _EXACT_PREFIX[bridge] = False
-    return _EXACT_PREFIX[bridge]
+    probe = torch.arange(3, 3 + min(8, model.d_vocab - 3))
+    starts = torch.tensor([0, model.n_layers - 1])
+
+    def same() -> bool:
+        full = run_copies(model, probe, start_layers=starts, hooks=[], read_positions=None)
+        mine = run_copies(model, probe, start_layers=starts, hooks=[], read_positions=None,
+                          start_pos=3)
+        return close_to(mine, full[:, 3:])
+
+    return checked_once(_EXACT_PREFIX, model, same, "prefix reuse")
 
 
 def suffix_slices(sel: Tensor, source: Tensor, pos_dim: int, start_pos: int
@@ -207,22 +201,49 @@ def unembed(model: HookedModel, resid: Float[Tensor, "... d_model"]) -> Float[Te
     return model.bridge.unembed(model.bridge.ln_final(resid))
 
 
+def close_to(got: Tensor, want: Tensor, rtol: float = 1e-4) -> bool:
+    """``got`` equals ``want`` up to ``rtol`` of the larger of 1 and ``want``'s largest
+    magnitude (the check of the once-per-model probes)."""
+    scale = want.abs().max().clamp_min(1.0)
+    return bool(((got - want).abs().max() / scale) < rtol)
+
+
+def checked_once(table: "weakref.WeakKeyDictionary[Any, bool]", model: HookedModel,
+                 check: Callable[[], bool], what: str) -> bool:
+    """``check()`` run once per model (cached in ``table`` by bridge): a fast path's probe
+    against the plain computation. An exception or a mismatch means False (the caller then
+    takes the plain path), logged."""
+    bridge = model.bridge
+    if bridge not in table:
+        try:
+            with torch.no_grad():
+                ok = check()
+        except Exception as err:  # noqa: BLE001 - any failure means: use the plain path
+            logger.info("%s unavailable for %s (%s)", what, model.name, err)
+            ok = False
+        else:
+            if not ok:
+                logger.warning("%s differs from the plain computation on %s: not used", what,
+                               model.name)
+        table[bridge] = ok
+    return table[bridge]
+
+
 _EXACT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 
 def answer_logits_exact(model: HookedModel) -> bool:
     """Whether ``unembed(ln_final(resid))`` reproduces the model's logits (checked once per
     model on a short probe; False e.g. for models that post-process logits)."""
-    bridge = model.bridge
-    if bridge not in _EXACT:
-        probe = torch.arange(3, 3 + min(8, model.d_vocab - 3), device=model.device)
-        with torch.no_grad():
-            full = model.run_with_hooks(probe[None], return_type="logits")
-            mine = run_copies(model, probe, start_layers=torch.zeros(1, dtype=torch.long), hooks=[],
-                              read_positions=torch.arange(len(probe)), _trust_unembed=True)
-        scale = full.abs().max().clamp_min(1.0)
-        _EXACT[bridge] = bool(((full - mine).abs().max() / scale) < 1e-4)
-    return _EXACT[bridge]
+    probe = torch.arange(3, 3 + min(8, model.d_vocab - 3), device=model.device)
+
+    def same() -> bool:
+        full = model.run_with_hooks(probe[None], return_type="logits")
+        mine = run_copies(model, probe, start_layers=torch.zeros(1, dtype=torch.long), hooks=[],
+                          read_positions=torch.arange(len(probe)), _trust_unembed=True)
+        return close_to(mine, full)
+
+    return checked_once(_EXACT, model, same, "unembedding the final residual stream")
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ Axis names: ``example choice batch pos``.
 """
 
 import functools
-import logging
 import math
 import os
 import weakref
@@ -43,7 +42,7 @@ from transformers import DynamicCache
 
 from mechicl._batching import device_batch_tokens, length_batches, pad_right
 from mechicl._checks import check_choice
-from mechicl.analyses._engine import grow_hook
+from mechicl.analyses._engine import checked_once, close_to, grow_hook
 from mechicl.analyses._registry import (
     Analysis,
     Call,
@@ -57,8 +56,6 @@ from mechicl.inputs.tasks import Prompt, Task, build_prompts, load_task
 from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.model.masks import Mask, masked_logits, stack_hooks
 from mechicl.results import read_result, result_type, write_result
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["SCORINGS", "AnswerBatch", "EvalResult", "answer_batch", "answer_losses",
            "choice_logprobs", "encode_prompt", "evaluate", "evaluate_masks", "longest_prompt",
@@ -133,10 +130,13 @@ class _Row:
     targets: list[tuple[int, int, int, int]]  # (prompt index, choice, position, token id)
 
 
-def _rows(model: HookedModel, prompts: Sequence[Prompt]) -> list[_Row]:
+Encoded = tuple[Sequence[int], Sequence[Sequence[int]]]  # (context, continuations), token ids
+
+
+def _rows(encoded: Sequence[Encoded]) -> list[_Row]:
     rows = []
-    for p_idx, prompt in enumerate(prompts):
-        context, conts = encode_prompt(model, prompt)
+    for p_idx, (context, conts) in enumerate(encoded):
+        context = list(context)
         last = len(context) - 1
         if all(len(ids) == 1 for ids in conts):
             # One pass scores every single-token choice: the next-token distribution at `last`.
@@ -144,8 +144,8 @@ def _rows(model: HookedModel, prompts: Sequence[Prompt]) -> list[_Row]:
             continue
         for c, ids in enumerate(conts):
             # position last + t predicts continuation token t
-            rows.append(_Row(context + ids, [(p_idx, c, last + t, tok)
-                                             for t, tok in enumerate(ids)]))
+            rows.append(_Row(context + list(ids), [(p_idx, c, last + t, tok)
+                                                   for t, tok in enumerate(ids)]))
     return rows
 
 
@@ -210,36 +210,35 @@ def masked_choice_logprobs(
         raise ValueError("no masks to score under")
     if scoring == "auto":
         scoring = "shared" if shared_context_supported(model) else "rows"
-    if scoring == "shared":
-        return _shared_logprobs(model, prompts, mask_list, batch_tokens, progress)
-    return _row_logprobs(model, prompts, mask_list, batch_tokens, progress)
+    encoded = [encode_prompt(model, p) for p in prompts]
+    score = _shared_logprobs if scoring == "shared" else _row_logprobs
+    return score(model, encoded, mask_list, batch_tokens, progress)
 
 
-def _empty_scores(prompts: Sequence[Prompt], n_masks: int) -> tuple[Tensor, Tensor]:
+def _empty_scores(encoded: Sequence[Encoded], n_masks: int) -> tuple[Tensor, Tensor]:
     """``loglik [mask, example, choice]`` (0 for real choices, -inf for missing ones) and
-    ``n_tokens [example, choice]`` zeros."""
-    n_choices = max(len(p.continuations) for p in prompts)
-    loglik = torch.full((n_masks, len(prompts), n_choices), float("-inf"), dtype=torch.float64)
-    n_tokens = torch.zeros((len(prompts), n_choices), dtype=torch.long)
-    for p_idx, p in enumerate(prompts):
-        loglik[:, p_idx, : len(p.continuations)] = 0.0
+    ``n_tokens [example, choice]`` (each choice's token count, 0 for missing ones)."""
+    n_choices = max(len(conts) for _, conts in encoded)
+    loglik = torch.full((n_masks, len(encoded), n_choices), float("-inf"), dtype=torch.float64)
+    n_tokens = torch.zeros((len(encoded), n_choices), dtype=torch.long)
+    for p_idx, (_, conts) in enumerate(encoded):
+        loglik[:, p_idx, : len(conts)] = 0.0
+        n_tokens[p_idx, : len(conts)] = torch.tensor([len(ids) for ids in conts])
     return loglik, n_tokens
 
 
-def _shared_logprobs(model: HookedModel, prompts: Sequence[Prompt], mask_list: list[Mask | None],
-                     batch_tokens: int, progress: bool) -> tuple[Tensor, Tensor]:
+def _shared_logprobs(model: HookedModel, encoded: Sequence[Encoded],
+                     mask_list: list[Mask | None], batch_tokens: int,
+                     progress: bool) -> tuple[Tensor, Tensor]:
     """Shared-context scoring in passes of at most ``batch_tokens`` context tokens (counting
     every masked copy): short prompts are packed several per pass, a long prompt's masks are
     split over several passes."""
-    loglik, n_tokens = _empty_scores(prompts, len(mask_list))
+    loglik, n_tokens = _empty_scores(encoded, len(mask_list))
     # Masks that change nothing are answered by the unmasked row every pass has; the others
     # go in order of the first layer they touch, so copies in one pass share the most layers.
     plain = [i for i, m in enumerate(mask_list) if m is None or m.is_identity]
     masked = sorted((i for i, m in enumerate(mask_list) if m is not None and not m.is_identity),
                     key=lambda i: mask_list[i].first_layer)  # type: ignore[union-attr]
-    encoded = [encode_prompt(model, p) for p in prompts]
-    for p_idx, (_, conts) in enumerate(encoded):
-        n_tokens[p_idx, : len(conts)] = torch.tensor([len(ids) for ids in conts])
     passes = _shared_passes([len(context) for context, _ in encoded], len(masked),
                             device_batch_tokens(model.device, batch_tokens))
     bar = tqdm(total=len(passes), desc="scoring", disable=not progress, unit="pass")
@@ -401,56 +400,34 @@ _SHARED_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 def shared_context_supported(model: HookedModel) -> bool:
     """Whether shared-context scoring reproduces per-choice rows on this model (checked once
-    per model on a short probe under a mask: False e.g. for bridges without a KV cache)."""
+    per model on a short probe under a mask, one prompt alone and two packed: False e.g. for
+    bridges without a KV cache)."""
     model = as_hooked_model(model)
-    bridge = model.bridge
-    if bridge not in _SHARED_OK:
-        context = list(range(3, 3 + min(8, model.d_vocab - 3)))
-        conts = [[3, 4], [5], [6, 7, 8]]
-        masks = [Mask.remove(model, ffns=[model.n_layers - 1])
-                 if model.hook_name("mlp_out", 0) in model.hook_dict
-                 else Mask.remove(model, heads=[(model.n_layers - 1, 0)])]
-        short = context[:4]
-        try:  # one prompt (a growing batch) and two packed, left-padded prompts
-            shared = torch.cat([shared_context_scores(model, [(context, conts)], masks),
-                                shared_context_scores(model, [(context, conts), (short, conts)],
-                                                      masks)])
-            ok = True
-        except Exception as err:  # noqa: BLE001 - any failure means: use the reference path
-            logger.info("shared-context scoring unavailable for %s (%s): scoring per row",
-                        model.name, err)
-            ok = False
-        if ok:
-            rows = torch.stack([torch.stack([_probe_rows(model, c, conts, m) for m in (None, *masks)])
-                                for c in (context, context, short)])
-            scale = rows.abs().max().clamp_min(1.0)
-            ok = bool(((shared - rows).abs().max() / scale) < 1e-4)
-            if not ok:
-                logger.warning("shared-context scoring differs from per-row scoring on %s: "
-                               "scoring per row", model.name)
-        _SHARED_OK[bridge] = ok
-    return _SHARED_OK[bridge]
+    context = list(range(3, 3 + min(8, model.d_vocab - 3)))
+    conts = [[3, 4], [5], [6, 7, 8]]
+    masks = [Mask.keep_all(model), Mask.remove(model, ffns=[model.n_layers - 1])
+             if model.hook_name("mlp_out", 0) in model.hook_dict
+             else Mask.remove(model, heads=[(model.n_layers - 1, 0)])]
+    encoded = [(context, conts), (context[:4], conts)]
+
+    def same() -> bool:
+        alone = shared_context_scores(model, encoded[:1], masks[1:])
+        packed = shared_context_scores(model, encoded, masks[1:])  # [prompt, row, choice]
+        rows, _ = _row_logprobs(model, encoded, masks, 1 << 30, False)  # [row, prompt, choice]
+        want = rearrange(rows, "row p choice -> p row choice")
+        shared = torch.cat([alone, packed])
+        return close_to(shared, torch.cat([want[:1], want]))
+
+    return checked_once(_SHARED_OK, model, same, "shared-context scoring")
 
 
-def _probe_rows(model: HookedModel, context: list[int], conts: list[list[int]],
-                mask: Mask | None) -> Tensor:
-    out = []
-    for ids in conts:
-        tokens = torch.tensor(context + ids, device=model.device)[None]
-        with torch.no_grad():
-            logits = _chunk_logits(model, tokens, torch.ones_like(tokens), [mask])[0, 0]
-        lp = logits.double().log_softmax(-1)
-        out.append(sum(float(lp[len(context) - 1 + t, tok]) for t, tok in enumerate(ids)))
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def _row_logprobs(model: HookedModel, prompts: Sequence[Prompt], mask_list: list[Mask | None],
+def _row_logprobs(model: HookedModel, encoded: Sequence[Encoded], mask_list: list[Mask | None],
                   batch_tokens: int, progress: bool) -> tuple[Tensor, Tensor]:
     """The reference scoring: every choice its own row (context + choice), batched with right
     padding, full logits."""
     n_masks = len(mask_list)
-    loglik, n_tokens = _empty_scores(prompts, n_masks)
-    rows = _rows(model, prompts)
+    loglik, n_tokens = _empty_scores(encoded, n_masks)
+    rows = _rows(encoded)
     batches = length_batches([len(r.tokens) for r in rows], batch_tokens)
     total = sum(math.ceil(n_masks / _masks_per_pass(batch_tokens, len(b), len(rows[b[-1]].tokens)))
                 for b in batches)
@@ -461,8 +438,6 @@ def _row_logprobs(model: HookedModel, prompts: Sequence[Prompt], mask_list: list
         flat = [(b, pos, tok, p_idx, c) for b, i in enumerate(batch)
                 for p_idx, c, pos, tok in rows[i].targets]
         idx = torch.tensor(flat, dtype=torch.long)  # [target, 5]
-        n_tokens.index_put_((idx[:, 3], idx[:, 4]), torch.ones(len(idx), dtype=torch.long),
-                            accumulate=True)
         per_pass = _masks_per_pass(batch_tokens, *tokens.shape)
         for start in range(0, n_masks, per_pass):
             chunk = mask_list[start: start + per_pass]
