@@ -17,6 +17,7 @@ Prints a markdown table for docs/benchmarks.md.
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,10 +41,14 @@ from mechicl.inputs.tasks import build_prompts, load_task  # noqa: E402
 from mechicl.model.masks import Mask  # noqa: E402
 
 
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+def timed_runs(fn, repeats: int) -> tuple[tuple[float, float, float], object]:
+    """``((median, min, max) seconds over ``repeats`` runs, the last output)``."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return (statistics.median(times), min(times), max(times)), out
 
 
 def scoring_floor(cost: CostModel, model, prompts, masks) -> float:
@@ -68,7 +73,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seeds", type=int, default=12, help="scan sequences")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
     args = parser.parse_args()
+
+    def timed(fn) -> tuple[tuple[float, float, float], object]:
+        return timed_runs(fn, args.repeats)
 
     model = mechicl.load_model(args.model)
     cost = CostModel.of(model)
@@ -78,14 +87,16 @@ def main() -> None:
                     "body_params": cost.body_params, "rows": []}
     rows = result["rows"]
 
-    def add(name: str, seconds: float, floor_flops: float, baseline: float | None = None,
-            baseline_name: str = "") -> None:
+    def add(name: str, t: tuple[float, float, float], floor_flops: float,
+            base: tuple[float, float, float] | None = None, baseline_name: str = "") -> None:
         floor_s = floor_flops / rate
-        row = {"benchmark": name, "seconds": seconds, "floor_seconds": floor_s,
-               "time_over_floor": seconds / floor_s}
-        if baseline is not None:
-            row |= {"baseline": baseline_name, "baseline_seconds": baseline,
-                    "speedup": baseline / seconds}
+        row = {"benchmark": name, "seconds": t[0], "seconds_range": [t[1], t[2]],
+               "floor_seconds": floor_s, "time_over_floor": t[0] / floor_s,
+               "time_over_floor_range": [t[1] / floor_s, t[2] / floor_s]}
+        if base is not None:
+            row |= {"baseline": baseline_name, "baseline_seconds": base[0],
+                    "baseline_seconds_range": [base[1], base[2]], "speedup": base[0] / t[0],
+                    "speedup_range": [base[1] / t[2], base[2] / t[1]]}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -147,16 +158,25 @@ def main() -> None:
                                           progress=False))
     add(f"copying scan, {args.seeds} sequences of {len(cop[0])} tokens", t_cop,
         cost.forward([len(s) for s in cop]), t_plain_cop, "plain body forward, unpadded")
-    add("plain body forward (the scans' sequences)", t_plain_rep + t_plain_cop,
+    add("plain body forward (the scans' sequences)",
+        tuple(a + b for a, b in zip(t_plain_rep, t_plain_cop, strict=True)),
         cost.forward([len(s) for s in rep + cop]))
 
-    print("\n| Benchmark | Time | Floor | Time / floor | Baseline | Speed-up |")
+    print(f"\nMedian of {args.repeats} runs (min-max in brackets).\n")
+    print("| Benchmark | Time | Floor | Time / floor | Baseline (same process) | Speed-up |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        base = (f"{r['baseline']} {r['baseline_seconds']:.1f} s", f"{r['speedup']:.2f}x") \
-            if "baseline" in r else ("", "")
-        print(f"| {r['benchmark']} | {r['seconds']:.1f} s | {r['floor_seconds']:.2f} s | "
-              f"{r['time_over_floor']:.2f} | {base[0]} | {base[1]} |")
+        lo, hi = r["seconds_range"]
+        flo, fhi = r["time_over_floor_range"]
+        base = ("", "")
+        if "baseline" in r:
+            blo, bhi = r["baseline_seconds_range"]
+            slo, shi = r["speedup_range"]
+            base = (f"{r['baseline']} {r['baseline_seconds']:.1f} s [{blo:.1f}-{bhi:.1f}]",
+                    f"{r['speedup']:.2f}x [{slo:.2f}-{shi:.2f}]")
+        name = r["benchmark"].replace("|", "\\|")
+        print(f"| {name} | {r['seconds']:.1f} s [{lo:.1f}-{hi:.1f}] | {r['floor_seconds']:.2f} s | "
+              f"{r['time_over_floor']:.2f} [{flo:.2f}-{fhi:.2f}] | {base[0]} | {base[1]} |")
     print(f"\nmatmul rate {rate / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
