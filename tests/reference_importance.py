@@ -28,6 +28,7 @@ from mechicl.inputs.tasks import Example, Prompt, Task
 
 __all__ = [
     "ablation_reference",
+    "attribution_reference",
     "bansal_reference",
     "copy_examples",
     "copy_prompts",
@@ -36,6 +37,7 @@ __all__ = [
     "head_hook",
     "mean_activations_reference",
     "michel_reference",
+    "partial_ablation_reference",
     "prompt_tokens",
     "ref_answer_loss",
     "ref_choice_logliks",
@@ -318,6 +320,75 @@ def ablation_reference(model, prompts: Sequence[Prompt], *, metric: str = "loss"
                 total += (knocked - base[i]) if metric == "loss" else (base[i] - knocked)
             out[layer, head] = total / len(prompts)
     return out
+
+
+def partial_ablation_reference(model, prompts: Sequence[Prompt], fraction: float, *,
+                               means_z: Tensor | None = None) -> Tensor:
+    """Answer-loss change when each head's output is moved the ``fraction`` of the way to its
+    ablated value (0, or ``means_z[layer, head]``): ``z -> z + fraction * (a - z)`` at every
+    position, one head and one prompt at a time, averaged over prompts. ``fraction=1`` is
+    :func:`ablation_reference` with ``metric="loss"``.
+
+    Returns:
+        float64 ``[layer, head]``.
+    """
+    base = [ref_answer_loss(model, p) for p in prompts]
+    out = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
+    for layer in range(model.n_layers):
+        for head in range(model.n_heads):
+            target = 0.0 if means_z is None else means_z[layer, head]
+
+            def hook(z: Tensor, hook: Any, head: int = head, target: Any = target) -> Tensor:
+                z = z.clone()
+                a = torch.as_tensor(target, dtype=z.dtype, device=z.device)
+                z[:, :, head, :] = z[:, :, head, :] + fraction * (a - z[:, :, head, :])
+                return z
+
+            total = 0.0
+            for i, prompt in enumerate(prompts):
+                total += ref_answer_loss(model, prompt, [(f"blocks.{layer}.attn.hook_z", hook)])
+                total -= base[i]
+            out[layer, head] = total / len(prompts)
+    return out
+
+
+def attribution_reference(model, prompts: Sequence[Prompt], *,
+                          means_z: Tensor | None = None) -> Tensor:
+    """Attribution patching towards zero (or mean, ``means_z``) ablation, computed literally,
+    one prompt at a time: hooks keep every layer's ``hook_z`` output and its gradient (as
+    :func:`bansal_reference`), the answer loss is back-propagated, and for every layer, head and
+    position ``t`` the product ``(a - z[t, head]) . dL/dz[t, head]`` (``a`` = 0 or the head's
+    mean) is added up by hand. Averaged over prompts.
+
+    Returns:
+        float64 ``[layer, head]``.
+    """
+    out = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
+    for prompt in prompts:
+        tokens, positions = prompt_tokens(model, prompt)
+        stored: dict[int, Tensor] = {}
+        one = torch.ones((), dtype=model.dtype, device=model.device, requires_grad=True)
+
+        def store(z: Tensor, hook: Any, stored: dict[int, Tensor] = stored,
+                  one: Tensor = one) -> Tensor:
+            kept = z * one  # a non-leaf node: its .grad is the full dL/dz
+            kept.retain_grad()
+            stored[int(hook.name.split(".")[1])] = kept
+            return kept
+
+        hooks = [(f"blocks.{layer}.attn.hook_z", store) for layer in range(model.n_layers)]
+        with _frozen(model), torch.enable_grad():
+            loss = _loss_from_logits(_logits(model, tokens, hooks), tokens, positions)
+            loss.backward()
+        for layer in range(model.n_layers):
+            z = stored[layer][0].detach().double()  # [pos, head, d_head]
+            grad = stored[layer].grad[0].double()
+            for head in range(model.n_heads):
+                a = (torch.zeros(z.shape[-1], dtype=torch.float64) if means_z is None
+                     else torch.as_tensor(means_z[layer, head], dtype=torch.float64))
+                for t in range(len(tokens)):
+                    out[layer, head] += float(((a - z[t, head]) * grad[t, head]).sum())
+    return out / len(prompts)
 
 
 def ffn_reference(model, prompts: Sequence[Prompt], *, metric: str = "accuracy") -> Tensor:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "ref_copying",
+    "ref_copying_ties",
     "ref_duplicate_token",
     "ref_ov_eigen_copying",
     "ref_per_position_loss",
@@ -315,6 +316,42 @@ def ref_copying(
         v_per_head = torch.stack([v[:, head // group, :] for head in range(model.n_heads)], dim=1)
         scores[layer] = _copying_layer_scores(model, tokens, layer, pattern, v_per_head)
     return scores
+
+
+def ref_copying_ties(
+    model,
+    tokens: Tensor,
+    stream: Literal["embeddings", "residual"] = "embeddings",
+    tolerance: float = 1e-4,
+) -> Tensor:
+    """Share of the copying score's queries whose attention argmax is near-tied.
+
+    For each layer ``l``, head ``h`` and query ``j = 1..T-1``: sort the attendable weights
+    ``pattern[h, j, :j+1]`` (the same patterns as :func:`ref_copying`) in decreasing order; the
+    query is near-tied when ``first - second <= tolerance`` (computed in float64 from the
+    model's float32 weights). Head score = number of near-tied queries / (T - 1).
+
+    Returns:
+        float64 ``[layer, head]`` in ``[0, 1]``.
+    """
+    if stream not in ("embeddings", "residual"):
+        raise ValueError(f"stream must be 'embeddings' or 'residual', got {stream!r}")
+    tokens = _as_tokens(tokens)
+    T = len(tokens)
+    if T < 2:
+        raise ValueError("need at least 2 tokens")
+    shares = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
+    for layer in range(model.n_layers):
+        pattern, _ = _layer_pattern_and_v(model, tokens, layer, stream)
+        for head in range(model.n_heads):
+            rows = pattern[head].to(torch.float64).tolist()
+            n_tied = 0
+            for j in range(1, T):
+                weights = sorted(rows[j][: j + 1], reverse=True)
+                if weights[0] - weights[1] <= tolerance:
+                    n_tied += 1
+            shares[layer, head] = n_tied / (T - 1)
+    return shares
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mechicl"
 
 # Layers, lowest first: a module may import modules of its own layer or lower ones.
 LAYERS: list[tuple[str, ...]] = [
-    ("mechicl._checks", "mechicl._io", "mechicl._batching", "mechicl._version"),
+    ("mechicl._checks", "mechicl._io", "mechicl._batching", "mechicl._version", "mechicl.stats"),
     ("mechicl.model",),
     ("mechicl.inputs",),
     ("mechicl.results", "mechicl.plotting"),

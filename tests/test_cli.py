@@ -119,7 +119,7 @@ def test_prune_cli_writes_curves(tiny_folder, copy_task_file, tmp_path, capsys):
     # the rankings are results of their own in the store: head and FFN importance, the scan
     stored = {e.manifest["job"]["analysis"] for e in ResultStore(store).entries()}
     assert stored == {"pruning", "importance", "ffn_importance", "scan"}
-    assert "max_head_percent" in capsys.readouterr().out
+    assert "removable" in capsys.readouterr().out  # the summary: the share removable per ranking
     with pytest.raises(SystemExit, match="unknown head ranking 'nope'"):
         main(["prune", "--model", str(tiny_folder), "--task", str(copy_task_file), "--rankings",
               "nope", "--n", "4", "--eval-n", "4", "--out", str(tmp_path / "x")])

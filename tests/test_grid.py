@@ -90,8 +90,8 @@ def test_keys_change_with_weights_options_version_and_only_then():
     ("[grid]\nmodels=['m']\n[analyses.scan]\nscores=['prefix']\n", r"analyses.scan.scores = \['prefix'\] is not allowed; choose from"),
     ("[grid]\nmodels=['m']\ntasks=['antonyms']\n[analyses.importance]\nmethod='grad'\n",
      r"analyses.importance.method = 'grad' is not allowed; choose one of"),
-    ("[grid]\nmodels=['m']\ntasks=['antonyms']\n[analyses.accuracy]\nlength_normalize=1\n",
-     "length_normalize = 1: need true or false"),
+    ("[grid]\nmodels=['m']\ntasks=['antonyms']\n[analyses.accuracy]\nnormalization='acc_norm'\n",
+     "analyses.accuracy.normalization = 'acc_norm' is not allowed"),
 ])
 def test_errors_name_the_bad_key(tmp_path, text, match):
     path = tmp_path / "grid.toml"

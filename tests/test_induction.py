@@ -9,7 +9,15 @@ import torch
 from torch.testing import assert_close
 
 import mechicl
-from mechicl.analyses.induction import SCORES, induction_scan, parse_scores, repeated_sequences
+from mechicl.analyses.induction import (
+    SCORES,
+    TIE_TOLERANCE,
+    ScanResult,
+    copying_ties,
+    induction_scan,
+    parse_scores,
+    repeated_sequences,
+)
 from mechicl.cli import build_parser
 from mechicl.results import HeadScores
 from mechicl.testing import INDUCTION_MODEL_HEADS
@@ -109,6 +117,141 @@ def test_copying_in_query_blocks_equals_reference(scanned, monkeypatch):
     assert max(len(t) for t in fast.tokens) > 32
     for s, tokens in enumerate(fast.tokens):
         assert_close(fast.per_seed[s], ref.ref_copying(model, tokens), rtol=0, atol=1e-5)
+
+
+# ---- near-tied argmax shares of the copying score ---------------------------------------------
+
+# On the tiny random models almost no gap is below the default 1e-4: a tolerance at which the
+# shares differ between heads (checked below) makes the comparison with the reference bite.
+WIDE_TOLERANCE = 0.02
+
+
+def test_near_tied_rows_by_hand():
+    from mechicl.analyses.induction import _near_tied
+
+    rows = torch.tensor([[1.0, 0.0, 0.0, 0.0],      # one-hot: not tied
+                         [0.25, 0.25, 0.25, 0.25],  # uniform: tied at any tolerance
+                         [0.5, 0.25, 0.25, 0.0],    # gap 0.25 (the tied pair is not the top)
+                         [0.375, 0.375, 0.25, 0.0],  # the two largest tie exactly
+                         [0.625, 0.125, 0.125, 0.125]])
+    assert _near_tied(rows, 0.0).tolist() == [False, True, False, True, False]
+    assert _near_tied(rows, 0.25).tolist() == [False, True, True, True, False]  # gap <= tol
+    assert _near_tied(rows, 0.2499).tolist() == [False, True, False, True, False]
+    assert _near_tied(rows[None, None], 0.0).shape == (1, 1, 5)
+    assert _near_tied(torch.ones(3, 1), 1.0).tolist() == [False, False, False]  # one key
+
+
+@pytest.mark.parametrize("stream", ["embeddings", "residual"])
+def test_copying_ties_equal_reference(scanned, stream, monkeypatch):
+    """Per seed and head, the vectorised share equals a loop over positions; small query blocks
+    so that the rows of a sequence span several blocks, all seeds in one right-padded batch
+    (the padding rows must not count)."""
+    model, _ = scanned
+    monkeypatch.setattr(mechicl.analyses.induction, "_BLOCK_ELEMENTS", 1)
+    fast = mechicl.analyses.induction.copying_scores(
+        model, n_seeds=N_SEEDS, length=short, stream=stream, batch_tokens=200,
+        tie_tolerance=WIDE_TOLERANCE, progress=False)
+    ties = copying_ties(fast)
+    assert ties.params["tie_tolerance"] == WIDE_TOLERANCE and ties.name == "copying_ties"
+    assert ties.per_seed.shape == (N_SEEDS, model.n_layers, model.n_heads)
+    assert max(len(t) for t in fast.tokens) > 32
+    for s, tokens in enumerate(fast.tokens):
+        want = ref.ref_copying_ties(model, tokens, stream=stream, tolerance=WIDE_TOLERANCE)
+        assert_close(ties.per_seed[s], want, rtol=0, atol=1e-12)
+    # the comparison is not vacuous: some heads have near-ties, and not at every query
+    assert ((ties.mean > 0) & (ties.mean < 1)).any()
+    assert_close(ties.mean, ties.per_seed.mean(0))
+
+
+def test_copying_ties_default_tolerance(scanned):
+    model, result = scanned
+    copying = result.scores["copying"]
+    assert copying.params["tie_tolerance"] == TIE_TOLERANCE
+    ties = result.copying_ties
+    assert ties is not None and ties.per_seed.shape == copying.per_seed.shape
+    for s, tokens in enumerate(copying.tokens):
+        assert_close(ties.per_seed[s], ref.ref_copying_ties(model, tokens), rtol=0, atol=1e-12)
+    # a larger tolerance never finds fewer ties (the seeds are the same)
+    wide = induction_scan(model, scores=("copying",), n_seeds=N_SEEDS, length=short,
+                          tie_tolerance=WIDE_TOLERANCE, progress=False)
+    assert (wide.copying_ties.per_seed >= ties.per_seed).all()
+    assert (wide.copying_ties.per_seed > ties.per_seed).any()
+    assert_close(wide.scores["copying"].per_seed, copying.per_seed, rtol=0, atol=1e-6)
+
+
+def _head_model(zero: tuple[int, int], sharpen: tuple[int, int]):
+    """A tiny GQA Llama whose query weights of head ``zero`` are 0 (its attention is exactly
+    uniform over the attendable keys: every query tied) and of head ``sharpen`` x 1000 (its
+    attention one-hot: no query tied)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from mechicl.model import as_hooked_model
+    from mechicl.testing import tiny_hf_model
+
+    hf_model, tokenizer = tiny_hf_model("llama")
+    d_head = hf_model.config.hidden_size // hf_model.config.num_attention_heads
+    with torch.no_grad():
+        for (layer, head), factor in ((zero, 0.0), (sharpen, 1000.0)):
+            q = hf_model.model.layers[layer].self_attn.q_proj.weight
+            q[head * d_head : (head + 1) * d_head] *= factor
+    bridge = TransformerBridge.boot_transformers("mechicl-toy-llama", hf_model=hf_model,
+                                                 tokenizer=tokenizer, device="cpu")
+    return as_hooked_model(bridge, name="tiny-llama-ties")
+
+
+@pytest.mark.parametrize("stream", ["embeddings", "residual"])
+def test_copying_ties_known_heads(stream):
+    zero, sharp = (1, 2), (0, 1)
+    model = _head_model(zero, sharp)
+    scan = induction_scan(model, scores=("copying",), n_seeds=N_SEEDS, length=short,
+                          stream=stream, batch_tokens=64, progress=False)
+    ties = scan.copying_ties.per_seed
+    assert (ties[:, zero[0], zero[1]] == 1.0).all()
+    assert (ties[:, sharp[0], sharp[1]] == 0.0).all()
+    others = torch.ones_like(ties[0], dtype=torch.bool)
+    others[zero] = others[sharp] = False
+    assert (ties[:, others] < 1.0).all()  # only the zero-query head is uniform
+
+
+def test_copying_ties_survive_save_load_and_narrowing(scanned, tmp_path):
+    _, result = scanned
+    ties = result.copying_ties
+    back = ScanResult.load(result.save(tmp_path / "scan"))
+    assert_close(back.copying_ties.per_seed, ties.per_seed, rtol=0, atol=0)
+    assert back.copying_ties.params == ties.params
+    assert back.scores["copying"].extras.keys() == {"argmax_tie_share"}
+    one = mechicl.load_result(result.scores["copying"].save(tmp_path / "copying"))
+    assert_close(copying_ties(one).per_seed, ties.per_seed, rtol=0, atol=0)
+    # narrowing: a scan asked for fewer scores; the shares come with the copying score only
+    narrow = back.select(["copying"])
+    assert list(narrow.scores) == ["copying"] and narrow.params["scores"] == ["copying"]
+    assert_close(narrow.copying_ties.per_seed, ties.per_seed, rtol=0, atol=0)
+    assert back.select(["prefix_matching", "ov_eigen"]).copying_ties is None
+    assert "copying_ties" not in result.scores and list(result.scores) == list(SCORES)
+    with pytest.raises(ValueError, match="no near-tie shares"):
+        copying_ties(result.scores["prefix_matching"])
+
+
+def test_scan_outputs_report_ties(scanned):
+    from mechicl.analyses import ANALYSES
+
+    model, result = scanned
+    spec = ANALYSES["scan"]
+    job = spec.job(model.info()["name"], {"n_seeds": N_SEEDS})
+    out = spec.outputs([(job, result)], job.options)
+    (row,) = [r for r in out.rows if r["score"] == "copying"]
+    ties = result.copying_ties.mean
+    assert row["near-tied argmax share (max)"] == pytest.approx(float(ties.max()))
+    assert row["near-tied argmax share (mean)"] == pytest.approx(float(ties.mean()))
+    assert any(name.endswith("-copying_ties") for name in out.figures)
+    assert all("near-tied argmax share (max)" not in r for r in out.rows if r is not row)
+
+
+def test_bad_tie_tolerance_raises(tiny_llama):
+    for bad in (-1e-4, float("nan")):
+        with pytest.raises(ValueError, match="tie_tolerance"):
+            induction_scan(tiny_llama, scores=["copying"], n_seeds=1, length=5,
+                           tie_tolerance=bad)
 
 
 def test_scans_leave_no_hooks_behind(scanned):
@@ -232,6 +375,20 @@ def test_default_model_scores_equal_reference(smollm2):
     base = pm.tokens[0][1:9]
     cp = mechicl.analyses.induction.copying_scores(smollm2, tokens=[base], progress=False)
     assert_close(cp.per_seed[0], ref.ref_copying(smollm2, cp.tokens[0]), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_default_model_copying_ties_equal_reference(smollm2):
+    """Near-tie shares on the real model equal the position loop (one sequence of 61 tokens),
+    at the default tolerance and at a wide one where many queries tie."""
+    base = repeated_sequences(smollm2, n_seeds=1, length=lambda s: 60)[0][1:61]
+    for tolerance in (TIE_TOLERANCE, 1e-2):
+        scan = induction_scan(smollm2, scores=("copying",), tokens=[base],
+                              tie_tolerance=tolerance, progress=False)
+        ties, tokens = scan.copying_ties, scan.scores["copying"].tokens[0]
+        want = ref.ref_copying_ties(smollm2, tokens, tolerance=tolerance)
+        assert_close(ties.per_seed[0], want, rtol=0, atol=1e-12)
+    assert 0 < ties.mean.mean() < 1
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The hooked-model layer: loading, the uniform per-head view, hooks, tokens, provenance."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,14 @@ import torch
 from torch.testing import assert_close
 
 import mechicl
-from mechicl.model import BUILTIN_MODELS, HOOK_KINDS, ModelNotAvailableError, load_model
+from mechicl.model import (
+    BUILTIN_MODELS,
+    HOOK_KINDS,
+    ModelNotAvailableError,
+    load_model,
+    weights_description,
+)
+from mechicl.model.loading import convert_gguf, gguf_quantisation
 
 
 def _raw_expanded(raw: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -128,6 +136,184 @@ def test_info_hashes_change_with_weights():
     assert a.weights_hash == b.weights_hash != c.weights_hash
     info = a.info()
     assert info["shape"]["n_kv_heads"] == a.n_kv_heads and info["versions"]["torch"]
+
+
+# ---- weights' format and quantisation (info()["weights"]) ----------------------------------
+
+def _tiny_gguf(path, file_type, *, quantised=True):
+    """A tiny GGUF file: one F32 tensor and (if ``quantised``) one Q4_1 tensor; its
+    ``general.file_type`` is ``file_type`` (an int, or None for no such field)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "llama")
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    writer.add_tensor("output_norm.weight", np.ones(32, dtype=np.float32))
+    if quantised:  # 4 rows of 32 weights = 4 Q4_1 blocks of 20 bytes
+        writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 20), dtype=np.uint8),
+                          raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_weights_entry_of_a_model_built_in_memory(tiny):
+    weights = tiny.info()["weights"]
+    assert weights == {"format": None, "quantisation": None, "quantised": False, "bits": None,
+                       "loaded_as": "float32"}
+    assert weights_description(tiny.info()) == (
+        "float32 weights (not quantised), file format unknown")
+
+
+def test_weights_entry_of_a_folder(tiny_folder, plain_tiny):
+    plain, _ = plain_tiny
+    assert plain.weights_info() == {"format": "safetensors", "quantisation": None,
+                                    "quantised": False, "bits": None, "loaded_as": "float32"}
+    assert weights_description(plain.info()) == "float32 safetensors (not quantised)"
+    half = load_model(tiny_folder, dtype="bf16")
+    assert half.weights_info()["loaded_as"] == "bfloat16"
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128},
+     {"quantisation": "gptq", "quantised": True, "bits": 4, "method": "gptq"}),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+     {"quantisation": "bitsandbytes nf4", "quantised": True, "bits": 4, "method": "bitsandbytes"}),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True},
+     {"quantisation": "bitsandbytes int8", "quantised": True, "bits": 8, "method": "bitsandbytes"}),
+])
+def test_weights_entry_reads_quantization_config(monkeypatch, tiny_llama, config, expected):
+    monkeypatch.setattr(tiny_llama.bridge.original_model.config, "quantization_config", config,
+                        raising=False)
+    weights = tiny_llama.weights_info()
+    assert {k: weights[k] for k in expected} == expected
+    bits = expected["bits"]
+    assert weights_description(weights) == (
+        f"{bits}-bit {expected['quantisation']} quantised weights, loaded as float32")
+
+
+def test_gguf_quantisation_is_read_from_the_file(tmp_path):
+    import gguf
+
+    # the name says Q8_0, the file says Q4_1: the file wins
+    info = gguf_quantisation(_tiny_gguf(tmp_path / "model.Q8_0.gguf",
+                                        gguf.LlamaFileType.MOSTLY_Q4_1))
+    assert {k: info[k] for k in ("format", "quantisation", "quantised", "bits", "file_type")} == {
+        "format": "gguf", "quantisation": "Q4_1", "quantised": True, "bits": 4,
+        "file_type": "Q4_1"}
+    assert info["tensor_types"] == {"F32": 1, "Q4_1": 1} and "note" not in info
+    # 32 F32 weights (1024 bits) + 128 Q4_1 weights (4 blocks of 160 bits), over 160 weights
+    assert info["bits_per_weight"] == pytest.approx((32 * 32 + 4 * 160) / 160, abs=1e-3)
+    info = gguf_quantisation(_tiny_gguf(tmp_path / "km.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M))
+    assert (info["quantisation"], info["bits"]) == ("Q4_K_M", 4)
+    info = gguf_quantisation(_tiny_gguf(tmp_path / "f16.gguf", gguf.LlamaFileType.MOSTLY_F16,
+                                        quantised=False))
+    assert (info["quantisation"], info["quantised"], info["bits"], info["file_type"]) == (
+        None, False, None, "F16")
+
+
+@pytest.mark.parametrize("file_type, content, note", [
+    (99, None, r"general.file_type 99 of x.gguf is not a file type known to gguf \d"),
+    (None, None, r"x.gguf has no general.file_type"),
+    (1024, None, r"general.file_type of x.gguf is GUESSED"),
+    (0, None, r"general.file_type of x.gguf says F32, but some tensors are quantised"),
+    (None, b"GGUF not really" * 8, r"x.gguf could not be read as a GGUF file \(ValueError"),
+])
+def test_gguf_quantisation_unknown_is_none_with_a_note(tmp_path, file_type, content, note):
+    path = tmp_path / "x.gguf"
+    if content is None:
+        _tiny_gguf(path, file_type)
+    else:
+        path.write_bytes(content)
+    info = gguf_quantisation(path)
+    assert info["quantisation"] is None and info["bits"] is None
+    assert info["quantised"] is (None if content else True)  # the Q4_1 tensor is a fact
+    assert re.match(note, info["note"]), info["note"]
+    text = weights_description({**info, "dequantised_to": "float32", "loaded_as": "float32"})
+    assert "of unknown quantisation" in text and info["note"] in text
+    assert "Q4_1" not in text.split("(")[0]  # no guess presented as fact
+
+
+def test_registry_declared_quantisation_is_a_labelled_fallback(tmp_path, caplog):
+    from mechicl.model.loading import _gguf_weights
+
+    unknown = _tiny_gguf(tmp_path / "unknown.gguf", 99)
+    weights = _gguf_weights(unknown, "0" * 64, "Q4_1")
+    assert (weights["quantisation"], weights["bits"], weights["read_from"]) == ("Q4_1", 4,
+                                                                                "registry")
+    assert "not a file type known" in weights["note"]
+    assert weights_description({**weights, "loaded_as": "float32"}) == (
+        "4-bit GGUF Q4_1 (declared by mechicl's model registry, not read from the file), "
+        "de-quantised to float32")
+    known = _tiny_gguf(tmp_path / "known.gguf", 3)
+    with caplog.at_level("WARNING", logger="mechicl.model.loading"):
+        weights = _gguf_weights(known, "0" * 64, "Q4_K_M")
+    assert (weights["quantisation"], weights["read_from"]) == ("Q4_1", "gguf")
+    assert weights["note"] == "mechicl's registry declares Q4_K_M; the file says Q4_1"
+    assert "registry declares Q4_K_M" in caplog.text
+
+
+def test_converted_folder_records_the_quantisation(tmp_path):
+    """A cached folder without the record (converted by an older mechicl) gets it from the GGUF
+    file on its next use; a stale or corrupt record is replaced; loading the converted folder
+    by path keeps the GGUF's quantisation. (The folder is faked: no 30 s conversion.)"""
+    import hashlib
+    import json
+
+    from mechicl.model.loading import _folder_weights
+
+    gguf_path = _tiny_gguf(tmp_path / "tiny.gguf", 3)
+    sha = hashlib.sha256(gguf_path.read_bytes()).hexdigest()
+    folder = tmp_path / "cache" / "models" / f"tiny-{sha[:16]}"
+    folder.mkdir(parents=True)
+    (folder / "mechicl-model.json").write_text(json.dumps(
+        {"gguf_file": "tiny.gguf", "gguf_sha256": sha}))
+    assert _folder_weights(folder)["quantisation"] is None
+    assert "before mechicl recorded GGUF quantisation" in _folder_weights(folder)["note"]
+
+    assert convert_gguf(gguf_path, cache=tmp_path / "cache") == folder
+    record = json.loads((folder / "mechicl-weights.json").read_text())
+    assert record["gguf_sha256"] == sha and record["weights"]["quantisation"] == "Q4_1"
+    assert record["weights"]["dequantised_to"] == "float32"
+    assert _folder_weights(folder) == record["weights"]
+    assert weights_description({**record["weights"], "loaded_as": "float32"}) == (
+        "4-bit GGUF Q4_1, de-quantised to float32")
+
+    for stale in ({**record, "gguf_sha256": "f" * 64}, {**record, "schema": 0}, "not json {"):
+        (folder / "mechicl-weights.json").write_text(
+            stale if isinstance(stale, str) else json.dumps(stale))
+        convert_gguf(gguf_path, cache=tmp_path / "cache")
+        assert json.loads((folder / "mechicl-weights.json").read_text()) == record
+
+
+@pytest.mark.parametrize("weights, expected", [
+    ({"format": "gguf", "quantisation": "Q4_K_M", "quantised": True, "bits": 4,
+      "loaded_as": "float32", "dequantised_to": "float32"},
+     "4-bit GGUF Q4_K_M, de-quantised to float32"),
+    ({"format": "gguf", "quantisation": None, "quantised": False, "bits": None,
+      "file_type": "F16", "loaded_as": "float32", "dequantised_to": "float32"},
+     "GGUF F16 (not quantised), converted to float32"),
+    ({"format": "safetensors", "quantisation": None, "quantised": False, "bits": None,
+      "loaded_as": "bfloat16"}, "bfloat16 safetensors (not quantised)"),
+    ({"format": "pytorch", "quantisation": None, "quantised": False, "bits": None,
+      "loaded_as": "float32"}, "float32 PyTorch .bin (not quantised)"),
+    ({"format": "safetensors", "quantisation": "bitsandbytes nf4", "quantised": True, "bits": 4,
+      "loaded_as": "bfloat16+uint8"},
+     "4-bit bitsandbytes nf4 quantised safetensors, loaded as bfloat16+uint8"),
+    ({"format": "gguf", "quantisation": None, "quantised": None, "bits": None,
+      "dequantised_to": "float32", "loaded_as": "float32", "note": "why"},
+     "GGUF of unknown quantisation (why), converted to float32"),
+    (None, "weights format and quantisation not recorded"),
+    ({"name": "smollm2-135m", "weights_sha256": "ab"},
+     "weights format and quantisation not recorded"),
+])
+def test_weights_description(weights, expected):
+    assert weights_description(weights) == expected
+    if weights is not None and "format" in weights:  # a whole info() works the same
+        assert weights_description({"name": "m", "weights": weights}) == expected
 
 
 # ---- loading errors ------------------------------------------------------------------------
@@ -345,3 +531,24 @@ def test_gguf_path_spec_reuses_the_cache(smollm2):
     gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     m = load_model(gguf)
     assert m.source == str(gguf) and m.weights_hash == smollm2.weights_hash
+    assert m.weights_info() == smollm2.weights_info()
+
+
+@pytest.mark.slow
+def test_default_model_weights_are_4bit_gguf(smollm2):
+    """SmolLM2 ships as a Q4_1 GGUF file: read from the file, recorded in the cache, reported."""
+    import json
+
+    weights = smollm2.info()["weights"]
+    assert {k: weights[k] for k in ("format", "quantisation", "quantised", "bits", "loaded_as",
+                                    "dequantised_to", "file_type", "read_from")} == {
+        "format": "gguf", "quantisation": "Q4_1", "quantised": True, "bits": 4,
+        "loaded_as": "float32", "dequantised_to": "float32", "file_type": "Q4_1",
+        "read_from": "gguf"}
+    assert "note" not in weights  # the file agrees with the registry
+    assert weights["tensor_types"]["Q4_1"] > 200 and 4 < weights["bits_per_weight"] < 6
+    record = json.loads((Path(smollm2.source) / "mechicl-weights.json").read_text())
+    assert record["weights"] == {k: v for k, v in weights.items() if k != "loaded_as"}
+    assert weights_description(smollm2.info()) == "4-bit GGUF Q4_1, de-quantised to float32"
+    by_folder = load_model(smollm2.source)  # the converted folder, by path
+    assert by_folder.weights_info() == weights

@@ -13,7 +13,10 @@ from mechicl.analyses.overlap import (
     bootstrap_ci,
     jaccard,
     kendall,
+    layer_permutations,
     overlap_matrix,
+    overlap_table,
+    permutation_null,
     permutation_pvalue,
     rank,
     rank_biased_overlap,
@@ -21,8 +24,9 @@ from mechicl.analyses.overlap import (
     top_k,
     top_k_overlap,
     top_k_pvalue,
+    within_layer_spearman,
 )
-from mechicl.results import HeadScores
+from mechicl.results import HeadScores, LayerScores
 
 
 def _maps(seed: int, ties: bool):
@@ -198,6 +202,247 @@ def test_overlap_matrix():
         overlap_matrix({"a": a}, statistic="nope")
 
 
+# --------------------------------------------------------------------------------------------
+# Controls for layer structure: within-layer Spearman, layer-preserving null (issue 21)
+# --------------------------------------------------------------------------------------------
+
+def within_layer_reference(a, b):
+    """Per layer: scipy ranks minus their mean; then numpy's Pearson over all heads."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ra = np.concatenate([stats.rankdata(row) - stats.rankdata(row).mean() for row in a])
+    rb = np.concatenate([stats.rankdata(row) - stats.rankdata(row).mean() for row in b])
+    return np.corrcoef(ra, rb)[0, 1]
+
+
+def _layered_maps(seed, n_layers=12, n_heads=10, shared_heads=0.0, layer_sd=3.0):
+    """Two maps sharing their layer means (and ``shared_heads`` of a within-layer pattern), with
+    independent noise."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    means, pattern = layer_sd * randn(n_layers, 1), randn(n_layers, n_heads)
+    a = means + shared_heads * pattern + randn(n_layers, n_heads)
+    b = means + shared_heads * pattern + randn(n_layers, n_heads)
+    return a, b
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_within_layer_spearman_equals_plain_loop(seed, ties):
+    a, b = _maps(seed, ties)  # [6, 5]; with ties, some layers are constant in one map
+    want = within_layer_reference(a.numpy(), b.numpy())
+    assert np.isfinite(want)
+    assert within_layer_spearman(a, b) == pytest.approx(want, abs=1e-12)
+    assert within_layer_spearman(b, a) == pytest.approx(want, abs=1e-12)
+    assert within_layer_spearman(a, a) == pytest.approx(1.0)
+    heads = _scores(torch.stack([a, a + 1]), "a")  # HeadScores: its mean map
+    assert within_layer_spearman(heads, b) == pytest.approx(within_layer_reference(a + 0.5, b))
+
+
+def test_within_layer_spearman_with_constant_layers():
+    a = torch.tensor([[1.0, 1.0, 1.0], [1.0, 3.0, 2.0], [5.0, 6.0, 4.0]])  # layer 0 constant
+    b = torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0], [4.0, 6.0, 5.0]])
+    want = within_layer_reference(a, b)
+    assert within_layer_spearman(a, b) == pytest.approx(want, abs=1e-12)
+    # the constant layer adds b's variation to the denominator only: not the 0.5 of layers 1-2
+    assert within_layer_spearman(a, b) < within_layer_reference(a[1:], b[1:]) == pytest.approx(0.5)
+    ones = torch.ones(3, 3)
+    with pytest.raises(ValueError, match="every layer"):
+        within_layer_spearman(ones * torch.arange(3.0)[:, None], b)  # per-layer means only
+    with pytest.raises(ValueError, match="every layer"):
+        within_layer_spearman(torch.randn(5, 1), torch.randn(5, 1))  # one head per layer
+
+
+def test_within_layer_spearman_ignores_shared_layer_structure():
+    a, b = _layered_maps(4)
+    assert spearman(a, b) > 0.8  # the shared layer means alone
+    assert abs(within_layer_spearman(a, b)) < 0.25
+    assert within_layer_spearman(a, b) == pytest.approx(within_layer_reference(a, b), abs=1e-12)
+    a, b = _layered_maps(4, shared_heads=2.0)
+    assert within_layer_spearman(a, b) > 0.6
+
+
+def test_within_layer_errors_name_the_shape():
+    with pytest.raises(ValueError, match=r"shape \(30,\).*per-layer"):
+        within_layer_spearman(torch.randn(30), torch.randn(30))
+    per_layer = LayerScores(name="ffn", mean=torch.randn(4), var=torch.zeros(4),
+                            per_seed=torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        within_layer_spearman(per_layer, per_layer)
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\)"):
+        within_layer_spearman(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"\(3, 4\) vs \(4, 3\)"):
+        within_layer_spearman(torch.randn(3, 4), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        within_layer_spearman(torch.full((3, 4), float("nan")), torch.randn(3, 4))
+    for statistic in ("spearman", "top_k"):
+        with pytest.raises(ValueError, match=r"shape \(30,\)"):
+            permutation_pvalue(torch.randn(30), torch.randn(30), statistic=statistic,
+                               within_layers=True)
+    with pytest.raises(ValueError, match=r"per-layer"):
+        permutation_pvalue(per_layer, per_layer, within_layers=True)
+    with pytest.raises(ValueError, match=r"2 heads per layer.*\(5, 1\)"):
+        permutation_pvalue(torch.randn(5, 1), torch.randn(5, 1), within_layers=True)
+    with pytest.raises(ValueError, match="statistic='kendall'.*within_layer_spearman"):
+        permutation_pvalue(torch.randn(3, 4), torch.randn(3, 4), statistic="kendall")
+    with pytest.raises(ValueError, match="n_permutations=0"):
+        layer_permutations(3, 4, 0)
+
+
+def test_layer_permutations_keep_every_head_in_its_layer():
+    n_layers, n_heads, n = 5, 3, 6000
+    perms = layer_permutations(n_layers, n_heads, n, seed=2)
+    assert perms.shape == (n, n_layers, n_heads) and perms.dtype == torch.long
+    layer_of = torch.div(perms, n_heads, rounding_mode="floor")
+    assert torch.equal(layer_of, torch.arange(n_layers)[None, :, None].expand_as(perms))
+    within = perms - torch.arange(n_layers)[:, None] * n_heads
+    assert torch.equal(within.sort(-1).values, torch.arange(n_heads).expand_as(within))
+    # every layer gets its own permutation, and each of the 3! orders is about equally frequent
+    assert (within[:, 0] != within[:, 1]).any(-1).float().mean() > 0.7
+    codes = (within * torch.tensor([9, 3, 1])).sum(-1)  # [draw, layer]: one code per order
+    counts = torch.stack([torch.bincount(c, minlength=27) for c in codes.T])
+    freq = counts[:, counts.sum(0) > 0] / n
+    assert freq.shape == (n_layers, 6) and ((freq - 1 / 6).abs() < 0.03).all()
+    assert torch.equal(layer_permutations(n_layers, n_heads, 10, seed=2), perms[:10])
+    assert not torch.equal(layer_permutations(n_layers, n_heads, 10, seed=3), perms[:10])
+
+
+def _statistic_reference(statistic, k):
+    if statistic == "spearman":
+        return lambda u, v: stats.spearmanr(u.flatten(), v.flatten()).statistic
+    if statistic == "top_k":
+        return lambda u, v: len(set(_ranking(torch.as_tensor(u))[:k])
+                                & set(_ranking(torch.as_tensor(v))[:k])) / k
+    return within_layer_reference
+
+
+def layer_permutation_reference(a, b, statistic, k, n_permutations, seed):
+    """The library's permutations (same draws), applied one layer of one draw at a time."""
+    a, b = a.double().numpy(), b.double().numpy()
+    n_layers, n_heads = b.shape
+    fn = _statistic_reference(statistic, k)
+    observed = fn(a, b)
+    perms = layer_permutations(n_layers, n_heads, n_permutations, seed=seed).numpy()
+    null = []
+    for draw in perms:
+        shuffled = np.empty_like(b)
+        for layer in range(n_layers):
+            order = draw[layer] - layer * n_heads  # positions within the layer
+            shuffled[layer] = b[layer][order]
+        null.append(fn(a, shuffled))
+    return observed, np.array(null)
+
+
+@pytest.mark.parametrize("statistic", ["spearman", "top_k", "within_layer_spearman"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_layer_permutation_pvalue_equals_plain_loop(statistic, ties):
+    a, b = _maps(6, ties)
+    observed, null = permutation_null(a, b, statistic=statistic, k=5, n_permutations=300, seed=4,
+                                      within_layers=True)
+    want_observed, want_null = layer_permutation_reference(a, b, statistic, 5, 300, 4)
+    assert observed == pytest.approx(want_observed, abs=1e-12)
+    assert null.numpy() == pytest.approx(want_null, abs=1e-12)
+    want_p = (1 + sum(v >= want_observed - 1e-12 for v in want_null)) / 301
+    assert permutation_pvalue(a, b, statistic=statistic, k=5, n_permutations=300, seed=4,
+                              within_layers=True) == pytest.approx(want_p, abs=1e-15)
+
+
+def test_layer_permutation_pvalue_matches_an_independent_numpy_null():
+    """Independent draws (numpy's generator, one layer at a time): the p-values agree within
+    Monte Carlo error, and differ from the ordinary null's."""
+    a, b = _layered_maps(7, n_layers=6, n_heads=5)
+    rng = np.random.default_rng(0)
+    x, y = a.numpy(), b.numpy()
+    observed = stats.spearmanr(x.flatten(), y.flatten()).statistic
+    n = 3000
+    null = [stats.spearmanr(x.flatten(),
+                            np.stack([rng.permutation(row) for row in y]).flatten()).statistic
+            for _ in range(n)]
+    want = (1 + sum(v >= observed - 1e-12 for v in null)) / (1 + n)
+    got = permutation_pvalue(a, b, n_permutations=n, seed=1, within_layers=True)
+    assert 0.05 < want < 0.95  # a p-value where the two nulls can disagree
+    assert got == pytest.approx(want, abs=0.05)
+    assert permutation_pvalue(a, b, n_permutations=n, seed=1) < 0.01
+
+
+def test_within_layer_spearman_under_the_ordinary_null_equals_plain_loop():
+    a, b = _maps(2, True)
+    x, y = a.flatten(), b.flatten()
+    gen = torch.Generator().manual_seed(5)
+    perms = torch.argsort(torch.rand(200, x.numel(), generator=gen), dim=-1)
+    observed = within_layer_reference(a, b)
+    null = np.array([within_layer_reference(a, y[perm].reshape(a.shape)) for perm in perms])
+    extreme = (null >= observed - 1e-12) | np.isnan(null)
+    assert permutation_pvalue(a, b, statistic="within_layer_spearman", n_permutations=200,
+                              seed=5) == pytest.approx((1 + extreme.sum()) / 201)
+
+
+def test_layer_null_separates_layer_structure_from_head_agreement():
+    # shared layer means only: tiny ordinary p, large layer-null p, top-k overlap as expected
+    a, b = _layered_maps(0)
+    assert permutation_pvalue(a, b, n_permutations=500) < 0.01
+    assert permutation_pvalue(a, b, statistic="top_k", k=12, n_permutations=500) < 0.01
+    assert permutation_pvalue(a, b, n_permutations=500, within_layers=True) > 0.1
+    observed, null = permutation_null(a, b, statistic="top_k", k=12, n_permutations=500,
+                                      within_layers=True)
+    assert permutation_pvalue(a, b, statistic="top_k", k=12, n_permutations=500,
+                              within_layers=True) > 0.1
+    assert observed > 0.4 and abs(float(null.mean()) - observed) < 0.15  # chance: 0.1
+    # shared within-layer pattern as well: small p under both nulls
+    a, b = _layered_maps(0, shared_heads=1.5)
+    for statistic in ("spearman", "within_layer_spearman"):
+        for within in (False, True):
+            assert permutation_pvalue(a, b, statistic=statistic, n_permutations=500,
+                                      within_layers=within) < 0.01
+
+
+def test_permutation_pvalue_of_an_undefined_statistic_is_nan():
+    a, _ = _maps(0, False)
+    assert math.isnan(permutation_pvalue(a, torch.ones_like(a), n_permutations=50))
+    assert math.isnan(permutation_pvalue(a, torch.ones_like(a), n_permutations=50,
+                                         within_layers=True))
+
+
+def test_overlap_table_layer_controls():
+    g = torch.Generator().manual_seed(8)
+    a, b = _layered_maps(3, n_layers=8, n_heads=6, shared_heads=0.7)
+    imp = _scores(b + 0.3 * torch.randn(3, 8, 6, generator=g, dtype=torch.float64), "imp")
+    scan = _scores(a + 0.3 * torch.randn(4, 8, 6, generator=g, dtype=torch.float64), "scan")
+    table = overlap_table({("task", 1): imp}, {"prefix": scan}, k=5, n_permutations=200,
+                          n_resamples=50, seed=3)
+    row = table.iloc[0]
+    # existing columns first, unchanged
+    assert list(table.columns[:10]) == ["task", "shots", "induction score", "spearman", "kendall",
+                                        "top-5 overlap", "jaccard@5", "rbo (p=0.9)",
+                                        "hypergeom p", "permutation p"]
+    assert row["permutation p"] == permutation_pvalue(scan, imp, n_permutations=200, seed=3)
+    assert row["within-layer spearman"] == pytest.approx(
+        within_layer_reference(scan.mean, imp.mean), abs=1e-12)
+    assert row["layer-null p (spearman)"] == permutation_pvalue(
+        scan, imp, n_permutations=200, seed=3, within_layers=True)
+    assert row["layer-null p (top-k)"] == permutation_pvalue(
+        scan, imp, statistic="top_k", k=5, n_permutations=200, seed=3, within_layers=True)
+    _, want_null = layer_permutation_reference(scan.mean, imp.mean, "top_k", 5, 200, 3)
+    assert row["layer-null top-5 overlap"] == pytest.approx(want_null.mean(), abs=1e-12)
+    assert {"spearman ci low", "spearman ci high"} <= set(table.columns)
+    # single-head layers: the controls are undefined, the rest is computed
+    one = overlap_table({("task", 1): _scores(torch.randn(2, 6, 1, generator=g), "i")},
+                        {"prefix": _scores(torch.randn(2, 6, 1, generator=g), "s")}, k=2,
+                        n_permutations=20, n_resamples=20)
+    assert one[["within-layer spearman", "layer-null p (spearman)", "layer-null p (top-k)",
+                "layer-null top-2 overlap"]].isna().all(axis=None)
+    assert one["spearman"].notna().all()
+
+
+def test_overlap_matrix_within_layer():
+    a, b = _maps(1, False)
+    m = overlap_matrix({"a": a, "b": b}, statistic="within_layer_spearman")
+    assert m.loc["a", "a"] == pytest.approx(1.0)
+    assert m.loc["a", "b"] == pytest.approx(within_layer_reference(a, b), abs=1e-12)
+
+
 @pytest.mark.slow
 def test_every_statistic_on_the_default_models_maps(smollm2):
     """Prefix matching, OV copying and task importance of SmolLM2 (270 heads): each statistic
@@ -224,6 +469,13 @@ def test_every_statistic_on_the_default_models_maps(smollm2):
             rbo_reference(a.mean, b.mean, 0.9), abs=1e-12)
         assert permutation_pvalue(a, b, n_permutations=100, seed=1) == pytest.approx(
             permutation_reference(a.mean, b.mean, "spearman", k, 100, 1))
+        assert within_layer_spearman(a, b) == pytest.approx(
+            within_layer_reference(a.mean, b.mean), abs=1e-12)
+        for statistic in ("spearman", "top_k"):
+            observed, null = layer_permutation_reference(a.mean, b.mean, statistic, k, 100, 1)
+            assert permutation_pvalue(a, b, statistic=statistic, k=k, n_permutations=100, seed=1,
+                                      within_layers=True) == pytest.approx(
+                (1 + sum(v >= observed - 1e-12 for v in null)) / 101)
     _, low, high = bootstrap_ci(prefix, imp, n_resamples=100, seed=4)
     want = bootstrap_reference(prefix.per_seed, imp.per_seed, "spearman", k, 100, 4, False,
                                0.95)

@@ -11,6 +11,7 @@ import torch
 
 import mechicl
 import mechicl.analyses.pruning
+import mechicl.stats
 from mechicl.analyses.pruning import PruneCurve, prune_curve, prune_order, pruning_mask
 from mechicl.model.masks import Mask
 from mechicl.results import HeadScores
@@ -135,6 +136,9 @@ def test_curve_rows_equal_evaluate_under_their_masks(tiny_gpt2, task):
         got = row(curve, head_percent=percent)
         assert got["accuracy"] == masked.accuracy
         assert got["gold_logprob"] == pytest.approx(gold_logprob(masked), abs=1e-5)
+        i = int(np.flatnonzero(curve.data.head_percent == percent)[0])
+        assert curve.correct[i].tolist() == masked.predictions["correct"].astype(int).tolist()
+    assert curve.correct[0].tolist() == plain.predictions["correct"].astype(int).tolist()
     assert curve.data["gold_logprob"].nunique() == len(percents)  # every row differs
     assert curve.params["distinct_masks"] == len(percents)
     assert curve.params["head_rankings"] == ["mine"]
@@ -243,6 +247,7 @@ def test_curve_save_load_roundtrip(tiny_gpt2, task, tmp_path):
     pd.testing.assert_frame_equal(back.data, curve.data)
     assert back.params == curve.params and back.model == curve.model
     pd.testing.assert_frame_equal(back.summary(), curve.summary())
+    assert torch.equal(back.correct, curve.correct) and curve.correct.shape == (len(curve.data), N)
     assert back.baseline == curve.baseline
     HeadScores.from_per_seed("x", torch.zeros(1, 2, 4)).save(tmp_path / "scores")
     with pytest.raises((ValueError, FileNotFoundError)):
@@ -250,43 +255,78 @@ def test_curve_save_load_roundtrip(tiny_gpt2, task, tmp_path):
     assert not list(tmp_path.glob("**/*.tmp"))
 
 
-def hand_curve(rows: list[tuple[str, int, float, float]], chance: float = 0.25) -> PruneCurve:
-    """A curve from ``(head_ranking, draw, head_percent, accuracy)`` rows (heads only, 10 heads)."""
+def hand_curve(rows: list[tuple[str, int, float, float]], chance: float = 0.25,
+               n: int = 100) -> PruneCurve:
+    """A curve from ``(head_ranking, draw, head_percent, accuracy)`` rows (heads only, 10
+    heads): the first ``accuracy * n`` prompts of each row are correct."""
     data = pd.DataFrame([{"task": "t", "shots": 1, "head_ranking": name, "ffn_ranking": "none",
                           "draw": draw, "head_percent": float(hp), "ffn_percent": 0.0,
                           "heads_removed": int(hp * 10 // 100), "ffns_removed": 0,
-                          "accuracy": acc, "n": 100, "chance": chance}
+                          "accuracy": acc, "n": n, "chance": chance}
                          for name, draw, hp, acc in rows])
-    return PruneCurve(data=data)
+    correct = torch.stack([torch.arange(n) < round(acc * n) for *_, acc in rows]).long()
+    return PruneCurve(data=data, correct=correct)
 
 
 def test_summary_numbers():
     curve = hand_curve([
-        ("imp", 0, 0, 0.80), ("imp", 0, 10, 0.78), ("imp", 0, 20, 0.60), ("imp", 0, 30, 0.77),
-        ("imp", 0, 40, 0.50),
+        ("imp", 0, 0, 0.80), ("imp", 0, 10, 0.80), ("imp", 0, 20, 0.60), ("imp", 0, 30, 0.80),
         ("random", 0, 0, 0.80), ("random", 1, 0, 0.80),
-        ("random", 0, 10, 0.70), ("random", 1, 10, 0.84),  # mean 0.77: within 0.05
-        ("random", 0, 20, 0.70), ("random", 1, 20, 0.72),  # mean 0.71: not
-    ])
+        ("random", 0, 10, 0.70), ("random", 1, 10, 0.90),  # per prompt: mean 0.8, no drop
+        ("random", 0, 20, 0.70), ("random", 1, 20, 0.72),  # mean 0.71: a drop
+        ("random", 0, 30, 0.80), ("random", 1, 30, 0.80),
+    ], n=200)
     assert curve.baseline == 0.80
     summary = curve.summary(tolerance=0.05).set_index("head_ranking")
-    assert summary.loc["imp", "max_head_percent"] == 30.0
-    assert summary.loc["random", "max_head_percent"] == 10.0
+    assert summary.loc["imp", "removable"] == 10.0  # 30% is fine again, 20% is not
+    assert summary.loc["random", "removable"] == 10.0
     assert summary.loc["imp", "draws"] == 1 and summary.loc["random", "draws"] == 2
     assert (summary["baseline"] == 0.80).all() and (summary["tolerance"] == 0.05).all()
-    assert (summary["max_ffn_percent"] == 0.0).all()
-    wide = curve.summary(tolerance=0.2).set_index("head_ranking")
-    assert wide.loc["imp", "max_head_percent"] == 30.0
-    assert wide.loc["random", "max_head_percent"] == 20.0
-    assert curve.summary(tolerance=0.4).set_index("head_ranking").loc["imp",
-                                                                      "max_head_percent"] == 40.0
+    assert (summary["unit"] == "heads").all() and (summary["n"] == 200).all()
+    assert curve.summary(tolerance=0.3).set_index("head_ranking").loc["imp",
+                                                                      "removable"] == 30.0
     with pytest.raises(ValueError, match="unpruned"):
         _ = hand_curve([("imp", 0, 50, 0.5)]).baseline
+    old = PruneCurve(data=curve.data)  # written before per-prompt correctness was stored
+    with pytest.raises(ValueError, match="recompute"):
+        old.summary()
 
 
-def test_summary_requires_above_chance():
-    curve = hand_curve([("imp", 0, 0, 0.52), ("imp", 0, 50, 0.48)], chance=0.5)
-    assert curve.summary(tolerance=0.05).loc[0, "max_head_percent"] == 0.0
+def test_points_against_a_literal_loop():
+    rng = np.random.default_rng(0)
+    n = 50
+    rows = [("imp", 0, 0), ("imp", 0, 10), ("imp", 0, 20), ("random", 0, 0), ("random", 1, 0),
+            ("random", 2, 0), ("random", 0, 10), ("random", 1, 10), ("random", 2, 10),
+            ("random", 0, 20), ("random", 1, 20), ("random", 2, 20)]
+    correct = torch.from_numpy(rng.random((len(rows), n)) < 0.7).long()
+    correct[[3, 4, 5]] = correct[0].clone()  # one unpruned model
+    data = pd.DataFrame([{"task": "t", "shots": 1, "head_ranking": name, "ffn_ranking": "none",
+                          "draw": d, "head_percent": float(hp), "ffn_percent": 0.0,
+                          "heads_removed": hp // 10, "ffns_removed": 0,
+                          "accuracy": float(c.float().mean()), "n": n, "chance": 0.5}
+                         for (name, d, hp), c in zip(rows, correct, strict=True)])
+    curve = PruneCurve(data=data, correct=correct)
+    pts = curve.points(n_resamples=200, seed=3).set_index(["head_ranking", "head_percent"])
+    w = mechicl.stats.bootstrap_weights(n, 200, seed=3)
+    idx = [np.repeat(np.arange(n), r.astype(int)) for r in w]
+    c = correct.numpy().astype(float)
+    base = c[0]
+    for hp, imp_row, rand_rows in [(10.0, 1, [6, 7, 8]), (20.0, 2, [9, 10, 11])]:
+        rand = c[rand_rows].mean(0)
+        drops = [np.mean([base[i] - c[imp_row][i] for i in r]) for r in idx]
+        vs = [np.mean([c[imp_row][i] - rand[i] for i in r]) for r in idx]
+        got = pts.loc[("imp", hp)]
+        assert got.accuracy == pytest.approx(c[imp_row].mean())
+        assert (got.drop_low, got.drop_high) == pytest.approx(
+            (np.quantile(drops, 0.025), np.quantile(drops, 0.975)))
+        assert (got.vs_random_low, got.vs_random_high) == pytest.approx(
+            (np.quantile(vs, 0.025), np.quantile(vs, 0.975)))
+        r = pts.loc[("random", hp)]
+        assert r.accuracy == pytest.approx(rand.mean()) and r.draws == 3
+        accs = c[rand_rows].mean(1)
+        assert (r.band_low, r.band_high) == pytest.approx(
+            (np.quantile(accs, 0.05), np.quantile(accs, 0.95)))
+        assert math.isnan(r.vs_random)
 
 
 def test_prune_curve_errors(tiny_gpt2, task):
@@ -323,8 +363,10 @@ def test_prune_curve_figure_traces():
     fig = prune_curve_figure(curve)
     names = [t.name for t in fig.data]
     assert "imp" in names and "random (2 draws)" in names
-    band = next(t for t in fig.data if t.fill == "toself")  # min-max band of the random draws
-    assert list(band.y) == [0.80, 0.70, 0.50, 0.80]
+    band = next(t for t in fig.data if t.fill == "toself")  # 5-95% quantiles of the draws
+    assert list(band.y) == pytest.approx([0.80, 0.69, 0.51, 0.80])
+    imp = next(t for t in fig.data if t.name == "imp")
+    assert imp.error_y.array is not None  # paired-bootstrap error bars over prompts
     random_line = next(t for t in fig.data if t.name == "random (2 draws)")
     assert list(random_line.y) == pytest.approx([0.80, 0.60])
     assert fig.layout.xaxis.title.text == "% of heads removed"

@@ -106,7 +106,7 @@ def test_job_keys_leave_out_execution_and_output_options():
                                      "batch_tokens": "batch_tokens"}),
     ("ffn_importance", ffn_importance, {"n": "n", "metric": "metric", "ablation": "ablation",
                                         "batch_tokens": "batch_tokens"}),
-    ("accuracy", evaluate, {"n": "n", "length_normalize": "length_normalize",
+    ("accuracy", evaluate, {"n": "n", "normalization": "normalization",
                             "batch_tokens": "batch_tokens"}),
     ("scan", induction_scan, {"n_seeds": "n_seeds", "indexing": "indexing",
                               "stream": "stream", "batch_tokens": "batch_tokens"}),
@@ -153,7 +153,7 @@ def test_cli_flags_default_to_the_registry(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["importance", "--tasks", "antonyms", "--out", "x",
                                    "--method", "gradient"])
-    assert "choose one of ['bansal', 'michel', 'ablation']" in capsys.readouterr().err
+    assert "choose one of ['bansal', 'michel', 'ablation', 'attribution']" in capsys.readouterr().err
 
 
 # ---- a toy analysis, registered through the registry alone ------------------------------------

@@ -61,7 +61,7 @@ def test_copy_task_helper_takes_a_seed():
 def test_writes_every_figure_table_and_summary(report):
     out = report.out
     expected_figures = {
-        "scan-prefix_matching", "scan-copying", "loss-curve", "cross-task-0shot",
+        "accuracy", "scan-prefix_matching", "scan-copying", "loss-curve", "cross-task-0shot",
         "cross-task-1shot", "cross-shot", "overlap-spearman", "overlap-topk",
         *(f"importance-{t}-{s}shot" for t in (TASK_A, TASK_B) for s in (0, 1)),
         *(f"{kind}-{t}-1shot" for t in (TASK_A, TASK_B)
@@ -101,7 +101,8 @@ def test_writes_every_figure_table_and_summary(report):
 def test_figures_show_the_stored_values(report):
     imp = HeadScores.load(report.out / "results" / "importance" / f"{TASK_A}-1shot-bansal")
     z = torch.tensor(report.figures[f"importance-{TASK_A}-1shot"].data[0].z)
-    torch.testing.assert_close(z, (imp.mean / imp.mean.max()).double())
+    relative = (imp.mean / imp.mean.max()).double()  # the default colour scale: log10
+    torch.testing.assert_close(z, relative.clamp(min=1e-4).log10())
     scan = mechicl.load_result(report.out / "results" / "scan").scores["prefix_matching"]
     torch.testing.assert_close(torch.tensor(report.figures["scan-prefix_matching"].data[0].z),
                                scan.mean.double())
@@ -335,3 +336,29 @@ def test_a_report_loads_where_its_tasks_are_not_registered(report):
         assert loaded.config.tasks == (TASK_A, TASK_B) and "accuracy" in loaded.tables
     finally:
         TASKS.update(saved)
+
+
+def test_claims_are_recomputed_from_the_stored_results(report):
+    """Every claim of report.md comes from tables/claims.csv, and rendering the stored results
+    again gives the same claims (no hand-written findings)."""
+    from mechicl.report.build import render_report, report_jobs
+
+    out = report.out
+    stored = pd.read_csv(out / "tables" / "claims.csv")
+    assert len(stored) > 0 and set(stored.section) >= {"icl", "pruning heads"}
+    md = (out / "report.md").read_text()
+    for text in stored.text:
+        assert text in md, text
+    names = report_jobs(report.config, report.model["name"])
+    results = {name: mechicl.load_result(out / "results" / name) for name in names}
+    again = render_report(report.config, results).tables["claims"]
+    pd.testing.assert_frame_equal(again.reset_index(drop=True),
+                                  stored.astype(again.dtypes.to_dict()), check_exact=False)
+    # every pruning claim names a ranking the report ran, in both directions of the scan
+    pruning = stored[stored.section == "pruning heads"]
+    assert pruning.subject.str.contains("prefix matching, highest first").any()
+    assert pruning.subject.str.contains("prefix matching, lowest first").any()
+    # a claim that is not significant says so
+    for row in stored.itertuples():
+        if row.statistic == "accuracy minus random" and not row.significant:
+            assert "not significant" in row.text

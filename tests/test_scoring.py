@@ -1,10 +1,13 @@
-"""Shared-context choice scoring (issue 20) equals the per-choice rows it replaces.
+"""Shared-context choice scoring (issue 20) equals the per-choice rows it replaces; choices are
+ranked by the task's normalization (issue 21) as a literal loop ranks them.
 
 The reference is ``scoring="rows"``: every choice its own row (context + choice), full logits,
 as the scoring was before; tests/reference_importance.py checks that path against plain loops.
 Here: the shared path (one prompt per pass with a growing batch, several packed left-padded
 prompts, masks split over passes) against it, on every tiny architecture and, marked slow, on
-every built-in task of the default model.
+every built-in task of the default model. The ranking rules (summed log-likelihood, per token,
+per character as lm-evaluation-harness's ``acc_norm``) against a loop over prompts and choices
+on the reference log-likelihoods, in evaluation, pruning curves and the registered analysis.
 """
 
 import pytest
@@ -14,7 +17,10 @@ from torch.testing import assert_close
 
 import mechicl
 from mechicl._batching import CPU_PASS_TOKENS, device_batch_tokens
+from mechicl.analyses import OptionError
+from mechicl.analyses._registry import Call
 from mechicl.analyses.evaluation import (
+    ACCURACY,
     _shared_passes,
     answer_batch,
     answer_losses,
@@ -24,7 +30,9 @@ from mechicl.analyses.evaluation import (
     shared_context_supported,
 )
 from mechicl.analyses.importance import ffn_importance, head_importance
-from mechicl.inputs.tasks import TASKS, build_prompts, load_task
+from mechicl.analyses.pruning import prune_curve
+from mechicl.experiments.grid import task_digest
+from mechicl.inputs.tasks import NORMALIZATIONS, TASKS, Example, Task, build_prompts, load_task
 from mechicl.model.masks import Mask, stack_hooks
 
 
@@ -210,3 +218,116 @@ def test_evaluate_masks_equals_evaluate_per_mask(tiny_llama):
                      torch.tensor(want.predictions.loglik.tolist()), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="masks is empty"):
         mechicl.evaluate_masks(model, task, [], shots=1)
+
+
+# ---- ranking by the task's normalization (issue 21) -----------------------------------------
+
+
+def uneven_task(n: int = 18, normalization: str = "none") -> Task:
+    """Choices whose lengths differ, in characters (2, 8, 7, 15) and in tokens (1, 3, 2, 5),
+    in a different order per example (toy words w0..w95)."""
+    pool = ("w1", "w2 w3 w4", "w55 w66", "w7 w8 w9 w10 w11")
+    examples = tuple(Example(id=f"u{i}", input=f"w{20 + i % 40} w{60 + i % 30}",
+                             choices=pool[i % 4:] + pool[:i % 4], gold=i % 3) for i in range(n))
+    return Task(name="uneven", examples=examples, template="{input} w19",
+                normalization=normalization)
+
+
+def literal_predictions(model, task: Task, prompts) -> dict[str, list[int]]:
+    """Per rule, the argmax (the first of equal maxima) over each prompt's choices, one prompt
+    and one choice at a time on the reference log-likelihoods: "none" the sum, "tokens" the sum
+    over the continuation's token count, "chars" the sum over ``len(choice)``, the answer
+    string without the space before it (lm-evaluation-harness's ``acc_norm``:
+    ``np.argmax(lls / [len(c) for c in doc_to_choice(doc)])``)."""
+    examples = {e.id: e for e in task.examples}
+    out: dict[str, list[int]] = {"none": [], "tokens": [], "chars": []}
+    for p in prompts:
+        logliks = ref.ref_choice_logliks(model, p)
+        lengths = {"none": [1] * len(logliks),
+                   "tokens": [len(ref.prompt_tokens(model, p, which=c)[1])
+                              for c in range(len(logliks))],
+                   "chars": [len(choice) for choice in examples[p.id].choices]}
+        for rule, length in lengths.items():
+            best = 0
+            for c in range(len(logliks)):
+                if logliks[c] / length[c] > logliks[best] / length[best]:
+                    best = c
+            out[rule].append(best)
+    return out
+
+
+def test_each_rule_predicts_as_a_literal_loop(tiny_llama):
+    model = tiny_llama
+    task = uneven_task()
+    prompts = build_prompts(task, shots=1, seed=2)
+    want = literal_predictions(model, task, prompts)
+    # the rules disagree on these choices, so agreeing with each one means something
+    assert want["none"] != want["tokens"] != want["chars"] != want["none"]
+    gold = [p.gold for p in prompts]
+    for rule in NORMALIZATIONS:
+        result = mechicl.evaluate(model, uneven_task(normalization=rule), shots=1, seed=2)
+        assert result.params["normalization"] == rule
+        assert result.predictions["prediction"].tolist() == want[rule], rule
+        accuracy = sum(w == g for w, g in zip(want[rule], gold, strict=True)) / len(gold)
+        assert result.accuracy == accuracy
+        for other in NORMALIZATIONS:  # every rule's accuracy from the one stored result
+            assert result.accuracy_with(other) == sum(
+                w == g for w, g in zip(want[other], gold, strict=True)) / len(gold)
+    chars = mechicl.evaluate(model, task, shots=1, seed=2)  # the task's own rule: "none"
+    assert chars.predictions["n_chars"].tolist() == [
+        [len(c) for c in e.choices] for e in (next(x for x in task.examples if x.id == p.id)
+                                              for p in prompts)]
+
+
+def test_pruning_curves_rank_by_the_same_rule(tiny_llama):
+    model = tiny_llama
+    task = uneven_task(normalization="chars")
+    for given, rule in (("task", "chars"), ("none", "none"), ("tokens", "tokens")):
+        curve = prune_curve(model, task, shots=1, n=12, seed=2, head_percents=[0],
+                            random_draws=0, normalization=given)
+        plain = mechicl.evaluate(model, task, shots=1, n=12, seed=2, normalization=given)
+        assert curve.params["normalization"] == plain.params["normalization"] == rule
+        assert curve.baseline == plain.accuracy
+        assert curve.correct[0].tolist() == plain.predictions["correct"].astype(int).tolist()
+    prompts = build_prompts(task, shots=1, n=12, seed=2)  # prompts without a task: the sum
+    alone = prune_curve(model, prompts=prompts, head_percents=[0], random_draws=0)
+    assert alone.params["normalization"] == "none"
+
+
+def test_accuracy_analysis_option_overrides_the_task_rule(tiny_llama):
+    option = ACCURACY.option("normalization")
+    assert option.default == "task" and option.allowed() == ["task", "none", "tokens", "chars"]
+    with pytest.raises(OptionError, match=r"accuracy.normalization = 'acc_norm' is not allowed; "
+                                          r"choose one of \['task', 'none', 'tokens', 'chars'\]"):
+        ACCURACY.job("m", {"normalization": "acc_norm"}, task="openbookqa", shots=0)
+    task = uneven_task(normalization="chars")
+    for given, rule in (("task", "chars"), ("tokens", "tokens")):
+        job = ACCURACY.job("m", {"n": 6, "normalization": given}, task="uneven", shots=1, seed=2)
+        result = ACCURACY.run(Call(model=tiny_llama, job=job, task=task))
+        assert result.params["normalization"] == rule
+        assert result.accuracy == mechicl.evaluate(tiny_llama, task, shots=1, n=6, seed=2,
+                                                   normalization=rule).accuracy
+    # the job key: an override is an option of the key, the task's rule part of its data
+    identity = {"weights_sha256": "w", "tokenizer_sha256": "t"}
+    jobs = [ACCURACY.job("m", {"normalization": v}, task="openbookqa", shots=0)
+            for v in ("task", "none", "chars")]
+    assert len({job.key(identity, "v") for job in jobs}) == 3
+    assert task_digest(task) != task_digest(task.with_options(normalization="none"))
+
+
+@pytest.mark.slow
+def test_openbookqa_by_its_own_rule_is_not_below_chance(smollm2):
+    """OpenBookQA's short options are more often wrong: by summed log-likelihood the default
+    model scored significantly below chance (0.08 in the report, issue 21). By the task's rule
+    (lm-eval's acc_norm) on 50 prompts at 0 shots it must not be significantly below chance."""
+    result = mechicl.evaluate(smollm2, "openbookqa", shots=0, n=50, seed=0)
+    summed = mechicl.evaluate(smollm2, "openbookqa", shots=0, n=50, seed=0,
+                              normalization="none")
+    assert result.normalization == "chars" and summed.normalization == "none"
+    assert result.accuracy_with("none") == summed.accuracy
+    assert summed.accuracy_with("chars") == result.accuracy
+    print(f"\nopenbookqa 0-shot n=50: chars (acc_norm) {result.accuracy:.2f} "
+          f"[{result.ci_low:.2f}, {result.ci_high:.2f}], none (acc) {summed.accuracy:.2f} "
+          f"[{summed.ci_low:.2f}, {summed.ci_high:.2f}], tokens "
+          f"{result.accuracy_with('tokens'):.2f}, chance {result.chance:.2f}")
+    assert result.ci_high > result.chance, result.summary()

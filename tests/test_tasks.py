@@ -9,8 +9,14 @@ import torch
 from torch.testing import assert_close
 
 import mechicl
-from mechicl.analyses.evaluation import answer_batch, choice_logprobs, evaluate, wilson_interval
+from mechicl.analyses.evaluation import (
+    answer_batch,
+    choice_logprobs,
+    evaluate,
+    resolve_normalization,
+)
 from mechicl.inputs.tasks import (
+    NORMALIZATIONS,
     TASKS,
     Example,
     Prompt,
@@ -22,6 +28,7 @@ from mechicl.inputs.tasks import (
     task_from_dataset,
     task_from_file,
 )
+from mechicl.stats import wilson_interval
 
 
 def toy_task(n: int = 40, multi_token: bool = False) -> Task:
@@ -145,15 +152,54 @@ def test_evaluate_result_and_roundtrip(tiny_llama, tmp_path):
     assert result.n == 10 == len(df) and result.chance == 0.5
     assert result.accuracy == df["correct"].mean()
     assert result.ci_low <= result.accuracy <= result.ci_high
+    assert result.params["normalization"] == "none" == result.summary()["normalization"]
+    assert df["n_chars"].tolist() == [[2, 2]] * 10  # " w1", " w3": the space not counted
     back = type(result).load(result.save(tmp_path / "r"))
     assert back.summary() == result.summary() and back.params == result.params
-    assert back.predictions.drop(columns=["loglik", "n_tokens", "demo_ids"]).equals(
-        df.drop(columns=["loglik", "n_tokens", "demo_ids"]))
-    assert back.predictions["loglik"].tolist() == df["loglik"].tolist()
-    assert back.predictions["demo_ids"].tolist() == df["demo_ids"].tolist()
+    lists = ["loglik", "n_tokens", "n_chars", "demo_ids"]
+    assert back.predictions.drop(columns=lists).equals(df.drop(columns=lists))
+    for column in lists:
+        assert back.predictions[column].tolist() == df[column].tolist(), column
+    for rule in NORMALIZATIONS:  # any rule's accuracy from the stored result
+        assert back.accuracy_with(rule) == evaluate(
+            tiny_llama, toy_task(), shots=2, n=10, seed=0, normalization=rule).accuracy
     normed = evaluate(tiny_llama, toy_task(multi_token=True), shots=0, n=10,
-                      length_normalize=True)
-    assert normed.params["length_normalize"] is True
+                      normalization="tokens")
+    assert normed.params["normalization"] == "tokens" == normed.normalization
+
+
+def test_evaluation_ranks_by_the_tasks_normalization_unless_overridden(tiny_llama):
+    task = toy_task(multi_token=True)
+    for rule in NORMALIZATIONS:
+        own = evaluate(tiny_llama, task.with_options(normalization=rule), shots=1, n=8)
+        given = evaluate(tiny_llama, task, shots=1, n=8, normalization=rule)
+        assert own.params["normalization"] == given.params["normalization"] == rule
+        assert own.accuracy == given.accuracy
+        assert own.predictions["prediction"].tolist() == given.predictions["prediction"].tolist()
+    chars = task.with_options(normalization="chars")
+    summed = evaluate(tiny_llama, chars, shots=1, n=8, normalization="none")
+    assert summed.params["normalization"] == "none"
+    assert summed.accuracy == evaluate(tiny_llama, task, shots=1, n=8).accuracy
+
+
+def test_bad_normalization_names_the_value_and_the_allowed_ones(tiny_llama, tmp_path):
+    """A task's rule is checked when the task is made; evaluation's (with "task") too. Under
+    the test suite's runtime type checker the annotation may answer first (a TypeError): both
+    name the value."""
+    with pytest.raises((ValueError, TypeError), match="bytes"):
+        toy_task().with_options(normalization="bytes")
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"input": "w1", "choices": ["w2", "w3"], "gold": 0}) + "\n")
+    assert task_from_file(path, normalization="chars").normalization == "chars"
+    with pytest.raises((ValueError, TypeError), match="acc_norm"):
+        task_from_file(path, normalization="acc_norm")
+    with pytest.raises((ValueError, TypeError), match="mean"):
+        evaluate(tiny_llama, toy_task(), shots=0, n=2, normalization="mean")
+    with pytest.raises(ValueError, match=r"normalization='mean' is not allowed; choose one of "
+                                         r"\['task', 'none', 'tokens', 'chars'\]"):
+        resolve_normalization("mean", toy_task())
+    assert resolve_normalization("task", None) == "none"  # prompts without a task: the sum
+    assert resolve_normalization("task", "piqa") == "chars"
 
 
 def test_evaluate_explicit_prompts_equals_built_prompts(tiny_llama):
@@ -255,6 +301,7 @@ def test_hub_loaders_on_local_files(tmp_path):
                                             "label": ["A", "B", "C", "D"]},
                                 "answerKey": "A"}) + "\n")
     assert hub_task("openbookqa", data_files=obqa).examples[0].answer == "star"
+    assert hub_task("openbookqa", data_files=obqa).normalization == "chars"
     boolq = tmp_path / "boolq.jsonl"
     boolq.write_text(json.dumps({"question": "is it", "answer": True, "passage": "It is."}))
     assert hub_task("boolq", data_files=boolq).examples[0].answer == "yes"
@@ -262,6 +309,8 @@ def test_hub_loaders_on_local_files(tmp_path):
     piqa.write_text(json.dumps({"goal": "open jar", "sol1": "twist", "sol2": "kick",
                                 "label": 0}))
     assert hub_task("piqa", data_files=piqa).examples[0].answer == "twist"
+    assert hub_task("piqa", data_files=piqa).normalization == "chars"
+    assert hub_task("boolq", data_files=boolq).normalization == "none"
     ag = tmp_path / "ag.csv"
     ag.write_text('text,label\n"Stocks rose",2\n')
     assert hub_task("ag_news", data_files=ag).examples[0].answer == "Business"
@@ -281,6 +330,14 @@ def test_builtin_tasks_load_with_provenance(name):
     assert len(task) >= 100 and task.source and task.licence
     assert all(0 <= e.gold < len(e.choices) for e in task.examples)
     build_prompts(task, shots=5, n=3)  # renders
+
+
+def test_builtin_tasks_score_as_lm_evaluation_harness_reports_them():
+    """lm-eval reports acc_norm (log-likelihood per character) for piqa and openbookqa; the
+    other built-in tasks keep the summed log-likelihood (lm-eval's acc)."""
+    rules = {name: load_task(name).normalization for name in BUILTIN}
+    assert {n for n, r in rules.items() if r != "none"} == {"openbookqa", "piqa"}
+    assert rules["openbookqa"] == rules["piqa"] == "chars"
 
 
 def test_registry_errors():

@@ -14,8 +14,13 @@ analysis (CLI command)    module                                      result typ
 ``overlap``               :mod:`~mechicl.analyses.overlap`            ``OverlapTable``
 ========================  ==========================================  =====================
 
+:mod:`~mechicl.analyses.causal` registers ``induction_ablation`` (``ablate-induction``) and
+``induction_ablation_task`` (``ablate-induction-task``), both ``InductionAblation``: the top-k
+heads of an induction score ablated against k random heads.
+
 (``report``, registered by :mod:`mechicl.report`, composes them.) Support modules:
-:mod:`~mechicl.analyses.metrics` (patching metrics) and the declared private modules
+:mod:`~mechicl.analyses.metrics` (patching metrics), :mod:`~mechicl.analyses.icl` (is a task
+in-context learning: above chance, paired in-context gain) and the declared private modules
 ``_registry`` (the :class:`Analysis` record, :class:`Option`, :class:`Job`) and ``_engine``
 (batched patched copies shared by the three patching analyses).
 
@@ -24,7 +29,9 @@ Importing this package registers every analysis in :data:`ANALYSES`.
 
 from mechicl.analyses import (
     attribution,
+    causal,
     evaluation,
+    icl,
     importance,
     induction,
     metrics,
@@ -60,8 +67,10 @@ __all__ = [
     "OptionError",
     "Outputs",
     "attribution",
+    "causal",
     "evaluation",
     "get_analysis",
+    "icl",
     "importance",
     "induction",
     "job_stem",

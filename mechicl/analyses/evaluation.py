@@ -1,8 +1,10 @@
 """Generation-free evaluation of in-context learning: choice log-likelihoods, accuracy, answer masks.
 
 Each choice is scored by the log-likelihood of its continuation given the prompt, summed over
-its tokens (optionally divided by the number of tokens); the prediction is the argmax, as in
-lm-evaluation-harness's multiple-choice scoring.
+its tokens; the prediction is the argmax, as in lm-evaluation-harness's multiple-choice scoring.
+The task's :attr:`~mechicl.inputs.tasks.Task.normalization` (or an override) may divide the sum
+by the continuation's number of tokens or by the answer's number of characters (lm-evaluation-
+harness's ``acc_norm``): :func:`choice_scores`.
 
 Shared-context scoring (the default where the model supports a KV cache): one pass over a
 prompt's context, unembedded only at its last position, fills a key/value cache; one more
@@ -29,7 +31,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -52,30 +54,25 @@ from mechicl.analyses._registry import (
     job_stem,
     register_analysis,
 )
-from mechicl.inputs.tasks import Prompt, Task, build_prompts, load_task
+from mechicl.inputs.tasks import (
+    NORMALIZATIONS,
+    TASKS,
+    Normalization,
+    Prompt,
+    Task,
+    build_prompts,
+    load_task,
+)
 from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.model.masks import Mask, masked_logits, stack_hooks
 from mechicl.results import read_result, result_type, write_result
+from mechicl.stats import wilson_interval
 
-__all__ = ["SCORINGS", "AnswerBatch", "EvalResult", "answer_batch", "answer_losses",
-           "choice_logprobs", "encode_prompt", "evaluate", "evaluate_masks", "longest_prompt",
-           "masked_choice_logprobs", "shared_context_scores", "shared_context_supported",
-           "wilson_interval"]
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default).
-
-    >>> [round(x, 3) for x in wilson_interval(8, 10)]
-    [0.49, 0.943]
-    """
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+__all__ = ["NORMALIZATION_CHOICES", "SCORINGS", "AnswerBatch", "EvalResult",
+           "NormalizationChoice", "answer_batch", "answer_losses", "choice_chars",
+           "choice_logprobs", "choice_scores", "encode_prompt", "evaluate", "evaluate_masks",
+           "longest_prompt", "masked_choice_logprobs", "resolve_normalization",
+           "shared_context_scores", "shared_context_supported"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,6 +474,75 @@ def _masks_per_pass(batch_tokens: int, rows: int, length: int) -> int:
     return max(1, batch_tokens // max(1, rows * length))
 
 
+# --------------------------------------------------------------------------------------------
+# Ranking the choices: the task's normalization
+# --------------------------------------------------------------------------------------------
+
+NormalizationChoice = Literal["task", "none", "tokens", "chars"]
+NORMALIZATION_CHOICES: tuple[str, ...] = ("task", *NORMALIZATIONS)
+"""Values of the ``normalization`` argument of :func:`evaluate` and
+:func:`~mechicl.analyses.pruning.prune_curve` (and of the ``accuracy`` analysis's option):
+``"task"``, the task's own :attr:`~mechicl.inputs.tasks.Task.normalization`, or one of
+:data:`~mechicl.inputs.tasks.NORMALIZATIONS` to override it."""
+
+
+def resolve_normalization(normalization: str, task: Task | str | None) -> Normalization:
+    """The rule that ranks the choices: ``normalization`` itself, or for ``"task"`` the task's
+    own (a registered task's name is looked up; without a task, or for a name that is not
+    registered, ``"none"``).
+
+    >>> resolve_normalization("task", "openbookqa"), resolve_normalization("none", "openbookqa")
+    ('chars', 'none')
+    >>> resolve_normalization("task", "antonyms")
+    'none'
+    """
+    check_choice("normalization", normalization, NORMALIZATION_CHOICES)
+    if normalization != "task":
+        return cast(Normalization, normalization)
+    if isinstance(task, Task):
+        return task.normalization
+    if isinstance(task, str) and task in TASKS:
+        return load_task(task).normalization
+    return "none"
+
+
+def choice_chars(prompts: Sequence[Prompt]) -> Int[Tensor, "example choice"]:
+    """Each choice's number of characters, ``[example, max_choices]`` (0 for missing choices):
+    its continuation without the leading whitespace (the task's ``answer_prefix``), as
+    lm-evaluation-harness's ``acc_norm`` divides by ``len(choice)``, its ``target_delimiter``
+    (a space) not counted.
+
+    >>> choice_chars([Prompt(id="q", text="Q:", continuations=(" yes", " no way"), gold=0),
+    ...               Prompt(id="r", text="Q:", continuations=(" a",), gold=0)]).tolist()
+    [[3, 6], [1, 0]]
+    """
+    n_choices = max(len(p.continuations) for p in prompts)
+    out = torch.zeros((len(prompts), n_choices), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        out[i, : len(p.continuations)] = torch.tensor([len(c.lstrip())
+                                                       for c in p.continuations])
+    return out
+
+
+def choice_scores(loglik: Float[Tensor, "*mask example choice"],
+                  n_tokens: Int[Tensor, "example choice"], n_chars: Int[Tensor, "example choice"],
+                  normalization: Normalization) -> Float[Tensor, "*mask example choice"]:
+    """What the prediction is the argmax of: the summed log-likelihood (``"none"``), divided by
+    the continuation's tokens (``"tokens"``) or by the answer's characters (``"chars"``,
+    :func:`choice_chars`); counts below 1 count as 1, so missing choices stay ``-inf``.
+
+    >>> loglik = torch.tensor([[-3.0, -4.0]])
+    >>> [choice_scores(loglik, torch.tensor([[1, 4]]), torch.tensor([[2, 10]]), rule).argmax(-1)
+    ...  .item() for rule in ("none", "tokens", "chars")]
+    [0, 1, 1]
+    """
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    if normalization == "none":
+        return loglik
+    counts = n_tokens if normalization == "tokens" else n_chars
+    return loglik / counts.clamp(min=1).to(loglik.dtype)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AnswerBatch:
     """Prompt + answer tokens, padded, with the mask of the answer tokens.
@@ -586,9 +652,12 @@ class EvalResult:
         n: number of evaluated examples.
         chance: accuracy of uniform guessing.
         predictions: one row per example: ``id``, ``gold``, ``prediction``, ``correct``,
-            ``predicted_answer``, ``gold_answer``, ``loglik`` (per choice), ``n_tokens``,
-            ``demo_ids``, and the examples' metadata columns.
-        params: the evaluation settings (shots, n, seed, prompt ids, mask, template, ...).
+            ``predicted_answer``, ``gold_answer``, ``loglik`` (summed, per choice),
+            ``n_tokens`` and ``n_chars`` (per choice: what ``"tokens"`` and ``"chars"`` divide
+            by), ``demo_ids``, and the examples' metadata columns; any rule's accuracy can be
+            recomputed from them (:meth:`accuracy_with`).
+        params: the evaluation settings (shots, n, seed, ``normalization``: the rule that
+            ranked the choices, prompt ids, mask, template, ...).
         model: the model's provenance.
     """
 
@@ -603,10 +672,47 @@ class EvalResult:
     params: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def normalization(self) -> str:
+        """The rule that ranked the choices (:data:`~mechicl.inputs.tasks.NORMALIZATIONS`; for
+        results written before it was recorded, ``"tokens"`` if they were length-normalised,
+        else ``"none"``)."""
+        if "normalization" in self.params:
+            return str(self.params["normalization"])
+        return "tokens" if self.params.get("length_normalize") else "none"
+
+    def accuracy_with(self, normalization: Normalization) -> float:
+        """The accuracy had the choices been ranked by ``normalization``, recomputed from the
+        stored per-choice log-likelihoods and lengths: e.g. lm-evaluation-harness's ``acc``
+        (``"none"``) and ``acc_norm`` (``"chars"``) of one result.
+
+        >>> from mechicl.inputs.tasks import Example
+        >>> task = Task(name="toy", template="{input} w7", normalization="chars", examples=tuple(
+        ...     Example(id=str(i), input=f"w{10 + i}", choices=("w1 w2 w3", "w4"), gold=i % 2)
+        ...     for i in range(8)))
+        >>> result = evaluate(model, task, shots=1, n=4)
+        >>> result.normalization, result.accuracy_with("chars") == result.accuracy
+        ('chars', True)
+        """
+        check_choice("normalization", normalization, NORMALIZATIONS)
+        preds = self.predictions
+        if normalization == "chars" and "n_chars" not in preds:
+            raise ValueError("this result has no character counts (written before mechicl "
+                             "recorded them): recompute it to rank by characters")
+        correct = 0
+        for row in preds.itertuples(index=False):
+            loglik = torch.tensor(list(row.loglik), dtype=torch.float64)[None]
+            n_tok = torch.tensor(list(row.n_tokens), dtype=torch.long)[None]
+            n_chars = (torch.tensor(list(row.n_chars), dtype=torch.long)[None]
+                       if normalization == "chars" else n_tok)
+            pred = int(choice_scores(loglik, n_tok, n_chars, normalization).argmax(-1))
+            correct += pred == int(row.gold)
+        return correct / len(preds) if len(preds) else float("nan")
+
     def summary(self) -> dict[str, Any]:
         return {"task": self.task, "shots": self.shots, "accuracy": self.accuracy,
                 "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n,
-                "chance": self.chance}
+                "chance": self.chance, "normalization": self.normalization}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as a folder (:func:`~mechicl.results.write_result`: the summary as fields, the
@@ -631,8 +737,9 @@ class EvalResult:
 
 def evaluate(
     model: HookedModel, task: Task | str, *, shots: int = 5, n: int | None = None, seed: int = 0,
-    length_normalize: bool = False, mask: Mask | None = None, batch_tokens: int = 4096,
-    progress: bool = False, prompts: Sequence[Prompt] | None = None, **prompt_options: Any,
+    normalization: NormalizationChoice = "task", mask: Mask | None = None,
+    batch_tokens: int = 4096, progress: bool = False, prompts: Sequence[Prompt] | None = None,
+    **prompt_options: Any,
 ) -> EvalResult:
     """Evaluate ``model`` on ``task`` with ``shots`` demonstrations per prompt.
 
@@ -642,7 +749,10 @@ def evaluate(
         shots: demonstrations per prompt.
         n: number of evaluation examples (default: the whole evaluation pool).
         seed: seeds example selection and demonstrations.
-        length_normalize: rank choices by mean log-probability per token instead of the sum.
+        normalization: how the choices are ranked (:func:`choice_scores`): ``"task"`` (the
+            task's :attr:`~mechicl.inputs.tasks.Task.normalization`), or ``"none"`` (summed
+            log-likelihood, lm-evaluation-harness's ``acc``), ``"tokens"`` (per token) or
+            ``"chars"`` (per character of the answer, lm-evaluation-harness's ``acc_norm``).
         mask: evaluate with these heads / FFNs masked (:class:`~mechicl.model.masks.Mask`).
         batch_tokens: rows x longest row per forward pass.
         progress: show a progress bar.
@@ -653,13 +763,13 @@ def evaluate(
             ``order``, ``corruption``, ``corruption_rate``, ``unrelated_labels``).
     """
     return evaluate_masks(model, task, [mask], shots=shots, n=n, seed=seed,
-                          length_normalize=length_normalize, batch_tokens=batch_tokens,
+                          normalization=normalization, batch_tokens=batch_tokens,
                           progress=progress, prompts=prompts, **prompt_options)[0]
 
 
 def evaluate_masks(
     model: HookedModel, task: Task | str, masks: Sequence[Mask | None], *, shots: int = 5,
-    n: int | None = None, seed: int = 0, length_normalize: bool = False,
+    n: int | None = None, seed: int = 0, normalization: NormalizationChoice = "task",
     batch_tokens: int = 4096, progress: bool = False, prompts: Sequence[Prompt] | None = None,
     **prompt_options: Any,
 ) -> list[EvalResult]:
@@ -674,7 +784,8 @@ def evaluate_masks(
         shots: demonstrations per prompt.
         n: number of evaluation examples (default: the whole evaluation pool).
         seed: seeds example selection and demonstrations.
-        length_normalize: rank choices by mean log-probability per token instead of the sum.
+        normalization: how the choices are ranked (``"task"``: the task's rule; see
+            :func:`evaluate`).
         batch_tokens: tokens per forward pass, counting every masked copy.
         progress: show a progress bar.
         prompts: evaluate these prompts of ``task`` instead of building them.
@@ -692,6 +803,7 @@ def evaluate_masks(
     """
     model = as_hooked_model(model)
     task_obj = load_task(task) if isinstance(task, str) else task
+    rule = resolve_normalization(normalization, task_obj)
     if prompts is None:
         prompts = build_prompts(task_obj, shots=shots, n=n, seed=seed, **prompt_options)
     else:
@@ -709,18 +821,19 @@ def evaluate_masks(
         raise ValueError("masks is empty: give at least one mask (None for the unmasked model)")
     loglik, n_tok = masked_choice_logprobs(model, prompts, list(masks), batch_tokens=batch_tokens,
                                            progress=progress)
-    return [_eval_result(model, task_obj, prompts, loglik[i], n_tok, shots=shots, seed=seed,
-                         length_normalize=length_normalize, mask=mask,
+    n_chars = choice_chars(prompts)
+    return [_eval_result(model, task_obj, prompts, loglik[i], n_tok, n_chars, shots=shots,
+                         seed=seed, normalization=rule, mask=mask,
                          prompt_options=prompt_options)
             for i, mask in enumerate(masks)]
 
 
 def _eval_result(model: HookedModel, task_obj: Task, prompts: Sequence[Prompt], loglik: Tensor,
-                 n_tok: Tensor, *, shots: int, seed: int, length_normalize: bool,
-                 mask: Mask | None, prompt_options: Mapping[str, Any]) -> EvalResult:
+                 n_tok: Tensor, n_chars: Tensor, *, shots: int, seed: int,
+                 normalization: Normalization, mask: Mask | None,
+                 prompt_options: Mapping[str, Any]) -> EvalResult:
     """An :class:`EvalResult` from the choices' log-likelihoods ``[example, choice]``."""
-    score = loglik / n_tok.clamp(min=1) if length_normalize else loglik
-    pred = score.argmax(-1)
+    pred = choice_scores(loglik, n_tok, n_chars, normalization).argmax(-1)
     gold = torch.tensor([p.gold for p in prompts])
     correct = pred == gold
     k = int(correct.sum())
@@ -734,10 +847,10 @@ def _eval_result(model: HookedModel, task_obj: Task, prompts: Sequence[Prompt], 
             "id": p.id, "gold": p.gold, "prediction": int(pred[i]), "correct": bool(correct[i]),
             "gold_answer": ex.choices[p.gold], "predicted_answer": ex.choices[int(pred[i])],
             "loglik": loglik[i, :n_ch].tolist(), "n_tokens": n_tok[i, :n_ch].tolist(),
-            "demo_ids": list(p.demo_ids),
+            "n_chars": n_chars[i, :n_ch].tolist(), "demo_ids": list(p.demo_ids),
             **{f"meta.{k}": v for k, v in ex.meta.items()},
         })
-    config = {"shots": shots, "n": len(prompts), "seed": seed, "length_normalize": length_normalize,
+    config = {"shots": shots, "n": len(prompts), "seed": seed, "normalization": normalization,
               "prompt_ids": [p.id for p in prompts],
               "mask": None if mask is None else mask.to_dict(),
               **prompt_options, "template": task_obj.template, "separator": task_obj.separator,
@@ -770,7 +883,7 @@ def task_prompts(task: Task, job: Job) -> list[Prompt]:
 def _run(call: Call) -> EvalResult:
     return evaluate(call.model, call.task, shots=call.shots, seed=call.seed,
                     prompts=task_prompts(call.task, call.job),
-                    length_normalize=call.options["length_normalize"], progress=call.progress,
+                    normalization=call.options["normalization"], progress=call.progress,
                     **call.batch())
 
 
@@ -790,8 +903,10 @@ ACCURACY = register_analysis(Analysis(
         Option(name="skip", type=int, default=0, minimum=0,
                help="leave out the first prompts of the seeded list (e.g. those an importance "
                     "map was computed on)"),
-        Option(name="length_normalize", type=bool, default=False,
-               help="rank choices by mean log-probability per token"),
+        Option(name="normalization", type=str, default="task", choices=NORMALIZATION_CHOICES,
+               help="how choices are ranked: task (the task's own rule), none (summed "
+                    "log-likelihood, lm-eval acc), tokens (per token) or chars (per character "
+                    "of the answer, lm-eval acc_norm)"),
         Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
                help="rows x longest row per forward pass"),
     ),

@@ -16,23 +16,35 @@ dL/dz[b,t,l,h,d]``, the per-token quantity both gradient methods need.
   their losses are summed, so every example keeps its own gradient.
 * ``method="michel"`` (Michel et al. 2019): ``I[l, h] = mean_b |sum_t dL_b/dg[b, t, l, h]|``
   = the mean over examples of ``|dL_b / d mask[l, h]|`` for a multiplicative head mask.
-* ``method="ablation"``: the exact counterpart: the change of the answer loss (or the drop of
-  accuracy) when each head is removed (zero or mean ablation); the masked copies for many
-  heads share a forward pass.
+* ``method="ablation"``: the exact counterpart, **signed**: the answer loss with the head
+  removed minus the answer loss without (or the drop of accuracy), per example, averaged;
+  positive = the head helps. ``ablation="zero"`` sets the head's ``z`` to 0, ``"mean"`` to its
+  mean over the prompts' non-BOS positions. The masked copies for many heads share a forward
+  pass.
+* ``method="attribution"``: attribution patching towards the same ablation (Nanda 2023), the
+  first-order Taylor estimate of ``method="ablation"``'s loss change, **signed**:
+  ``I[l, h] = mean_b sum_t (a[l, h] - z[b, t, l, h]) . dL_b/dz[b, t, l, h]`` with ``a`` the
+  ablated value (0, or the mean activation for ``ablation="mean"``). One forward + backward
+  per batch: the gate ``g`` of the other methods becomes an interpolation
+  ``z + g (a - z)`` at ``g = 0``, whose gradient is exactly that product.
 
 ``normalize_layers=True`` divides every layer's scores by their L2 norm over heads, as Michel
 et al. do. :func:`ffn_importance` knocks out each layer's MLP and reports the accuracy drop
-(Bansal et al.'s FFN ranking) or the loss increase.
+(Bansal et al.'s FFN ranking) or the loss increase. :func:`compare_methods` tabulates how far
+maps of different methods agree and where each ranks the induction heads; :func:`is_signed`
+says whether a map is signed (``params["signed"]``).
 
 Axis names: ``example layer head batch pos``.
 """
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -58,20 +70,31 @@ from mechicl.analyses.evaluation import (
     masked_choice_logprobs,
     task_prompts,
 )
-from mechicl.analyses.overlap import kendall, spearman, top_k_overlap
+from mechicl.analyses.overlap import (
+    kendall,
+    rank,
+    spearman,
+    top_k,
+    top_k_overlap,
+    within_layer_spearman,
+)
 from mechicl.inputs.tasks import Prompt, Task, build_prompts, load_task, resolve_prompts
 from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.model.masks import Ablation, ActivationMeans, Mask, mean_activations
 from mechicl.plotting import head_heatmap, kv_group_size, layer_bars
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["IMPORTANCE_METHODS", "ffn_importance", "head_importance", "importance_prompts",
+__all__ = ["IMPORTANCE_METHODS", "SIGNED_METHODS", "compare_methods", "ffn_importance",
+           "head_importance", "importance_label", "importance_prompts", "is_signed",
            "token_gate_grads"]
 
 log = logging.getLogger(__name__)
 
-Method = Literal["bansal", "michel", "ablation"]
-IMPORTANCE_METHODS: tuple[str, ...] = ("bansal", "michel", "ablation")
+Method = Literal["bansal", "michel", "ablation", "attribution"]
+IMPORTANCE_METHODS: tuple[str, ...] = ("bansal", "michel", "ablation", "attribution")
+SIGNED_METHODS: tuple[str, ...] = ("ablation", "attribution")
+"""Methods whose maps are signed (positive: the head helps; negative: removing it helps).
+``bansal`` and ``michel`` are magnitudes (absolute values), never negative."""
 Metric = Literal["loss", "accuracy"]
 
 
@@ -101,12 +124,18 @@ class GateGrads:
 
 def token_gate_grads(
     model: HookedModel, tokens: Tensor, attention_mask: Tensor, answer_mask: Tensor, *,
-    mask: Mask | None = None,
+    mask: Mask | None = None, towards: Float[Tensor, "layer head d_head"] | None = None,
 ) -> GateGrads:
     """One forward + backward: ``dL_b/dg[b, t, l, h]`` for a gate on every head at every token.
 
     ``L_b`` is the mean cross-entropy over example ``b``'s answer tokens (``answer_mask``); the
     batch loss is the sum of the examples' losses, so each row's gradient is its own.
+
+    Without ``towards`` the gate multiplies the head's output, ``z -> g z`` at ``g = 1``, so
+    ``dL/dg = z . dL/dz``. With ``towards`` (``a``: each head's ablated value, zeros or mean
+    activations) it interpolates, ``z -> z + g (a - z)`` at ``g = 0``, so ``dL/dg = (a - z) .
+    dL/dz``: attribution patching of every head and token towards ``a``. ``z`` is the head's
+    output after ``mask``.
     """
     model = as_hooked_model(model)
     n_batch, n_pos = tokens.shape
@@ -116,11 +145,15 @@ def token_gate_grads(
     counts = target.sum(-1)
     if bool((counts == 0).any()):
         raise ValueError("every example needs at least one answer token after position 0")
-    gate = torch.ones(model.n_layers, n_batch, n_pos, model.n_heads, device=model.device,
-                      dtype=model.dtype, requires_grad=True)
+    fill = torch.ones if towards is None else torch.zeros
+    gate = fill(model.n_layers, n_batch, n_pos, model.n_heads, device=model.device,
+                dtype=model.dtype, requires_grad=True)
+    ablated = None if towards is None else towards.to(model.device, model.dtype)
 
     def gate_hook(z: Tensor, hook: Any, layer: int) -> Tensor:  # z: [batch, pos, head, d_head]
-        return z * gate[layer][..., None]
+        if ablated is None:
+            return z * gate[layer][..., None]
+        return z + gate[layer][..., None] * (ablated[layer] - z)
 
     hooks = mask.hooks(model) if mask is not None else []
     hooks += [(name, (lambda layer: lambda z, hook: gate_hook(z, hook, layer))(i))
@@ -146,8 +179,10 @@ def token_gate_grads(
 
 def _gradient_importance(model: HookedModel, batch: AnswerBatch, method: str, mask: Mask | None,
                          batch_tokens: int, progress: bool, token_normalization: str = "reference",
+                         towards: Tensor | None = None,
                          ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """(aggregate [layer, head], per-example [example, layer, head], extras)."""
+    """(aggregate [layer, head], per-example [example, layer, head], extras); ``towards``: the
+    ablated values for ``method="attribution"``."""
     n_ex = batch.tokens.shape[0]
     per_token_sum = torch.zeros(n_ex, model.n_layers, model.n_heads, dtype=torch.float64)
     signed_sum = torch.zeros_like(per_token_sum)
@@ -162,7 +197,7 @@ def _gradient_importance(model: HookedModel, batch: AnswerBatch, method: str, ma
                      disable=not progress, unit="batch"):
         width = max(lengths[i] for i in rows)
         g = token_gate_grads(model, batch.tokens[rows, :width], batch.attention_mask[rows, :width],
-                             batch.answer_mask[rows, :width], mask=mask)
+                             batch.answer_mask[rows, :width], mask=mask, towards=towards)
         grads = g.grads.double().cpu()
         per_token_sum[rows] = grads.abs().sum(1)
         signed_sum[rows] = grads.sum(1)
@@ -170,6 +205,8 @@ def _gradient_importance(model: HookedModel, batch: AnswerBatch, method: str, ma
         n_answer[rows] = g.n_answer.cpu()
         loss[rows] = g.loss.double().cpu()
     extras = {"n_real": n_real, "n_answer": n_answer, "loss": loss}
+    if method == "attribution":  # signed, per example, averaged as the ablation effects are
+        return signed_sum.mean(0), signed_sum, extras
     if method == "michel":
         per_example = signed_sum.abs()
         return per_example.mean(0), per_example, extras
@@ -226,6 +263,18 @@ def _means_for(model: HookedModel, prompts: Sequence[Prompt], ablation: str,
                             batch_tokens=batch_tokens)
 
 
+def _check_method_options(method: str, metric: str, ablation: str) -> None:
+    """``metric`` other than the loss needs ``method="ablation"``; ``ablation`` other than zero
+    needs a method that ablates (``"ablation"``) or estimates an ablation (``"attribution"``)."""
+    if method in ("bansal", "michel") and (metric != "loss" or ablation != "zero"):
+        raise ValueError(f"method={method!r} is a gradient of the answer loss: metric={metric!r} "
+                         f"and ablation={ablation!r} only apply to method='ablation' (the "
+                         "ablation also to method='attribution')")
+    if method == "attribution" and metric != "loss":
+        raise ValueError(f"method='attribution' estimates the change of the answer loss: "
+                         f"metric={metric!r} only applies to method='ablation'")
+
+
 def head_importance(
     model: HookedModel, task: Task | str | None = None, *, shots: int = 5,
     method: Method = "bansal", n: int | None = 50, seed: int = 0,
@@ -241,15 +290,18 @@ def head_importance(
         model: the model.
         task: a :class:`~mechicl.inputs.tasks.Task` or registered task name.
         shots: demonstrations per prompt.
-        method: ``"bansal"`` or ``"michel"`` (gradient; one forward + backward per batch) or
-            ``"ablation"`` (remove each head; one masked copy of the data per head).
+        method: ``"bansal"`` or ``"michel"`` (gradient magnitudes; one forward + backward
+            per batch), ``"ablation"`` (remove each head; one masked copy of the data per head;
+            signed) or ``"attribution"`` (its first-order estimate: one forward + backward per
+            batch, plus one forward pass for the means of ``ablation="mean"``; signed).
         n: evaluation examples (default 50; None: all); ``seed`` seeds their choice and
             demonstrations.
         prompts: explicit prompts instead of building them from ``task``.
         normalize_layers: divide each layer's scores by their L2 norm over heads (Michel et al.).
-        ablation: ``"zero"`` or ``"mean"`` (only for ``method="ablation"``).
-        metric: ``"loss"`` (answer loss increase) or ``"accuracy"`` (accuracy drop); gradient
-            methods use the loss.
+        ablation: ``"zero"`` or ``"mean"``: what a removed head's output becomes (only for
+            ``method="ablation"`` and ``"attribution"``, which estimates that ablation).
+        metric: ``"loss"`` (answer loss increase) or ``"accuracy"`` (accuracy drop; only
+            ``method="ablation"``); the other methods use the loss.
         means: mean activations for mean ablation (default: computed on the same prompts).
         mask: compute importance with this mask applied (e.g. after pruning).
         length_normalize: accuracy by mean log-probability per token (``metric="accuracy"``).
@@ -257,24 +309,25 @@ def head_importance(
             answer-token count and the others by ``N - 1`` (as llm-interpret); ``"uniform"``
             divides every layer by ``N - 1``, so that layers are comparable (the reference's
             last layer is inflated by ``(N - 1) / answer tokens``).
-        batch_tokens: rows x longest row per pass (default 2048 for gradients, 4096 otherwise).
+        batch_tokens: rows x longest row per pass (default 2048 for the gradient methods
+            bansal, michel and attribution, 4096 for ablation).
         progress: show a progress bar.
         **prompt_options: passed to :func:`~mechicl.inputs.tasks.build_prompts`.
 
     Returns:
         :class:`~mechicl.HeadScores` named ``importance_<method>``: ``mean`` is the importance
-        (higher = more important), ``per_seed`` holds one row per example (the per-example
-        score; ``mean`` is their average, token-weighted for ``"bansal"``), ``extras`` the
-        per-example token counts and answer losses.
+        (higher = more important; for the signed methods ``ablation`` and ``attribution``,
+        negative = removing the head helps), ``per_seed`` holds one row per example (the
+        per-example score; ``mean`` is their average, token-weighted for ``"bansal"``),
+        ``extras`` the per-example token counts and answer losses (gradient methods),
+        ``params["signed"]`` whether the map is signed (:func:`is_signed`).
     """
     model = as_hooked_model(model)
     check_choice("method", method, IMPORTANCE_METHODS)
     check_choice("ablation", ablation, ("zero", "mean"))
     check_choice("metric", metric, ("loss", "accuracy"))
     check_choice("token_normalization", token_normalization, ("reference", "uniform"))
-    if method != "ablation" and (metric != "loss" or ablation != "zero"):
-        raise ValueError(f"method={method!r} is a gradient of the answer loss: metric={metric!r} "
-                         f"and ablation={ablation!r} only apply to method='ablation'")
+    _check_method_options(method, metric, ablation)
     name, prompt_list = resolve_prompts(task, prompts, shots=shots, n=n, seed=seed, prompt_options=prompt_options)
     if not prompt_list:
         raise ValueError("no prompts")
@@ -289,8 +342,18 @@ def head_importance(
         per_example = effects.reshape(len(prompt_list), model.n_layers, model.n_heads)
         aggregate = per_example.mean(0)
     else:
-        aggregate, per_example, extras = _gradient_importance(model, batch, method, mask, budget,
-                                                              progress, token_normalization)
+        towards = None
+        if method == "attribution":
+            means = _means_for(model, prompt_list, ablation, means, budget)
+            # the ablation being estimated, checked against the base mask as method="ablation"
+            # would check it (one ablation kind, one set of means)
+            removal = Mask.remove(model, heads=[(0, 0)], ablation=ablation, means=means)
+            if mask is not None:
+                _ = mask & removal  # raises for an incompatible base mask
+            towards = (means.z if ablation == "mean" and means is not None
+                       else torch.zeros(model.n_layers, model.n_heads, model.d_head))
+        aggregate, per_example, extras = _gradient_importance(
+            model, batch, method, mask, budget, progress, token_normalization, towards)
     if normalize_layers:
         norms = aggregate.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # [layer, 1]
         aggregate = aggregate / norms
@@ -299,7 +362,7 @@ def head_importance(
     lengths = batch.attention_mask.sum(-1).tolist()
     params = {"task": name, "shots": shots, "method": method, "n": len(prompt_list), "seed": seed,
               "normalize_layers": normalize_layers, "metric": metric, "ablation": ablation,
-              "token_normalization": token_normalization,
+              "token_normalization": token_normalization, "signed": method in SIGNED_METHODS,
               "mask": None if mask is None else mask.to_dict(),
               "prompt_ids": [p.id for p in prompt_list], **prompt_options}
     return HeadScores(name=f"importance_{method}", mean=aggregate.double(), var=var.double(),
@@ -340,6 +403,156 @@ def ffn_importance(
 
 
 # --------------------------------------------------------------------------------------------
+# Methods side by side
+# --------------------------------------------------------------------------------------------
+
+
+def is_signed(scores: HeadScores) -> bool:
+    """Is this importance map signed (values of both signs: ``ablation``, ``attribution``) rather
+    than a magnitude (``bansal``, ``michel``)? Signed maps want a diverging colour scale
+    centred at zero.
+
+    Reads ``params["signed"]``; maps stored before that entry existed are judged by their
+    ``params["method"]``.
+
+    >>> from mechicl.results import HeadScores
+    >>> is_signed(HeadScores.from_per_seed("x", torch.zeros(1, 2, 2),
+    ...                                    params={"method": "ablation"}))
+    True
+    """
+    if "signed" in scores.params:
+        return bool(scores.params["signed"])
+    return scores.params.get("method") in SIGNED_METHODS
+
+
+def importance_label(method: str, ablation: str = "zero") -> str:
+    """A short name for a map of ``method`` with ``ablation``, as used in output stems:
+    the method, with ``-mean`` for mean ablation (``ablation-mean``, ``attribution-mean``).
+
+    >>> importance_label("ablation"), importance_label("attribution", "mean")
+    ('ablation', 'attribution-mean')
+    """
+    return method if ablation == "zero" else f"{method}-{ablation}"
+
+
+def _head_map(x: HeadScores | Tensor) -> Tensor:
+    t = x.mean if isinstance(x, HeadScores) else torch.as_tensor(x)
+    t = t.detach().to("cpu", torch.float64)
+    if t.ndim != 2:
+        raise ValueError(f"expected [layer, head] maps, got shape {tuple(t.shape)}")
+    return t
+
+
+def _within_layer(a: Tensor, b: Tensor) -> float:
+    try:
+        return within_layer_spearman(a, b)
+    except ValueError:  # every layer of a map constant, or one head per layer
+        return math.nan
+
+
+def _median(x: Tensor) -> float:
+    """The median (the mean of the middle two for an even count)."""
+    return float(torch.quantile(x.double(), 0.5))
+
+
+def _percentiles(x: Tensor) -> Tensor:
+    """Percentile rank of every entry of ``x`` (flattened): 100 = highest, 0 = lowest; ties
+    share their average rank."""
+    return 100 * (rank(x) - 1) / (x.numel() - 1)
+
+
+def compare_methods(maps: Mapping[str, HeadScores | Tensor],
+                    scans: Mapping[str, HeadScores | Tensor] | None = None, *, k: int,
+                    ) -> pd.DataFrame:
+    """Agreement between importance maps of different methods, and where each ranks the
+    induction heads.
+
+    One row per unordered pair of ``maps`` (``kind="method"``; ``a``, ``b``: their names, in
+    the order given) and, with ``scans``, one row per map and induction score
+    (``kind="induction score"``; ``a``: the map, ``b``: the score's name). Columns:
+
+    * ``spearman``: Spearman's rho of the raw maps (:func:`~mechicl.analyses.overlap.spearman`);
+      for a signed map "raw" ranks the heads from "removing it hurts most" to "removing it
+      helps most", for a magnitude map (bansal, michel) by magnitude.
+    * ``spearman |.|``: the same on absolute values, ``|a|`` vs ``|b|`` (an induction score is
+      compared as is with ``|a|``): whether the methods agree on which heads matter *at all*,
+      whichever the direction; equal to ``spearman`` between two magnitude maps. This is the
+      like-for-like comparison of a gradient magnitude with a signed map.
+    * ``within-layer spearman``: rho with the layer means removed
+      (:func:`~mechicl.analyses.overlap.within_layer_spearman`; NaN where undefined): agreement
+      beyond "the same layers matter".
+    * ``top-k overlap``: share of ``b``'s top ``k`` heads (highest raw scores: the ``k`` most
+      important heads by ``b``, or the ``k`` strongest induction heads) that are among ``a``'s
+      top ``k`` (:func:`~mechicl.analyses.overlap.top_k_overlap`; symmetric for two maps);
+      ``top-k overlap |.|``: the same with ``a`` (and, for two maps, ``b``) by ``|score|``.
+    * induction rows only (NaN for method pairs): ``median percentile``: the median over the
+      ``k`` strongest induction heads of their percentile rank in ``a`` (100 = ``a``'s most
+      important head, 0 = its least; ties share their average rank; about 50 by chance),
+      ``median percentile |.|`` the same in ``|a|``, ``median rank``: the median of their
+      ranks in ``a`` (1 = most important).
+    * ``signed a``, ``signed b``: whether each map is signed (:func:`is_signed`; for a plain
+      tensor: whether it has negative entries), and ``k``.
+
+    Args:
+        maps: method name -> ``[layer, head]`` importance map (``HeadScores`` or a tensor), all
+            of one model, task and shot count.
+        scans: induction score name -> ``[layer, head]`` score map (e.g.
+            ``{"prefix_matching": scan.scores["prefix_matching"]}``).
+        k: the number of "top heads".
+
+    >>> a = torch.tensor([[4.0, 3.0], [2.0, 1.0]])
+    >>> df = compare_methods({"x": a, "y": -a}, {"score": a}, k=1)
+    >>> df[["a", "b", "kind", "spearman", "spearman |.|", "median percentile"]]
+       a      b             kind  spearman  spearman |.|  median percentile
+    0  x      y           method      -1.0           1.0                NaN
+    1  x  score  induction score       1.0           1.0              100.0
+    2  y  score  induction score      -1.0           1.0                0.0
+    """
+    heads = {name: _head_map(m) for name, m in maps.items()}
+    induction = {name: _head_map(m) for name, m in (scans or {}).items()}
+    shapes = {tuple(t.shape) for t in (*heads.values(), *induction.values())}
+    if len(shapes) > 1:
+        raise ValueError(f"maps differ in shape: {sorted(shapes)}")
+
+    def signed(x: HeadScores | Tensor) -> bool:
+        return is_signed(x) if isinstance(x, HeadScores) else bool((_head_map(x) < 0).any())
+
+    rows: list[dict[str, Any]] = []
+    names = list(heads)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            x, y = heads[a], heads[b]
+            kk = top_k(x.numel(), k=k)
+            rows.append({"a": a, "b": b, "kind": "method", "k": kk,
+                         "signed a": signed(maps[a]), "signed b": signed(maps[b]),
+                         "spearman": spearman(x, y), "spearman |.|": spearman(x.abs(), y.abs()),
+                         "within-layer spearman": _within_layer(x, y),
+                         "top-k overlap": top_k_overlap(y, x, kk),
+                         "top-k overlap |.|": top_k_overlap(y.abs(), x.abs(), kk),
+                         "median percentile": math.nan, "median percentile |.|": math.nan,
+                         "median rank": math.nan})
+    for a in names:
+        x = heads[a]
+        for score, s in induction.items():
+            kk = top_k(x.numel(), k=k)
+            top = torch.argsort(s.flatten(), descending=True, stable=True)[:kk]
+            ranks_from_top = x.numel() + 1 - rank(x)
+            rows.append({"a": a, "b": score, "kind": "induction score", "k": kk,
+                         "signed a": signed(maps[a]), "signed b": signed(scans[score]),
+                         "spearman": spearman(x, s), "spearman |.|": spearman(x.abs(), s),
+                         "within-layer spearman": _within_layer(x, s),
+                         "top-k overlap": top_k_overlap(s, x, kk),
+                         "top-k overlap |.|": top_k_overlap(s, x.abs(), kk),
+                         "median percentile": _median(_percentiles(x)[top]),
+                         "median percentile |.|": _median(_percentiles(x.abs())[top]),
+                         "median rank": _median(ranks_from_top[top])})
+    return pd.DataFrame(rows, columns=[
+        "a", "b", "kind", "k", "signed a", "signed b", "spearman", "spearman |.|",
+        "within-layer spearman", "top-k overlap", "top-k overlap |.|", "median percentile",
+        "median percentile |.|", "median rank"])
+
+
+# --------------------------------------------------------------------------------------------
 # The registered analyses
 # --------------------------------------------------------------------------------------------
 
@@ -354,32 +567,37 @@ def _run_heads(call: Call) -> HeadScores:
 
 
 def _check_heads(options: dict[str, Any], tasks: Sequence[str], shots: Sequence[int]) -> None:
-    if options["method"] != "ablation" and (options["metric"] != "loss"
-                                            or options["ablation"] != "zero"):
-        raise ValueError(f"method={options['method']!r} is a gradient of the answer loss: "
-                         f"metric={options['metric']!r} and ablation={options['ablation']!r} "
-                         "only apply to method='ablation'")
+    _check_method_options(options["method"], options["metric"], options["ablation"])
+
+
+def _job_label(job: Job) -> str:
+    return importance_label(job.options["method"], job.options["ablation"])
 
 
 def _heads_outputs(pairs: Sequence[tuple[Job, HeadScores]], options: Mapping[str, Any]) -> Outputs:
     """One map per task, shot count and method; heatmaps (one colour scale per map, or per task
-    and method with ``shared_scale``); with several methods, their rank agreement with the
-    first."""
+    and method with ``shared_scale``; signed maps on a diverging scale centred at zero); with
+    several methods, their rank agreement with the first."""
     results, figures, rows = {}, {}, []
-    by_key = {(job.task, job.shots, job.options["method"]): scores for job, scores in pairs}
-    first_method = pairs[0][0].options["method"] if pairs else None
+    by_key = {(job.task, job.shots, _job_label(job)): scores for job, scores in pairs}
+    first_method = _job_label(pairs[0][0]) if pairs else None
     for job, scores in pairs:
-        method = job.options["method"]
+        method = _job_label(job)
         stem = job_stem(job, method)
         results[stem] = scores
-        group = [s for j, s in pairs if j.task == job.task and j.options["method"] == method]
-        if options.get("shared_scale"):
+        group = [s for j, s in pairs if j.task == job.task and _job_label(j) == method]
+        if not options.get("shared_scale"):  # token-normalised maps shrink with prompt length:
+            group = [scores]                 # one scale each by default
+        colorscale = "Viridis"
+        if is_signed(scores):  # symmetric about 0: blue = removing the head helps, red = hurts
+            zmax = max(float(s.mean.abs().max()) for s in group)
+            zmin, colorscale = -zmax, "RdBu_r"
+        else:
             zmin = min(0.0, min(float(s.mean.min()) for s in group))
             zmax = max(float(s.mean.max()) for s in group)
-        else:  # token-normalised maps shrink with prompt length: one scale each by default
-            zmin, zmax = min(0.0, float(scores.mean.min())), float(scores.mean.max())
         figures[stem] = head_heatmap(scores, title=f"{task_slug(job.task)} {job.shots}-shot: "
                                      f"{method} importance", zmin=zmin, zmax=zmax,
+                                     colorscale=colorscale,
                                      kv_group_size=kv_group_size(scores.model),
                                      colorbar_title="importance")
         row = {"task": job.task, "shots": job.shots, "method": method, "n": scores.params["n"],
@@ -412,10 +630,13 @@ HEAD_IMPORTANCE = register_analysis(Analysis(
     sequence_length=_prompt_length, check=_check_heads, outputs=_heads_outputs,
     options=(
         Option(name="method", type=str, default="bansal", choices=IMPORTANCE_METHODS,
-               sweep=True, help="bansal or michel (gradients) or ablation (exact); the CLI "
-                                "takes several and compares them"),
+               sweep=True, help="bansal or michel (gradient magnitudes), ablation (exact, "
+                                "signed) or attribution (its first-order estimate, signed); "
+                                "the CLI takes several and compares them"),
         N_PROMPTS,
-        ABLATION,
+        dataclasses.replace(ABLATION, help="how a head / FFN is removed: zero or mean "
+                                           "ablation (head importance: for methods ablation "
+                                           "and attribution)"),
         Option(name="metric", type=str, default="loss", choices=("loss", "accuracy"),
                help="for method ablation: answer-loss increase or accuracy drop"),
         Option(name="normalize_layers", type=bool, default=False,
@@ -426,7 +647,7 @@ HEAD_IMPORTANCE = register_analysis(Analysis(
                     "every layer by N - 1 tokens (uniform)"),
         Option(name="batch_tokens", type=int, default=None, nullable=True, minimum=1,
                role="execution", help="rows x longest row per pass (default 2048 for "
-                                      "gradients, 4096 for ablation)"),
+                                      "gradients and attribution, 4096 for ablation)"),
         Option(name="shared_scale", type=bool, default=False, role="output",
                help="one colour scale for all shot counts of a task and method"),
     ),

@@ -14,6 +14,9 @@ Scores every attention head of every layer at once (per query head for grouped-q
   norm); among the attendable tokens 0..j, subtract the mean of their softmax probabilities,
   ReLU, and take the share of the most-attended token. The softmax denominator cancels in that
   share, so only the unembedding columns of the sequence's tokens are gathered.
+  The same pass records, per head, the share of queries whose most-attended key is near-tied
+  (the two largest attention weights at most :data:`TIE_TOLERANCE` apart): there the argmax,
+  and so the query's copying term, can flip with float rounding. See :func:`copying_ties`.
 * **OV-circuit eigenvalue copying** (Olsson et al. 2022): sum(lambda) / sum(|lambda|) over the
   eigenvalues of W_E W_V W_O W_U, computed from the d_head x d_head matrix W_O W_U W_E W_V with
   the same nonzero eigenvalues.
@@ -64,10 +67,12 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SCORES",
     "SCORE_ALIASES",
+    "TIE_TOLERANCE",
     "FixedLength",
     "ScanResult",
     "copying_scores",
     "copying_sequences",
+    "copying_ties",
     "duplicate_token_scores",
     "induction_scan",
     "length_label",
@@ -82,6 +87,18 @@ __all__ = [
 SCORES: tuple[str, ...] = ("prefix_matching", "copying", "ov_eigen", "previous_token",
                            "duplicate_token")
 """Score names accepted by :func:`induction_scan` and the ``mechicl scan`` CLI."""
+
+TIE_TOLERANCE: float = 1e-4
+"""Default absolute gap between a query's two largest attention weights at or below which the
+copying score's argmax counts as near-tied (:func:`copying_ties`). Float32 rounding moves that
+gap by up to ~5e-6 (measured against float64 on SmolLM2-135M, relative error ~1e-5 of the
+weights), so two float32 implementations can disagree on gaps up to ~1e-5: 1e-4 leaves a
+10x margin while staying far below a real preference (1e-4 of the attention mass). For
+half-precision models it is far too small (see docs/concepts/induction.md)."""
+
+_TIE_EXTRA = "argmax_tie_share"
+"""Key of the per-seed near-tie shares in the copying :class:`~mechicl.results.HeadScores`'s
+``extras`` (``[seed, layer, head]``)."""
 
 Indexing = Literal["exact", "reference"]
 Stream = Literal["embeddings", "residual"]
@@ -309,9 +326,30 @@ class _StopForward(Exception):
     """Raised by the last hook a scan needs, to skip the rest of the forward pass."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class _CopyingOutputs:
+    scores: Float[Tensor, "seed layer head"]
+    ties: Float[Tensor, "seed layer head"]  # share of queries with a near-tied argmax
+
+
+def _near_tied(pattern: Float[Tensor, "... query_pos key_pos"],
+               tolerance: float) -> Tensor:
+    """Whether each attention row's two largest weights are at most ``tolerance`` apart
+    (bool ``[..., query_pos]``; a row of one key is never tied).
+
+    >>> _near_tied(torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.4, 0.35, 0.25]]), 0.1)
+    tensor([False,  True,  True])
+    """
+    if pattern.shape[-1] < 2:
+        return torch.zeros(pattern.shape[:-1], dtype=torch.bool, device=pattern.device)
+    top2 = pattern.topk(2, dim=-1, sorted=True).values.double()  # exact gap, any dtype
+    return (top2[..., 0] - top2[..., 1]) <= tolerance
+
+
 def _copying_batch(model: HookedModel, tokens: Tensor, lengths: Tensor, stream: Stream,
-                   W_O: Tensor, b_O: Tensor, W_U: Tensor, b_U: Tensor) -> Tensor:
-    """One forward pass: [batch, layer, head] copying scores."""
+                   W_O: Tensor, b_O: Tensor, W_U: Tensor, b_U: Tensor,
+                   tie_tolerance: float = TIE_TOLERANCE) -> tuple[Tensor, Tensor]:
+    """One forward pass: [batch, layer, head] copying scores and near-tie shares."""
     width = tokens.shape[1]
     U = W_U[:, tokens]  # [d_model, batch, key]: unembedding columns of the sequence's tokens
     bias_logit = einops.einsum(b_O, U, "layer d_model, d_model batch key -> layer batch key")
@@ -324,6 +362,7 @@ def _copying_batch(model: HookedModel, tokens: Tensor, lengths: Tensor, stream: 
     state: dict[str, Tensor] = {}
     acc = torch.zeros(len(tokens), model.n_layers, model.n_heads, dtype=torch.float64,
                       device=model.device)
+    ties = torch.zeros_like(acc)
 
     def keep_embeddings(resid: Tensor, hook: Any) -> None:
         state["embed"] = resid
@@ -340,6 +379,7 @@ def _copying_batch(model: HookedModel, tokens: Tensor, lengths: Tensor, stream: 
         wou = einops.einsum(W_O[layer], U, "head d_head d_model, d_model b key -> b head d_head key")
         v_q = einops.rearrange(v, "b query head d -> b head query d")
         share = torch.empty(v_q.shape[:3], dtype=v_q.dtype, device=v_q.device)
+        tied = torch.empty(v_q.shape[:3], dtype=torch.bool, device=v_q.device)
         # Queries go in blocks: keys after a block's last query are causally masked, so each
         # block reads keys 0..stop only, and the [b, head, block, key] working set stays in
         # cache (3-4x faster than one [b, head, T, T] pass at T = 893). Loops over blocks of
@@ -355,10 +395,17 @@ def _copying_batch(model: HookedModel, tokens: Tensor, lengths: Tensor, stream: 
             e = logit.sub_(logit.amax(-1, keepdim=True)).exp_()
             raised = e.sub_(e.sum(-1, keepdim=True) / n_attend[start:stop, None]).relu_()
             # the most-attended key; ties -> the last maximum, as sort()[1][-1] in the reference
-            top = stop - 1 - pattern[:, :, start:stop, :stop].flip(-1).argmax(-1)
+            rows = pattern[:, :, start:stop, :stop]
+            top = stop - 1 - rows.flip(-1).argmax(-1)
             share[:, :, start:stop] = raised.gather(-1, top[..., None])[..., 0] / raised.sum(-1)
+            # near-tied argmax: the runner-up within the tolerance of the top weight (causally
+            # masked keys weigh 0, no more than any attendable key: the two largest values are
+            # those of the attendable keys)
+            tied[:, :, start:stop] = _near_tied(rows, tie_tolerance)
         share = torch.nan_to_num(share, nan=0.0) * real_q[:, None, :]
         acc[:, layer] = (share.sum(-1) / (lengths[:, None] - 1)).double()
+        ties[:, layer] = ((tied & real_q[:, None, :]).sum(-1).double()
+                          / (lengths[:, None] - 1).double())
         if layer == model.n_layers - 1:
             raise _StopForward  # the rest of the pass (last MLP, unembedding) is not needed
 
@@ -375,18 +422,21 @@ def _copying_batch(model: HookedModel, tokens: Tensor, lengths: Tensor, stream: 
             model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
     except _StopForward:
         pass  # run_with_hooks removes its hooks in a finally clause
-    return acc
+    return acc, ties
 
 
 def _run_copying(model: HookedModel, seqs: list[Tensor], *, stream: Stream, batch_tokens: int,
-                 progress: bool) -> Float[Tensor, "seed layer head"]:
+                 progress: bool, tie_tolerance: float = TIE_TOLERANCE) -> _CopyingOutputs:
     weights = (model.W_O, model.b_O, model.W_U, model.b_U)
     out = torch.zeros(len(seqs), model.n_layers, model.n_heads, dtype=torch.float64)
+    ties = torch.zeros_like(out)
     batches = length_batches([len(s) for s in seqs], device_batch_tokens(model.device, batch_tokens))
     for idx in tqdm(batches, desc="copying", disable=not progress, unit="batch"):
         tokens, lengths = _pad([seqs[i] for i in idx], model.pad_token_id, model.device)
-        out[idx] = _copying_batch(model, tokens, lengths, stream, *weights).cpu()
-    return out
+        acc, tied = _copying_batch(model, tokens, lengths, stream, *weights,
+                                   tie_tolerance=tie_tolerance)
+        out[idx], ties[idx] = acc.cpu(), tied.cpu()
+    return _CopyingOutputs(scores=out, ties=ties)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +450,9 @@ class ScanResult:
     """All scores of one scan, by name, plus the induction loss summary.
 
     Attributes:
-        scores: score name -> :class:`~mechicl.results.HeadScores`.
+        scores: score name -> :class:`~mechicl.results.HeadScores`. The copying score's
+            ``extras["argmax_tie_share"]`` holds its near-tied argmax shares
+            (:attr:`copying_ties`).
         loss_first_copy: ``[seed]`` mean next-token loss on the first copy (None if not run).
         loss_later_copies: ``[seed]`` mean loss on copies 2.. (induction makes it low).
         params: the scan's settings (scores, seeds, lengths, indexing, stream, mask).
@@ -437,6 +489,16 @@ class ScanResult:
             loss_first_copy=self.loss_first_copy if repeated else None,
             loss_later_copies=self.loss_later_copies if repeated else None,
             params={**self.params, "scores": [n for n in self.scores if n in names]})
+
+    @property
+    def copying_ties(self) -> HeadScores | None:
+        """Per head, the share of queries whose copying-score argmax is near-tied
+        (:func:`copying_ties`); None when the scan has no copying score or was computed
+        before mechicl recorded the shares."""
+        copying = self.scores.get("copying")
+        if copying is None or _TIE_EXTRA not in copying.extras:
+            return None
+        return copying_ties(copying)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "ScanResult":
@@ -510,6 +572,7 @@ def induction_scan(
     tokens: Sequence[Tensor] | None = None,
     length: int | Callable[[int], int] | None = bansal_length,
     batch_tokens: int = 4096, mask: Mask | None = None, progress: bool = True,
+    tie_tolerance: float = TIE_TOLERANCE,
 ) -> ScanResult:
     """Run the induction-head scores sharing forward passes (one pass over the repeated
     sequences serves prefix-matching, previous-token, duplicate-token and the loss).
@@ -535,6 +598,9 @@ def induction_scan(
             (:class:`~mechicl.model.masks.Mask`); weight-only parts (the OV images of the copying
             score, ``ov_eigen``) read the unmasked weights. Recorded in each score's params.
         progress: show tqdm progress bars.
+        tie_tolerance: the copying score's argmax at a query counts as near-tied when the two
+            largest attention weights of its row are at most this far apart (absolute; default
+            :data:`TIE_TOLERANCE`); per-head shares: :attr:`ScanResult.copying_ties`.
     """
     model = as_hooked_model(model)
     length = as_length(length)
@@ -544,7 +610,7 @@ def induction_scan(
                 model, scores=scores, n_seeds=n_seeds, seed=seed, n_copies=n_copies,
                 exclude_top=exclude_top, exclude_bottom=exclude_bottom, indexing=indexing,
                 stream=stream, tokens=tokens, length=length, batch_tokens=batch_tokens,
-                progress=progress)
+                progress=progress, tie_tolerance=tie_tolerance)
         recorded = {name: dataclasses.replace(s, params={**s.params, "mask": mask.to_dict()})
                     for name, s in result.scores.items()}
         return dataclasses.replace(result, scores=recorded,
@@ -556,6 +622,14 @@ def induction_scan(
     check_choice("stream", stream, ("embeddings", "residual"))
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens={batch_tokens} must be positive")
+    if not tie_tolerance >= 0:  # also rejects NaN
+        raise ValueError(f"tie_tolerance={tie_tolerance} must be >= 0")
+    if "copying" in scores and model.dtype in (torch.bfloat16, torch.float16):
+        logger.warning("copying score in %s: half-precision rounding moves the gap between "
+                       "the two largest attention weights by up to ~0.05, far above "
+                       "tie_tolerance=%g, and flips argmaxes; the score and its near-tie shares "
+                       "are not reproducible across implementations (use float32)",
+                       model.dtype, tie_tolerance)
     info = model.info()
     results: dict[str, HeadScores] = {}
     loss_first = loss_later = None
@@ -599,11 +673,12 @@ def induction_scan(
             seqs_c = [torch.cat([bos, torch.as_tensor(t, dtype=torch.long).flatten().cpu()])
                       for t in tokens]
             params_c = {"tokens": "user-supplied"}
-        per_seed = _run_copying(model, seqs_c, stream=stream, batch_tokens=batch_tokens,
-                                progress=progress)
+        run_c = _run_copying(model, seqs_c, stream=stream, batch_tokens=batch_tokens,
+                             progress=progress, tie_tolerance=tie_tolerance)
         results["copying"] = HeadScores.from_per_seed(
-            "copying", per_seed, params={"score": "copying", "stream": stream, **params_c},
-            model=info, tokens=seqs_c)
+            "copying", run_c.scores, params={"score": "copying", "stream": stream, **params_c,
+                                             "tie_tolerance": tie_tolerance},
+            model=info, tokens=seqs_c, extras={_TIE_EXTRA: run_c.ties})
 
     if "ov_eigen" in scores:
         results["ov_eigen"] = ov_eigen_copying_scores(model)
@@ -648,9 +723,46 @@ def duplicate_token_scores(model: HookedModel, *, n_seeds: int = 100, seed: int 
 
 def copying_scores(model: HookedModel, *, n_seeds: int = 100, seed: int = 0,
                    stream: Stream = "embeddings", **kwargs: Any) -> HeadScores:
-    """Bansal et al.'s raised-logit copying score of every head; see the module docstring."""
+    """Bansal et al.'s raised-logit copying score of every head; see the module docstring.
+    ``.extras["argmax_tie_share"]`` holds the near-tie shares (:func:`copying_ties`)."""
     return induction_scan(model, scores=("copying",), n_seeds=n_seeds, seed=seed, stream=stream,
                           **kwargs).scores["copying"]
+
+
+def copying_ties(copying: HeadScores) -> HeadScores:
+    """Per head, the share of the copying score's queries whose most-attended key is
+    near-tied: the two largest attention weights of the query's row differ by at most
+    ``copying.params["tie_tolerance"]`` (default :data:`TIE_TOLERANCE`).
+
+    At such a query the argmax, and with it the query's term in the copying score (up to
+    1/(T-1) of the seed's score), can change with float rounding, so rounding alone can move a
+    head's copying score by at most its share (per seed, and so for the mean): a head with a
+    high share has a copying score that may depend on the attention implementation. Per seed
+    like the score (share of the seed's T-1 queries); ``mean``/``var`` over seeds. Docs:
+    ``docs/concepts/induction.md``, "Near-tied argmax".
+
+    Args:
+        copying: the ``"copying"`` scores of :func:`induction_scan` or :func:`copying_scores`.
+
+    Raises:
+        ValueError: ``copying`` holds no shares (another score, or a result of a mechicl that
+            did not record them: recompute it).
+
+    >>> from mechicl.model import as_hooked_model
+    >>> from mechicl.testing import tiny_model
+    >>> scores = copying_scores(as_hooked_model(tiny_model("llama")), n_seeds=2,
+    ...                         length=5, progress=False)
+    >>> ties = copying_ties(scores)
+    >>> ties.name, tuple(ties.per_seed.shape), bool(((ties.mean >= 0) & (ties.mean <= 1)).all())
+    ('copying_ties', (2, 2, 4), True)
+    """
+    if _TIE_EXTRA not in copying.extras:
+        raise ValueError(f"the {copying.name!r} scores hold no near-tie shares "
+                         f"(extras[{_TIE_EXTRA!r}]): they come from the copying score of a scan "
+                         "by this mechicl; recompute the scan")
+    params = {**copying.params, "score": "copying_ties"}
+    return HeadScores.from_per_seed("copying_ties", copying.extras[_TIE_EXTRA], params=params,
+                                    model=copying.model, tokens=copying.tokens)
 
 
 def ov_eigen_copying_scores(model: HookedModel) -> HeadScores:
@@ -727,6 +839,14 @@ def _outputs(pairs: Sequence[tuple[Job, ScanResult]], options: Mapping[str, Any]
                 assert scan.loss_later_copies is not None
                 row |= {"loss first copy": float(scan.loss_first_copy.mean()),
                         "loss later copies": float(scan.loss_later_copies.mean())}
+            ties = scan.copying_ties if name == "copying" else None
+            if ties is not None:
+                # how much of the copying score rests on near-tied argmaxes (docs: induction.md)
+                row |= {"near-tied argmax share (mean)": float(ties.mean.mean()),
+                        "near-tied argmax share (max)": float(ties.mean.max())}
+                figures[f"{slug}-copying_ties"] = head_heatmap(
+                    ties, title=f"{slug}: copying, share of near-tied argmax queries",
+                    zmin=0.0, zmax=1.0, kv_group_size=group, colorbar_title="share")
             rows.append(row)
     return Outputs(results=results, figures=figures, rows=rows)
 

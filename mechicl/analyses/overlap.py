@@ -13,6 +13,15 @@ between two random k-sets. :func:`permutation_pvalue` gives a permutation null f
 :func:`bootstrap_ci` a percentile interval over the seeds / examples the score maps were averaged
 from (``HeadScores.per_seed``). :func:`overlap_matrix` compares many maps at once (DataFrame).
 
+Controls for layer structure (issue 21): importance maps agree in good part because whole
+layers matter (a map of per-layer means alone correlates ~0.8 with the full map), so agreement
+over all heads mixes "the same layers matter" with "the same heads within a layer matter".
+:func:`within_layer_spearman` correlates ranks taken within each layer (layer means removed),
+and ``permutation_pvalue(..., within_layers=True)`` draws its null by relabelling heads only
+within their own layer (:func:`layer_permutations`), so that layer structure is part of the
+null. :func:`permutation_null` returns the null distribution itself (e.g. the top-k overlap
+that layer structure alone gives).
+
 Axis names: ``layer head seed``.
 """
 
@@ -25,7 +34,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechicl.analyses._registry import (
@@ -40,9 +49,10 @@ from mechicl.analyses._registry import (
 )
 from mechicl.results import HeadScores, LayerScores, read_result, result_type, write_result
 
-__all__ = ["OverlapTable", "bootstrap_ci", "jaccard", "kendall", "overlap_matrix", "overlap_table",
-           "permutation_pvalue", "rank", "rank_biased_overlap", "spearman", "top_k",
-           "top_k_overlap", "top_k_pvalue"]
+__all__ = ["OverlapTable", "bootstrap_ci", "jaccard", "kendall", "layer_permutations",
+           "overlap_matrix", "overlap_table", "permutation_null", "permutation_pvalue", "rank",
+           "rank_biased_overlap", "spearman", "top_k", "top_k_overlap", "top_k_pvalue",
+           "within_layer_spearman"]
 
 Scores = HeadScores | LayerScores | Tensor
 
@@ -204,28 +214,208 @@ def _spearman_rows(x: Tensor, y: Tensor) -> Tensor:
 Statistic = Callable[[Tensor, Tensor], float]
 
 
-def permutation_pvalue(a: Scores, b: Scores, *, statistic: str = "spearman", k: int = 10,
-                       n_permutations: int = 1000, seed: int = 0) -> float:
-    """Permutation p-value of ``statistic`` (``"spearman"`` or ``"top_k"``): the share of random
-    relabellings of ``b``'s heads with a statistic at least as large as observed,
-    ``(1 + #{null >= observed}) / (1 + n_permutations)`` (one-sided: more agreement than chance).
+def _layer_pair(a: Scores, b: Scores) -> tuple[Tensor, Tensor]:
+    """Both maps as ``[layer, head]`` float64 tensors of one shape (finite)."""
+    x, y = (t.mean if isinstance(t, (HeadScores, LayerScores)) else torch.as_tensor(t)
+            for t in (a, b))
+    x, y = (t.detach().to("cpu", torch.float64) for t in (x, y))
+    for t in (x, y):
+        if t.ndim != 2:
+            raise ValueError(f"within-layer statistics need [layer, head] maps (HeadScores or a "
+                             f"2-d tensor); got shape {tuple(t.shape)}"
+                             + (" (a per-layer map has no heads to rank or permute within its "
+                                "layers)" if t.ndim == 1 else ""))
+    if x.shape != y.shape:
+        raise ValueError(f"score maps differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        raise ValueError("scores contain NaN or inf")
+    return x, y
+
+
+def _centred_layer_ranks(x: Tensor) -> Tensor:
+    """``[m, layer, head]`` -> ``[m, layer * head]``: average ranks within each layer minus the
+    layer's mean rank (all zeros in a constant layer)."""
+    m, n_layers, n_heads = x.shape
+    r = _rank_rows(x.reshape(m * n_layers, n_heads))
+    return (r - r.mean(-1, keepdim=True)).reshape(m, n_layers * n_heads)
+
+
+def _within_layer_spearman_rows(x: Tensor, y: Tensor) -> Tensor:
+    """Pooled within-layer rank correlation of each ``[layer, head]`` pair of ``[m, layer, head]``
+    (NaN where every layer of either map is constant)."""
+    rx, ry = _centred_layer_ranks(x), _centred_layer_ranks(y)
+    denom = (rx.square().sum(-1) * ry.square().sum(-1)).sqrt()
+    return torch.where(denom > 0, (rx * ry).sum(-1) / denom, torch.full_like(denom, float("nan")))
+
+
+def within_layer_spearman(a: Scores, b: Scores) -> float:
+    """Rank correlation of two ``[layer, head]`` maps with the layer means removed: the pooled
+    within-layer rank correlation.
+
+    Each head's score is ranked within its own layer (average ranks for ties), the layer's mean
+    rank is subtracted, and the result is the Pearson correlation of these centred ranks over
+    all heads, ``sum(rx * ry) / sqrt(sum(rx^2) * sum(ry^2))``. Two maps that agree only on which
+    layers matter score about 0 here, whatever their whole-map :func:`spearman`.
+
+    A layer that is constant in one map has all-zero centred ranks in that map: it adds nothing
+    to the covariance or to that map's variance, while the other map's variation in that layer
+    still counts in its variance (pulling the value towards 0).
+
+    Args:
+        a: a ``[layer, head]`` map (``HeadScores`` or a 2-d tensor).
+        b: a map of the same shape.
+
+    Raises:
+        ValueError: for maps that are not ``[layer, head]`` (e.g. per-layer ``LayerScores``),
+            of different shapes, with NaN / inf, or when every layer of ``a`` or of ``b`` is
+            constant (or has a single head): no within-layer ranking to correlate.
+
+    >>> layers, heads = 10 * torch.arange(3.0)[:, None], torch.arange(4.0)
+    >>> a, b = layers + heads, layers - heads  # same layer structure, heads reversed
+    >>> round(spearman(a, b), 2), within_layer_spearman(a, b)
+    (0.79, -1.0)
     """
-    x, y = _pair(a, b)
-    if statistic not in ("spearman", "top_k"):
-        raise ValueError(f"statistic={statistic!r} is not allowed; choose 'spearman' or 'top_k'")
+    x, y = _layer_pair(a, b)
+    value = float(_within_layer_spearman_rows(x[None], y[None])[0])
+    if math.isnan(value):
+        raise ValueError(f"every layer of a or of b is constant (maps of shape "
+                         f"{tuple(x.shape)}): no within-layer ranking to correlate")
+    return value
+
+
+def layer_permutations(n_layers: int, n_heads: int, n_permutations: int, *, seed: int = 0,
+                       ) -> Int[Tensor, "permutation layer head"]:
+    """Random relabellings of the heads that keep every head in its layer: the layer-preserving
+    null of :func:`permutation_pvalue`.
+
+    Each draw permutes each layer's heads independently (one uniform random permutation per
+    layer per draw: the argsort of ``torch.rand(n_permutations, n_layers, n_heads)`` drawn from
+    a ``torch.Generator`` seeded by ``seed``).
+
+    Returns:
+        ``[permutation, layer, head]`` indices into the flattened ``[layer, head]`` map: draw
+        ``p`` puts the score of flat head ``perms[p, l, h]`` (always one of layer ``l``'s) at
+        ``(l, h)``, i.e. ``shuffled = b.flatten()[perms.flatten(1)]``.
+
+    >>> perms = layer_permutations(2, 3, 1, seed=0)
+    >>> perms.shape, sorted(perms[0, 1].tolist())
+    (torch.Size([1, 2, 3]), [3, 4, 5])
+    """
+    for name, value in (("n_layers", n_layers), ("n_heads", n_heads),
+                        ("n_permutations", n_permutations)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    within = torch.argsort(torch.rand(n_permutations, n_layers, n_heads, generator=gen), dim=-1)
+    return within + torch.arange(n_layers)[:, None] * n_heads
+
+
+_PERMUTATION_STATISTICS = ("spearman", "top_k", "within_layer_spearman")
+
+
+def _statistic_rows(statistic: str, x: Tensor, y: Tensor, shape: tuple[int, ...], k: int,
+                    ) -> Tensor:
+    """``statistic`` between the flat map ``x`` ``[n]`` and every row of ``y`` ``[m, n]``."""
+    xs = x.expand_as(y)
+    if statistic == "spearman":
+        return _spearman_rows(xs, y)
+    if statistic == "top_k":
+        return _top_k_overlap_rows(xs, y, k)
+    return _within_layer_spearman_rows(xs.reshape(-1, *shape), y.reshape(-1, *shape))
+
+
+def permutation_null(a: Scores, b: Scores, *, statistic: str = "spearman", k: int = 10,
+                     n_permutations: int = 1000, seed: int = 0, within_layers: bool = False,
+                     ) -> tuple[float, Float[Tensor, " permutation"]]:
+    """The observed ``statistic`` and its values under random relabellings of ``b``'s heads
+    (vectorised over the relabellings): the null distribution of :func:`permutation_pvalue`.
+
+    Args:
+        a: the first score map.
+        b: the second score map, whose heads are relabelled.
+        statistic: ``"spearman"``, ``"top_k"`` (:func:`top_k_overlap`) or
+            ``"within_layer_spearman"`` (:func:`within_layer_spearman`; ``[layer, head]`` maps
+            only).
+        k: the ``k`` of ``"top_k"``.
+        n_permutations: the number of relabellings.
+        seed: seeds the ``torch.Generator`` of the relabellings.
+        within_layers: False: relabel all heads uniformly at random; True: the layer-preserving
+            null, each layer's heads permuted independently (:func:`layer_permutations`), so
+            that the null keeps ``b``'s layer structure (needs ``[layer, head]`` maps with at
+            least 2 heads per layer).
+
+    Returns:
+        ``(observed, null)``, ``null`` of shape ``[permutation]`` (NaN for a draw where the
+        statistic is undefined). ``null.mean()`` is the agreement the null alone gives, e.g.
+        with ``within_layers=True`` the top-k overlap expected from layer structure alone.
+
+    >>> a = 10 * torch.arange(3.0)[:, None] + torch.arange(4.0)
+    >>> observed, null = permutation_null(a, a, within_layers=True, n_permutations=100)
+    >>> observed, null.shape, bool((null > 0.75).all())  # layer structure alone: rho > 0.75
+    (1.0, torch.Size([100]), True)
+    """
+    if statistic not in _PERMUTATION_STATISTICS:
+        raise ValueError(f"statistic={statistic!r} is not allowed; choose one of "
+                         f"{list(_PERMUTATION_STATISTICS)}")
     if n_permutations < 1:
         raise ValueError(f"n_permutations={n_permutations} must be >= 1")
-    gen = torch.Generator().manual_seed(seed)
-    perms = torch.argsort(torch.rand(n_permutations, x.numel(), generator=gen), dim=-1)
-    shuffled = y[perms]  # [permutation, n]
-    if statistic == "spearman":
-        observed = spearman(x, y)
-        null = _spearman_rows(x.expand_as(shuffled), shuffled)
+    if within_layers or statistic == "within_layer_spearman":
+        x2, y2 = _layer_pair(a, b)
+        shape: tuple[int, ...] = tuple(x2.shape)
+        x, y = x2.flatten(), y2.flatten()
+        if x.numel() < 2:
+            raise ValueError("need at least 2 scores to correlate")
     else:
+        x, y = _pair(a, b)
+        shape = (x.numel(),)
+    if statistic == "top_k":
         k = top_k(x.numel(), k=k)
-        observed = top_k_overlap(x, y, k)
-        null = _top_k_overlap_rows(x.expand_as(shuffled), shuffled, k)
-    return float((1 + (null >= observed - 1e-12).sum()) / (1 + n_permutations))
+    if within_layers:
+        if shape[1] < 2:
+            raise ValueError(f"the layer-preserving null needs at least 2 heads per layer; got "
+                             f"maps of shape {shape}")
+        perms = layer_permutations(shape[0], shape[1], n_permutations, seed=seed).flatten(1)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        perms = torch.argsort(torch.rand(n_permutations, x.numel(), generator=gen), dim=-1)
+    observed = float(_statistic_rows(statistic, x, y[None], shape, k)[0])
+    return observed, _statistic_rows(statistic, x, y[perms], shape, k)
+
+
+def _pvalue(observed: float, null: Tensor) -> float:
+    """The permutation p-value ``(1 + #{null >= observed}) / (1 + len(null))`` (a NaN draw counts
+    as at least as large; NaN when ``observed`` is NaN)."""
+    if math.isnan(observed):
+        return float("nan")
+    extreme = (null >= observed - 1e-12) | null.isnan()
+    return (1 + int(extreme.sum())) / (1 + null.numel())
+
+
+def permutation_pvalue(a: Scores, b: Scores, *, statistic: str = "spearman", k: int = 10,
+                       n_permutations: int = 1000, seed: int = 0, within_layers: bool = False,
+                       ) -> float:
+    """Permutation p-value of ``statistic`` (``"spearman"``, ``"top_k"`` or
+    ``"within_layer_spearman"``): the share of random relabellings of ``b``'s heads with a
+    statistic at least as large as observed,
+    ``(1 + #{null >= observed}) / (1 + n_permutations)`` (one-sided: more agreement than chance;
+    NaN when the observed statistic is undefined, e.g. Spearman with a constant map).
+
+    ``within_layers=True`` uses the layer-preserving null: heads are relabelled only within their
+    own layer (each layer permuted independently, :func:`layer_permutations`), so that a small
+    p-value means more agreement than the maps' layer structure alone gives. It needs
+    ``[layer, head]`` maps: for per-layer maps it is meaningless and raises. The arguments are
+    :func:`permutation_null`'s.
+
+    >>> layers, heads = 10 * torch.arange(3.0)[:, None], torch.arange(4.0)
+    >>> a, b = layers + heads, layers - heads  # same layer structure, heads reversed
+    >>> permutation_pvalue(a, b, n_permutations=999)  # rho = 0.79 is rare among relabellings
+    0.002
+    >>> permutation_pvalue(a, b, n_permutations=999, within_layers=True)  # not beyond layers
+    1.0
+    """
+    return _pvalue(*permutation_null(a, b, statistic=statistic, k=k,
+                                     n_permutations=n_permutations, seed=seed,
+                                     within_layers=within_layers))
 
 
 def bootstrap_ci(a: HeadScores | LayerScores, b: HeadScores | LayerScores, *,
@@ -274,6 +464,7 @@ def bootstrap_ci(a: HeadScores | LayerScores, b: HeadScores | LayerScores, *,
 
 _STATS: dict[str, Callable[..., float]] = {
     "spearman": lambda a, b, k: spearman(a, b),
+    "within_layer_spearman": lambda a, b, k: within_layer_spearman(a, b),
     "kendall": lambda a, b, k: kendall(a, b),
     "top_k": top_k_overlap,
     "jaccard": jaccard,
@@ -285,7 +476,8 @@ _STATS: dict[str, Callable[..., float]] = {
 def overlap_matrix(maps: Mapping[str, Scores], *, statistic: str = "spearman", k: int = 10,
                    ) -> pd.DataFrame:
     """``statistic`` between every pair of the named score maps (tasks x shots, models...), as a
-    square DataFrame. Statistics: spearman, kendall, top_k, jaccard, rbo, top_k_pvalue."""
+    square DataFrame. Statistics: spearman, within_layer_spearman (``[layer, head]`` maps),
+    kendall, top_k, jaccard, rbo, top_k_pvalue."""
     if statistic not in _STATS:
         raise ValueError(f"statistic={statistic!r} is not allowed; choose one of {list(_STATS)}")
     names = list(maps)
@@ -294,13 +486,40 @@ def overlap_matrix(maps: Mapping[str, Scores], *, statistic: str = "spearman", k
     return pd.DataFrame(values, index=names, columns=names)
 
 
+def _layer_controls(a: HeadScores, b: HeadScores, *, k: int, n_permutations: int, seed: int,
+                    ) -> dict[str, float]:
+    """:func:`overlap_table`'s layer-structure columns (NaN where undefined)."""
+    names = ("within-layer spearman", "layer-null p (spearman)", "layer-null p (top-k)",
+             f"layer-null top-{k} overlap")
+    if any(t.mean.ndim != 2 or t.mean.shape[1] < 2 for t in (a, b)):
+        return dict.fromkeys(names, float("nan"))
+    x, y = _layer_pair(a, b)
+    within = float(_within_layer_spearman_rows(x[None], y[None])[0])
+    rho, rho_null = permutation_null(x, y, statistic="spearman", n_permutations=n_permutations,
+                                     seed=seed, within_layers=True)
+    overlap, overlap_null = permutation_null(x, y, statistic="top_k", k=k,
+                                             n_permutations=n_permutations, seed=seed,
+                                             within_layers=True)
+    return dict(zip(names, (within, _pvalue(rho, rho_null), _pvalue(overlap, overlap_null),
+                            float(overlap_null.mean())), strict=True))
+
+
 def overlap_table(importance: Mapping[tuple[str, int], HeadScores],
                   scans: Mapping[str, HeadScores], *, k: int, n_permutations: int = 1000,
                   n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Every induction score against every importance map: one row per (task, shots, score)
     with Spearman, Kendall tau-b, top-``k`` overlap, Jaccard@k, rank-biased overlap, the
-    hypergeometric and permutation p-values and (when both maps have several seeds / examples)
-    a bootstrap interval of Spearman's rho.
+    hypergeometric and permutation p-values, the layer-structure controls and (when both maps
+    have several seeds / examples) a bootstrap interval of Spearman's rho.
+
+    The controls, next to the raw values: ``"within-layer spearman"``
+    (:func:`within_layer_spearman`), ``"layer-null p (spearman)"`` and ``"layer-null p (top-k)"``
+    (:func:`permutation_pvalue` of Spearman and of the top-``k`` overlap with
+    ``within_layers=True``: heads relabelled within their layers) and
+    ``"layer-null top-{k} overlap"``, the mean top-``k`` overlap over those relabellings (what
+    layer structure alone gives; compare with ``"top-{k} overlap"``). They are NaN where
+    undefined: maps with a single head per layer, or (within-layer Spearman) every layer of a
+    map constant.
 
     Args:
         importance: ``(task, shots) -> importance map``.
@@ -319,6 +538,7 @@ def overlap_table(importance: Mapping[tuple[str, int], HeadScores],
                    "permutation p": permutation_pvalue(
                        scan, imp, statistic="spearman", n_permutations=n_permutations,
                        seed=seed)}
+            row |= _layer_controls(scan, imp, k=k, n_permutations=n_permutations, seed=seed)
             if scan.per_seed.shape[0] > 1 and imp.per_seed.shape[0] > 1:
                 _, low, high = bootstrap_ci(scan, imp, statistic="spearman",
                                             n_resamples=n_resamples, seed=seed)

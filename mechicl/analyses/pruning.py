@@ -34,14 +34,29 @@ from mechicl.analyses._registry import (
     job_stem,
     register_analysis,
 )
-from mechicl.analyses.evaluation import longest_prompt, masked_choice_logprobs, wilson_interval
+from mechicl.analyses.evaluation import (
+    NormalizationChoice,
+    choice_chars,
+    choice_scores,
+    longest_prompt,
+    masked_choice_logprobs,
+    resolve_normalization,
+)
 from mechicl.analyses.importance import FFN_IMPORTANCE, HEAD_IMPORTANCE, IMPORTANCE_METHODS
 from mechicl.analyses.induction import SCAN, SCORE_ALIASES, SCORES
 from mechicl.inputs.tasks import TASKS, Prompt, Task, build_prompts, load_task, resolve_prompts
 from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.model.masks import Ablation, ActivationMeans, Mask
 from mechicl.plotting import prune_curve_figure
-from mechicl.results import HeadScores, LayerScores, read_result, result_type, write_result
+from mechicl.results import (
+    HeadScores,
+    LayerScores,
+    ResultError,
+    read_result,
+    result_type,
+    write_result,
+)
+from mechicl.stats import paired_bootstrap, removable_fraction, wilson_interval
 
 __all__ = ["DEFAULT_PERCENTS", "PruneCurve", "curve_summaries", "parse_ranking", "prune_curve",
            "prune_order", "pruning_mask", "ranking_inputs", "split_prompts"]
@@ -132,61 +147,146 @@ def _as_rankings(rankings: Ranking | Mapping[str, Ranking] | None, expected: int
 @result_type
 @dataclass(frozen=True, kw_only=True)
 class PruneCurve:
-    """Accuracy after pruning, one row per (ranking, draw, head %, FFN %).
+    """Accuracy after pruning, one row per (ranking, draw, head %, FFN %), with every prompt's
+    correctness so that comparisons are paired over prompts.
 
     Attributes:
         data: columns ``task, shots, head_ranking, ffn_ranking, draw, head_percent,
-            ffn_percent, heads_removed, ffns_removed, accuracy, ci_low, ci_high,
-            gold_logprob`` (mean log-likelihood of the gold answer), ``n``, ``chance``.
+            ffn_percent, heads_removed, ffns_removed, accuracy, ci_low, ci_high`` (95% Wilson),
+            ``gold_logprob`` (mean log-likelihood of the gold answer), ``n``, ``chance``.
+        correct: ``[row, example]`` 0/1 correctness of each evaluated prompt at each row of
+            ``data`` (``None`` for curves written before mechicl 0.3: their statistics need a
+            recomputation).
         params: the run's settings.
         model: the model's provenance.
     """
 
     data: pd.DataFrame = field(repr=False)
+    correct: Int[Tensor, "row example"] | None = field(default=None, repr=False)
     params: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def baseline(self) -> float:
         """Accuracy with nothing removed."""
-        rows = self.data[(self.data.heads_removed == 0) & (self.data.ffns_removed == 0)]
-        if rows.empty:
+        return float(self.data.accuracy.iloc[self._unpruned_row()])
+
+    def _unpruned_row(self) -> int:
+        rows = np.flatnonzero((self.data.heads_removed == 0) & (self.data.ffns_removed == 0))
+        if not len(rows):
             raise ValueError("the curve has no unpruned point")
-        return float(rows.accuracy.iloc[0])
+        return int(rows[0])
+
+    def _per_prompt(self) -> np.ndarray:
+        if self.correct is None:
+            raise ValueError("this curve has no per-prompt correctness (written before mechicl "
+                             "0.3); recompute it to get intervals and tests")
+        return self.correct.numpy().astype(np.float64)
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.data.copy()
 
-    def summary(self, tolerance: float = 0.05) -> pd.DataFrame:
-        """Per ranking: the largest head % (FFN %) whose accuracy, averaged over random draws,
-        stays within ``tolerance`` of the unpruned accuracy (and above chance)."""
-        base = self.baseline
-        grouped = (self.data.groupby(["head_ranking", "ffn_ranking", "head_percent",
-                                      "ffn_percent"], as_index=False)
-                   .agg(accuracy=("accuracy", "mean"), draws=("draw", "nunique")))
+    def points(self, *, n_resamples: int = 2000, seed: int = 0, level: float = 0.95,
+               band: tuple[float, float] = (0.05, 0.95)) -> pd.DataFrame:
+        """One row per (ranking, head %, FFN %): accuracy with its interval, the drop from the
+        unpruned model and the difference from random orders, each with a paired interval.
+
+        Columns: ``head_ranking, ffn_ranking, head_percent, ffn_percent, heads_removed,
+        ffns_removed, draws, accuracy`` (random: the mean over draws) ``acc_low, acc_high``
+        (percentile bootstrap over prompts of the per-prompt correctness, averaged over draws),
+        ``band_low, band_high`` (random: the ``band`` quantiles of the draws' accuracies; NaN for
+        a single order), ``drop, drop_low, drop_high`` (unpruned minus pruned, paired bootstrap),
+        ``vs_random, vs_random_low, vs_random_high, vs_random_p`` (this ranking minus the mean of
+        the random orders at the same point, paired bootstrap; two-sided bootstrap p-value; NaN
+        without random orders or for the random rows themselves), ``n``, ``n_resamples``,
+        ``level``. All intervals share one resampling of the prompts (``seed``).
+        """
+        c = self._per_prompt()
+        d = self.data
+        keys = ["head_ranking", "ffn_ranking", "head_percent", "ffn_percent"]
+        groups = list(d.groupby(keys, sort=False).indices.items())
+        mean_c = np.stack([c[rows].mean(0) for _, rows in groups])  # [point, example]
+        unpruned = c[self._unpruned_row()]
+        acc = paired_bootstrap(mean_c, n_resamples=n_resamples, seed=seed, level=level)
+        drop = paired_bootstrap(unpruned[None], mean_c, n_resamples=n_resamples, seed=seed,
+                                level=level)
+        random_at = {(h, f): i for i, ((hr, fr, h, f), _) in enumerate(groups)
+                     if RANDOM in (hr, fr)}
+        out = []
+        for i, ((hr, fr, hp, fp), rows) in enumerate(groups):
+            accs = d.accuracy.to_numpy()[rows]
+            row = {"head_ranking": hr, "ffn_ranking": fr, "head_percent": hp, "ffn_percent": fp,
+                   "heads_removed": int(d.heads_removed.iloc[rows[0]]),
+                   "ffns_removed": int(d.ffns_removed.iloc[rows[0]]), "draws": len(rows),
+                   "accuracy": float(acc.estimate[i]), "acc_low": float(acc.low[i]),
+                   "acc_high": float(acc.high[i]),
+                   "band_low": float(np.quantile(accs, band[0])) if len(rows) > 1 else np.nan,
+                   "band_high": float(np.quantile(accs, band[1])) if len(rows) > 1 else np.nan,
+                   "drop": float(drop.estimate[i]), "drop_low": float(drop.low[i]),
+                   "drop_high": float(drop.high[i]),
+                   "vs_random": np.nan, "vs_random_low": np.nan, "vs_random_high": np.nan,
+                   "vs_random_p": np.nan}
+            j = random_at.get((hp, fp))
+            if j is not None and RANDOM not in (hr, fr) and (hp, fp) != (0.0, 0.0):
+                vs = paired_bootstrap(mean_c[i], mean_c[j], n_resamples=n_resamples, seed=seed,
+                                      level=level)
+                row.update(vs_random=float(vs.estimate[0]), vs_random_low=float(vs.low[0]),
+                           vs_random_high=float(vs.high[0]),
+                           vs_random_p=float(min(1.0, 2 * min(vs.p_greater[0], vs.p_less[0]))))
+            out.append(row)
+        table = pd.DataFrame(out)
+        table["n"], table["n_resamples"], table["level"] = c.shape[1], n_resamples, level
+        return table
+
+    def summary(self, tolerance: float = 0.05, *, alpha: float = 0.05, level: float = 0.90,
+                n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+        """Per ranking and unit (heads along ``ffn_percent == 0``, FFNs along
+        ``head_percent == 0``): the share removable (:func:`~mechicl.stats.removable_fraction`:
+        the largest share such that at it and every smaller share the accuracy drop from the
+        unpruned model is below ``tolerance`` by a one-sided paired bootstrap test at
+        ``alpha``), the point estimate of that share and its ``level`` bootstrap interval.
+        Random orders are averaged per prompt over their draws first.
+
+        Columns: ``unit, head_ranking, ffn_ranking, baseline, tolerance, alpha, removable,
+        estimate, low, high, level, draws, n``.
+        """
+        c = self._per_prompt()
+        d = self.data
+        unpruned = c[self._unpruned_row()]
         rows = []
-        for (hr, fr), g in grouped.groupby(["head_ranking", "ffn_ranking"]):
-            chance = float(self.data.chance.iloc[0]) if "chance" in self.data else float("-inf")
-            ok = g[(g.accuracy >= base - tolerance) & (g.accuracy > chance)]
-            rows.append({"head_ranking": hr, "ffn_ranking": fr, "baseline": base,
-                         "tolerance": tolerance,
-                         "max_head_percent": float(ok.head_percent.max()) if len(ok) else 0.0,
-                         "max_ffn_percent": float(ok.ffn_percent.max()) if len(ok) else 0.0,
-                         "draws": int(g.draws.max())})
+        for unit, axis, other in (("heads", "head_percent", "ffn_percent"),
+                                  ("ffn", "ffn_percent", "head_percent")):
+            line = d[(d[other] == 0) & (d[axis] > 0)]
+            for (hr, fr), g in line.groupby(["head_ranking", "ffn_ranking"], sort=False):
+                by_share = g.groupby(axis).indices
+                shares = np.array(sorted(by_share))
+                per = np.stack([c[g.index.to_numpy()[by_share[s]]].mean(0) for s in shares])
+                r = removable_fraction(shares, per, unpruned, tolerance=tolerance, alpha=alpha,
+                                       level=level, n_resamples=n_resamples, seed=seed)
+                rows.append({"unit": unit, "head_ranking": hr, "ffn_ranking": fr,
+                             "baseline": self.baseline, **r.to_dict(),
+                             "draws": int(g.draw.nunique()), "n": c.shape[1]})
         return pd.DataFrame(rows)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as a folder (:func:`~mechicl.results.write_result`, the data as
-        ``curve.parquet``), atomically."""
+        ``curve.parquet``, per-prompt correctness as a tensor), atomically."""
+        tensors = None if self.correct is None else {"correct": self.correct.to(torch.uint8)}
         return write_result(path, kind="PruneCurve", params=self.params, model=self.model,
-                            tables={"curve": self.data})
+                            tables={"curve": self.data}, tensors=tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PruneCurve":
         """Read a result written by :meth:`save`, verified
         (:func:`~mechicl.results.read_result`)."""
         folder = read_result(path, "PruneCurve")
-        return cls(data=folder.tables["curve"], params=folder.params, model=folder.model)
+        correct = folder.tensors.get("correct")
+        if correct is not None and correct.shape[0] != len(folder.tables["curve"]):
+            raise ResultError(f"{path}: per-prompt correctness has {correct.shape[0]} rows, the "
+                              f"curve {len(folder.tables['curve'])}; recompute the result")
+        return cls(data=folder.tables["curve"],
+                   correct=None if correct is None else correct.to(torch.int64),
+                   params=folder.params, model=folder.model)
 
 
 def prune_curve(
@@ -195,9 +295,9 @@ def prune_curve(
     ffn_rankings: Ranking | Mapping[str, Ranking] | None = None,
     head_percents: Sequence[int | float] = DEFAULT_PERCENTS,
     ffn_percents: Sequence[int | float] = (0,),
-    random_draws: int = 3, n: int | None = None, seed: int = 0,
+    random_draws: int = 20, n: int | None = None, seed: int = 0,
     prompts: Sequence[Prompt] | None = None, ablation: Ablation = "zero",
-    means: ActivationMeans | None = None, length_normalize: bool = False,
+    means: ActivationMeans | None = None, normalization: NormalizationChoice = "task",
     batch_tokens: int = 4096, progress: bool = False, **prompt_options: Any,
 ) -> PruneCurve:
     """Accuracy on ``task`` at ``shots`` while removing the least important heads / FFNs.
@@ -218,11 +318,14 @@ def prune_curve(
             the other.
         n, seed, prompts, **prompt_options: which prompts (see :func:`~mechicl.evaluate`).
         ablation: ``"zero"`` or ``"mean"`` (with ``means``).
-        length_normalize: rank choices by mean log-probability per token.
+        normalization: how the choices are ranked, as in :func:`~mechicl.evaluate`: ``"task"``
+            (the task's :attr:`~mechicl.inputs.tasks.Task.normalization`; ``"none"`` without a
+            registered task), ``"none"``, ``"tokens"`` or ``"chars"``.
         batch_tokens: rows x longest row per forward pass, counting every masked copy.
         progress: show a progress bar.
     """
     model = as_hooked_model(model)
+    rule = resolve_normalization(normalization, task)
     if random_draws < 0:
         raise ValueError(f"random_draws={random_draws} must be >= 0")
     head_percents = sorted({float(p) for p in head_percents})
@@ -273,7 +376,7 @@ def prune_curve(
                                  "_mask": index[key]})
     loglik, n_tok = masked_choice_logprobs(model, prompt_list, masks, batch_tokens=batch_tokens,
                                            progress=progress)
-    score = loglik / n_tok.clamp(min=1) if length_normalize else loglik
+    score = choice_scores(loglik, n_tok, choice_chars(prompt_list), rule)
     gold = torch.tensor([p.gold for p in prompt_list])
     correct = (score.argmax(-1) == gold)  # [mask, example]
     gold_lp = loglik.gather(-1, gold[None, :, None].expand(len(masks), -1, 1))[..., 0]
@@ -281,8 +384,10 @@ def prune_curve(
     mean_gold = gold_lp.mean(-1).tolist()
     chance = float(np.mean([1.0 / len(p.continuations) for p in prompt_list]))
     n_ex = len(prompt_list)
+    mask_of_row: list[int] = []
     for row in rows:
         m = row.pop("_mask")
+        mask_of_row.append(m)
         low, high = wilson_interval(n_correct[m], n_ex)
         row.update(accuracy=n_correct[m] / n_ex, ci_low=low, ci_high=high,
                    gold_logprob=mean_gold[m])
@@ -291,13 +396,14 @@ def prune_curve(
     data.insert(0, "task", task_name)
     data["n"] = n_ex
     data["chance"] = chance
+    per_row = correct[torch.tensor(mask_of_row, dtype=torch.long)].to(torch.int64)
     params = {"task": task_name, "shots": shots, "n": n_ex, "seed": seed, "ablation": ablation,
               "random_draws": random_draws, "head_percents": head_percents,
-              "ffn_percents": ffn_percents, "length_normalize": length_normalize,
+              "ffn_percents": ffn_percents, "normalization": rule,
               "head_rankings": sorted(head_orders), "ffn_rankings": sorted(ffn_orders),
               "distinct_masks": len(masks), "prompt_ids": [p.id for p in prompt_list],
               **prompt_options}
-    return PruneCurve(data=data, params=params, model=model.info())
+    return PruneCurve(data=data, correct=per_row, params=params, model=model.info())
 
 
 def curve_summaries(curves: dict[tuple[str, int], PruneCurve]) -> pd.DataFrame:
@@ -465,7 +571,7 @@ PRUNING = register_analysis(Analysis(
                help="percentages of heads removed (0 included)", **PERCENT),
         Option(name="ffn_percents", default=[0.0],
                help="percentages of FFNs removed (with percents: a combined grid)", **PERCENT),
-        Option(name="draws", type=int, default=3, minimum=0,
+        Option(name="draws", type=int, default=20, minimum=0,
                help="random orders, the baseline"),
         Option(name="method", type=str, default="bansal", choices=IMPORTANCE_METHODS,
                help="importance method of the task rankings"),

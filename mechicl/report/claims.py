@@ -1,0 +1,237 @@
+"""The report's findings, computed from its tables: every sentence that states a finding is a
+:class:`Claim` carrying the statistic behind it, its interval and p-value, and says "not
+significant" when it is not. The report renders the sentences and stores every claim in
+``tables/claims.csv``; a test recomputes them from the stored results.
+
+Each function takes the tables the report shows (DataFrames) and returns claims; none reads a
+model or a file.
+"""
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["ALPHA", "Claim", "agreement_claims", "claims_table", "icl_claims", "overlap_claims",
+           "pruning_claims"]
+
+ALPHA = 0.05
+"""The significance level of every claim."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim:
+    """One finding.
+
+    Attributes:
+        section: the report section it belongs to.
+        subject: what it is about (a task, a ranking, an induction score).
+        text: the sentence, numbers included.
+        statistic: the name of the statistic.
+        estimate, low, high: its value and interval (NaN where not applicable).
+        p: its p-value (NaN where not applicable).
+        significant: whether the finding passes its test at :data:`ALPHA`.
+        method: how the interval / p-value was computed.
+    """
+
+    section: str
+    subject: str
+    text: str
+    statistic: str
+    estimate: float = np.nan
+    low: float = np.nan
+    high: float = np.nan
+    p: float = np.nan
+    significant: bool = False
+    method: str = ""
+
+
+def claims_table(claims: Sequence[Claim]) -> pd.DataFrame:
+    """The claims as a table (one row each, :class:`Claim`'s fields as columns)."""
+    return pd.DataFrame([asdict(c) for c in claims],
+                        columns=list(Claim.__dataclass_fields__))
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def icl_claims(validity: pd.DataFrame, classes: pd.DataFrame) -> list[Claim]:
+    """Per task: its class (in-context, recall only, at chance, below chance) with the
+    evidence: the largest significant in-context gain, or the gains that were not
+    significant, or the Wilson bounds against chance."""
+    out = []
+    for _, row in classes.iterrows():
+        cls = row["class"]
+        v = validity[validity.task == row.task]
+        k = v[v.shots > 0]
+        if cls == "in-context":
+            text = (f"{row.task} learns in context: {row.shots}-shot accuracy exceeds 0-shot by "
+                    f"{row.gain:+.2f} [{row.gain_low:+.2f}, {row.gain_high:+.2f}] "
+                    f"(paired over the same prompts; Holm-corrected McNemar {_p(row.holm_p)}).")
+            out.append(Claim(section="icl", subject=row.task, text=text, statistic="icl gain",
+                             estimate=row.gain, low=row.gain_low, high=row.gain_high,
+                             p=row.holm_p, significant=True,
+                             method="paired percentile bootstrap; exact McNemar, Holm"))
+            continue
+        best = k.loc[k.gain.idxmax()] if len(k) and k.gain.notna().any() else None
+        if cls == "recall only":
+            gain = "" if best is None else (
+                f"; the largest gain, {int(best.shots)}-shot {best.gain:+.2f} "
+                f"[{best.gain_low:+.2f}, {best.gain_high:+.2f}], is not significant "
+                f"(Holm {_p(best.holm_p)})")
+            text = (f"{row.task} is above chance without demonstrations (0-shot "
+                    f"{_acc(v, 0)}){gain}: recall, not in-context learning.")
+        elif cls == "at chance":
+            text = (f"{row.task} is at chance at every shot count (no 95% Wilson lower bound "
+                    f"above chance {v.chance.iloc[0]:.2f}; best {_best(v)}): its importance maps "
+                    "describe the answer loss, not a task the model does.")
+        else:  # below chance
+            shots = ", ".join(str(s) for s in row.below_chance_shots)
+            text = (f"{row.task} is significantly below chance (at {shots} shots; chance "
+                    f"{v.chance.iloc[0]:.2f}, best {_best(v)}): a sign of a scoring problem "
+                    "(e.g. choices of different lengths without normalisation) rather than of "
+                    "a skill.")
+        out.append(Claim(section="icl", subject=row.task, text=text, statistic=cls,
+                         estimate=np.nan if best is None else float(best.gain),
+                         low=np.nan if best is None else float(best.gain_low),
+                         high=np.nan if best is None else float(best.gain_high),
+                         p=np.nan if best is None else float(best.holm_p), significant=False,
+                         method="Wilson 95%; paired percentile bootstrap; exact McNemar, Holm"))
+    return out
+
+
+def _acc(v: pd.DataFrame, shots: int) -> str:
+    r = v[v.shots == shots].iloc[0]
+    return f"{r.accuracy:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]"
+
+
+def _best(v: pd.DataFrame) -> str:
+    r = v.loc[v.accuracy.idxmax()]
+    return f"{int(r.shots)}-shot {r.accuracy:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]"
+
+
+def pruning_claims(points: pd.DataFrame, summary: pd.DataFrame, *, unit: str) -> list[Claim]:
+    """Per task and ranking: the share removable with its interval; and per ranking other than
+    random, the smallest share at which it is significantly worse (or better) than random
+    orders, or that it never differs significantly.
+
+    Args:
+        points: stacked :meth:`~mechicl.analyses.pruning.PruneCurve.points` with ``task``,
+            ``shots`` columns.
+        summary: stacked :meth:`~mechicl.analyses.pruning.PruneCurve.summary` likewise.
+        unit: ``"heads"`` or ``"ffn"``.
+    """
+    key = "head_ranking" if unit == "heads" else "ffn_ranking"
+    x = "head_percent" if unit == "heads" else "ffn_percent"
+    name = "heads" if unit == "heads" else "FFNs"
+    out = []
+    for row in summary[summary.unit == unit].itertuples(index=False):
+        ranking = getattr(row, key)
+        text = (f"{row.task} {row.shots}-shot, pruning {name} by {ranking}: "
+                f"{row.removable:g}% removable (accuracy drop below {row.tolerance:.2f} by a "
+                f"one-sided paired bootstrap test at {row.alpha:g}, at that share and every "
+                f"smaller one; the untested estimate is {row.estimate:g}%, "
+                f"{row.level:.0%} interval [{row.low:g}%, {row.high:g}%], n = {row.n}"
+                + (f", random: per-prompt mean of {row.draws} orders" if ranking == "random"
+                   else "") + ").")
+        out.append(Claim(section=f"pruning {unit}", subject=f"{row.task} {ranking}", text=text,
+                         statistic="share removable", estimate=row.estimate, low=row.low,
+                         high=row.high, significant=row.removable > 0,
+                         method="one-sided paired bootstrap over prompts"))
+    pts = points[(points[key] != "random") & points.vs_random.notna()]
+    for (task, shots, ranking), g in pts.groupby(["task", "shots", key], sort=False):
+        g = g.sort_values(x)
+        worse = g[(g.vs_random_high < 0)]
+        better = g[(g.vs_random_low > 0)]
+        if len(worse):
+            r = worse.iloc[0]
+            text = (f"{task} {shots}-shot: pruning {name} by {ranking} is worse than random "
+                    f"orders from {r[x]:g}% on: accuracy {r.vs_random:+.2f} "
+                    f"[{r.vs_random_low:+.2f}, {r.vs_random_high:+.2f}] against their mean "
+                    f"(paired bootstrap, {_p(r.vs_random_p)}); significantly worse at "
+                    f"{len(worse)} of {len(g)} shares (per-share 95% intervals, uncorrected).")
+            out.append(Claim(section=f"pruning {unit}", subject=f"{task} {ranking} vs random",
+                             text=text, statistic="accuracy minus random",
+                             estimate=r.vs_random, low=r.vs_random_low, high=r.vs_random_high,
+                             p=r.vs_random_p, significant=True,
+                             method="paired percentile bootstrap over prompts"))
+        if len(better):
+            r = better.iloc[0]
+            text = (f"{task} {shots}-shot: pruning {name} by {ranking} keeps more accuracy "
+                    f"than random orders from {r[x]:g}% on: {r.vs_random:+.2f} "
+                    f"[{r.vs_random_low:+.2f}, {r.vs_random_high:+.2f}] "
+                    f"({_p(r.vs_random_p)}); significantly better at {len(better)} of "
+                    f"{len(g)} shares (per-share 95% intervals, uncorrected).")
+            out.append(Claim(section=f"pruning {unit}", subject=f"{task} {ranking} vs random",
+                             text=text, statistic="accuracy minus random",
+                             estimate=r.vs_random, low=r.vs_random_low, high=r.vs_random_high,
+                             p=r.vs_random_p, significant=True,
+                             method="paired percentile bootstrap over prompts"))
+        if not len(worse) and not len(better):
+            r = g.loc[g.vs_random.abs().idxmax()]
+            text = (f"{task} {shots}-shot: pruning {name} by {ranking} does not differ "
+                    f"significantly from random orders at any share (largest difference "
+                    f"{r.vs_random:+.2f} [{r.vs_random_low:+.2f}, {r.vs_random_high:+.2f}] at "
+                    f"{r[x]:g}%; not significant).")
+            out.append(Claim(section=f"pruning {unit}", subject=f"{task} {ranking} vs random",
+                             text=text, statistic="accuracy minus random",
+                             estimate=r.vs_random, low=r.vs_random_low, high=r.vs_random_high,
+                             p=r.vs_random_p, significant=False,
+                             method="paired percentile bootstrap over prompts"))
+    return out
+
+
+def agreement_claims(pairs: pd.DataFrame, in_context: Sequence[str]) -> list[Claim]:
+    """Per shot count: how much of the cross-task agreement of importance maps is layer
+    structure. ``pairs`` has one row per (shots, task_a, task_b) with ``spearman``,
+    ``within-layer spearman``, ``layer-means spearman`` and ``layer-null p``."""
+    out = []
+    for shots, g in pairs.groupby("shots", sort=True):
+        for scope, rows in (("all tasks", g), ("in-context tasks",
+                                               g[g.task_a.isin(in_context)
+                                                 & g.task_b.isin(in_context)])):
+            if rows.empty:
+                continue
+            sig = int((rows["layer-null p"] < ALPHA).sum())
+            text = (f"{shots}-shot, {scope} ({len(rows)} pairs): median Spearman between two "
+                    f"tasks' importance maps {rows.spearman.median():.2f} (range "
+                    f"{rows.spearman.min():.2f} to {rows.spearman.max():.2f}); a map of one "
+                    f"task's per-layer means alone reaches {rows['layer-means spearman'].median():.2f}"
+                    f"; within layers the median is {rows['within-layer spearman'].median():.2f}"
+                    f", and {sig} of {len(rows)} pairs agree more than a layer-preserving null "
+                    f"(heads permuted within layers, p < {ALPHA})"
+                    + ("" if sig else ": not significant for any pair") + ".")
+            out.append(Claim(section="agreement", subject=f"{shots}-shot {scope}", text=text,
+                             statistic="pairs beyond the layer-preserving null",
+                             estimate=float(sig) / len(rows), significant=sig > 0,
+                             method="permutation within layers, one-sided"))
+    return out
+
+
+def overlap_claims(overlap: pd.DataFrame, in_context: Sequence[str], k: int) -> list[Claim]:
+    """Per induction score: in how many in-context task x shot maps its top-k heads overlap the
+    top-k important heads more than chance (hypergeometric) and more than layer structure
+    alone gives (layer-preserving null)."""
+    out = []
+    column = f"top-{k} overlap"
+    null_column = f"layer-null top-{k} overlap"
+    for score, g in overlap.groupby("induction score", sort=False):
+        for scope, rows in (("in-context tasks", g[g.task.isin(in_context)]), ("all tasks", g)):
+            if rows.empty:
+                continue
+            hyper = int((rows["hypergeom p"] < ALPHA).sum())
+            layer = int((rows["layer-null p (top-k)"] < ALPHA).sum())
+            text = (f"{score.replace('_', ' ')} vs importance, {scope} ({len(rows)} task x shot "
+                    f"maps): median top-{k} overlap {rows[column].median():.2f}, against "
+                    f"{rows[null_column].median():.2f} expected from layer structure alone; "
+                    f"larger than chance (hypergeometric p < {ALPHA}) in {hyper} maps and "
+                    f"larger than the layer-preserving null in {layer}"
+                    + (" (not significant in any map once layers are controlled)"
+                       if hyper and not layer else "") + ".")
+            out.append(Claim(section="overlap", subject=f"{score} {scope}", text=text,
+                             statistic="maps beyond the layer-preserving null",
+                             estimate=float(layer) / len(rows), significant=layer > 0,
+                             method="hypergeometric; permutation within layers, one-sided"))
+    return out

@@ -1,0 +1,46 @@
+"""Quote the committed report's claims in docs/concepts/report.md (between the claims markers),
+so that the documentation states no finding by hand.
+
+    .venv/bin/python scripts/quote_claims.py [--report figures/report] [--doc docs/concepts/report.md]
+
+The quoted sentences are ``tables/claims.csv`` of the report, grouped by section, unedited.
+"""
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from mechicl._io import atomic_write_text
+
+BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+TITLES = {"icl": "Is each task in-context learning?", "agreement": "Agreement between tasks",
+          "pruning heads": "Pruning heads", "pruning ffn": "Pruning FFNs",
+          "overlap": "Induction heads vs important heads"}
+
+
+def quoted(claims: pd.DataFrame) -> str:
+    """The claims as markdown: one heading per section, one quoted bullet per claim."""
+    lines = []
+    for section, g in claims.groupby("section", sort=False):
+        lines += [f"**{TITLES.get(section, section)}**", ""]
+        lines += [f"- {text}" for text in g.text] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", type=Path, default=Path("figures/report"))
+    parser.add_argument("--doc", type=Path, default=Path("docs/concepts/report.md"))
+    args = parser.parse_args()
+    claims = pd.read_csv(args.report / "tables" / "claims.csv")
+    page = args.doc.read_text(encoding="utf-8")
+    if BEGIN not in page or END not in page:
+        raise SystemExit(f"{args.doc} has no {BEGIN} ... {END} block to fill")
+    head, rest = page.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    atomic_write_text(args.doc, head + BEGIN + "\n" + quoted(claims) + END + tail)
+
+
+if __name__ == "__main__":
+    main()
