@@ -80,3 +80,24 @@ def test_holm_correction_against_the_definition():
     # Holm: sorted p_(i) * (m - i + 1), running maximum, capped at 1
     expected = {0: 0.04, 2: 0.09, 1: 0.09, 3: 0.2}
     assert icl._holm(p) == pytest.approx([expected[i] for i in range(4)])
+
+
+def test_a_task_without_a_zero_shot_result_is_untested():
+    results = {("t", 5): result("t", 5, [1] * 40)}
+    classes = task_classes(icl_validity(results, n_resamples=50))
+    assert classes["class"].tolist() == ["untested"]
+
+
+def test_claims_say_not_significant_and_carry_their_numbers():
+    from mechicl.report.claims import icl_claims
+
+    rng = np.random.default_rng(5)
+    recall = (rng.random(60) < 0.9).astype(int)
+    results = {("rec", 0): result("rec", 0, recall.tolist()),
+               ("rec", 5): result("rec", 5, recall.tolist()),
+               ("solo", 5): result("solo", 5, [1] * 30)}
+    v = icl_validity(results, n_resamples=200)
+    claims = {c.subject: c for c in icl_claims(v, task_classes(v))}
+    assert "is not significant" in claims["rec"].text and not claims["rec"].significant
+    assert claims["rec"].estimate == 0.0 and claims["rec"].low <= 0 <= claims["rec"].high
+    assert "not tested" in claims["solo"].text and claims["solo"].statistic == "untested"

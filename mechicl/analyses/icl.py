@@ -17,7 +17,8 @@ and classifies the task:
 - ``below chance``: otherwise, some shot count is significantly below chance;
 - ``at chance``: otherwise, no shot count is above chance;
 - ``recall only``: above chance, but no significant gain from demonstrations (the model knows
-  the answers without them; its maps measure recall, not ICL).
+  the answers without them; its maps measure recall, not ICL);
+- ``untested``: no 0-shot result or no k > 0 result, so the gain cannot be tested.
 
 Axis names: ``example``.
 """
@@ -33,7 +34,8 @@ from mechicl.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 
 __all__ = ["CLASSES", "icl_gain", "icl_validity", "task_classes"]
 
-CLASSES: tuple[str, ...] = ("in-context", "recall only", "at chance", "below chance")
+CLASSES: tuple[str, ...] = ("in-context", "recall only", "at chance", "below chance",
+                            "untested")
 """The classes of :func:`task_classes`, in the order a report lists them."""
 
 
@@ -134,6 +136,8 @@ def task_classes(validity: pd.DataFrame) -> pd.DataFrame:
         gained = g[g.gain_significant & (g.gain > 0) & g.above_chance]
         if gained.shape[0]:
             cls = "in-context"
+        elif not (g.shots == 0).any() or not (g.shots > 0).any():
+            cls = "untested"  # no 0-shot baseline, or no k > 0: no gain to test
         elif g.below_chance.any():
             cls = "below chance"
         elif not g.above_chance.any():

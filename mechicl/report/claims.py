@@ -83,6 +83,9 @@ def icl_claims(validity: pd.DataFrame, classes: pd.DataFrame) -> list[Claim]:
                 f"(Holm {_p(best.holm_p)})")
             text = (f"{row.task} is above chance without demonstrations (0-shot "
                     f"{_acc(v, 0)}){gain}: recall, not in-context learning.")
+        elif cls == "untested":
+            text = (f"{row.task}: in-context gain not tested (it needs a 0-shot and a k > 0 "
+                    f"result); best accuracy {_best(v)}, chance {v.chance.iloc[0]:.2f}.")
         elif cls == "at chance":
             text = (f"{row.task} is at chance at every shot count (no 95% Wilson lower bound "
                     f"above chance {v.chance.iloc[0]:.2f}; best {_best(v)}): its importance maps "
