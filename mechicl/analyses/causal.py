@@ -246,13 +246,19 @@ def ablation_masks(model: HookedModel | tuple[int, int], sets: Int[Tensor, "k co
     return masks, index
 
 
-def _as_scores(scores: HeadScores | Tensor) -> tuple[Tensor, str, dict[str, Any]]:
+def _as_scores(scores: HeadScores | Tensor, model: HookedModel,
+               ) -> tuple[Tensor, str, dict[str, Any]]:
+    """The ``[layer, head]`` score table (checked against the model), its name and params."""
     if isinstance(scores, HeadScores):
-        return scores.mean.double(), scores.name, dict(scores.params)
-    t = torch.as_tensor(scores).detach().cpu().double()
-    if t.ndim != 2:
-        raise ValueError(f"scores must be [layer, head], got shape {tuple(t.shape)}")
-    return t, "custom", {}
+        t, name, params = scores.mean.double(), scores.name, dict(scores.params)
+    else:
+        t, name, params = torch.as_tensor(scores).detach().cpu().double(), "custom", {}
+        if t.ndim != 2:
+            raise ValueError(f"scores must be [layer, head], got shape {tuple(t.shape)}")
+    if tuple(t.shape) != (model.n_layers, model.n_heads):
+        raise ValueError(f"scores have shape {tuple(t.shape)}, the model has "
+                         f"[{model.n_layers}, {model.n_heads}] heads")
+    return t, name, params
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,10 +543,7 @@ def ablate_induction_loss(
     """
     model = as_hooked_model(model)
     check_choice("ablation", ablation, ABLATIONS)
-    table, name, score_params = _as_scores(scores)
-    if tuple(table.shape) != (model.n_layers, model.n_heads):
-        raise ValueError(f"scores have shape {tuple(table.shape)}, the model has "
-                         f"[{model.n_layers}, {model.n_heads}] heads")
+    table, name, score_params = _as_scores(scores, model)
     sets = head_sets(table, ks, draws=draws, seed=seed)
     tokens = evaluation_sequences(model, n_seeds=n_seeds, length=length, n_copies=n_copies,
                                   skip=skip, seed=seed)
@@ -597,10 +600,7 @@ def ablate_induction_accuracy(
     """
     model = as_hooked_model(model)
     check_choice("ablation", ablation, ABLATIONS)
-    table, name, score_params = _as_scores(scores)
-    if tuple(table.shape) != (model.n_layers, model.n_heads):
-        raise ValueError(f"scores have shape {tuple(table.shape)}, the model has "
-                         f"[{model.n_layers}, {model.n_heads}] heads")
+    table, name, score_params = _as_scores(scores, model)
     sets = head_sets(table, ks, draws=draws, seed=seed)
     task_name, prompt_list = resolve_prompts(task, prompts, shots=shots, n=n, seed=seed)
     if not prompt_list:

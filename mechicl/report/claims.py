@@ -9,6 +9,7 @@ model or a file.
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -115,6 +116,15 @@ def _best(v: pd.DataFrame) -> str:
     return f"{int(r.shots)}-shot {r.accuracy:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]"
 
 
+def _vs_random(r: Any, section: str, subject: str, text: str, significant: bool) -> Claim:
+    """The claim comparing one point of a pruning curve (a ``points()`` row) with random
+    orders."""
+    return Claim(section=section, subject=f"{subject} vs random", text=text,
+                 statistic="accuracy minus random", estimate=r.vs_random, low=r.vs_random_low,
+                 high=r.vs_random_high, p=r.vs_random_p, significant=significant,
+                 method="paired percentile bootstrap over prompts")
+
+
 def pruning_claims(points: pd.DataFrame, summary: pd.DataFrame, *, unit: str) -> list[Claim]:
     """Per task and ranking: the share removable with its interval; and per ranking other than
     random, the smallest share at which it is significantly worse (or better) than random
@@ -155,11 +165,7 @@ def pruning_claims(points: pd.DataFrame, summary: pd.DataFrame, *, unit: str) ->
                     f"[{r.vs_random_low:+.2f}, {r.vs_random_high:+.2f}] against their mean "
                     f"(paired bootstrap, {_p(r.vs_random_p)}); significantly worse at "
                     f"{len(worse)} of {len(g)} shares (per-share 95% intervals, uncorrected).")
-            out.append(Claim(section=f"pruning {unit}", subject=f"{task} {ranking} vs random",
-                             text=text, statistic="accuracy minus random",
-                             estimate=r.vs_random, low=r.vs_random_low, high=r.vs_random_high,
-                             p=r.vs_random_p, significant=True,
-                             method="paired percentile bootstrap over prompts"))
+            out.append(_vs_random(r, f"pruning {unit}", f"{task} {ranking}", text, True))
         if len(better):
             r = better.iloc[0]
             text = (f"{task} {shots}-shot: pruning {name} by {ranking} keeps more accuracy "
@@ -167,22 +173,14 @@ def pruning_claims(points: pd.DataFrame, summary: pd.DataFrame, *, unit: str) ->
                     f"[{r.vs_random_low:+.2f}, {r.vs_random_high:+.2f}] "
                     f"({_p(r.vs_random_p)}); significantly better at {len(better)} of "
                     f"{len(g)} shares (per-share 95% intervals, uncorrected).")
-            out.append(Claim(section=f"pruning {unit}", subject=f"{task} {ranking} vs random",
-                             text=text, statistic="accuracy minus random",
-                             estimate=r.vs_random, low=r.vs_random_low, high=r.vs_random_high,
-                             p=r.vs_random_p, significant=True,
-                             method="paired percentile bootstrap over prompts"))
+            out.append(_vs_random(r, f"pruning {unit}", f"{task} {ranking}", text, True))
         if not len(worse) and not len(better):
             r = g.loc[g.vs_random.abs().idxmax()]
             text = (f"{task} {shots}-shot: pruning {name} by {ranking} does not differ "
                     f"significantly from random orders at any share (largest difference "
                     f"{r.vs_random:+.2f} [{r.vs_random_low:+.2f}, {r.vs_random_high:+.2f}] at "
                     f"{r[x]:g}%; not significant).")
-            out.append(Claim(section=f"pruning {unit}", subject=f"{task} {ranking} vs random",
-                             text=text, statistic="accuracy minus random",
-                             estimate=r.vs_random, low=r.vs_random_low, high=r.vs_random_high,
-                             p=r.vs_random_p, significant=False,
-                             method="paired percentile bootstrap over prompts"))
+            out.append(_vs_random(r, f"pruning {unit}", f"{task} {ranking}", text, False))
     return out
 
 
