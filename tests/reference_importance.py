@@ -110,9 +110,13 @@ def ref_choice_logliks(model, prompt: Prompt, hooks: Sequence[Hook] = ()) -> lis
     return out
 
 
-def ref_correct(model, prompt: Prompt, hooks: Sequence[Hook] = ()) -> bool:
-    """Is the highest-likelihood continuation (first one among equal maxima) the gold one?"""
+def ref_correct(model, prompt: Prompt, hooks: Sequence[Hook] = (), chars: bool = False) -> bool:
+    """Is the highest-likelihood continuation (first one among equal maxima) the gold one?
+    ``chars``: the summed log-likelihood divided by the answer's characters without its leading
+    space (lm-eval's ``acc_norm``)."""
     logliks = ref_choice_logliks(model, prompt, hooks)
+    if chars:
+        logliks = [ll / len(c.lstrip()) for ll, c in zip(logliks, prompt.continuations, strict=True)]
     best = 0
     for c in range(len(logliks)):
         if logliks[c] > logliks[best]:
@@ -293,7 +297,7 @@ def mean_activations_reference(model, sequences: Sequence[Tensor]) -> tuple[Tens
 
 
 def ablation_reference(model, prompts: Sequence[Prompt], *, metric: str = "loss",
-                       means_z: Tensor | None = None) -> Tensor:
+                       means_z: Tensor | None = None, chars: bool = False) -> Tensor:
     """Effect of removing each head on its own, one prompt at a time.
 
     The head's ``hook_z`` is set to 0 (or to ``means_z[layer, head]``, mean ablation) by a
@@ -306,7 +310,7 @@ def ablation_reference(model, prompts: Sequence[Prompt], *, metric: str = "loss"
     def value(prompt: Prompt, hooks: Sequence[Hook]) -> float:
         if metric == "loss":
             return ref_answer_loss(model, prompt, hooks)
-        return float(ref_correct(model, prompt, hooks))
+        return float(ref_correct(model, prompt, hooks, chars))
 
     base = [value(p, []) for p in prompts]
     out = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
@@ -391,7 +395,8 @@ def attribution_reference(model, prompts: Sequence[Prompt], *,
     return out / len(prompts)
 
 
-def ffn_reference(model, prompts: Sequence[Prompt], *, metric: str = "accuracy") -> Tensor:
+def ffn_reference(model, prompts: Sequence[Prompt], *, metric: str = "accuracy",
+                  chars: bool = False) -> Tensor:
     """Effect of skipping each layer's MLP (``hook_mlp_out`` -> 0), one prompt at a time:
     accuracy drop or answer-loss increase, averaged over prompts.
 
@@ -406,8 +411,8 @@ def ffn_reference(model, prompts: Sequence[Prompt], *, metric: str = "accuracy")
             if metric == "loss":
                 total += ref_answer_loss(model, prompt, [hook]) - ref_answer_loss(model, prompt)
             else:
-                total += float(ref_correct(model, prompt)) - float(ref_correct(model, prompt,
-                                                                               [hook]))
+                total += (float(ref_correct(model, prompt, chars=chars))
+                          - float(ref_correct(model, prompt, [hook], chars)))
         out[layer] = total / len(prompts)
     return out
 

@@ -120,6 +120,21 @@ def test_prune_cli_writes_curves(tiny_folder, copy_task_file, tmp_path, capsys):
     stored = {e.manifest["job"]["analysis"] for e in ResultStore(store).entries()}
     assert stored == {"pruning", "importance", "ffn_importance", "scan"}
     assert "removable" in capsys.readouterr().out  # the summary: the share removable per ranking
+    # mean ablation: the means of the evaluated prompts (this failed before: no means given)
+    assert main(["prune", "--model", str(tiny_folder), "--task", str(copy_task_file),
+                 "--shots", "1", "--rankings", "same", "--ffn-rankings", "same", "--percents",
+                 "0,50", "--ffn-percents", "0,50", "--draws", "1", "--eval-n", "8", "--n", "6",
+                 "--ablation", "mean", "--no-progress", "--formats", "png", "--store",
+                 str(store), "--out", str(tmp_path / "mean")]) == 0
+    mean = PruneCurve.load(tmp_path / "mean" / "results" / "copy-1shot-prune")
+    assert mean.params["ablation"] == "mean"
+    def pruned(c):  # the same-task ranking, half of the heads and FFNs removed
+        d = c.data
+        return d[d.head_ranking.str.startswith("same") & d.ffn_ranking.str.startswith("same")
+                 & (d.head_percent == 50)
+                 & (d.ffn_percent == 50)].gold_logprob.item()
+
+    assert pruned(mean) != pruned(curve)  # the same heads and FFNs, mean- vs zero-ablated
     with pytest.raises(SystemExit, match="unknown head ranking 'nope'"):
         main(["prune", "--model", str(tiny_folder), "--task", str(copy_task_file), "--rankings",
               "nope", "--n", "4", "--eval-n", "4", "--out", str(tmp_path / "x")])

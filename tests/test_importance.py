@@ -456,6 +456,24 @@ def test_ffn_importance_equals_reference(model, prompts, metric):
     assert imp.params["metric"] == metric
 
 
+def test_accuracy_knockouts_rank_choices_by_the_tasks_rule(tiny_gpt2, prompts):
+    """metric="accuracy" ranks the choices as evaluate does: by the task's rule (chars: lm-eval
+    acc_norm, for openbookqa and piqa), or by an explicit normalization; recorded in params."""
+    heads = head_importance(tiny_gpt2, prompts=prompts, method="ablation", metric="accuracy",
+                            normalization="chars")
+    assert_close(heads.mean, ref.ablation_reference(tiny_gpt2, prompts, metric="accuracy",
+                                                    chars=True), rtol=1e-4, atol=1e-5)
+    ffn = ffn_importance(tiny_gpt2, prompts=prompts, metric="accuracy", normalization="chars")
+    want = ref.ffn_reference(tiny_gpt2, prompts, metric="accuracy", chars=True)
+    assert_close(ffn.mean, want, rtol=1e-4, atol=1e-5)
+    assert heads.params["normalization"] == ffn.params["normalization"] == "chars"
+    # the rule matters on these prompts, and without a task "task" means the sum
+    assert not torch.equal(want, ref.ffn_reference(tiny_gpt2, prompts, metric="accuracy"))
+    assert ffn_importance(tiny_gpt2, prompts=prompts).params["normalization"] == "none"
+    with pytest.raises((ValueError, TypeError), match="bytes"):
+        ffn_importance(tiny_gpt2, prompts=prompts, normalization="bytes")
+
+
 def test_ffn_importance_under_a_mask(tiny_gpt2, prompts):
     """With FFN 0 already removed, removing it again changes nothing."""
     mask = Mask.remove(tiny_gpt2, ffns=[0])

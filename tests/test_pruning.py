@@ -13,7 +13,7 @@ import mechicl
 import mechicl.analyses.pruning
 import mechicl.stats
 from mechicl.analyses.pruning import PruneCurve, prune_curve, prune_order, pruning_mask
-from mechicl.model.masks import Mask
+from mechicl.model.masks import ActivationMeans, Mask
 from mechicl.results import HeadScores
 
 SHOTS, N = 1, 10
@@ -158,6 +158,37 @@ def test_ranking_from_head_scores_and_prompts(tiny_gpt2, task):
     masked = mechicl.evaluate(model, task, shots=SHOTS, n=N, mask=mask)
     assert row(curve, head_percent=50)["accuracy"] == masked.accuracy
     assert curve.data["task"].tolist() == ["custom", "custom"]
+
+
+def test_mean_ablation_defaults_to_the_evaluated_prompts_means(tiny_gpt2, task):
+    """ablation="mean" without means replaces removed heads and FFNs by their mean over the
+    evaluated prompts (each with its gold answer): rows equal evaluate under masks built from
+    hand-computed means (the CLI's `prune --ablation mean` failed before: no means)."""
+    model = tiny_gpt2
+    prompts = mechicl.build_prompts(task, shots=SHOTS, n=N)
+    scores = scores_for(model)
+    curve = prune_curve(model, prompts=prompts, head_rankings={"mine": scores},
+                        ffn_rankings={"mine": scores.sum(-1)}, head_percents=[0, 50],
+                        ffn_percents=[0, 50], random_draws=0, ablation="mean")
+    batch = mechicl.analyses.evaluation.answer_batch(model, prompts)
+    z, mlp = ref.mean_activations_reference(
+        model, [batch.tokens[i, :n] for i, n in enumerate(batch.attention_mask.sum(-1).tolist())])
+    means = ActivationMeans(z=z.float(), mlp_out=mlp.float(), n_tokens=0)
+    zeroed = prune_curve(model, prompts=prompts, head_rankings={"mine": scores},
+                         ffn_rankings={"mine": scores.sum(-1)}, head_percents=[50],
+                         ffn_percents=[50], random_draws=0)
+    for hp, fp in ((50, 0), (0, 50), (50, 50)):
+        mask = pruning_mask(model, head_order=prune_order(scores), head_percent=hp,
+                            ffn_order=prune_order(scores.sum(-1)), ffn_percent=fp,
+                            ablation="mean", means=means)
+        masked = mechicl.evaluate(model, prompts=prompts, task=task, mask=mask)
+        got = curve.data[(curve.data.head_percent == hp) & (curve.data.ffn_percent == fp)]
+        assert got["accuracy"].item() == masked.accuracy
+        assert got["gold_logprob"].item() == pytest.approx(gold_logprob(masked), abs=1e-4)
+    # mean and zero ablation are different masks (the gold log-probabilities differ)
+    assert curve.params["ablation"] == "mean"
+    assert (row(curve, head_percent=50, ffn_percent=50)["gold_logprob"]
+            != zeroed.data["gold_logprob"].item())
 
 
 def test_random_draws_are_reproducible_and_distinct(tiny_gpt2, task):

@@ -151,6 +151,23 @@ def test_committed_indexes_name_their_results():
     assert mechicl.load_result(FIGURES / "results" / "smollm2-135m-scan").params["n_seeds"] == 100
 
 
+def _renamed(data: dict) -> dict:
+    """A job (or result params) written before ``length_normalize`` became ``normalization``
+    (mechicl 0.3): the same settings under the new name (False: summed log-probabilities)."""
+    data = json.loads(json.dumps(data))
+    for where in (data, data.get("options", {})):
+        if "length_normalize" in where:
+            where["normalization"] = "tokens" if where.pop("length_normalize") else "none"
+    return data
+
+
+def test_renamed_jobs_keep_their_settings():
+    old = {"analysis": "accuracy", "options": {"n": 50, "length_normalize": False}}
+    assert _renamed(old)["options"] == {"n": 50, "normalization": "none"}
+    assert _renamed({"length_normalize": True}) == {"normalization": "tokens"}
+    assert "length_normalize" in old["options"]  # the caller's dict is left alone
+
+
 @pytest.mark.slow
 def test_committed_results_of_the_old_pipeline_equal_the_new_one(smollm2, tmp_path):
     """Before / after the rebuild around the registry: results the earlier code computed for the
@@ -162,20 +179,23 @@ def test_committed_results_of_the_old_pipeline_equal_the_new_one(smollm2, tmp_pa
 
     index = read_index(FIGURES / "report" / "results")
     names = ["accuracy/antonyms-1shot", "importance/antonyms-1shot-bansal"]
-    jobs = [mechicl.Job.from_dict(index[name]["job"]) for name in names]
+    jobs = [mechicl.Job.from_dict(_renamed(index[name]["job"])) for name in names]
     store = ResultStore(tmp_path / "store")
     summary = run_jobs(jobs, store, entries={"smollm2-135m": ModelEntry(
         name="smollm2-135m", spec="smollm2-135m")}, progress=False,
         executor=LocalExecutor(models={"smollm2-135m": smollm2}))
     assert summary.ok and [r["status"] for r in summary.jobs] == ["computed", "computed"]
     for name, row in zip(names, summary.jobs, strict=True):
-        assert row["key"] == index[name]["key"], name  # the key the migration gave it
+        if _renamed(index[name]["job"]) == index[name]["job"]:
+            assert row["key"] == index[name]["key"], name  # the key the migration gave it
         old, new = load_result(FIGURES / "report" / "results" / name), store.get(row["key"]).load()
-        assert new.params == old.params, name
+        params = _renamed(old.params)
+        assert set(new.params) - set(params) <= {"signed"}, name  # added since (issue 21)
+        assert {k: new.params[k] for k in params} == params, name
         if name.startswith("accuracy"):
             assert new.accuracy == old.accuracy
-            pd.testing.assert_frame_equal(new.predictions.drop(columns="loglik"),
-                                          old.predictions.drop(columns="loglik"))
+            columns = [c for c in old.predictions.columns if c != "loglik"]  # + n_chars now
+            pd.testing.assert_frame_equal(new.predictions[columns], old.predictions[columns])
             torch.testing.assert_close(  # summed log-probabilities: thread-count rounding
                 torch.tensor(new.predictions.loglik.tolist()),
                 torch.tensor(old.predictions.loglik.tolist()), rtol=1e-5, atol=1e-5)

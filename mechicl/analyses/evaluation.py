@@ -64,14 +64,14 @@ from mechicl.inputs.tasks import (
     load_task,
 )
 from mechicl.model.hooked import HookedModel, as_hooked_model
-from mechicl.model.masks import Mask, masked_logits, stack_hooks
+from mechicl.model.masks import ActivationMeans, Mask, masked_logits, mean_activations, stack_hooks
 from mechicl.results import read_result, result_type, write_result
 from mechicl.stats import wilson_interval
 
 __all__ = ["NORMALIZATION_CHOICES", "SCORINGS", "AnswerBatch", "EvalResult",
            "NormalizationChoice", "answer_batch", "answer_losses", "choice_chars",
            "choice_logprobs", "choice_scores", "encode_prompt", "evaluate", "evaluate_masks",
-           "longest_prompt", "masked_choice_logprobs", "resolve_normalization",
+           "longest_prompt", "masked_choice_logprobs", "prompt_means", "resolve_normalization",
            "shared_context_scores", "shared_context_supported"]
 
 
@@ -582,6 +582,23 @@ def answer_batch(model: HookedModel, prompts: Sequence[Prompt],
     return AnswerBatch(tokens=tokens.to(model.device), attention_mask=attention.to(model.device),
                        answer_mask=answer.to(model.device),
                        prompt_ids=tuple(p.id for p in prompts))
+
+
+def prompt_means(model: HookedModel, prompts: Sequence[Prompt], *,
+                 batch_tokens: int = 4096) -> ActivationMeans:
+    """Mean head and MLP outputs over ``prompts``, each followed by its gold answer (the
+    sequences of :func:`answer_batch`, padding left out): what mean ablation replaces a head or
+    FFN with when an analysis is given no means.
+
+    >>> from mechicl.testing import tiny_model
+    >>> model = tiny_model("gpt2")
+    >>> means = prompt_means(model, [Prompt(id="a", text="w1 w2", continuations=(" w3",), gold=0)])
+    >>> tuple(means.z.shape) == (model.n_layers, model.n_heads, model.d_head)
+    True
+    """
+    batch = answer_batch(model, prompts)
+    return mean_activations(model, batch.tokens, attention_mask=batch.attention_mask,
+                            batch_tokens=batch_tokens)
 
 
 def answer_losses(

@@ -65,9 +65,14 @@ from mechicl.analyses._registry import (
 )
 from mechicl.analyses.evaluation import (
     AnswerBatch,
+    NormalizationChoice,
     answer_batch,
+    choice_chars,
+    choice_scores,
     longest_prompt,
     masked_choice_logprobs,
+    prompt_means,
+    resolve_normalization,
     task_prompts,
 )
 from mechicl.analyses.overlap import (
@@ -80,7 +85,7 @@ from mechicl.analyses.overlap import (
 )
 from mechicl.inputs.tasks import Prompt, Task, build_prompts, load_task, resolve_prompts
 from mechicl.model.hooked import HookedModel, as_hooked_model
-from mechicl.model.masks import Ablation, ActivationMeans, Mask, mean_activations
+from mechicl.model.masks import Ablation, ActivationMeans, Mask
 from mechicl.plotting import head_heatmap, kv_group_size, layer_bars
 from mechicl.results import HeadScores, LayerScores
 
@@ -235,10 +240,11 @@ def _ablation_masks(model: HookedModel, base: Mask | None, ablation: str,
 
 
 def _knockout_effects(model: HookedModel, prompts: Sequence[Prompt], masks: list[Mask],
-                      metric: str, length_normalize: bool, batch_tokens: int, progress: bool,
+                      metric: str, normalization: str, batch_tokens: int, progress: bool,
                       ) -> Tensor:
     """``[example, mask-1]``: effect of each knockout mask (masks[1:]) vs masks[0], per
-    example: loss increase, or correct(base) - correct(knocked out)."""
+    example: loss increase, or correct(base) - correct(knocked out), the choices ranked by
+    ``normalization`` (a resolved rule, as :func:`~mechicl.analyses.evaluation.evaluate`)."""
     if metric == "loss":  # mean cross-entropy on the gold answer's tokens
         gold_only = [dataclasses.replace(p, continuations=(p.continuations[p.gold],), gold=0)
                      for p in prompts]
@@ -248,7 +254,7 @@ def _knockout_effects(model: HookedModel, prompts: Sequence[Prompt], masks: list
         return (losses[1:] - losses[0]).T
     loglik, n_tok = masked_choice_logprobs(model, prompts, masks, batch_tokens=batch_tokens,
                                            progress=progress)
-    score = loglik / n_tok.clamp(min=1) if length_normalize else loglik
+    score = choice_scores(loglik, n_tok, choice_chars(prompts), normalization)
     gold = torch.tensor([p.gold for p in prompts])
     correct = (score.argmax(-1) == gold).double()  # [mask, example]
     return (correct[0] - correct[1:]).T
@@ -258,9 +264,7 @@ def _means_for(model: HookedModel, prompts: Sequence[Prompt], ablation: str,
                means: ActivationMeans | None, batch_tokens: int) -> ActivationMeans | None:
     if ablation != "mean" or means is not None:
         return means
-    batch = answer_batch(model, prompts)
-    return mean_activations(model, batch.tokens, attention_mask=batch.attention_mask,
-                            batch_tokens=batch_tokens)
+    return prompt_means(model, prompts, batch_tokens=batch_tokens)
 
 
 def _check_method_options(method: str, metric: str, ablation: str) -> None:
@@ -280,7 +284,7 @@ def head_importance(
     method: Method = "bansal", n: int | None = 50, seed: int = 0,
     prompts: Sequence[Prompt] | None = None, normalize_layers: bool = False,
     ablation: Ablation = "zero", metric: Metric = "loss", means: ActivationMeans | None = None,
-    mask: Mask | None = None, length_normalize: bool = False,
+    mask: Mask | None = None, normalization: NormalizationChoice = "task",
     token_normalization: Literal["reference", "uniform"] = "reference",
     batch_tokens: int | None = None, progress: bool = False, **prompt_options: Any,
 ) -> HeadScores:
@@ -304,7 +308,10 @@ def head_importance(
             ``method="ablation"``); the other methods use the loss.
         means: mean activations for mean ablation (default: computed on the same prompts).
         mask: compute importance with this mask applied (e.g. after pruning).
-        length_normalize: accuracy by mean log-probability per token (``metric="accuracy"``).
+        normalization: for ``metric="accuracy"``, how the choices are ranked, as
+            :func:`~mechicl.analyses.evaluation.evaluate`: ``"task"`` (the task's own rule;
+            ``"none"`` for explicit ``prompts`` without a task), ``"none"``, ``"tokens"`` or
+            ``"chars"``.
         token_normalization: ``"bansal"`` only: ``"reference"`` divides the last layer by the
             answer-token count and the others by ``N - 1`` (as llm-interpret); ``"uniform"``
             divides every layer by ``N - 1``, so that layers are comparable (the reference's
@@ -327,6 +334,7 @@ def head_importance(
     check_choice("ablation", ablation, ("zero", "mean"))
     check_choice("metric", metric, ("loss", "accuracy"))
     check_choice("token_normalization", token_normalization, ("reference", "uniform"))
+    rule = resolve_normalization(normalization, task)  # checks the value
     _check_method_options(method, metric, ablation)
     name, prompt_list = resolve_prompts(task, prompts, shots=shots, n=n, seed=seed, prompt_options=prompt_options)
     if not prompt_list:
@@ -337,8 +345,7 @@ def head_importance(
     if method == "ablation":
         means = _means_for(model, prompt_list, ablation, means, budget)
         masks = _ablation_masks(model, mask, ablation, means, "heads")
-        effects = _knockout_effects(model, prompt_list, masks, metric, length_normalize, budget,
-                                    progress)
+        effects = _knockout_effects(model, prompt_list, masks, metric, rule, budget, progress)
         per_example = effects.reshape(len(prompt_list), model.n_layers, model.n_heads)
         aggregate = per_example.mean(0)
     else:
@@ -363,6 +370,7 @@ def head_importance(
     params = {"task": name, "shots": shots, "method": method, "n": len(prompt_list), "seed": seed,
               "normalize_layers": normalize_layers, "metric": metric, "ablation": ablation,
               "token_normalization": token_normalization, "signed": method in SIGNED_METHODS,
+              **({"normalization": rule} if metric == "accuracy" else {}),
               "mask": None if mask is None else mask.to_dict(),
               "prompt_ids": [p.id for p in prompt_list], **prompt_options}
     return HeadScores(name=f"importance_{method}", mean=aggregate.double(), var=var.double(),
@@ -376,13 +384,15 @@ def ffn_importance(
     metric: Metric = "accuracy", n: int | None = 50, seed: int = 0,
     prompts: Sequence[Prompt] | None = None, ablation: Ablation = "zero",
     means: ActivationMeans | None = None, mask: Mask | None = None,
-    length_normalize: bool = False, batch_tokens: int = 4096, progress: bool = False,
-    **prompt_options: Any,
+    normalization: NormalizationChoice = "task", batch_tokens: int = 4096,
+    progress: bool = False, **prompt_options: Any,
 ) -> LayerScores:
     """Importance of each layer's MLP: the accuracy drop (or loss increase) when it is knocked out.
 
     Bansal et al. rank FFNs by ``baseline accuracy - accuracy with FFN i removed``. All
-    ``n_layers`` knocked-out copies are batched through shared forward passes.
+    ``n_layers`` knocked-out copies are batched through shared forward passes. For
+    ``metric="accuracy"`` the choices are ranked by ``normalization``, as
+    :func:`~mechicl.analyses.evaluation.evaluate` ranks them (default: the task's own rule).
 
     Returns:
         :class:`~mechicl.results.LayerScores` named ``ffn_importance``: ``mean`` ``[layer]``,
@@ -391,12 +401,14 @@ def ffn_importance(
     model = as_hooked_model(model)
     check_choice("metric", metric, ("loss", "accuracy"))
     check_choice("ablation", ablation, ("zero", "mean"))
+    rule = resolve_normalization(normalization, task)
     name, prompt_list = resolve_prompts(task, prompts, shots=shots, n=n, seed=seed, prompt_options=prompt_options)
     means = _means_for(model, prompt_list, ablation, means, batch_tokens)
     masks = _ablation_masks(model, mask, ablation, means, "ffn")
-    effects = _knockout_effects(model, prompt_list, masks, metric, length_normalize, batch_tokens,
+    effects = _knockout_effects(model, prompt_list, masks, metric, rule, batch_tokens,
                                 progress)  # [example, layer]
     params = {"task": name, "shots": shots, "metric": metric, "n": len(prompt_list), "seed": seed,
+              **({"normalization": rule} if metric == "accuracy" else {}),
               "ablation": ablation, "mask": None if mask is None else mask.to_dict(),
               "prompt_ids": [p.id for p in prompt_list], **prompt_options}
     return LayerScores.from_per_seed("ffn_importance", effects, params=params, model=model.info())

@@ -40,6 +40,7 @@ from mechicl.analyses.evaluation import (
     choice_scores,
     longest_prompt,
     masked_choice_logprobs,
+    prompt_means,
     resolve_normalization,
 )
 from mechicl.analyses.importance import FFN_IMPORTANCE, HEAD_IMPORTANCE, IMPORTANCE_METHODS
@@ -317,7 +318,9 @@ def prune_curve(
             with random head and FFN rankings both, draw ``d`` of one pairs with draw ``d`` of
             the other.
         n, seed, prompts, **prompt_options: which prompts (see :func:`~mechicl.evaluate`).
-        ablation: ``"zero"`` or ``"mean"`` (with ``means``).
+        ablation: ``"zero"`` or ``"mean"``: what a removed head's or FFN's output becomes.
+        means: the means of ``ablation="mean"`` (default: over the evaluated prompts, each
+            with its gold answer: :func:`~mechicl.analyses.evaluation.prompt_means`).
         normalization: how the choices are ranked, as in :func:`~mechicl.evaluate`: ``"task"``
             (the task's :attr:`~mechicl.inputs.tasks.Task.normalization`; ``"none"`` without a
             registered task), ``"none"``, ``"tokens"`` or ``"chars"``.
@@ -351,6 +354,8 @@ def prune_curve(
     head_specs = specs(head_orders, n_heads_total, head_percents, 0)
     ffn_specs = specs(ffn_orders, model.n_layers, ffn_percents, 1)
     task_name, prompt_list = resolve_prompts(task, prompts, shots=shots, n=n, seed=seed, prompt_options=prompt_options)
+    if ablation == "mean" and means is None:
+        means = prompt_means(model, prompt_list, batch_tokens=batch_tokens)
 
     masks: list[Mask] = []
     index: dict[bytes, int] = {}
