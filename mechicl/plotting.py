@@ -32,8 +32,8 @@ from mechicl._checks import check_choice, check_positive
 from mechicl._io import atomic_path
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["accuracy_figure", "checkpoint_figure", "head_heatmap", "kv_group_size", "layer_bars",
-           "loss_curve", "matrix_heatmap", "patch_heatmap", "prune_curve_figure", "save_figure",
+__all__ = ["ablation_figure", "accuracy_figure", "checkpoint_figure", "head_heatmap",
+           "kv_group_size", "layer_bars", "loss_curve", "matrix_heatmap", "patch_heatmap", "prune_curve_figure", "save_figure",
            "score_scatter"]
 
 
@@ -336,6 +336,63 @@ def prune_curve_figure(curve: Any, *, x: str = "head_percent", title: str | None
                       margin={"l": 60, "r": 20, "t": 50, "b": 50},
                       legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0})
     fig.update_xaxes(range=[-1, high + 1])
+    return fig
+
+
+def ablation_figure(table: pd.DataFrame, *, title: str = "", y_title: str = "accuracy",
+                    chance: float | None = None) -> go.Figure:
+    """The causal check of an induction score, one group of markers per row of ``table``: the
+    unablated value, the mean over ``k`` random heads ablated (error bars: the 5-95% band of the
+    draws' means) and the top-``k`` heads ablated (error bars: its 95% interval, the unablated
+    value plus the paired bootstrap interval of ``top - unablated``).
+
+    Args:
+        table: rows of :meth:`~mechicl.analyses.causal.InductionAblation.table`, with a
+            ``subject`` column (e.g. the task) naming each row's group with ``k``.
+        title: figure title.
+        y_title: the measure (``"accuracy"`` or ``"later-copy loss"``).
+        chance: a dashed chance line (accuracy).
+
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"subject": ["a"], "k": [5], "unablated": [0.8], "top": [0.5],
+    ...                   "random_mean": [0.75], "random_low": [0.7], "random_high": [0.8],
+    ...                   "top_vs_unablated_low": [-0.4], "top_vs_unablated_high": [-0.2]})
+    >>> [tr.name for tr in ablation_figure(t).data]
+    ['unablated', 'k random heads (5-95% of draws)', 'top-k heads (95% interval)']
+    """
+    needed = ["subject", "k", "unablated", "top", "random_mean", "random_low", "random_high",
+              "top_vs_unablated_low", "top_vs_unablated_high"]
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise ValueError(f"table lacks the column(s) {missing}; it has {list(table.columns)}")
+    if table.empty:
+        raise ValueError("no rows to plot")
+    labels = [f"{s}<br>k = {k}" for s, k in zip(table.subject, table.k, strict=True)]
+    x = np.arange(len(labels), dtype=float)  # random draws left of each group, top-k right
+    top_low = table.unablated + table.top_vs_unablated_low
+    top_high = table.unablated + table.top_vs_unablated_high
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=table.unablated, mode="markers", name="unablated",
+                             marker={"symbol": "line-ew-open", "size": 40, "color": "black"}))
+    fig.add_trace(go.Scatter(
+        x=x - 0.12, y=table.random_mean, mode="markers", name="k random heads (5-95% of draws)",
+        marker={"color": "gray", "size": 9},
+        error_y={"type": "data", "symmetric": False, "thickness": 1,
+                 "array": (table.random_high - table.random_mean).to_numpy(float),
+                 "arrayminus": (table.random_mean - table.random_low).to_numpy(float)}))
+    fig.add_trace(go.Scatter(
+        x=x + 0.12, y=table.top, mode="markers", name="top-k heads (95% interval)",
+        marker={"color": "crimson", "size": 9, "symbol": "diamond"},
+        error_y={"type": "data", "symmetric": False, "thickness": 1,
+                 "array": (top_high - table.top).to_numpy(float),
+                 "arrayminus": (table.top - top_low).to_numpy(float)}))
+    if chance is not None:
+        fig.add_hline(y=chance, line={"dash": "dash", "color": "red", "width": 1},
+                      annotation_text="chance", annotation_position="top left")
+    fig.update_xaxes(tickvals=x, ticktext=labels, range=[-0.5, len(labels) - 0.5])
+    fig.update_layout(title=title, yaxis_title=y_title, width=max(480, 110 * len(x) + 160),
+                      height=440, margin={"l": 60, "r": 20, "t": 50, "b": 80},
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.22, "x": 0})
     return fig
 
 

@@ -3,6 +3,7 @@ obviously-correct reference (one sequence or prompt at a time, hand-written hook
 `mechicl.evaluate` under each mask, a literal loop over the bootstrap weights), the head sets
 are the right ones, and the analyses go through the registry, the store and `load_result`."""
 
+import dataclasses
 import inspect
 import json
 import math
@@ -217,9 +218,12 @@ def copy_task():
     return ref.copy_task(30)
 
 
-@pytest.mark.parametrize("ablation", ["zero", "mean"])
-def test_accuracy_equals_evaluate_under_each_mask(tiny_gpt2, copy_task, ablation):
+@pytest.mark.parametrize("ablation, rule", [("zero", "none"), ("mean", "none"), ("zero", "chars")])
+def test_accuracy_equals_evaluate_under_each_mask(tiny_gpt2, copy_task, ablation, rule):
+    """Every condition's per-prompt correctness equals evaluate under its mask, choices ranked
+    by the task's own rule (chars: lm-eval acc_norm) as evaluate ranks them."""
     model = tiny_gpt2
+    copy_task = dataclasses.replace(copy_task, normalization=rule)
     scores = distinct_scores(model, seed=5)
     prompts = split_prompts(copy_task, shots=1, n_rank=4, n_eval=10)[1]
     result = ablate_induction_accuracy(model, scores, copy_task, shots=1, prompts=prompts,
@@ -242,6 +246,7 @@ def test_accuracy_equals_evaluate_under_each_mask(tiny_gpt2, copy_task, ablation
     assert torch.equal(result.unablated,
                        torch.tensor(plain.predictions.correct.tolist(), dtype=torch.float64))
     assert result.params["prompt_ids"] == [p.id for p in prompts]
+    assert result.params["normalization"] == plain.normalization == rule
     table = result.table(n_resamples=200)
     assert table.unablated.tolist() == [plain.accuracy] * len(KS)
 

@@ -257,7 +257,7 @@ def test_cli_grid_and_report_compute_the_same_bytes(tiny_folder, tmp_path, capsy
     model = mechicl.load_model(str(tiny_folder))
     build_report(model, tmp_path / "report", ReportConfig(
         tasks=(name,), shots=(1,), n=6, eval_n=8, scan_seeds=2, scan_length=8,
-        prune_tasks=(), ffn=False, n_permutations=10, n_resamples=10),
+        prune_tasks=(), ffn=False, n_permutations=10, n_resamples=10, causal_ks=()),
         store=stores["report"])
     capsys.readouterr()
     found = {k: {e.key: e for e in s.entries() if e.manifest["job"]["analysis"] == "importance"}

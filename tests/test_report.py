@@ -38,7 +38,8 @@ _register()
 
 CONFIG = dict(tasks=(TASK_A, TASK_B), shots=(0, 1), n=6, eval_n=8, scan_seeds=3, scan_length=8,
               prune_tasks=(TASK_A, TASK_B), prune_shots=(1,), percents=(0, 25, 50),
-              ffn_percents=(0, 50), draws=2, n_permutations=50, n_resamples=50)
+              ffn_percents=(0, 50), draws=2, n_permutations=50, n_resamples=50, causal_ks=(1, 2))
+METHODS = ("bansal", "michel", "ablation", "ablation-mean", "attribution", "attribution-mean")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,9 @@ def test_writes_every_figure_table_and_summary(report):
         *(f"importance-{t}-{s}shot" for t in (TASK_A, TASK_B) for s in (0, 1)),
         *(f"{kind}-{t}-1shot" for t in (TASK_A, TASK_B)
           for kind in ("prune-heads", "prune-ffn", "ffn-importance")),
-        *(f"scatter-prefix_matching-{t}-1shot" for t in (TASK_A, TASK_B))}
+        *(f"scatter-prefix_matching-{t}-1shot" for t in (TASK_A, TASK_B)),
+        *(f"method-{t}-1shot-{m}" for t in (TASK_A, TASK_B) for m in METHODS),
+        "causal-loss", "causal-accuracy"}
     assert set(report.figures) == expected_figures
     for name in expected_figures:
         assert (out / "img" / f"{name}.png").stat().st_size > 1000, name
@@ -87,14 +90,15 @@ def test_writes_every_figure_table_and_summary(report):
     meta = json.loads((out / "result.json").read_text())
     assert meta["kind"] == "Report" and meta["params"]["tasks"] == [TASK_A, TASK_B]
     assert report.seconds["total"] > 0
-    assert report.computed == {"scan": 1, "accuracy": 4, "importance": 4, "ffn_importance": 2,
-                               "pruning": 4}
+    assert report.computed == {"scan": 1, "accuracy": 4, "importance": 4 + 2 * 5,
+                               "ffn_importance": 2, "pruning": 4, "induction_ablation": 1,
+                               "induction_ablation_task": 2}
     # the "highest first" rankings' scan of prefix matching alone: taken from the full scan
     assert report.reused == {"scan": 1}
     loaded = mechicl.load_result(out)  # the folder is a result: verified, loadable
     assert set(loaded.tables) == set(report.tables) and set(loaded.figures) == expected_figures
     index = json.loads((out / "results" / "index.json").read_text())["results"]
-    assert set(index) == set(loaded.sources) and len(index) == 15  # the shown results
+    assert set(index) == set(loaded.sources) and len(index) == 15 + 10 + 3  # the shown results
     assert not list(out.rglob("*.tmp")), "no temporary files left behind"
 
 
@@ -180,7 +184,8 @@ def test_induction_first_curve_removes_the_highest_prefix_heads(model, report):
 def test_second_run_reuses_everything_and_writes_the_same_tables(model, report, tmp_path):
     again = build_report(model, report.out, ReportConfig(**CONFIG), store=tmp_path / "fresh")
     # a fresh store: every result is taken from the report folder (its checksums verified)
-    assert again.computed == {} and sum(again.reused.values()) == 16
+    # 16 + the compared methods (10) and the causal check (3)
+    assert again.computed == {} and sum(again.reused.values()) == 16 + 10 + 3
     for name, table in report.tables.items():
         pd.testing.assert_frame_equal(again.tables[name], table, check_exact=False, rtol=1e-12)
 
@@ -193,9 +198,9 @@ def test_changed_settings_recompute_only_what_they_affect(model, report, tmp_pat
     changed = build_report(model, out, ReportConfig(**{**CONFIG, "n": 5}),
                            store=tmp_path / "fresh")
     # new importance prompts: importance, FFN importance, evaluation slices and curves move;
-    # the scan does not depend on n
-    assert changed.reused == {"scan": 2}
-    assert changed.computed["importance"] == 4
+    # the scan and the causal check on repeated sequences do not depend on n
+    assert changed.reused == {"scan": 2, "induction_ablation": 1}
+    assert changed.computed["importance"] == 4 + 2 * 5  # + the compared methods
     imp = HeadScores.load(out / "results" / "importance" / f"{TASK_A}-0shot-bansal")
     assert imp.params["n"] == 5
 
@@ -220,7 +225,8 @@ def test_other_model_and_broken_results_are_not_reused(model, report, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(report.out, out)
     (out / "results" / "accuracy" / f"{TASK_A}-0shot" / "result.json").write_text("{broken")
-    cfg = ReportConfig(**{**CONFIG, "prune_tasks": (), "ffn": False, "tasks": (TASK_A,)})
+    cfg = ReportConfig(**{**CONFIG, "prune_tasks": (), "ffn": False, "tasks": (TASK_A,),
+                          "causal_ks": ()})
     same = build_report(model, out, cfg, store=tmp_path / "fresh")
     assert same.computed == {"accuracy": 1}  # the broken one; the rest verified and reused
     other = mechicl.as_hooked_model(tiny_model("llama", seed=1), name="tiny-llama")
@@ -269,11 +275,18 @@ def test_memory_budget_sizes_every_job_of_the_report(model, tmp_path):
         return max(int(answer_batch(model, [p], which=c).attention_mask.sum())
                    for p in prompts for c in range(len(p.continuations)))
 
+    def longest(job):
+        if job.analysis == "scan":
+            return seq_scan
+        if job.analysis == "induction_ablation":  # BOS + 4 copies of `length` tokens
+            return 1 + 4 * job.options["length"]
+        return longest_row(rows(job))
+
     def rows(job):
         plist = build_prompts(load_task(job.task), shots=job.shots, seed=config.seed)
         if job.analysis == "importance":
             return plist[:config.n]
-        return plist[config.n:config.n + config.eval_n]  # accuracy and pruning
+        return plist[config.n:config.n + config.eval_n]  # accuracy, pruning, causal check
 
     seq_importance = max(longest_row(build_prompts(load_task(t), shots=s, seed=0)[:config.n])
                          for t in config.tasks for s in config.shots)
@@ -292,7 +305,7 @@ def test_memory_budget_sizes_every_job_of_the_report(model, tmp_path):
         kind = job.record().memory_model(job)
         if kind is None or "narrowed_from" in entry.manifest:  # no forward pass of its own
             continue
-        seq = seq_scan if job.analysis == "scan" else longest_row(rows(job))
+        seq = longest(job)
         assert entry.manifest["batch_tokens"] == batch_tokens_for_budget(
             model, budget, seq_len=seq, analysis=kind), job.describe()
         sizes.setdefault(job.analysis, []).append((seq, entry.manifest["batch_tokens"]))
@@ -318,7 +331,7 @@ def test_report_cli(tiny_folder, tmp_path, capsys):
                  "--shots", "0,1", "--n", "6", "--eval-n", "8", "--scan-seeds", "3",
                  "--prune-tasks", TASK_A, "--prune-shots", "1", "--percents", "0,50",
                  "--ffn-percents", "0,50", "--draws", "1", "--scan-length", "8", "--no-progress",
-                 "--out", str(out)]) == 0
+                 "--causal-ks", "1,2", "--compare-methods", "ablation", "--out", str(out)]) == 0
     assert "spearman with importance" in capsys.readouterr().out
     assert (out / "report.md").is_file() and (out / "img" / "prune-heads-"
                                              f"{TASK_A}-1shot.png").is_file()

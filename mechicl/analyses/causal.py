@@ -66,7 +66,15 @@ from mechicl.analyses._registry import (
     job_stem,
     register_analysis,
 )
-from mechicl.analyses.evaluation import answer_batch, longest_prompt, masked_choice_logprobs
+from mechicl.analyses.evaluation import (
+    NormalizationChoice,
+    choice_chars,
+    choice_scores,
+    longest_prompt,
+    masked_choice_logprobs,
+    prompt_means,
+    resolve_normalization,
+)
 from mechicl.analyses.induction import SCAN, SCORE_ALIASES, SCORES, FixedLength, repeated_sequences
 from mechicl.analyses.pruning import evaluation_prompts
 from mechicl.inputs.tasks import Prompt, Task, resolve_prompts
@@ -570,13 +578,15 @@ def ablate_induction_accuracy(
     task: Task | str | None = None, *, shots: int = 5, prompts: Sequence[Prompt] | None = None,
     n: int | None = None, ks: Sequence[int] = DEFAULT_KS, draws: int = 20,
     ablation: str = "zero", seed: int = 0, means: ActivationMeans | None = None,
-    batch_tokens: int = 4096, progress: bool = False,
+    normalization: NormalizationChoice = "task", batch_tokens: int = 4096,
+    progress: bool = False,
 ) -> InductionAblation:
     """Per-prompt correctness on ``task`` at ``shots`` with the top-k heads of ``scores``
     removed, and with ``draws`` random sets of k heads removed, for each k of ``ks``.
 
-    Choices are scored as in :func:`~mechicl.evaluate` (summed log-likelihood, argmax), all
-    masks together (:func:`~mechicl.analyses.evaluation.masked_choice_logprobs`).
+    Choices are ranked as :func:`~mechicl.evaluate` ranks them (by default the task's own
+    normalization: summed log-likelihood, or per character for ``acc_norm`` tasks), all masks
+    together (:func:`~mechicl.analyses.evaluation.masked_choice_logprobs`).
 
     Args:
         model: a :class:`~mechicl.HookedModel` or bridge.
@@ -592,6 +602,8 @@ def ablate_induction_accuracy(
             unless ``means`` is given).
         seed: seeds the prompts (without ``prompts``) and the random head sets.
         means: mean activations for mean ablation.
+        normalization: how the choices are ranked (``"task"``, ``"none"``, ``"tokens"`` or
+            ``"chars"``; see :func:`~mechicl.evaluate`).
         batch_tokens: tokens per forward pass, counting every masked copy.
         progress: show a progress bar.
 
@@ -600,22 +612,23 @@ def ablate_induction_accuracy(
     """
     model = as_hooked_model(model)
     check_choice("ablation", ablation, ABLATIONS)
+    rule = resolve_normalization(normalization, task)
     table, name, score_params = _as_scores(scores, model)
     sets = head_sets(table, ks, draws=draws, seed=seed)
     task_name, prompt_list = resolve_prompts(task, prompts, shots=shots, n=n, seed=seed)
     if not prompt_list:
         raise ValueError("no prompts to evaluate")
     if ablation == "mean" and means is None:
-        batch = answer_batch(model, prompt_list)
-        means = mean_activations(model, batch.tokens, attention_mask=batch.attention_mask,
-                                 batch_tokens=batch_tokens)
+        means = prompt_means(model, prompt_list, batch_tokens=batch_tokens)
     masks, index = ablation_masks(model, sets, ablation=ablation, means=means)
-    loglik, _ = masked_choice_logprobs(model, prompt_list, masks, batch_tokens=batch_tokens,
-                                       progress=progress)  # [mask, example, choice]
+    loglik, n_tok = masked_choice_logprobs(model, prompt_list, masks, batch_tokens=batch_tokens,
+                                           progress=progress)  # [mask, example, choice]
+    score = choice_scores(loglik, n_tok, choice_chars(prompt_list), rule)
     gold = torch.tensor([p.gold for p in prompt_list])
-    correct = (loglik.argmax(-1) == gold).double()  # [mask, example]
+    correct = (score.argmax(-1) == gold).double()  # [mask, example]
     params = {"measure": "accuracy", "score": name, "ks": [int(k) for k in ks], "draws": draws,
               "ablation": ablation, "seed": seed, "task": task_name, "shots": shots,
+              "normalization": rule,
               "n": len(prompt_list), "prompt_ids": [p.id for p in prompt_list],
               "chance": float(np.mean([1.0 / len(p.continuations) for p in prompt_list])),
               "scores_params": score_params}

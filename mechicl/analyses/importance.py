@@ -89,9 +89,9 @@ from mechicl.model.masks import Ablation, ActivationMeans, Mask
 from mechicl.plotting import head_heatmap, kv_group_size, layer_bars
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["IMPORTANCE_METHODS", "SIGNED_METHODS", "compare_methods", "ffn_importance",
-           "head_importance", "importance_label", "importance_prompts", "is_signed",
-           "token_gate_grads"]
+__all__ = ["IMPORTANCE_LABELS", "IMPORTANCE_METHODS", "SIGNED_METHODS", "compare_methods",
+           "ffn_importance", "head_importance", "importance_label", "importance_prompts",
+           "is_signed", "parse_importance_label", "token_gate_grads"]
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +435,25 @@ def is_signed(scores: HeadScores) -> bool:
     if "signed" in scores.params:
         return bool(scores.params["signed"])
     return scores.params.get("method") in SIGNED_METHODS
+
+
+IMPORTANCE_LABELS: tuple[str, ...] = tuple(
+    f"{m}-mean" if mean else m for m in IMPORTANCE_METHODS for mean in (False, True)
+    if not mean or m in SIGNED_METHODS)
+"""Every map's label (:func:`importance_label`): the methods, and ``ablation-mean`` and
+``attribution-mean`` for the two methods that ablate (or estimate an ablation)."""
+
+
+def parse_importance_label(label: str) -> tuple[str, str]:
+    """``(method, ablation)`` of a label of :data:`IMPORTANCE_LABELS` (the inverse of
+    :func:`importance_label`).
+
+    >>> parse_importance_label("ablation-mean"), parse_importance_label("bansal")
+    (('ablation', 'mean'), ('bansal', 'zero'))
+    """
+    check_choice("importance label", label, IMPORTANCE_LABELS)
+    method, _, ablation = label.partition("-")
+    return method, ablation or "zero"
 
 
 def importance_label(method: str, ablation: str = "zero") -> str:

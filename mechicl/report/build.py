@@ -40,9 +40,25 @@ import plotly.offline
 from mechicl._io import atomic_path
 from mechicl._version import __version__
 from mechicl.analyses import Analysis, Call, Job, Option, register_analysis
+from mechicl.analyses.causal import (
+    DEFAULT_KS,
+    INDUCTION_ABLATION,
+    INDUCTION_ABLATION_TASK,
+    MIN_DRAWS,
+    InductionAblation,
+)
 from mechicl.analyses.evaluation import ACCURACY, EvalResult
 from mechicl.analyses.icl import icl_validity, task_classes
-from mechicl.analyses.importance import FFN_IMPORTANCE, HEAD_IMPORTANCE, IMPORTANCE_METHODS
+from mechicl.analyses.importance import (
+    FFN_IMPORTANCE,
+    HEAD_IMPORTANCE,
+    IMPORTANCE_LABELS,
+    IMPORTANCE_METHODS,
+    compare_methods,
+    importance_label,
+    is_signed,
+    parse_importance_label,
+)
 from mechicl.analyses.induction import SCAN, SCORES
 from mechicl.analyses.overlap import (
     OVERLAP,
@@ -65,6 +81,7 @@ from mechicl.inputs.tasks import TASKS
 from mechicl.model.hooked import HookedModel, as_hooked_model, weights_description
 from mechicl.plotting import (
     FORMATS,
+    ablation_figure,
     accuracy_figure,
     head_heatmap,
     kv_group_size,
@@ -78,8 +95,10 @@ from mechicl.plotting import (
 from mechicl.report.claims import (
     Claim,
     agreement_claims,
+    causal_claims,
     claims_table,
     icl_claims,
+    method_claims,
     overlap_claims,
     pruning_claims,
 )
@@ -128,6 +147,15 @@ REPORT_OPTIONS: tuple[Option, ...] = (
     Option(name="draws", type=int, default=PRUNING.option("draws").default, minimum=0,
            help="random pruning orders per curve"),
     Option(name="ffn", type=bool, default=True, help="FFN knock-out and FFN pruning curves"),
+    Option(name="compare_methods", type=list, item=str,
+           default=["michel", "ablation", "ablation-mean", "attribution", "attribution-mean"],
+           non_empty=False, choices=IMPORTANCE_LABELS,
+           help="importance methods shown next to `method` for the prune tasks at the prune "
+                "shots (-mean: mean ablation; empty: none)"),
+    Option(name="causal_ks", type=list, item=int, default=list(DEFAULT_KS), non_empty=False,
+           minimum=1, help="the causal check: the top k heads of the first induction score "
+                           "ablated vs k random heads, on repeated random sequences and on the "
+                           "prune tasks at the prune shots (empty: no check)"),
     Option(name="importance_scale", type=str, default="log", choices=("linear", "per_layer", "log"),
            help="colour scale of the importance heatmaps (log: middle layers readable)"),
     # the overlap statistics are the overlap analysis's
@@ -180,6 +208,13 @@ class ReportConfig:
         ffn_percents: percentages of FFNs removed along the FFN pruning curves.
         draws: random-ranking draws per pruning curve.
         ffn: compute FFN knock-out importance and FFN pruning curves.
+        compare_methods: importance methods (labels of
+            :data:`~mechicl.analyses.importance.IMPORTANCE_LABELS`) mapped next to ``method``
+            for the prune tasks at the prune shots: their agreement and their overlap with the
+            induction heads.
+        causal_ks: head counts of the causal check (top-k heads of the first induction score
+            ablated vs ``max(draws, 20)`` sets of k random heads; on repeated random sequences
+            and on the prune tasks at the prune shots); empty: no check.
         importance_scale: colour scale of the importance heatmaps: ``linear`` (each map divided
             by its maximum), ``per_layer`` (each layer by its own maximum) or ``log`` (log10 of
             the map divided by its maximum; the default, so that the middle layers are
@@ -209,6 +244,8 @@ class ReportConfig:
     ffn_percents: tuple[int | float, ...] = _default("ffn_percents")
     draws: int = _default("draws")
     ffn: bool = _default("ffn")
+    compare_methods: tuple[str, ...] = _default("compare_methods")
+    causal_ks: tuple[int, ...] = _default("causal_ks")
     importance_scale: str = _default("importance_scale")
     top_k_percent: int | float = _default("top_k_percent")
     n_permutations: int = _default("n_permutations")
@@ -245,6 +282,8 @@ class ReportConfig:
         for name, spec in cls.__dataclass_fields__.items():
             if name in data:
                 value = data[name]
+            elif name in _ADDED_LATER:  # a report written before the option existed
+                value = _ADDED_LATER[name]
             elif spec.default_factory is not dataclasses.MISSING:
                 value = spec.default_factory()
             else:
@@ -261,6 +300,10 @@ class ReportConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()},
                    seed=job.seed)
 
+
+_ADDED_LATER: dict[str, Any] = {"compare_methods": (), "causal_ks": ()}
+"""Options a stored report may lack, with the value that reproduces it (mechicl 0.3 added
+them)."""
 
 # --------------------------------------------------------------------------------------------
 # The report's jobs
@@ -301,7 +344,27 @@ def report_jobs(config: ReportConfig, model: str) -> dict[str, Job]:
                 jobs[f"pruning/{task}-{shots}shot-ffn"] = PRUNING.job(model, {
                     "rankings": [], "ffn_rankings": ["same"], "percents": [0.0],
                     "ffn_percents": list(config.ffn_percents), **common}, **cell)
+            for label in _other_methods(config):
+                method, ablation = parse_importance_label(label)
+                jobs[f"importance/{task}-{shots}shot-{label}"] = HEAD_IMPORTANCE.job(
+                    model, {"method": method, "ablation": ablation, "n": config.n,
+                            "batch_tokens": config.importance_batch_tokens}, **cell)
+    if config.causal_ks:
+        causal = dict(score=config.scores[0], ks=list(config.causal_ks),
+                      draws=max(config.draws, MIN_DRAWS), scan_seeds=config.scan_seeds,
+                      scan_length=config.scan_length, batch_tokens=batch)
+        jobs["causal/repeated-sequences"] = INDUCTION_ABLATION.job(model, causal, seed=seed)
+        for task in config.prune_tasks:
+            for shots in config.prune_shots:
+                jobs[f"causal/{task}-{shots}shot"] = INDUCTION_ABLATION_TASK.job(
+                    model, {**causal, "n": config.n, "eval_n": config.eval_n}, seed=seed,
+                    task=task, shots=shots)
     return jobs
+
+
+def _other_methods(config: "ReportConfig") -> list[str]:
+    """The compared methods' labels other than the report's own method."""
+    return [m for m in config.compare_methods if m != importance_label(config.method)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,11 +534,16 @@ def render_report(config: ReportConfig, results: Mapping[str, Any],
             if config.ffn:
                 ffn[t, s] = results[f"ffn/{t}-{s}shot"]
                 ffn_curves[t, s] = results[f"pruning/{t}-{s}shot-ffn"]
+    methods = {cell: {importance_label(config.method): importance[cell], **{
+        label: results[f"importance/{cell[0]}-{cell[1]}shot-{label}"]
+        for label in _other_methods(config)}} for cell in head_curves}
+    causal = {name.split("/", 1)[1]: r for name, r in results.items()
+              if name.startswith("causal/")}
     k = top_k(view.n_layers * view.n_heads, percentile=config.top_k_percent)
     overlap = overlap_table(importance, scans, k=k, n_permutations=config.n_permutations,
                             n_resamples=config.n_resamples, seed=config.seed)
     document = _document(view, config, scans, accuracy, importance, ffn, head_curves,
-                         ffn_curves, overlap, k)
+                         ffn_curves, overlap, k, methods, causal)
     return Report(config=config, tables=document.tables, figures=document.figures,
                   results=dict(results), sources={k: dict(v) for k, v in (sources or {}).items()},
                   model=view.info, document=document)
@@ -517,7 +585,8 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
               ffn: dict[tuple[str, int], LayerScores],
               head_curves: dict[tuple[str, int], PruneCurve],
               ffn_curves: dict[tuple[str, int], PruneCurve], overlap: pd.DataFrame,
-              k: int) -> Document:
+              k: int, methods: dict[tuple[str, int], dict[str, HeadScores]],
+              causal: dict[str, InductionAblation]) -> Document:
     doc = Document()
     claims: list[Claim] = []
     group = model.group_size
@@ -611,6 +680,9 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
             scale=config.importance_scale, signed=False,
             **({"zmin": 0.0, "zmax": 1.0} if config.importance_scale == "linear" else {})))
             for s in config.shots])
+
+    if any(len(maps) > 1 for maps in methods.values()):
+        _methods_section(doc, claims, methods, scans, config, k, group)
 
     # 4. cross-task / cross-shot correlation
     doc.heading(2, "Cross-task and cross-shot correlation of importance")
@@ -721,6 +793,8 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
         doc.figures_row([(f"scatter-{first_score}-{t}-{last}shot", score_scatter(
             scans[first_score], importance[t, last], x_title=first_score.replace("_", " "),
             y_title="importance", title=f"{t} {last}-shot")) for t in config.tasks[i:i + 3]])
+    if causal:
+        _causal_section(doc, claims, causal, config, dict(cls))
     doc.tables["claims"] = claims_table(claims)
     doc.text(f"Every finding stated above is one row of `tables/claims.csv` ({len(claims)} "
              "claims), with the statistic, interval and p-value it was computed from; "
@@ -746,6 +820,115 @@ def _agreement_pairs(importance: dict[tuple[str, int], HeadScores],
                                  x, y, n_permutations=config.n_permutations, seed=config.seed,
                                  within_layers=True)})
     return pd.DataFrame(rows)
+
+
+def _methods_section(doc: Document, claims: list[Claim],
+                     methods: dict[tuple[str, int], dict[str, HeadScores]],
+                     scans: dict[str, HeadScores], config: "ReportConfig", k: int,
+                     group: int) -> None:
+    """Importance methods side by side for the prune tasks: their maps, their agreement with
+    the report's method (magnitudes; raw, within layers, layer-preserving null) and their
+    overlap with the induction heads."""
+    reference = importance_label(config.method)
+    doc.heading(3, "Importance methods side by side")
+    doc.text(f"For the prune tasks: `{reference}` next to "
+             + ", ".join(f"`{m}`" for m in _other_methods(config)) + " (gradient magnitudes: "
+             "bansal, michel; signed: exact ablation of each head, zero or mean, and its "
+             "first-order estimate, attribution patching). Signed maps are drawn on a diverging "
+             "scale centred at zero (red: removing the head raises the answer loss; blue: "
+             "removing it helps); magnitude maps from 0. Agreement compares magnitudes "
+             "(|signed map|), the like-for-like comparison with a gradient magnitude; the "
+             "layer-null p permutes heads within layers "
+             f"({config.n_permutations} permutations).")
+    agreement, induction = [], []
+    for (task_name, shots), maps in methods.items():
+        figures = []
+        for label, scores in maps.items():
+            signed = is_signed(scores)
+            top = float(scores.mean.abs().max()) or 1.0
+            figures.append((f"method-{task_name}-{shots}shot-{label}", head_heatmap(
+                scores.mean / top, title=f"{task_name} {shots}-shot: {label}",
+                kv_group_size=group, signed=signed,
+                colorbar_title="score / max |score|" if signed else "score / max",
+                **({"zmin": -1.0, "zmax": 1.0} if signed else {"zmin": 0.0, "zmax": 1.0}))))
+        doc.figures_row(figures)
+        table = compare_methods(maps, scans, k=k)
+        for _, row in table[(table.kind == "method") & (table.a == reference)].iterrows():
+            a, b = maps[row.a].mean.abs(), maps[row.b].mean.abs()
+            agreement.append({
+                "task": task_name, "shots": shots, "a": row.a, "b": row.b,
+                "spearman": row.spearman, "spearman |.|": row["spearman |.|"],
+                "within-layer spearman |.|": within_layer_spearman(a, b),
+                "layer-null p": permutation_pvalue(a, b, n_permutations=config.n_permutations,
+                                                   seed=config.seed, within_layers=True)})
+        # each map by magnitude (one row per map: no bootstrap interval is computed)
+        magnitudes = {(label, shots): dataclasses.replace(
+            v, mean=v.mean.abs(), var=v.mean.abs() * 0, per_seed=v.mean.abs()[None])
+            for label, v in maps.items()}
+        rows = overlap_table(magnitudes, scans, k=k, n_permutations=config.n_permutations,
+                             n_resamples=config.n_resamples, seed=config.seed)
+        induction.append(rows.rename(columns={"task": "method"}).assign(task=task_name))
+    agreement_table = pd.DataFrame(agreement)
+    induction_table = pd.concat(induction, ignore_index=True)
+    doc.table("methods-agreement", agreement_table,
+              f"Each method's map against `{reference}`'s on the same prompts: Spearman of "
+              "the raw maps and of their magnitudes, within-layer Spearman of the magnitudes, "
+              "and the layer-preserving null's p-value of the magnitudes' Spearman")
+    columns = ["task", "shots", "method", "induction score", f"top-{k} overlap",
+               f"layer-null top-{k} overlap", "hypergeom p", "layer-null p (top-k)"]
+    doc.table("methods-induction", induction_table[columns],
+              f"Which methods rank the induction heads high: overlap of each map's top {k} "
+              f"heads (by magnitude) with the top {k} of each induction score, what layer "
+              "structure alone gives, and the two p-values")
+    found = method_claims(agreement_table, induction_table[columns], k)
+    claims += found
+    doc.text("\n".join(f"- {c.text}" for c in found))
+
+
+def _causal_section(doc: Document, claims: list[Claim],
+                    causal: dict[str, InductionAblation], config: "ReportConfig",
+                    classes: dict[str, str]) -> None:
+    """The causal check: top-k induction heads ablated vs k random heads, on repeated random
+    sequences (later-copy loss) and on the prune tasks (accuracy)."""
+    score = config.scores[0].replace("_", " ")
+    doc.heading(2, f"Causal check: the top {score} heads ablated vs random heads")
+    tables = []
+    for result in causal.values():
+        t = result.table(n_resamples=config.n_resamples, seed=config.seed)
+        params = result.params
+        t.insert(0, "shots", params.get("shots", np.nan) if result.measure == "accuracy"
+                 else np.nan)
+        t.insert(0, "subject", params.get("task") if result.measure == "accuracy"
+                 else "repeated sequences")
+        tables.append(t)
+    table = pd.concat(tables, ignore_index=True)
+    loss, acc = table[table.measure != "accuracy"], table[table.measure == "accuracy"]
+    first = next(iter(causal.values()))
+    doc.text(f"Zero-ablating the k heads with the highest {score} scores (k = "
+             + ", ".join(map(str, config.causal_ks)) + f") against {first.params['draws']} "
+             "sets of k heads drawn at random from all heads (the null: any k heads removed "
+             "cost something). Repeated random sequences (4 copies, sequences not used by the "
+             "scan): mean next-token loss on the later copies; the prune tasks: accuracy on "
+             "the evaluation prompts of the pruning curves. Intervals: 95% paired percentile "
+             f"bootstrap over sequences / prompts of top-k minus the mean of the random draws "
+             f"({config.n_resamples} resamples); band: 5-95% of the draws' means.")
+    figures = []
+    if len(loss):
+        figures.append(("causal-loss", ablation_figure(
+            loss, title="later-copy loss on repeated random sequences",
+            y_title="later-copy loss")))
+    if len(acc):
+        chance = float(np.mean([r.params["chance"] for r in causal.values()
+                                if r.measure == "accuracy"]))
+        figures.append(("causal-accuracy", ablation_figure(
+            acc, title="accuracy on the prune tasks", y_title="accuracy", chance=chance)))
+    doc.figures_row(figures, "Black: unablated; grey: k random heads (5-95% of draws); red: "
+                    "the top-k heads (95% interval).")
+    doc.table("causal", table, "Top-k induction heads ablated vs k random heads: means, the "
+              "random band, the paired difference with its interval and p-value")
+    found = causal_claims(table, classes)
+    claims += found
+    doc.text("\n".join(f"- {c.text}" for c in found))
 
 
 TOLERANCE = 0.05

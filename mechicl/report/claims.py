@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["ALPHA", "Claim", "agreement_claims", "claims_table", "icl_claims", "overlap_claims",
-           "pruning_claims"]
+__all__ = ["ALPHA", "Claim", "agreement_claims", "causal_claims", "claims_table", "icl_claims",
+           "method_claims", "overlap_claims", "pruning_claims"]
 
 ALPHA = 0.05
 """The significance level of every claim."""
@@ -235,4 +235,68 @@ def overlap_claims(overlap: pd.DataFrame, in_context: Sequence[str], k: int) -> 
                              statistic="maps beyond the layer-preserving null",
                              estimate=float(layer) / len(rows), significant=layer > 0,
                              method="hypergeometric; permutation within layers, one-sided"))
+    return out
+
+
+def method_claims(agreement: pd.DataFrame, induction: pd.DataFrame, k: int) -> list[Claim]:
+    """Importance methods side by side. Per task, shot count and method: its agreement with the
+    report's method (``agreement``: ``task, shots, a, b, spearman |.|, within-layer spearman
+    |.|, layer-null p``, magnitudes compared, since signed and magnitude maps rank in different
+    directions), and whether its top-k heads overlap the top-k induction heads beyond layer
+    structure (``induction``: ``task, shots, method, induction score, top-{k} overlap,
+    layer-null top-{k} overlap, hypergeom p, layer-null p (top-k)``, as
+    :func:`~mechicl.analyses.overlap.overlap_table`)."""
+    out = []
+    for _, r in agreement.iterrows():
+        p, rho = float(r["layer-null p"]), float(r["spearman |.|"])
+        sig = bool(p < ALPHA)
+        text = (f"{r.task} {r.shots}-shot, {r.b} vs {r.a} maps: Spearman of the magnitudes "
+                f"{rho:.2f}, within layers {r['within-layer spearman |.|']:.2f}; agreement "
+                f"beyond the layer-preserving null: {_p(p)}"
+                + ("" if sig else " (not significant)") + ".")
+        out.append(Claim(section="methods", subject=f"{r.task} {r.shots}-shot {r.b} vs {r.a}",
+                         text=text, statistic="spearman |.| (layer-null p)", estimate=rho,
+                         p=p, significant=sig, method="permutation within layers, one-sided"))
+    for _, r in induction.iterrows():
+        overlap, null = float(r[f"top-{k} overlap"]), float(r[f"layer-null top-{k} overlap"])
+        p, hyper = float(r["layer-null p (top-k)"]), float(r["hypergeom p"])
+        sig = bool(p < ALPHA)
+        text = (f"{r.task} {r.shots}-shot, {r.method}: {overlap * k:.0f} of its top {k} heads "
+                f"are among the top {k} by {str(r['induction score']).replace('_', ' ')} "
+                f"(overlap {overlap:.2f}; {null:.2f} expected from layer structure alone; "
+                f"hypergeometric {_p(hyper)}, layer-preserving null {_p(p)}"
+                + ("" if sig else ": not significant once layers are controlled") + ").")
+        out.append(Claim(section="methods", subject=f"{r.task} {r.shots}-shot {r.method}",
+                         text=text, statistic="top-k overlap with induction heads",
+                         estimate=overlap, p=p, significant=sig,
+                         method="hypergeometric; permutation within layers, one-sided"))
+    return out
+
+
+def causal_claims(table: pd.DataFrame, classes: dict[str, str]) -> list[Claim]:
+    """The causal check: per subject (repeated random sequences, or a task) and ``k``, the
+    top-k induction heads ablated against k random heads (``table``: stacked
+    :meth:`~mechicl.analyses.causal.InductionAblation.table` rows with ``subject`` and
+    ``shots``). A task that is not in-context (``classes``: task -> class) says so."""
+    out = []
+    for r in table.itertuples(index=False):
+        loss = r.measure != "accuracy"
+        sig = bool(r.diff_low > 0 or r.diff_high < 0)
+        harm = (r.diff > 0) == loss  # a higher loss, or a lower accuracy, than random heads
+        verdict = ((("more" if harm else "less") + " harmful than random heads")
+                   if sig else "not significantly different from random heads")
+        what = "later-copy loss" if loss else "accuracy"
+        where = ("repeated random sequences" if loss else f"{r.subject} {r.shots}-shot")
+        cls = classes.get(str(r.subject), "in-context") if not loss else "in-context"
+        note = "" if cls == "in-context" else f" ({r.subject} is {cls}: not evidence about ICL)"
+        text = (f"{where}: ablating the top {r.k} {str(r.score).replace('_', ' ')} heads moves "
+                f"the {what} from {r.unablated:.2f} to {r.top:.2f}; {r.k} random heads: "
+                f"{r.random_mean:.2f} (5-95% of {r.draws} draws {r.random_low:.2f} to "
+                f"{r.random_high:.2f}); top minus random {r.diff:+.2f} [{r.diff_low:+.2f}, "
+                f"{r.diff_high:+.2f}], {_p(r.p)}, n = {r.n}: {verdict}{note}.")
+        out.append(Claim(section="causal", subject=f"{where} k={r.k}", text=text,
+                         statistic=f"{what}: top-k minus random", estimate=float(r.diff),
+                         low=float(r.diff_low), high=float(r.diff_high), p=float(r.p),
+                         significant=sig, method="paired percentile bootstrap over "
+                         + ("sequences" if loss else "prompts")))
     return out

@@ -1,0 +1,58 @@
+"""The report's claims for the methods comparison and the causal check: each sentence carries its
+numbers, says "not significant" when the test says so, and marks tasks that are not in-context."""
+
+import math
+
+import pandas as pd
+
+from mechicl.report.claims import causal_claims, method_claims
+
+
+def causal_row(**changes):
+    row = {"subject": "antonyms", "shots": 1, "k": 5, "measure": "accuracy",
+           "score": "prefix_matching", "unablated": 0.6, "top": 0.3, "random_mean": 0.55,
+           "random_low": 0.5, "random_high": 0.6, "diff": -0.25, "diff_low": -0.35,
+           "diff_high": -0.15, "p": 0.001, "draws": 20, "n": 50}
+    return {**row, **changes}
+
+
+def test_causal_claims_follow_the_interval():
+    table = pd.DataFrame([
+        causal_row(),  # top-k costs more accuracy than random: harmful, significant
+        causal_row(subject="sentiment", diff=0.02, diff_low=-0.05, diff_high=0.09, p=0.6),
+        causal_row(subject="repeated sequences", shots=math.nan, measure="later_copy_loss",
+                   unablated=2.3, top=8.1, random_mean=3.3, diff=4.8, diff_low=4.5,
+                   diff_high=5.1),
+        causal_row(subject="boolq", diff=0.2, diff_low=0.1, diff_high=0.3, p=0.002),
+    ])
+    found = causal_claims(table, {"antonyms": "in-context", "sentiment": "in-context",
+                                  "boolq": "at chance"})
+    assert [c.significant for c in found] == [True, False, True, True]
+    assert "more harmful than random heads" in found[0].text
+    assert "-0.25 [-0.35, -0.15]" in found[0].text and found[0].estimate == -0.25
+    assert "not significantly different" in found[1].text
+    assert "later-copy loss from 2.30 to 8.10" in found[2].text
+    assert "more harmful" in found[2].text and "repeated random sequences" in found[2].text
+    assert "less harmful than random heads" in found[3].text
+    assert "boolq is at chance: not evidence about ICL" in found[3].text
+    assert "not evidence" not in found[0].text
+
+
+def test_method_claims_say_not_significant():
+    k = 4
+    agreement = pd.DataFrame([
+        {"task": "t", "shots": 1, "a": "bansal", "b": "ablation", "spearman": 0.1,
+         "spearman |.|": 0.7, "within-layer spearman |.|": 0.2, "layer-null p": 0.3},
+        {"task": "t", "shots": 1, "a": "bansal", "b": "michel", "spearman": 0.9,
+         "spearman |.|": 0.9, "within-layer spearman |.|": 0.8, "layer-null p": 0.001}])
+    induction = pd.DataFrame([
+        {"task": "t", "shots": 1, "method": "ablation", "induction score": "prefix_matching",
+         f"top-{k} overlap": 0.5, f"layer-null top-{k} overlap": 0.45, "hypergeom p": 0.01,
+         "layer-null p (top-k)": 0.4}])
+    found = method_claims(agreement, induction, k)
+    assert [c.significant for c in found] == [False, True, False]
+    assert "(not significant)" in found[0].text and "0.70" in found[0].text
+    assert "not significant" not in found[1].text
+    assert "2 of its top 4 heads" in found[2].text
+    assert "not significant once layers are controlled" in found[2].text
+    assert found[2].estimate == 0.5 and found[2].p == 0.4
