@@ -16,7 +16,8 @@ from mechicl._io import atomic_write_text
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 TITLES = {"icl": "Is each task in-context learning?", "agreement": "Agreement between tasks",
           "pruning heads": "Pruning heads", "pruning ffn": "Pruning FFNs",
-          "overlap": "Induction heads vs important heads"}
+          "overlap": "Induction heads vs important heads", "methods": "Importance methods",
+          "causal": "Causal check"}
 
 
 def quoted(claims: pd.DataFrame) -> str:

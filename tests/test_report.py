@@ -375,3 +375,39 @@ def test_claims_are_recomputed_from_the_stored_results(report):
     for row in stored.itertuples():
         if row.statistic == "accuracy minus random" and not row.significant:
             assert "not significant" in row.text
+
+
+def test_two_models_compared_from_their_stored_results(model, report, tmp_path):
+    """compare_reports: paired accuracy differences on the same prompts (equal to a literal
+    computation from the stored predictions), task classes side by side, and claims that say
+    where the models agree, written atomically."""
+    from mechicl.report import compare_reports
+    from mechicl.testing import tiny_model
+
+    other_model = mechicl.as_hooked_model(tiny_model("llama", seed=1), name="tiny-llama-b")
+    other = build_report(other_model, tmp_path / "b", ReportConfig(**CONFIG))
+    cmp = compare_reports({"a": report.out, "b": other})
+    acc = cmp.tables["accuracy"]
+    assert len(acc) == 4 and set(acc.a) == {"a"} and set(acc.b) == {"b"}
+    for row in acc.itertuples(index=False):
+        x = mechicl.load_result(report.out / "results" / "accuracy" / f"{row.task}-{row.shots}shot")
+        y = mechicl.load_result(other.out / "results" / "accuracy" / f"{row.task}-{row.shots}shot")
+        assert x.predictions.id.tolist() == y.predictions.id.tolist()  # the same prompts
+        want = x.predictions.correct.mean() - y.predictions.correct.mean()
+        assert row.difference == pytest.approx(want, abs=1e-12)
+        assert row.low <= row.difference <= row.high
+    classes = cmp.tables["classes"]
+    assert list(classes.task) == [TASK_A, TASK_B]
+    assert classes["same class"].tolist() == (classes.a == classes.b).tolist()
+    sections = {c.section for c in cmp.claims}
+    assert {"accuracy", "classes", "pruning", "causal"} <= sections
+    for c in cmp.claims:  # "agree" is said exactly when both models pass or both fail
+        if c.section in ("overlap", "pruning", "agreement", "causal"):
+            assert c.significant == ("the models agree" in c.text), c.text
+    out = cmp.save(tmp_path / "cmp")
+    page = (out / "cross-model.md").read_text()
+    assert all(c.text in page for c in cmp.claims)
+    stored = pd.read_csv(out / "tables" / "claims.csv")
+    assert stored.text.tolist() == [c.text for c in cmp.claims]
+    with pytest.raises(ValueError, match="at least two reports"):
+        compare_reports({"a": report.out})

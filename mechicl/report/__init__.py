@@ -9,5 +9,7 @@ from mechicl.report.build import (
     render_report,
     report_jobs,
 )
+from mechicl.report.compare import Comparison, compare_reports
 
-__all__ = ["REPORT", "Report", "ReportConfig", "build_report", "render_report", "report_jobs"]
+__all__ = ["REPORT", "Comparison", "Report", "ReportConfig", "build_report", "compare_reports",
+           "render_report", "report_jobs"]
