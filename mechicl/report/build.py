@@ -795,6 +795,7 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
             y_title="importance", title=f"{t} {last}-shot")) for t in config.tasks[i:i + 3]])
     if causal:
         _causal_section(doc, claims, causal, config, dict(cls))
+    _widths_section(doc, config)
     doc.tables["claims"] = claims_table(claims)
     doc.text(f"Every finding stated above is one row of `tables/claims.csv` ({len(claims)} "
              "claims), with the statistic, interval and p-value it was computed from; "
@@ -929,6 +930,50 @@ def _causal_section(doc: Document, claims: list[Claim],
     found = causal_claims(table, classes)
     claims += found
     doc.text("\n".join(f"- {c.text}" for c in found))
+
+
+def _widths_section(doc: Document, config: "ReportConfig") -> None:
+    """What the sample sizes resolve: the median width of each kind of interval the report
+    shows, from its own tables (``interval-widths.csv``)."""
+    t = doc.tables
+    kinds = [("accuracy (95% Wilson)", "accuracy-long", "ci_low", "ci_high", None),
+             ("in-context gain, k-shot minus 0-shot (95% paired bootstrap)", "icl-validity",
+              "gain_low", "gain_high", None),
+             ("pruned accuracy (95% bootstrap)", "prune-heads-points", "acc_low", "acc_high",
+              None),
+             ("pruning: a ranking minus random orders (95% paired bootstrap)",
+              "prune-heads-points", "vs_random_low", "vs_random_high", None),
+             ("share of heads removable (90% bootstrap, percentage points)",
+              "prune-heads-summary", "low", "high", None),
+             ("causal check: top-k minus random, accuracy (95% paired bootstrap)", "causal",
+              "diff_low", "diff_high", "accuracy"),
+             ("causal check: top-k minus random, later-copy loss (95% paired bootstrap)",
+              "causal", "diff_low", "diff_high", "later_copy_loss")]
+    rows = []
+    for label, name, low, high, measure in kinds:
+        table = t.get(name)
+        if table is None or low not in table:
+            continue
+        if measure is not None:
+            table = table[table.measure == measure]
+        width = (table[high] - table[low]).dropna()
+        if len(width):
+            rows.append({"interval": label, "median width": float(width.median()),
+                         "largest width": float(width.max()), "intervals": len(width)})
+    if not rows:
+        return
+    doc.heading(2, "Sample sizes and what they resolve")
+    widths = pd.DataFrame(rows)
+    doc.text(f"Accuracies and pruning curves use {config.eval_n} prompts per task and shot "
+             f"count, importance maps {config.n}, pruning baselines {config.draws} random "
+             "orders. The median width of each kind of interval shown above: a difference "
+             "smaller than about half of it cannot be told from zero at these sizes (the "
+             "width shrinks with the square root of the prompts: four times the prompts halve "
+             "it).\n" + "\n".join(
+                 f"- {r['interval']}: median {r['median width']:.3g} (largest "
+                 f"{r['largest width']:.3g}, {r['intervals']} intervals)"
+                 for r in rows))
+    doc.tables["interval-widths"] = widths
 
 
 TOLERANCE = 0.05
