@@ -329,11 +329,12 @@ def prune_curve_figure(curve: Any, *, x: str = "head_percent", title: str | None
     if title is None:
         p = curve.params
         title = f"{p.get('task', '')} {p.get('shots', '')}-shot: pruning {unit}"
-    n = f" (n = {len(curve.correct[0])} prompts; error bars: 95% bootstrap)" if points is not None else ""
+    n = (f"<br><sup>n = {len(curve.correct[0])} prompts; error bars: 95% bootstrap</sup>"
+         if points is not None else "")
     high = float(data[x].max()) if len(data) else 100.0
     fig.update_layout(title=title + n, xaxis_title=f"% of {unit} removed",
                       yaxis_title="accuracy", yaxis_range=[0, 1], width=640, height=480,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 50},
+                      margin={"l": 60, "r": 20, "t": 70, "b": 50},
                       legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0})
     fig.update_xaxes(range=[-1, high + 1])
     return fig

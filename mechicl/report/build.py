@@ -537,8 +537,10 @@ def render_report(config: ReportConfig, results: Mapping[str, Any],
     methods = {cell: {importance_label(config.method): importance[cell], **{
         label: results[f"importance/{cell[0]}-{cell[1]}shot-{label}"]
         for label in _other_methods(config)}} for cell in head_curves}
-    causal = {name.split("/", 1)[1]: r for name, r in results.items()
-              if name.startswith("causal/")}
+    causal_names = (["repeated-sequences"] + [f"{t}-{s}shot" for t in config.prune_tasks
+                                              for s in config.prune_shots]
+                    if config.causal_ks else [])  # report_jobs' order, whatever the input order
+    causal = {name: results[f"causal/{name}"] for name in causal_names}
     k = top_k(view.n_layers * view.n_heads, percentile=config.top_k_percent)
     overlap = overlap_table(importance, scans, k=k, n_permutations=config.n_permutations,
                             n_resamples=config.n_resamples, seed=config.seed)

@@ -68,7 +68,7 @@ def icl_claims(validity: pd.DataFrame, classes: pd.DataFrame) -> list[Claim]:
         v = validity[validity.task == row.task]
         k = v[v.shots > 0]
         if cls == "in-context":
-            text = (f"{row.task} learns in context: {row.shots}-shot accuracy exceeds 0-shot by "
+            text = (f"{row.task} learns in context: {int(row.shots)}-shot accuracy exceeds 0-shot by "
                     f"{row.gain:+.2f} [{row.gain_low:+.2f}, {row.gain_high:+.2f}] "
                     f"(paired over the same prompts; Holm-corrected McNemar {_p(row.holm_p)}).")
             out.append(Claim(section="icl", subject=row.task, text=text, statistic="icl gain",
@@ -142,7 +142,7 @@ def pruning_claims(points: pd.DataFrame, summary: pd.DataFrame, *, unit: str) ->
     out = []
     for row in summary[summary.unit == unit].itertuples(index=False):
         ranking = getattr(row, key)
-        text = (f"{row.task} {row.shots}-shot, pruning {name} by {ranking}: "
+        text = (f"{row.task} {int(row.shots)}-shot, pruning {name} by {ranking}: "
                 f"{row.removable:g}% removable (accuracy drop below {row.tolerance:.2f} by a "
                 f"one-sided paired bootstrap test at {row.alpha:g}, at that share and every "
                 f"smaller one; the untested estimate is {row.estimate:g}%, "
@@ -250,23 +250,23 @@ def method_claims(agreement: pd.DataFrame, induction: pd.DataFrame, k: int) -> l
     for _, r in agreement.iterrows():
         p, rho = float(r["layer-null p"]), float(r["spearman |.|"])
         sig = bool(p < ALPHA)
-        text = (f"{r.task} {r.shots}-shot, {r.b} vs {r.a} maps: Spearman of the magnitudes "
+        text = (f"{r.task} {int(r.shots)}-shot, {r.b} vs {r.a} maps: Spearman of the magnitudes "
                 f"{rho:.2f}, within layers {r['within-layer spearman |.|']:.2f}; agreement "
                 f"beyond the layer-preserving null: {_p(p)}"
                 + ("" if sig else " (not significant)") + ".")
-        out.append(Claim(section="methods", subject=f"{r.task} {r.shots}-shot {r.b} vs {r.a}",
+        out.append(Claim(section="methods", subject=f"{r.task} {int(r.shots)}-shot {r.b} vs {r.a}",
                          text=text, statistic="spearman |.| (layer-null p)", estimate=rho,
                          p=p, significant=sig, method="permutation within layers, one-sided"))
     for _, r in induction.iterrows():
         overlap, null = float(r[f"top-{k} overlap"]), float(r[f"layer-null top-{k} overlap"])
         p, hyper = float(r["layer-null p (top-k)"]), float(r["hypergeom p"])
         sig = bool(p < ALPHA)
-        text = (f"{r.task} {r.shots}-shot, {r.method}: {overlap * k:.0f} of its top {k} heads "
+        text = (f"{r.task} {int(r.shots)}-shot, {r.method}: {overlap * k:.0f} of its top {k} heads "
                 f"are among the top {k} by {str(r['induction score']).replace('_', ' ')} "
                 f"(overlap {overlap:.2f}; {null:.2f} expected from layer structure alone; "
                 f"hypergeometric {_p(hyper)}, layer-preserving null {_p(p)}"
                 + ("" if sig else ": not significant once layers are controlled") + ").")
-        out.append(Claim(section="methods", subject=f"{r.task} {r.shots}-shot {r.method}",
+        out.append(Claim(section="methods", subject=f"{r.task} {int(r.shots)}-shot {r.method}",
                          text=text, statistic="top-k overlap with induction heads",
                          estimate=overlap, p=p, significant=sig,
                          method="hypergeometric; permutation within layers, one-sided"))
@@ -286,7 +286,7 @@ def causal_claims(table: pd.DataFrame, classes: dict[str, str]) -> list[Claim]:
         verdict = ((("more" if harm else "less") + " harmful than random heads")
                    if sig else "not significantly different from random heads")
         what = "later-copy loss" if loss else "accuracy"
-        where = ("repeated random sequences" if loss else f"{r.subject} {r.shots}-shot")
+        where = ("repeated random sequences" if loss else f"{r.subject} {int(r.shots)}-shot")
         cls = classes.get(str(r.subject), "in-context") if not loss else "in-context"
         note = "" if cls == "in-context" else f" ({r.subject} is {cls}: not evidence about ICL)"
         text = (f"{where}: ablating the top {r.k} {str(r.score).replace('_', ' ')} heads moves "
