@@ -460,7 +460,7 @@ def test_memory_budget_of_a_report_job_sizes_each_of_its_analyses(tiny_folder, t
 
     options = {"n": 6, "eval_n": 8, "scan_seeds": 3, "scan_length": 8, "prune_tasks": [TASK_A],
                "prune_shots": [1], "percents": [0, 50], "ffn_percents": [0, 50], "draws": 1,
-               "n_permutations": 20, "n_resamples": 20}
+               "n_permutations": 20, "n_resamples": 20, "causal_ks": [1, 2]}
     model = mechicl.load_model(tiny_folder)
     seq = max(longest_prompt(model, build_prompts(load_task(t), shots=s, n=6))
               for t in (TASK_A, TASK_B) for s in (0, 1))
@@ -471,7 +471,7 @@ def test_memory_budget_of_a_report_job_sizes_each_of_its_analyses(tiny_folder, t
     data["models"] = {str(tiny_folder): {"memory_budget": budget}}
     store = ResultStore(tmp_path / "store")
     summary = run_grid(parse_grid(data), store, progress=False, executor_options={"threads": 1})
-    assert summary.ok, summary.table()
+    assert summary.ok, summary.table().to_string()
     assert [r["analysis"] for r in summary.jobs if r["asked"]] == ["report"]
     importance = []
     for row in summary.jobs:
@@ -486,7 +486,7 @@ def test_memory_budget_of_a_report_job_sizes_each_of_its_analyses(tiny_folder, t
             analysis=kind), job.describe()
         if job.analysis == "importance":
             importance.append(entry.manifest["batch_tokens"])
-    assert len(importance) == 4 and 2 * seq in importance
+    assert len(importance) == 4 + 5 and 2 * seq in importance  # + the compared methods
 
 
 # ---- regressions found in review --------------------------------------------------------------

@@ -591,7 +591,7 @@ def prompt_means(model: HookedModel, prompts: Sequence[Prompt], *,
     FFN with when an analysis is given no means.
 
     >>> from mechicl.testing import tiny_model
-    >>> model = tiny_model("gpt2")
+    >>> model = as_hooked_model(tiny_model("gpt2"))
     >>> means = prompt_means(model, [Prompt(id="a", text="w1 w2", continuations=(" w3",), gold=0)])
     >>> tuple(means.z.shape) == (model.n_layers, model.n_heads, model.d_head)
     True

@@ -353,7 +353,10 @@ def report_jobs(config: ReportConfig, model: str) -> dict[str, Job]:
         causal = dict(score=config.scores[0], ks=list(config.causal_ks),
                       draws=max(config.draws, MIN_DRAWS), scan_seeds=config.scan_seeds,
                       scan_length=config.scan_length, batch_tokens=batch)
-        jobs["causal/repeated-sequences"] = INDUCTION_ABLATION.job(model, causal, seed=seed)
+        # its sequences as long as the scan's when the report fixes one length (small models)
+        jobs["causal/repeated-sequences"] = INDUCTION_ABLATION.job(
+            model, {**causal, **({"length": config.scan_length} if config.scan_length else {})},
+            seed=seed)
         for task in config.prune_tasks:
             for shots in config.prune_shots:
                 jobs[f"causal/{task}-{shots}shot"] = INDUCTION_ABLATION_TASK.job(
