@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["ALPHA", "Claim", "agreement_claims", "causal_claims", "claims_table", "icl_claims",
-           "method_claims", "overlap_claims", "pruning_claims"]
+__all__ = ["ALPHA", "Claim", "agreement_claims", "causal_claims", "causal_verdict",
+           "claims_table", "icl_claims", "method_claims", "overlap_claims", "pruning_claims"]
 
 ALPHA = 0.05
 """The significance level of every claim."""
@@ -273,6 +273,19 @@ def method_claims(agreement: pd.DataFrame, induction: pd.DataFrame, k: int) -> l
     return out
 
 
+def causal_verdict(measure: str, diff: float, low: float, high: float) -> str:
+    """``"more harmful"``, ``"less harmful"`` or ``"no difference"``: the top-k ablation against
+    random heads, from the interval of ``top - random`` (harmful: a higher loss, or for
+    ``measure="accuracy"`` a lower accuracy).
+
+    >>> causal_verdict("accuracy", -0.2, -0.3, -0.1), causal_verdict("later_copy_loss", 1.0, -1.0, 2.0)
+    ('more harmful', 'no difference')
+    """
+    if low <= 0 <= high:
+        return "no difference"
+    return "more harmful" if (diff > 0) == (measure != "accuracy") else "less harmful"
+
+
 def causal_claims(table: pd.DataFrame, classes: dict[str, str]) -> list[Claim]:
     """The causal check: per subject (repeated random sequences, or a task) and ``k``, the
     top-k induction heads ablated against k random heads (``table``: stacked
@@ -281,10 +294,10 @@ def causal_claims(table: pd.DataFrame, classes: dict[str, str]) -> list[Claim]:
     out = []
     for r in table.itertuples(index=False):
         loss = r.measure != "accuracy"
-        sig = bool(r.diff_low > 0 or r.diff_high < 0)
-        harm = (r.diff > 0) == loss  # a higher loss, or a lower accuracy, than random heads
-        verdict = ((("more" if harm else "less") + " harmful than random heads")
-                   if sig else "not significantly different from random heads")
+        found = causal_verdict(r.measure, r.diff, r.diff_low, r.diff_high)
+        sig = found != "no difference"
+        verdict = (f"{found} than random heads" if sig
+                   else "not significantly different from random heads")
         what = "later-copy loss" if loss else "accuracy"
         where = ("repeated random sequences" if loss else f"{r.subject} {int(r.shots)}-shot")
         cls = classes.get(str(r.subject), "in-context") if not loss else "in-context"

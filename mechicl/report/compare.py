@@ -27,19 +27,23 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from mechicl._io import atomic_path
 from mechicl.model.hooked import weights_description
 from mechicl.report.build import Report
-from mechicl.report.claims import ALPHA, Claim, claims_table
+from mechicl.report.claims import ALPHA, Claim, causal_verdict, claims_table
+from mechicl.report.render import Document
 from mechicl.results import load_result
 from mechicl.stats import mcnemar_exact, paired_bootstrap
 
 __all__ = ["Comparison", "compare_reports"]
+
+_TITLES = {"accuracy": "Accuracy on the same prompts", "classes": "Task classes",
+           "agreement": "Agreement of importance maps across tasks",
+           "overlap": "Induction heads vs importance", "pruning": "Pruning",
+           "causal": "Causal check"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,26 +66,24 @@ class Comparison:
     def markdown(self) -> str:
         """The comparison as a Markdown page: the claims by section, then the tables."""
         names = " and ".join(f"`{m}`" for m in self.models)
-        lines = [f"# Cross-model comparison: {names}", "",
-                 "Computed by `mechicl.report.compare_reports` from the two committed reports "
+        doc = Document()
+        doc.heading(1, f"Cross-model comparison: {names}")
+        doc.text("Computed by `mechicl.report.compare_reports` from the two committed reports "
                  f"({datetime.date.today().isoformat()}). Weights: "
                  + "; ".join(f"`{m}`: {w}" for m, w in self.weights.items())
                  + ". Significance level 0.05 throughout; every sentence is a row of "
-                 "`tables/claims.csv`.", ""]
-        titles = {"accuracy": "Accuracy on the same prompts", "classes": "Task classes",
-                  "agreement": "Agreement of importance maps across tasks",
-                  "overlap": "Induction heads vs importance", "pruning": "Pruning",
-                  "causal": "Causal check"}
-        for section, title in titles.items():
+                 "`tables/claims.csv`.")
+        for section, title in _TITLES.items():
             found = [c for c in self.claims if c.section == section]
             table = self.tables.get(section)
             if not found and (table is None or table.empty):
                 continue
-            lines += [f"## {title}", ""]
-            lines += [f"- {c.text}" for c in found] + [""]
+            doc.heading(2, title)
+            if found:
+                doc.text("\n".join(f"- {c.text}" for c in found))
             if table is not None and not table.empty:
-                lines += [_markdown_table(table), ""]
-        return "\n".join(lines)
+                doc.table(section, table)
+        return doc.markdown()
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``cross-model.md`` and ``tables/<name>.csv`` into ``folder``, each file
@@ -95,20 +97,9 @@ class Comparison:
         return out
 
 
-def _markdown_table(table: pd.DataFrame) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "" if np.isnan(v) else f"{v:.3g}"
-        return str(v)
-
-    head = "| " + " | ".join(map(str, table.columns)) + " |"
-    rule = "|" + "---|" * len(table.columns)
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([head, rule, *rows])
-
-
-def _p(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+def _same_verdict(passed: list[bool]) -> bool:
+    """Whether every model passed the test, or none did."""
+    return all(passed) or not any(passed)
 
 
 def compare_reports(reports: Mapping[str, Report | str | os.PathLike[str]], *,
@@ -242,7 +233,7 @@ def _agreement(reports: Mapping[str, Report], claims: list[Claim]) -> pd.DataFra
             continue
         layered = bool((g["median layer-means spearman"] >= 0.5 * g["median spearman"]).all())
         beyond = (g["pairs beyond layer null"] > 0).tolist()
-        agree = all(beyond) or not any(beyond)
+        agree = _same_verdict(beyond)
         parts = "; ".join(
             f"{r.model}: median {r['median spearman']:.2f}, layer means alone "
             f"{r['median layer-means spearman']:.2f}, within layers "
@@ -288,7 +279,7 @@ def _overlap(reports: Mapping[str, Report], claims: list[Claim]) -> pd.DataFrame
         if len(g) < 2:
             continue
         beyond = (g["beyond layer null"] > 0).tolist()
-        agree = all(beyond) or not any(beyond)
+        agree = _same_verdict(beyond)
         parts = "; ".join(f"{r.model}: {r['beyond layer null']} of {r.maps} maps beyond the "
                           f"layer-preserving null ({r['beyond chance']} beyond chance)"
                           for _, r in g.iterrows())
@@ -330,7 +321,7 @@ def _pruning(reports: Mapping[str, Report], claims: list[Claim]) -> pd.DataFrame
         if len(g) < 2:
             continue
         removable = (g["removable %"] > 0).tolist()
-        agree = all(removable) or not any(removable)
+        agree = _same_verdict(removable)
         parts = "; ".join(f"{r.model}: {r['removable %']:g}% removable (estimate "
                           f"{r['estimate %']:g}%, 90% interval [{r['low %']:g}%, "
                           f"{r['high %']:g}%])" for _, r in g.iterrows())
@@ -355,13 +346,8 @@ def _causal(reports: Mapping[str, Report], claims: list[Claim]) -> pd.DataFrame:
         return pd.DataFrame()
     table = pd.concat(frames, ignore_index=True)
 
-    def verdict(r: Any) -> str:
-        if r.diff_low <= 0 <= r.diff_high:
-            return "no difference"
-        harmful = (r.diff > 0) == (r.measure != "accuracy")
-        return "more harmful" if harmful else "less harmful"
-
-    table["verdict"] = [verdict(r) for r in table.itertuples(index=False)]
+    table["verdict"] = [causal_verdict(r.measure, r.diff, r.diff_low, r.diff_high)
+                        for r in table.itertuples(index=False)]
     columns = ["model", "subject", "shots", "k", "measure", "unablated", "top", "random_mean",
                "diff", "diff_low", "diff_high", "p", "verdict"]
     table = table[columns]
