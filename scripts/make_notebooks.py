@@ -68,7 +68,7 @@ from pathlib import Path
 
 from mechicl.analyses.overlap import spearman, top_k_overlap
 
-committed_path = Path("../figures/results/smollm2-135m-scan")
+committed_path = Path("../figures/smollm2-135m/results/smollm2-135m-scan")
 if committed_path.exists():
     committed = mechicl.load_result(committed_path).scores["prefix_matching"]
     print("spearman with the 100-seed scan:", round(spearman(prefix, committed), 3))

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/patching_vs_induction.py \\
         figures/patching/ioi-heads/results/smollm2-135m-ioi-head_out \
-        figures/results/smollm2-135m-scan --out FILE.json
+        figures/smollm2-135m/results/smollm2-135m-scan --out FILE.json
 
 Reads a saved ``[layer, head]`` PatchResult and the result of an induction scan (``mechicl scan``
 writes ``results/<model>-scan``), and reports

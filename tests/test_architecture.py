@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mechicl.inputs",),
     ("mechicl.results", "mechicl.plotting"),
     ("mechicl.analyses",),
-    ("mechicl.experiments",),
+    ("mechicl.experiments", "mechicl.interop"),
     ("mechicl.report",),
     ("mechicl.cli",),
 ]

@@ -27,6 +27,7 @@ from mechicl.analyses.causal import (
     top_heads,
 )
 from mechicl.analyses.pruning import PRUNING, evaluation_prompts, ranking_inputs, split_prompts
+from mechicl.experiments.outputs import model_folder
 from mechicl.model.masks import Mask
 from mechicl.results import ResultError
 from mechicl.stats import bootstrap_weights
@@ -469,6 +470,7 @@ def test_cli_and_store_run_the_loss_analysis(tiny_folder, tmp_path, capsys):
             str(N_SEQ), "--length", str(L), "--scan-seeds", str(SKIP), "--scan-length", str(L),
             "--ablation", "mean", "--store", str(store), "--out", str(out), "--no-progress"]
     assert main(argv) == 0
+    out = out / model_folder(str(tiny_folder))  # outputs are nested by model
     summary = (out / "ablate-induction-summary.csv").read_text()
     assert "random_mean" in summary and "p_draws" in summary
     capsys.readouterr()

@@ -4,7 +4,16 @@ import json
 
 import pytest
 
+import mechicl
 from mechicl.cli import build_parser, main, parse_int_list, parse_tasks
+from mechicl.experiments.outputs import model_folder
+
+
+def nested(out):
+    """The one model folder a command wrote into ``out`` (outputs are nested by model)."""
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
 
 
 def test_load_model_from_folder_matches_the_original(tiny_folder):
@@ -39,11 +48,28 @@ def test_eval_cli_writes_results(tiny_folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["eval", "--model", str(tiny_folder), "--task", str(task_file), "--shots", "0,2",
                  "--n", "5", "--template", "{input} w7", "--no-progress", "--out", str(out)]) == 0
-    assert (out / "results" / "mini-0shot" / "result.json").is_file()
-    assert (out / "results" / "mini-2shot" / "predictions.parquet").is_file()
-    table = (out / "eval-summary.md").read_text()
+    assert nested(out).name == model_folder(str(tiny_folder))  # OUT/<model>/, as lm-eval
+    assert (nested(out) / "results" / "mini-0shot" / "result.json").is_file()
+    assert (nested(out) / "results" / "mini-2shot" / "predictions.parquet").is_file()
+    table = (nested(out) / "eval-summary.md").read_text()
     assert table.startswith("| task | shots | accuracy |") and table.count("| mini |") == 2
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_eval_cli_skips_bad_task_rows_only_when_asked(tiny_folder, tmp_path, capsys):
+    rows = [{"input": f"w{10 + i}", "choices": ["w1", "w2"], "gold": i % 2} for i in range(20)]
+    rows[3]["choices"] = ["w1", "w1"]
+    task_file = tmp_path / "warts.jsonl"
+    task_file.write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["eval", "--model", str(tiny_folder), "--task", str(task_file), "--shots", "0",
+            "--n", "5", "--no-progress"]
+    with pytest.raises(SystemExit, match=r"warts.jsonl:4: choices repeat"):
+        main([*args, "--out", str(tmp_path / "strict")])
+    assert main([*args, "--task-errors", "skip", "--out", str(tmp_path / "skip")]) == 0
+    result = mechicl.load_result(nested(tmp_path / "skip") / "results" / "warts-0shot")
+    assert result.params["task_provenance"]["skipped"] == [
+        {"line": 4, "reason": "choices repeat ['w1']: ('w1', 'w1')"}]
+    capsys.readouterr()
 
 
 def test_scan_cli_writes_results_and_figures(tiny_folder, tmp_path, capsys):
@@ -53,13 +79,13 @@ def test_scan_cli_writes_results_and_figures(tiny_folder, tmp_path, capsys):
     assert main(["scan", "--model", str(tiny_folder), "--scores", "prefix,ov", "--seeds", "2",
                  "--no-progress", "--formats", "png,html", "--out", str(out)]) == 0
     name = tiny_folder.name
-    summary = (out / "scan-summary.csv").read_text().splitlines()
+    summary = (nested(out) / "scan-summary.csv").read_text().splitlines()
     assert summary[0].startswith("score,top heads") and len(summary) == 3
-    assert (out / f"{name}-prefix_matching.png").stat().st_size > 1000
-    assert (out / f"{name}-ov_eigen.html").is_file() and (out / "plotly.min.js").is_file()
-    scan = mechicl.load_result(out / "results" / f"{name}-scan")
+    assert (nested(out) / f"{name}-prefix_matching.png").stat().st_size > 1000
+    assert (nested(out) / f"{name}-ov_eigen.html").is_file() and (nested(out) / "plotly.min.js").is_file()
+    scan = mechicl.load_result(nested(out) / "results" / f"{name}-scan")
     assert set(scan.scores) == {"prefix_matching", "ov_eigen"}
-    assert (out / "results" / f"{name}-scan" / "prefix_matching" / "tensors.safetensors").is_file()
+    assert (nested(out) / "results" / f"{name}-scan" / "prefix_matching" / "tensors.safetensors").is_file()
     assert "| prefix_matching |" in capsys.readouterr().out
 
 
@@ -87,16 +113,16 @@ def test_importance_cli_writes_results_heatmaps_and_correlations(tiny_folder, co
     assert main(["importance", "--model", str(tiny_folder), "--task", str(copy_task_file),
                  "--shots", "0,1", "--method", "bansal,ablation", "--n", "6",
                  "--no-progress", "--formats", "png", "--out", str(out)]) == 0
-    scores = HeadScores.load(out / "results" / "copy-1shot-ablation")
+    scores = HeadScores.load(nested(out) / "results" / "copy-1shot-ablation")
     assert scores.mean.shape == (2, 4) and scores.params["method"] == "ablation"
-    assert (out / "copy-0shot-bansal.png").stat().st_size > 1000
-    table = (out / "importance-summary.csv").read_text()
+    assert (nested(out) / "copy-0shot-bansal.png").stat().st_size > 1000
+    table = (nested(out) / "importance-summary.csv").read_text()
     assert "spearman" in table.splitlines()[0] and table.count("ablation") >= 2
     assert main(["ffn-importance", "--model", str(tiny_folder), "--task", str(copy_task_file),
                  "--shots", "1", "--n", "6", "--no-progress", "--formats", "png", "--out",
                  str(out)]) == 0
-    assert (out / "copy-1shot-ffn.png").is_file()
-    assert LayerScores.load(out / "results" / "copy-1shot-ffn").params["n"] == 6
+    assert (nested(out) / "copy-1shot-ffn.png").is_file()
+    assert LayerScores.load(nested(out) / "results" / "copy-1shot-ffn").params["n"] == 6
 
 
 def test_prune_cli_writes_curves(tiny_folder, copy_task_file, tmp_path, capsys):
@@ -109,13 +135,13 @@ def test_prune_cli_writes_curves(tiny_folder, copy_task_file, tmp_path, capsys):
                  "--percents", "0,50", "--ffn-percents", "0,50", "--draws", "2", "--eval-n", "8",
                  "--n", "6", "--scan-seeds", "2", "--no-progress", "--formats", "png",
                  "--store", str(store), "--out", str(out)]) == 0
-    curve = PruneCurve.load(out / "results" / "copy-1shot-prune")
+    curve = PruneCurve.load(nested(out) / "results" / "copy-1shot-prune")
     rankings = set(curve.data.head_ranking)
     assert rankings == {"same task (" + str(copy_task_file) + ")",
                         "prefix matching, lowest first", "random"}
     assert set(curve.data.head_percent) == {0.0, 50.0} and set(curve.data.ffn_percent) == {0.0, 50.0}
     assert curve.params["prompt_ids"] and curve.data.n.iloc[0] == 8
-    assert (out / "copy-1shot-prune-heads.png").is_file() and (out / "copy-1shot-prune-ffn.png").is_file()
+    assert (nested(out) / "copy-1shot-prune-heads.png").is_file() and (nested(out) / "copy-1shot-prune-ffn.png").is_file()
     # the rankings are results of their own in the store: head and FFN importance, the scan
     stored = {e.manifest["job"]["analysis"] for e in ResultStore(store).entries()}
     assert stored == {"pruning", "importance", "ffn_importance", "scan"}
@@ -126,7 +152,7 @@ def test_prune_cli_writes_curves(tiny_folder, copy_task_file, tmp_path, capsys):
                  "0,50", "--ffn-percents", "0,50", "--draws", "1", "--eval-n", "8", "--n", "6",
                  "--ablation", "mean", "--no-progress", "--formats", "png", "--store",
                  str(store), "--out", str(tmp_path / "mean")]) == 0
-    mean = PruneCurve.load(tmp_path / "mean" / "results" / "copy-1shot-prune")
+    mean = PruneCurve.load(nested(tmp_path / "mean") / "results" / "copy-1shot-prune")
     assert mean.params["ablation"] == "mean"
     def pruned(c):  # the same-task ranking, half of the heads and FFNs removed
         d = c.data
@@ -151,12 +177,12 @@ def test_patch_cli_writes_results_heatmaps_and_agreement(tiny_folder, tmp_path, 
                  "--target", "head_out,resid_pre", "--by-pos", "--metric",
                  "logit_diff_normalized", "--formats",
                  "html", "--no-progress", "--out", str(out)]) == 0
-    summary = (out / "patch-summary.csv").read_text().splitlines()
+    summary = (nested(out) / "patch-summary.csv").read_text().splitlines()
     assert len(summary) == 3 and "layer x pos x head" in summary[1]
     stem = f"{tiny_folder.name}-repeated_tokens-head_out-by-pos"
-    assert (out / f"{stem}-sum-over-pos.html").is_file()
-    assert (out / f"{stem}-sum-over-head.html").is_file()
-    saved = PatchResult.load(out / "results" / stem)
+    assert (nested(out) / f"{stem}-sum-over-pos.html").is_file()
+    assert (nested(out) / f"{stem}-sum-over-head.html").is_file()
+    saved = PatchResult.load(nested(out) / "results" / stem)
     # the saved result is what the library computes on the same pairs
     model = mechicl.load_model(tiny_folder)
     pairs = mechicl.make_pairs("repeated_tokens", model, n=3, seed=0)
@@ -167,7 +193,7 @@ def test_patch_cli_writes_results_heatmaps_and_agreement(tiny_folder, tmp_path, 
     assert main(["attribution", "--model", str(tiny_folder), "--prompts", "repeated_tokens",
                  "--n", "3", "--target", "resid_pre", "--by-pos", "--formats", "html",
                  "--no-progress", "--out", str(out)]) == 0
-    estimate = PatchResult.load(out / "results" / f"{tiny_folder.name}-repeated_tokens-"
+    estimate = PatchResult.load(nested(out) / "results" / f"{tiny_folder.name}-repeated_tokens-"
                                 "resid_pre-by-pos-attribution")
     assert estimate.method == "attribution"
     assert -1.0 <= estimate.params["agreement"]["pearson"] <= 1.0
@@ -194,7 +220,7 @@ def test_path_patch_cli(tiny_folder, tmp_path):
                  "logit_diff_normalized", "--formats", "html",
                  "--no-progress", "--out", str(out)]) == 0
     stem = f"{tiny_folder.name}-repeated_tokens-path-v-to-1.0_1.3"
-    saved = PatchResult.load(out / "results" / stem)
+    saved = PatchResult.load(nested(out) / "results" / stem)
     assert saved.method == "path" and saved.direction == "noising"
     assert torch.isnan(saved.values[1:]).all() and not torch.isnan(saved.values[0]).any()
     model = mechicl.load_model(tiny_folder)
@@ -213,7 +239,7 @@ def test_load_options_reach_the_model(tiny_folder, tmp_path, capsys):
     assert main(["scan", "--model", str(tiny_folder), "--scores", "prefix", "--seeds", "2",
                  "--dtype", "bf16", "--device-map", "cpu", "--no-progress", "--formats", "html",
                  "--out", str(out)]) == 0
-    result = json.loads((out / "results" / f"{tiny_folder.name}-scan" / "prefix_matching"
+    result = json.loads((nested(out) / "results" / f"{tiny_folder.name}-scan" / "prefix_matching"
                          / "result.json").read_text())
     assert result["model"]["dtype"] == "bfloat16"
     with pytest.raises(SystemExit, match=r"mechicl scan: max_memory only applies when the "

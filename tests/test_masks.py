@@ -292,7 +292,7 @@ def test_bad_masks_raise_naming_the_bad_value(tiny_gpt2):
         Mask.remove(model, heads=[(0, 4)])
     with pytest.raises(ValueError, match=r"\(-1, 0\)"):
         Mask.remove(model, heads=[(-1, 0)])
-    with pytest.raises(ValueError, match="FFN layer 5"):
+    with pytest.raises(ValueError, match=r"FFN layer=5: need an integer in 0\.\.1"):
         Mask.remove(model, ffns=[5])
     with pytest.raises(ValueError, match="means"):
         Mask.remove(model, heads=[(0, 0)], ablation="mean")

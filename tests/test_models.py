@@ -271,6 +271,9 @@ def test_converted_folder_records_the_quantisation(tmp_path):
     folder.mkdir(parents=True)
     (folder / "mechicl-model.json").write_text(json.dumps(
         {"gguf_file": "tiny.gguf", "gguf_sha256": sha}))
+    from safetensors.torch import save_file  # a complete (if tiny) weights file: an intact cache
+
+    save_file({"x": torch.zeros(2)}, folder / "model.safetensors")
     assert _folder_weights(folder)["quantisation"] is None
     assert "before mechicl recorded GGUF quantisation" in _folder_weights(folder)["note"]
 

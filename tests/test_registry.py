@@ -22,6 +22,7 @@ from mechicl.analyses.path_patching import path_patch
 from mechicl.analyses.pruning import prune_curve
 from mechicl.cli import main
 from mechicl.experiments.grid import GridError, parse_grid
+from mechicl.experiments.outputs import model_folder
 from mechicl.experiments.store import ResultStore
 from mechicl.report import REPORT, ReportConfig
 from mechicl.results import HeadScores
@@ -94,6 +95,23 @@ def test_job_keys_leave_out_execution_and_output_options():
     c = spec.job("m", {"n": 49}, task="antonyms", shots=1)
     assert a.key(identity, "v") == b.key(identity, "v") != c.key(identity, "v")
     assert Job.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+
+
+def test_a_code_version_changes_the_keys_of_its_analysis_only_once_set(monkeypatch):
+    """Raising an analysis's code_version invalidates its stored results (e.g. the report's
+    rendering changed); None keeps the key it had before the field existed."""
+    identity = {"weights_sha256": "w", "tokenizer_sha256": "t"}
+    spec = ANALYSES["importance"]
+    job = spec.job("m", {}, task="antonyms", shots=1)
+    before = job.key(identity, "v")
+    versions = {}
+    for version in (None, 1, 2):
+        monkeypatch.setitem(ANALYSES, "importance",
+                            dataclasses.replace(spec, code_version=version))
+        versions[version] = job.key(identity, "v")
+    assert versions[None] == before
+    assert len(set(versions.values())) == 3
+    assert REPORT.code_version is not None  # the report's rendering is versioned
 
 
 # ---- one default per option ----------------------------------------------------------------
@@ -188,7 +206,7 @@ def test_toy_analysis_reaches_cli_grid_run_and_runs(toy, tiny_folder, tmp_path, 
     assert main(["toy-norms", "--model", str(tiny_folder), "--scale", "2", "--store",
                  str(store), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     stem = f"{tiny_folder.name}-toy_norms"  # the default output name: model, analysis
-    stored = mechicl.load_result(tmp_path / "out" / "results" / stem)
+    stored = mechicl.load_result(tmp_path / "out" / model_folder(str(tiny_folder)) / "results" / stem)
     assert stored.params == {"scale": 2.0}
     capsys.readouterr()
 

@@ -143,12 +143,12 @@ def test_committed_indexes_name_their_results():
     from mechicl.experiments.store import read_index
 
     indexes = sorted(p.parent for p in FIGURES.rglob("index.json"))
-    assert FIGURES / "results" in indexes and FIGURES / "report" / "results" in indexes
+    assert FIGURES / "smollm2-135m" / "results" in indexes and FIGURES / "report" / "results" in indexes
     for folder in indexes:
         for name, entry in read_index(folder).items():
             assert (folder / name / "result.json").is_file(), (folder, name)
             assert len(entry["key"]) == 64
-    assert mechicl.load_result(FIGURES / "results" / "smollm2-135m-scan").params["n_seeds"] == 100
+    assert mechicl.load_result(FIGURES / "smollm2-135m" / "results" / "smollm2-135m-scan").params["n_seeds"] == 100
 
 
 def _renamed(data: dict) -> dict:

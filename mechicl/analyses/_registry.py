@@ -329,6 +329,9 @@ class Job:
             "analysis": self.analysis, "model": identity, "task": self.task,
             "shots": self.shots, "seed": self.seed, "options": self.key_options(),
             "mechicl": version}
+        code_version = self.record().code_version
+        if code_version is not None:
+            payload["code_version"] = code_version
         if inputs:
             payload["inputs"] = dict(inputs)
         if task_data and self.task_names():
@@ -431,6 +434,10 @@ class Analysis:
         outputs: ``outputs(pairs, call_options) -> Outputs``: what the CLI writes for a list of
             ``(job, result)``; default: each result under ``<task>-<shots>shot`` or the
             analysis's name.
+        code_version: part of every job key of this analysis once set: raise it when a change
+            of the analysis's code changes its results without changing mechicl's version
+            (e.g. the report's rendering), so stored results of the old code are not reused.
+            None (the default) leaves the keys as they were.
     """
 
     name: str
@@ -450,6 +457,7 @@ class Analysis:
     narrow: Callable[[Any, list[Any]], Any] | None = None
     check: Callable[[dict[str, Any], Sequence[str], Sequence[int]], None] | None = None
     outputs: Callable[[Sequence[tuple[Job, Any]], Mapping[str, Any]], Outputs] | None = None
+    code_version: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():

@@ -872,6 +872,8 @@ def _eval_result(model: HookedModel, task_obj: Task, prompts: Sequence[Prompt], 
               "mask": None if mask is None else mask.to_dict(),
               **prompt_options, "template": task_obj.template, "separator": task_obj.separator,
               "source": task_obj.source, "licence": task_obj.licence}
+    if task_obj.provenance:  # rows of a task file dropped with errors="skip", and why
+        config["task_provenance"] = dict(task_obj.provenance)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
     chance = float(np.mean([1.0 / len(p.continuations) for p in prompts]))
     return EvalResult(task=task_obj.name, shots=shots, accuracy=k / len(prompts), ci_low=low,

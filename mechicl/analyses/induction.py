@@ -47,7 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechicl._batching import device_batch_tokens, length_batches, pad_right
-from mechicl._checks import check_choice, check_positive
+from mechicl._checks import check_choice, check_nonnegative, check_positive
 from mechicl.analyses._registry import (
     Analysis,
     Call,
@@ -126,10 +126,30 @@ def longest_scan_sequence(n_seeds: int = 100, *, length: int | Callable[[int], i
     """
     check_positive("n_seeds", n_seeds)
     check_positive("n_copies", n_copies)
-    length = as_length(length)
-    longest = max(length(s) for s in range(n_seeds))
-    check_positive("length", longest)
-    return n_copies * longest + 1
+    return n_copies * _longest_base(as_length(length), n_seeds) + 1
+
+
+def _longest_base(length: Callable[[int], int], n_seeds: int, limit: int | None = None) -> int:
+    """The longest base sequence L(s) over seed indices ``0..n_seeds-1``, each checked to be
+    an integer >= 1. Closed form for :func:`bansal_length` (increasing) and
+    :class:`FixedLength`; a custom function is called per seed index, stopping at the first
+    length above ``limit`` (so a huge ``n_seeds`` is rejected at once, not after a loop over
+    every seed index)."""
+    if length is bansal_length:
+        return bansal_length(n_seeds - 1)
+    if isinstance(length, FixedLength):
+        check_positive("length", length.length)
+        return length.length
+    longest = 0
+    for s in range(n_seeds):
+        value = length(s)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"length({s}) = {value!r}: the length function must return an "
+                             "integer >= 1")
+        longest = max(longest, value)
+        if limit is not None and longest > limit:
+            break
+    return longest
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +176,67 @@ def _check_context(model: HookedModel, longest: int, what: str) -> None:
                          f"{model.n_ctx}; use fewer seeds or shorter sequences")
 
 
+def _check_random_sizes(model: HookedModel, n_seeds: int, n_copies: int,
+                        length: Callable[[int], int], *, repeat: bool) -> None:
+    """Sizes of a random-sequence scan, checked before anything is drawn or allocated: the
+    longest sequence (BOS + ``n_copies`` x the longest base, repeated or not) must fit the
+    model's context."""
+    check_positive("n_seeds", n_seeds)
+    check_positive("n_copies", n_copies)
+    if repeat and n_copies < 2:
+        raise ValueError(f"n_copies={n_copies}: the repeated-sequence scores need an integer "
+                         ">= 2")
+    limit = (model.n_ctx - 1) // n_copies
+    longest = n_copies * _longest_base(length, n_seeds, limit=limit) + 1
+    _check_context(model, longest, f"n_seeds={n_seeds}")
+
+
+def _base_sequences(model: HookedModel, tokens: Sequence[Any] | Tensor, n_copies: int, *,
+                    repeat: bool, copying: bool) -> list[Int[Tensor, " pos"]]:
+    """User-supplied base sequences (``tokens=``) as 1-D int64 tensors on the CPU, each checked:
+    integer ids (no floats, no bools) inside the vocabulary, distinct, non-empty, and short
+    enough for the context (``1 + n_copies * len`` for the repeated scores, ``1 + len`` for
+    copying)."""
+    if isinstance(tokens, Tensor) and tokens.ndim < 2 or isinstance(tokens, (str, bytes)):
+        raise ValueError("tokens= must be a sequence of base sequences (a list of 1-D tensors "
+                         f"or lists of ids, or a [batch, pos] tensor), got {tokens!r:.60}; wrap "
+                         "one sequence in a list")
+    bases = []
+    for i, base in enumerate(tokens):
+        try:
+            t = torch.as_tensor(base)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"tokens[{i}]={base!r:.60} is not a sequence of token ids") from None
+        if t.ndim != 1 or len(t) == 0:
+            raise ValueError(f"tokens[{i}] has shape {tuple(t.shape)}: each base sequence must "
+                             "be a non-empty 1-D sequence of token ids (no BOS)")
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"tokens[{i}] has dtype {t.dtype}: token ids must be integers "
+                             "(floats and bools are not converted)")
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high >= model.d_vocab:
+            bad = low if low < 0 else high
+            raise ValueError(f"tokens[{i}] holds token id {bad}, outside the vocabulary: ids must "
+                             f"be in 0..{model.d_vocab - 1}")
+        if len(torch.unique(t)) != len(t):
+            raise ValueError(f"tokens[{i}] repeats a token id: each base sequence in tokens= "
+                             "must have distinct tokens (the repeat protocol needs unique "
+                             "positions)")
+        bases.append(t.to(torch.long).cpu())
+    if not bases:
+        raise ValueError("tokens= is empty: give at least one base sequence, or tokens=None for "
+                         "random ones")
+    longest = max(len(b) for b in bases)
+    if repeat:
+        if n_copies < 2:
+            raise ValueError(f"n_copies={n_copies}: the repeated-sequence scores need an integer "
+                             ">= 2")
+        _check_context(model, 1 + n_copies * longest, "tokens=")
+    if copying:
+        _check_context(model, 1 + longest, "tokens= (copying)")
+    return bases
+
+
 def repeated_sequences(
     model: HookedModel, *, n_seeds: int = 100, seed: int = 0, n_copies: int = 4,
     exclude_top: float = 0.04, exclude_bottom: float = 0.04,
@@ -167,13 +248,9 @@ def repeated_sequences(
     Token draws use ``numpy.random.default_rng([seed, s])``: reproducible from ``seed``.
     """
     model = as_hooked_model(model)
-    if n_seeds < 1:
-        raise ValueError(f"n_seeds={n_seeds} must be at least 1")
-    if n_copies < 2:
-        raise ValueError(f"n_copies={n_copies} must be at least 2")
+    _check_random_sizes(model, n_seeds, n_copies, as_length(length), repeat=True)
+    check_nonnegative("seed", seed)
     pool = _pool(model, exclude_top, exclude_bottom)
-    _check_context(model, longest_scan_sequence(n_seeds, length=length, n_copies=n_copies),
-                   f"n_seeds={n_seeds}")
     bos = torch.tensor([model.bos_token_id])
     return [torch.cat([bos, _sample_distinct(pool, length(s), seed, s).repeat(n_copies)])
             for s in range(n_seeds)]
@@ -186,11 +263,9 @@ def copying_sequences(
 ) -> list[Int[Tensor, " _pos"]]:
     """The copying-score inputs: BOS + ``n_copies * L(s)`` distinct random tokens, not repeated."""
     model = as_hooked_model(model)
-    if n_seeds < 1:
-        raise ValueError(f"n_seeds={n_seeds} must be at least 1")
+    _check_random_sizes(model, n_seeds, n_copies, as_length(length), repeat=False)
+    check_nonnegative("seed", seed)
     pool = _pool(model, exclude_top, exclude_bottom)
-    _check_context(model, longest_scan_sequence(n_seeds, length=length, n_copies=n_copies),
-                   f"n_seeds={n_seeds}")
     bos = torch.tensor([model.bos_token_id])
     # Offset the stream so copying draws are independent of the prefix-matching draws.
     return [torch.cat([bos, _sample_distinct(pool, n_copies * length(s), seed + 1_000_003, s)])
@@ -539,7 +614,7 @@ def length_label(length: Callable[[int], int]) -> str:
     return "2*s+25" if length is bansal_length else f"custom: {[length(s) for s in range(3)]}..."
 
 
-def _repeated_inputs(model: HookedModel, tokens: Sequence[Tensor] | None, n_seeds: int,
+def _repeated_inputs(model: HookedModel, tokens: list[Tensor] | None, n_seeds: int,
                      seed: int, n_copies: int, exclude_top: float, exclude_bottom: float,
                      length: Callable[[int], int],
                      ) -> tuple[list[Tensor], list[int], dict[str, Any]]:
@@ -551,25 +626,17 @@ def _repeated_inputs(model: HookedModel, tokens: Sequence[Tensor] | None, n_seed
                   "exclude_top": exclude_top, "exclude_bottom": exclude_bottom,
                   "length": length_label(length), "ranking": model.frequency_ranking.method}
         return seqs, [length(s) for s in range(n_seeds)], params
-    # User-supplied base sequences (without BOS): BOS + base repeated n_copies times.
-    seqs, blocks = [], []
+    # User-supplied base sequences (checked by _base_sequences): BOS + base x n_copies.
     bos = torch.tensor([model.bos_token_id])
-    for base in tokens:
-        base = torch.as_tensor(base, dtype=torch.long).flatten().cpu()
-        if len(base) < 1 or len(torch.unique(base)) != len(base):
-            raise ValueError("each base sequence in tokens= must be non-empty with distinct "
-                             "tokens (the repeat protocol needs unique positions)")
-        seqs.append(torch.cat([bos, base.repeat(n_copies)]))
-        blocks.append(len(base))
-    _check_context(model, max(len(s) for s in seqs), "tokens=")
-    return seqs, blocks, {"n_copies": n_copies, "tokens": "user-supplied"}
+    seqs = [torch.cat([bos, base.repeat(n_copies)]) for base in tokens]
+    return seqs, [len(base) for base in tokens], {"n_copies": n_copies, "tokens": "user-supplied"}
 
 
 def induction_scan(
-    model: HookedModel, *, scores: Sequence[str] = SCORES, n_seeds: int = 100, seed: int = 0,
-    n_copies: int = 4, exclude_top: float = 0.04, exclude_bottom: float = 0.04,
+    model: HookedModel, *, scores: str | Sequence[str] = SCORES, n_seeds: int = 100,
+    seed: int = 0, n_copies: int = 4, exclude_top: float = 0.04, exclude_bottom: float = 0.04,
     indexing: Indexing = "exact", stream: Stream = "embeddings",
-    tokens: Sequence[Tensor] | None = None,
+    tokens: Sequence[Any] | Tensor | None = None,
     length: int | Callable[[int], int] | None = bansal_length,
     batch_tokens: int = 4096, mask: Mask | None = None, progress: bool = True,
     tie_tolerance: float = TIE_TOLERANCE,
@@ -579,7 +646,7 @@ def induction_scan(
 
     Args:
         model: a :class:`~mechicl.HookedModel` (or a bare ``TransformerBridge``).
-        scores: names from :data:`SCORES`.
+        scores: names from :data:`SCORES` (one name alone may be a plain string).
         n_seeds: number of random sequences; seed index s has L = 2s + 25 tokens.
         seed: RNG seed of the token draws.
         n_copies: copies of the L tokens (4 in Bansal et al.); the copying sequences have
@@ -589,8 +656,9 @@ def induction_scan(
         indexing: ``"exact"`` targets, or ``"reference"`` for llm-interpret's indexing.
         stream: copying-score input: ``"embeddings"`` (the reference) or ``"residual"`` (each
             layer's real input).
-        tokens: base sequences (distinct tokens, no BOS) to use instead of random draws, for
-            the repeated-sequence scores; the copying score then uses BOS + each base sequence.
+        tokens: base sequences (1-D integer token ids inside the vocabulary, distinct
+            within a sequence, no BOS) to use instead of random draws, for the repeated-sequence
+            scores; the copying score then uses BOS + each base sequence.
         length: L as a function of the seed index, or one L for every sequence (default:
             Bansal et al.'s 2s + 25).
         batch_tokens: rows x longest sequence per forward pass (memory bound).
@@ -601,29 +669,43 @@ def induction_scan(
         tie_tolerance: the copying score's argmax at a query counts as near-tied when the two
             largest attention weights of its row are at most this far apart (absolute; default
             :data:`TIE_TOLERANCE`); per-head shares: :attr:`ScanResult.copying_ties`.
+
+    Raises:
+        ValueError: naming the bad argument and what is allowed, before any forward pass
+            (sizes are checked before anything is drawn or allocated).
     """
     model = as_hooked_model(model)
     length = as_length(length)
-    if mask is not None:
-        with mask.applied(model):
-            result = induction_scan(
-                model, scores=scores, n_seeds=n_seeds, seed=seed, n_copies=n_copies,
-                exclude_top=exclude_top, exclude_bottom=exclude_bottom, indexing=indexing,
-                stream=stream, tokens=tokens, length=length, batch_tokens=batch_tokens,
-                progress=progress, tie_tolerance=tie_tolerance)
-        recorded = {name: dataclasses.replace(s, params={**s.params, "mask": mask.to_dict()})
-                    for name, s in result.scores.items()}
-        return dataclasses.replace(result, scores=recorded,
-                                   params={**result.params, "mask": mask.to_dict()})
+    if isinstance(scores, str):
+        scores = (scores,)
     unknown = [s for s in scores if s not in SCORES]
     if unknown or not scores:
         raise ValueError(f"unknown score names {unknown or list(scores)}; allowed: {list(SCORES)}")
     check_choice("indexing", indexing, ("exact", "reference"))
     check_choice("stream", stream, ("embeddings", "residual"))
-    if batch_tokens < 1:
-        raise ValueError(f"batch_tokens={batch_tokens} must be positive")
+    check_positive("batch_tokens", batch_tokens)
     if not tie_tolerance >= 0:  # also rejects NaN
         raise ValueError(f"tie_tolerance={tie_tolerance} must be >= 0")
+    repeat_names = [s for s in ("prefix_matching", "previous_token", "duplicate_token")
+                    if s in scores]
+    bases = None
+    if tokens is not None:
+        bases = _base_sequences(model, tokens, n_copies, repeat=bool(repeat_names),
+                                copying="copying" in scores)
+    elif repeat_names or "copying" in scores:
+        _check_random_sizes(model, n_seeds, n_copies, length, repeat=bool(repeat_names))
+        check_nonnegative("seed", seed)
+    if mask is not None:
+        with mask.applied(model):
+            result = induction_scan(
+                model, scores=scores, n_seeds=n_seeds, seed=seed, n_copies=n_copies,
+                exclude_top=exclude_top, exclude_bottom=exclude_bottom, indexing=indexing,
+                stream=stream, tokens=bases, length=length, batch_tokens=batch_tokens,
+                progress=progress, tie_tolerance=tie_tolerance)
+        recorded = {name: dataclasses.replace(s, params={**s.params, "mask": mask.to_dict()})
+                    for name, s in result.scores.items()}
+        return dataclasses.replace(result, scores=recorded,
+                                   params={**result.params, "mask": mask.to_dict()})
     if "copying" in scores and model.dtype in (torch.bfloat16, torch.float16):
         logger.warning("copying score in %s: half-precision rounding moves the gap between "
                        "the two largest attention weights by up to ~0.05, far above "
@@ -634,10 +716,8 @@ def induction_scan(
     results: dict[str, HeadScores] = {}
     loss_first = loss_later = None
 
-    repeat_names = [s for s in ("prefix_matching", "previous_token", "duplicate_token")
-                    if s in scores]
     if repeat_names:
-        seqs, blocks, params = _repeated_inputs(model, tokens, n_seeds, seed, n_copies,
+        seqs, blocks, params = _repeated_inputs(model, bases, n_seeds, seed, n_copies,
                                                 exclude_top, exclude_bottom, length)
         run = _run_repeated(model, seqs, blocks, indexing=indexing, batch_tokens=batch_tokens,
                             progress=progress, want_loss=True, n_copies=n_copies)
@@ -660,7 +740,7 @@ def induction_scan(
                     tokens=seqs, extras=extras)
 
     if "copying" in scores:
-        if tokens is None:
+        if bases is None:
             seqs_c = copying_sequences(model, n_seeds=n_seeds, seed=seed, n_copies=n_copies,
                                        exclude_top=exclude_top, exclude_bottom=exclude_bottom,
                                        length=length)
@@ -670,8 +750,7 @@ def induction_scan(
                         "ranking": model.frequency_ranking.method}
         else:
             bos = torch.tensor([model.bos_token_id])
-            seqs_c = [torch.cat([bos, torch.as_tensor(t, dtype=torch.long).flatten().cpu()])
-                      for t in tokens]
+            seqs_c = [torch.cat([bos, base]) for base in bases]
             params_c = {"tokens": "user-supplied"}
         run_c = _run_copying(model, seqs_c, stream=stream, batch_tokens=batch_tokens,
                              progress=progress, tie_tolerance=tie_tolerance)
@@ -683,11 +762,11 @@ def induction_scan(
     if "ov_eigen" in scores:
         results["ov_eigen"] = ov_eigen_copying_scores(model)
     ordered = {name: results[name] for name in SCORES if name in results}
-    settings = {"scores": list(ordered), "n_seeds": n_seeds if tokens is None else len(tokens),
+    settings = {"scores": list(ordered), "n_seeds": n_seeds if bases is None else len(bases),
                 "seed": seed, "n_copies": n_copies, "exclude_top": exclude_top,
                 "exclude_bottom": exclude_bottom, "indexing": indexing, "stream": stream,
-                "length": length_label(length) if tokens is None else "user-supplied",
-                "tokens": "random" if tokens is None else "user-supplied"}
+                "length": length_label(length) if bases is None else "user-supplied",
+                "tokens": "random" if bases is None else "user-supplied"}
     return ScanResult(scores=ordered, loss_first_copy=loss_first, loss_later_copies=loss_later,
                       params=settings, model=info)
 

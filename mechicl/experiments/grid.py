@@ -107,10 +107,13 @@ def task_digest(task: Any) -> str:
     """sha256 of a task's data (examples, template, separators, scoring rule...), for job keys.
 
     A field at its original default (``normalization="none"``, added in mechicl 0.3) is left
-    out, so that tasks which do not use it keep the keys of their stored results."""
+    out, so that tasks which do not use it keep the keys of their stored results; so is an
+    empty ``provenance`` (added in mechicl 0.3; records skipped rows, ``errors="skip"``)."""
     data = dataclasses.asdict(task)
     if data.get("normalization") == "none":
         del data["normalization"]
+    if not data.get("provenance"):
+        data.pop("provenance", None)
     payload = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

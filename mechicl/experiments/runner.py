@@ -56,6 +56,7 @@ from mechicl.experiments.checkpoints import Checkpoint, checkpoint_table
 from mechicl.experiments.grid import Grid, ModelEntry, task_digest
 from mechicl.experiments.memory import batch_tokens_for_budget
 from mechicl.experiments.store import (
+    INDEX_FILE,
     ResultStore,
     as_store,
     read_index,
@@ -65,7 +66,7 @@ from mechicl.experiments.store import (
 from mechicl.inputs.tasks import TASKS, Task, load_task, register_task
 from mechicl.model.loading import BUILTIN_MODELS, cache_dir, load_model
 from mechicl.plotting import checkpoint_figure, save_figure
-from mechicl.results import ResultError, load_result, read_result
+from mechicl.results import ResultError, load_result, verify_result
 
 __all__ = ["EXECUTORS", "LocalExecutor", "ModelWorker", "RayExecutor", "RunSummary",
            "compute", "grid_results", "job_keys", "job_result", "model_fingerprint", "run_grid",
@@ -137,7 +138,8 @@ class ModelWorker:
     def model(self) -> Any:
         if self._model is None:
             with self._threads():
-                self._model = load_model(self.entry.spec, **self.entry.load)
+                self._model = load_model(self.entry.spec, **self.entry.load,
+                                         progress=self.progress)
         return self._model
 
     def release(self) -> None:
@@ -378,6 +380,10 @@ class RunSummary:
         errors: job description -> error message.
         exceptions: job description (or model) -> the exception (the first per job), to
             re-raise where a caller wants the error itself.
+        invalid: key -> why: folders of the store (or seed folders) that failed verification
+            (a truncated or edited file, a missing or garbage ``job.json``, an unknown format).
+            A job of the run whose stored result is one of them is computed again and its new
+            result replaces the bad folder. Each is also logged as a warning.
         seconds: wall time.
         executor: the executor's name.
         store: the store's folder.
@@ -387,6 +393,7 @@ class RunSummary:
     asked: list[int] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     exceptions: dict[str, BaseException] = field(default_factory=dict, repr=False)
+    invalid: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     executor: str = "local"
     store: str = ""
@@ -597,24 +604,32 @@ class _Run:
             self.finish(i, "skipped")
 
     def stored(self, key: str, job: Job) -> bool:
-        """``key`` is in the store, or in a seed folder (then verified and copied in)."""
-        if self.store.has(key):
-            return True
+        """``key`` is in the store, intact (:meth:`ResultStore.verify`), or in a seed folder
+        (then verified and copied in). A stored folder that fails verification is logged,
+        recorded in the summary's ``invalid`` and counts as missing: its job is computed
+        again and replaces it."""
+        try:
+            if self.store.verify(key):
+                return True
+        except ResultError as err:
+            log.warning("stored result %s is not intact, computing it again: %s", key, err)
+            self.summary.invalid[key] = str(err)
         path, entry = self.seeds.get(key, (None, {}))
         if path is None:
             return False
         try:
-            folder = read_result(path)
+            meta = verify_result(path)  # its parts too: a report's or a scan's sub-results
         except ResultError as err:
             log.warning("not reusing %s: %s", path, err)
+            self.summary.invalid.setdefault(key, str(err))
             return False
-        if folder.kind != job.record().result_type.__name__:
-            log.warning("not reusing %s: it holds a %s, %s gives a %s", path, folder.kind,
+        kind, model = meta["kind"], meta["model"]
+        if kind != job.record().result_type.__name__:
+            log.warning("not reusing %s: it holds a %s, %s gives a %s", path, kind,
                         job.analysis, job.record().result_type.__name__)
             return False
-        identity = {"weights_sha256": folder.model.get("weights_sha256"),
-                    "tokenizer_sha256": folder.model.get("tokenizer_sha256"),
-                    "info": folder.model}
+        identity = {"weights_sha256": model.get("weights_sha256"),
+                    "tokenizer_sha256": model.get("tokenizer_sha256"), "info": model}
         self.store.put_folder(key, _manifest(
             job, None, identity, "imported", entry.get("seconds"), [],
             {"imported_from": str(path)}), path)
@@ -766,8 +781,14 @@ class _Run:
         args: tuple = ()
         if i is not None:
             job = self.jobs[i]
-            args = (job.to_dict(), {t: self.tasks[t] for t in job.task_names()},
-                    self.input_files(i), self.provenance(i))
+            try:  # inputs verified at the start can still be damaged during the run
+                args = (job.to_dict(), {t: self.tasks[t] for t in job.task_names()},
+                        self.input_files(i), self.provenance(i))
+            except ResultError as err:
+                log.warning("%s: an input is not intact: %s", job.describe(), err)
+                self.summary.exceptions.setdefault(job.describe(), err)
+                self.done_key(i, error=f"ResultError: {err}")
+                return
         future = self.executor.submit(plan.worker, kind, *args)
         plan.outstanding += 1
         self.active[future] = (kind, plan, i)
@@ -902,14 +923,18 @@ def _seed_index(folders: Sequence[str | os.PathLike[str]]
     report folders."""
     out: dict[str, tuple[Path, dict[str, Any]]] = {}
     for folder in map(Path, folders):
-        try:
-            entries = read_index(folder / "results")
-        except ResultError as err:
-            log.warning("ignoring %s", err)
-            continue
-        for name, entry in entries.items():
-            if isinstance(entry, dict) and isinstance(entry.get("key"), str):
-                out.setdefault(entry["key"], (folder / "results" / name, entry))
+        # the folder's own index, then those of its model folders (command-line outputs are
+        # nested by model: OUT/<model>/results/index.json)
+        nested = sorted(p.parent.parent for p in folder.glob(f"*/results/{INDEX_FILE}"))
+        for base in [folder, *nested]:
+            try:
+                entries = read_index(base / "results")
+            except ResultError as err:
+                log.warning("ignoring %s", err)
+                continue
+            for name, entry in entries.items():
+                if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+                    out.setdefault(entry["key"], (base / "results" / name, entry))
     return out
 
 

@@ -20,10 +20,14 @@ Axis names: ``example choice``.
 import csv
 import dataclasses
 import functools
+import io
 import json
+import logging
+import operator
 import os
+import re
 import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,10 +37,14 @@ import numpy as np
 
 from mechicl._checks import check_choice
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "NORMALIZATIONS",
     "TASKS",
+    "TASK_ERRORS",
     "TASK_FILE_SUFFIXES",
+    "Errors",
     "Example",
     "Normalization",
     "Prompt",
@@ -61,6 +69,11 @@ divided by the continuation's number of tokens (``"tokens"``), or divided by the
 number of characters (``"chars"``: lm-evaluation-harness's ``acc_norm``)."""
 TASK_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".csv", ".tsv")
 """File name endings of task files (:func:`task_from_file`)."""
+Errors = Literal["strict", "skip"]
+TASK_ERRORS: tuple[str, ...] = ("strict", "skip")
+"""What :func:`task_from_file` does with a bad record: ``"strict"`` (the default) raises
+:class:`TaskFileError` naming the file and line; ``"skip"`` drops the record, logs a warning
+naming its line and why, and records it in ``task.provenance["skipped"]``."""
 
 UNRELATED_LABELS: tuple[str, ...] = ("foo", "bar", "baz", "qux", "zap", "wib", "rex", "fob")
 """Semantically unrelated labels (Wei et al. 2023 use e.g. foo/bar) in label order."""
@@ -97,19 +110,24 @@ class Example:
         return self.choices[self.gold]
 
 
-def _check_example(ex: Example, where: str) -> None:
+class _BadRecord(Exception):
+    """Why one record cannot become an example (the loader adds where the record is)."""
+
+
+def _check_example(ex: Example) -> None:
     if not ex.choices:
-        raise TaskFileError(f"{where}: 'choices' is empty")
+        raise _BadRecord("'choices' is empty")
     if any(not isinstance(c, str) or not c.strip() for c in ex.choices):
-        raise TaskFileError(f"{where}: every choice must be a non-empty string, got {ex.choices!r}")
-    if len(set(ex.choices)) != len(ex.choices):
-        raise TaskFileError(f"{where}: choices repeat: {ex.choices!r}")
+        raise _BadRecord(f"every choice must be a non-empty string, got {ex.choices!r}")
+    repeated = sorted({c for c in ex.choices if ex.choices.count(c) > 1})
+    if repeated:
+        raise _BadRecord(f"choices repeat {repeated}: {ex.choices!r}")
     if not 0 <= ex.gold < len(ex.choices):
-        raise TaskFileError(f"{where}: gold={ex.gold} is not an index into {len(ex.choices)} "
-                            "choices")
+        raise _BadRecord(f"gold={ex.gold} is not an index into {len(ex.choices)} choices "
+                         f"(allowed: 0..{len(ex.choices) - 1})")
     fields = ex.fields
     if not fields or any(not isinstance(v, str) for v in fields.values()):
-        raise TaskFileError(f"{where}: 'input' must be a string or an object of strings")
+        raise _BadRecord("'input' must be a string or an object of strings")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +156,10 @@ class Task:
             (lm-evaluation-harness's ``acc_norm``, which divides by ``len(choice)``, its
             ``target_delimiter`` not counted). Length normalisation matters when the choices
             differ in length (e.g. OpenBookQA's options): a sum favours short answers.
+        provenance: how the examples were read, e.g. ``{"errors": "skip", "skipped":
+            [{"line": 17, "reason": "choices repeat ['b']: ('a', 'b', 'b')"}]}`` for a file
+            loaded with ``errors="skip"`` (:func:`task_from_file`); empty when every record
+            was read.
     """
 
     name: str
@@ -152,6 +174,7 @@ class Task:
     split: str = ""
     description: str = ""
     normalization: Normalization = "none"
+    provenance: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -161,7 +184,8 @@ class Task:
             raise ValueError(f"task {self.name!r} has no examples")
         ids = [e.id for e in self.examples]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"task {self.name!r} has duplicate example ids")
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"task {self.name!r} has duplicate example ids {repeated[:5]}")
         names = {f for _, f, _, _ in string.Formatter().parse(self.template) if f}
         missing = names - set(self.examples[0].fields)
         if missing:
@@ -353,79 +377,233 @@ def resolve_prompts(task: Task | str | None, prompts: Sequence[Prompt] | None, *
     return task_obj.name, build_prompts(task_obj, shots=shots, n=n, seed=seed, **prompt_options)
 
 
-def _example_from_record(record: Mapping[str, Any], where: str, index: int,
-                         *, input_fields: Sequence[str] | None = None,
-                         choices: Sequence[str] | None = None,
+def _choice_list(raw: Any) -> tuple[str, ...]:
+    """Choices from a list, a JSON list in a string (CSV) or ``a|b|c``; integers become their
+    decimal text."""
+    if isinstance(raw, str):
+        if raw.lstrip().startswith("["):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise _BadRecord(f"choices {raw!r} is not a valid JSON list ({err.msg}, column "
+                                 f"{err.colno}); write a JSON list such as [\"a\", \"b\"], or "
+                                 "a|b|c") from None
+        else:
+            raw = raw.split("|")
+    if not isinstance(raw, (list, tuple)):
+        raise _BadRecord(f"choices={raw!r} must be a list of strings (in CSV / TSV: a JSON list "
+                         "or a|b|c)")
+    out = []
+    for c in raw:
+        if isinstance(c, int) and not isinstance(c, bool):
+            c = str(c)
+        if not isinstance(c, str) or not c.strip():
+            raise _BadRecord(f"every choice must be a non-empty string, got {tuple(raw)!r}")
+        out.append(c)
+    return tuple(out)
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _gold_index(gold: Any, choices: tuple[str, ...], gold_field: str) -> int:
+    """``gold`` as an index: an integer (not a bool or float), a string of digits, or a string
+    equal to one of the choices."""
+    if isinstance(gold, str):
+        if _INTEGER.fullmatch(gold):
+            return int(gold)
+        if gold in choices:
+            return choices.index(gold)
+    elif not isinstance(gold, bool):
+        try:
+            return operator.index(gold)  # int, numpy integer
+        except TypeError:
+            pass
+    raise _BadRecord(f"{gold_field}={gold!r} is not an integer index 0..{len(choices) - 1} or "
+                     f"one of the choices {list(choices)}")
+
+
+def _example_from_record(record: Any, index: int, *, input_fields: Sequence[str] | None = None,
+                         choices: tuple[str, ...] | None = None,
                          gold_field: str = "gold") -> Example:
+    """One example from a record; raises :class:`_BadRecord` saying what is wrong."""
     if not isinstance(record, Mapping):
-        raise TaskFileError(f"{where}: expected an object, got {type(record).__name__}")
+        raise _BadRecord(f"expected an object, got {type(record).__name__}")
     if input_fields is not None:
         missing = [f for f in input_fields if f not in record]
         if missing:
-            raise TaskFileError(f"{where}: missing fields {missing}")
+            raise _BadRecord(f"missing fields {missing}")
+        empty = [f for f in input_fields if record[f] is None]
+        if empty:
+            raise _BadRecord(f"fields {empty} are null")
         raw_input: Any = {f: str(record[f]) for f in input_fields}
     elif "input" in record:
         raw_input = record["input"]
     else:
-        raise TaskFileError(f"{where}: missing field 'input'")
-    raw_choices = choices if choices is not None else record.get("choices")
-    if raw_choices is None:
-        raise TaskFileError(f"{where}: missing field 'choices'")
-    if isinstance(raw_choices, str):
-        raw_choices = json.loads(raw_choices) if raw_choices.startswith("[") else \
-            raw_choices.split("|")
+        raise _BadRecord("missing field 'input'")
+    if choices is not None:
+        choice_list = choices
+    elif record.get("choices") is None:
+        raise _BadRecord("missing field 'choices'")
+    else:
+        choice_list = _choice_list(record["choices"])
     gold = record.get(gold_field)
     if gold is None:
-        raise TaskFileError(f"{where}: missing field {gold_field!r}")
-    choice_list = tuple(str(c) for c in raw_choices)
-    if isinstance(gold, str) and not gold.lstrip("-").isdigit():
-        if gold not in choice_list:
-            raise TaskFileError(f"{where}: gold {gold!r} is not one of the choices {choice_list}")
-        gold = choice_list.index(gold)
-    try:
-        gold_index = int(gold)
-    except (TypeError, ValueError):
-        raise TaskFileError(f"{where}: gold={gold!r} is not an integer index") from None
+        raise _BadRecord(f"missing field {gold_field!r}")
+    gold_index = _gold_index(gold, choice_list, gold_field)
     known = {"id", "input", "choices", gold_field, *(input_fields or ())}
     meta = {k: v for k, v in record.items() if k not in known}
     ex = Example(id=str(record.get("id", index)), input=raw_input, choices=choice_list,
                  gold=gold_index, meta=meta)
-    _check_example(ex, where)
+    _check_example(ex)
     return ex
 
 
-def _read_records(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+def _read_text(path: Path) -> str:
+    """The file's text: UTF-8, a leading byte-order mark dropped; anything else is an error
+    naming the line of the first undecodable byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        at = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, at) + 1
+        column = at - (data.rfind(b"\n", 0, at) + 1) + 1
+        raise TaskFileError(f"{path}:{line}: not UTF-8 (byte 0x{data[at]:02x} at column "
+                            f"{column}); task files must be UTF-8 (a byte-order mark is allowed): "
+                            "convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+Record = dict[str, Any] | _BadRecord
+
+
+def _read_records(path: Path) -> Iterator[tuple[int, Record]]:
+    """(line, record) of every non-blank JSONL line or CSV / TSV row; a line that is no record
+    (invalid JSON, a row with the wrong number of fields) comes as a :class:`_BadRecord`.
+    Problems of the whole file (encoding, header, quoting the CSV reader cannot get past)
+    raise :class:`TaskFileError`."""
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise TaskFileError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-    elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            for row in reader:
-                yield f"{path}:{reader.line_num}", dict(row)
-    else:
+    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
         raise TaskFileError(f"{path}: unsupported task file type {suffix!r}; use .jsonl, .csv "
                             "or .tsv")
+    text = _read_text(path)
+    if suffix in (".jsonl", ".json"):
+        # Split on "\n" only: str.splitlines would also split inside strings at U+2028 etc.
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield lineno, _BadRecord(f"not valid JSON ({err.msg})")
+        return
+    delimiter = "\t" if suffix == ".tsv" else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        bad = [h for h in header if not h.strip()]
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if bad or repeated:
+            raise TaskFileError(f"{path}:{reader.line_num}: the header {header} has "
+                                f"{'empty' if bad else 'repeated'} column names"
+                                f"{'' if bad else ' ' + str(repeated)}")
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                yield reader.line_num, _BadRecord(
+                    f"{len(row)} fields but the header has {len(header)} columns {header} (a "
+                    f"{'comma' if delimiter == ',' else 'tab'} inside an unquoted value?)")
+            else:
+                yield reader.line_num, dict(zip(header, row, strict=True))
+    except csv.Error as err:
+        raise TaskFileError(f"{path}:{reader.line_num}: not valid {suffix[1:].upper()} ({err}); "
+                            "quote values that hold the delimiter, quotes or line breaks") from None
+
+
+def _collect(records: Iterable[tuple[str, dict[str, Any], Any]], *, errors: Errors,
+             template: str, input_fields: Sequence[str] | None, choices: tuple[str, ...] | None,
+             gold_field: str) -> tuple[list[Example], list[dict[str, Any]]]:
+    """Examples from (where, locator, record) triples, and the records skipped (``errors=
+    "skip"``: ``{**locator, "reason": ...}``); ``errors="strict"`` raises on the first bad one."""
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    examples: list[Example] = []
+    skipped: list[dict[str, Any]] = []
+    first_seen: dict[str, str] = {}
+    for index, (where, locator, record) in enumerate(records):
+        try:
+            if isinstance(record, _BadRecord):
+                raise record
+            ex = _example_from_record(record, index, input_fields=input_fields, choices=choices,
+                                      gold_field=gold_field)
+            missing = sorted(names - set(ex.fields))
+            if missing:
+                raise _BadRecord(f"the template uses fields {missing} that this record lacks "
+                                 f"(it has {sorted(ex.fields)})")
+            if ex.id in first_seen:
+                raise _BadRecord(f"id {ex.id!r} repeats (first at {first_seen[ex.id]})")
+        except _BadRecord as bad:
+            if errors == "strict":
+                raise TaskFileError(f"{where}: {bad}") from None
+            logger.warning("%s: skipped: %s", where, bad)
+            skipped.append({**locator, "reason": str(bad)})
+            continue
+        first_seen[ex.id] = where
+        examples.append(ex)
+    return examples, skipped
+
+
+def _fixed_choices(choices: Sequence[str] | None) -> tuple[str, ...] | None:
+    if choices is None:
+        return None
+    try:
+        out = _choice_list(list(choices) if not isinstance(choices, str) else choices)
+    except _BadRecord as bad:
+        raise ValueError(f"choices= argument: {bad}") from None
+    repeated = sorted({c for c in out if out.count(c) > 1})
+    if repeated:
+        raise ValueError(f"choices= argument repeats {repeated}: {out!r}")
+    return out
+
+
+def _no_examples(what: str, skipped: list[dict[str, Any]]) -> TaskFileError:
+    if not skipped:
+        return TaskFileError(f"{what}: no examples")
+    first = skipped[0]
+    at = f"line {first['line']}" if "line" in first else f"row {first.get('row')}"
+    return TaskFileError(f"{what}: no examples: all {len(skipped)} records were skipped "
+                         f"(the first, {at}: {first['reason']})")
 
 
 def task_from_file(
     path: str | os.PathLike[str], *, name: str | None = None, template: str = "{input}",
     input_fields: Sequence[str] | None = None, choices: Sequence[str] | None = None,
-    gold_field: str = "gold", **task_options: Any,
+    gold_field: str = "gold", errors: Errors = "strict", **task_options: Any,
 ) -> Task:
-    """A task from a JSONL / CSV / TSV file.
+    """A task from a JSONL / CSV / TSV file (UTF-8; a leading byte-order mark is allowed).
 
     Each JSONL line (or CSV row) needs ``input`` (text, or an object of named fields),
-    ``choices`` (a list; in CSV a JSON list or ``a|b|c``) and ``gold`` (index or the answer
-    string); other keys go into ``Example.meta``. ``input_fields`` reads named columns instead of
-    ``input``; ``choices`` gives a fixed label set for every row.
+    ``choices`` (a list of distinct strings; in CSV a JSON list or ``a|b|c``) and ``gold``
+    (an integer index, a string of digits, or the answer string; not a float or a bool); other
+    keys go into ``Example.meta``. ``input_fields`` reads named columns instead of ``input``;
+    ``choices`` gives a fixed label set for every row. Every record needs the fields the
+    template uses, and ids (``id``, default: the record's position) must be unique.
+
+    Args:
+        path: the file (``.jsonl``, ``.csv`` or ``.tsv``).
+        name: the task's name (default: the file name without its suffix).
+        template: the prompt of one example (:attr:`Task.template`).
+        input_fields: columns to read as named input fields.
+        choices: one label set for every record.
+        gold_field: the column of the gold answer.
+        errors: ``"strict"`` (default): a bad record raises :class:`TaskFileError` naming the
+            file and line; ``"skip"``: bad records are dropped, each logged (a warning naming
+            its line and why) and listed in ``task.provenance["skipped"]`` as ``{"line": ...,
+            "reason": ...}``. Problems of the whole file (not UTF-8, a CSV header or quoting
+            the reader cannot get past, no examples left) raise either way.
+        **task_options: further :class:`Task` fields (``normalization``, ``separator``, ...).
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as tmp:
@@ -437,29 +615,37 @@ def task_from_file(
     >>> task.name, [ex.answer for ex in task.examples]
     ('reviews', ['positive', 'negative'])
     """
+    check_choice("errors", errors, TASK_ERRORS)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
-    examples = [
-        _example_from_record(rec, where, i, input_fields=input_fields, choices=choices,
-                             gold_field=gold_field)
-        for i, (where, rec) in enumerate(_read_records(path))
-    ]
+    fixed = _fixed_choices(choices)
+    records = ((f"{path}:{line}", {"line": line}, rec) for line, rec in _read_records(path))
+    examples, skipped = _collect(records, errors=errors, template=template,
+                                 input_fields=input_fields, choices=fixed, gold_field=gold_field)
     if not examples:
-        raise TaskFileError(f"{path}: no examples")
+        raise _no_examples(str(path), skipped)
+    provenance = dict(task_options.pop("provenance", {}))
+    if errors == "skip":
+        provenance |= {"errors": "skip", "skipped": skipped}
+        if skipped:
+            logger.warning("%s: skipped %d of %d records (task.provenance['skipped'] lists them)",
+                           path, len(skipped), len(skipped) + len(examples))
     return Task(name=name or path.stem, examples=tuple(examples), template=template,
-                source=task_options.pop("source", str(path)), **task_options)
+                source=task_options.pop("source", str(path)), provenance=provenance,
+                **task_options)
 
 
 def task_from_dataset(
     dataset: Any, *, name: str, template: str = "{input}",
     input_fields: Sequence[str] | None = None, choices: Sequence[str] | None = None,
     gold_field: str = "gold", convert: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
-    **task_options: Any,
+    errors: Errors = "strict", **task_options: Any,
 ) -> Task:
     """A task from a ``datasets.Dataset`` (or any iterable of dict rows).
 
-    ``convert`` maps each row to the record format of :func:`task_from_file` first.
+    ``convert`` maps each row to the record format of :func:`task_from_file` first. ``errors``
+    as in :func:`task_from_file`; skipped rows are listed as ``{"row": i, "reason": ...}``.
 
     >>> from datasets import Dataset
     >>> ds = Dataset.from_list([{"text": "great", "label": 1}, {"text": "dull", "label": 0}])
@@ -468,14 +654,24 @@ def task_from_dataset(
     >>> t.examples[0].answer
     'positive'
     """
-    examples = []
-    for i, row in enumerate(dataset):
-        record = convert(row) if convert is not None else row
-        examples.append(_example_from_record(record, f"{name}[{i}]", i, input_fields=input_fields,
-                                             choices=choices, gold_field=gold_field))
+    check_choice("errors", errors, TASK_ERRORS)
+    fixed = _fixed_choices(choices)
+
+    def records() -> Iterator[tuple[str, dict[str, Any], Any]]:
+        for i, row in enumerate(dataset):
+            yield f"{name}[{i}]", {"row": i}, convert(row) if convert is not None else row
+
+    examples, skipped = _collect(records(), errors=errors, template=template,
+                                 input_fields=input_fields, choices=fixed, gold_field=gold_field)
     if not examples:
-        raise TaskFileError(f"dataset for task {name!r} is empty")
-    return Task(name=name, examples=tuple(examples), template=template, **task_options)
+        if not skipped:
+            raise TaskFileError(f"dataset for task {name!r} is empty")
+        raise _no_examples(f"dataset for task {name!r}", skipped)
+    provenance = dict(task_options.pop("provenance", {}))
+    if errors == "skip":
+        provenance |= {"errors": "skip", "skipped": skipped}
+    return Task(name=name, examples=tuple(examples), template=template, provenance=provenance,
+                **task_options)
 
 
 # --------------------------------------------------------------------------------------------

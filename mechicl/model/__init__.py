@@ -19,6 +19,7 @@ from mechicl.model.loading import (
     ModelNotAvailableError,
     cache_dir,
     convert_gguf,
+    default_device,
     load_model,
     parse_bytes,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "as_hooked_model",
     "cache_dir",
     "convert_gguf",
+    "default_device",
     "frequency_ranking",
     "load_model",
     "mean_activations",

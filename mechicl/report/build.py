@@ -83,6 +83,7 @@ from mechicl.plotting import (
     FORMATS,
     ablation_figure,
     accuracy_figure,
+    check_formats,
     head_heatmap,
     kv_group_size,
     layer_bars,
@@ -1043,6 +1044,8 @@ REPORT = register_analysis(Analysis(
     run=_run, result_type=Report, needs_model=False, memory=None, check=_check,
     inputs=lambda job: report_jobs(ReportConfig.from_job(job), job.model),
     options=REPORT_OPTIONS,
+    # 1: issue 21's rendering (claims, methods side by side, causal check, interval widths)
+    code_version=1,
 ))
 
 
@@ -1093,6 +1096,7 @@ def build_report(
     model = as_hooked_model(model)
     config = config or ReportConfig()
     out = Path(out)
+    check_formats(["png", *config.formats])  # before any work: kaleido for the static ones
     for folder in map(Path, reuse):
         if not folder.is_dir():
             raise ValueError(f"reuse folder {folder} does not exist")
