@@ -56,3 +56,25 @@ def test_method_claims_say_not_significant():
     assert "2 of its top 4 heads" in found[2].text
     assert "not significant once layers are controlled" in found[2].text
     assert found[2].estimate == 0.5 and found[2].p == 0.4
+
+
+def test_method_agreement_claims_carry_their_bootstrap_interval():
+    row = {"task": "t", "shots": 1, "a": "bansal", "spearman": 0.5,
+           "within-layer spearman |.|": 0.4, "layer-null p": 0.001}
+    agreement = pd.DataFrame([
+        {**row, "b": "michel", "spearman |.|": 0.87, "spearman |.| low": 0.84,
+         "spearman |.| high": 0.88},
+        {**row, "b": "ablation", "spearman |.|": 0.52, "spearman |.| low": 0.53,
+         "spearman |.| high": 0.64},
+        {**row, "b": "attribution", "spearman |.|": 0.5}])  # no pairing: no interval
+    empty = pd.DataFrame(columns=["task", "shots", "method", "induction score", "top-4 overlap",
+                                  "layer-null top-4 overlap", "hypergeom p",
+                                  "layer-null p (top-k)"])
+    found = method_claims(agreement, empty, 4)
+    assert "Spearman of the magnitudes 0.87 [0.84, 0.88]," in found[0].text
+    assert (found[0].low, found[0].high) == (0.84, 0.88)
+    # an estimate outside its resampling interval is called biased, not given the interval
+    assert "0.52 (bootstrap interval [0.53, 0.64] excludes it" in found[1].text
+    assert "depends on the number of prompts" in found[1].text
+    assert "Spearman of the magnitudes 0.50, within" in found[2].text
+    assert math.isnan(found[2].low)

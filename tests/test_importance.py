@@ -23,11 +23,13 @@ from mechicl.analyses.importance import (
     importance_label,
     importance_prompts,
     is_signed,
+    resampled_maps,
 )
-from mechicl.analyses.overlap import spearman
+from mechicl.analyses.overlap import spearman, spearman_rows
 from mechicl.model import as_hooked_model
 from mechicl.model.masks import Mask
 from mechicl.results import HeadScores, LayerScores
+from mechicl.stats import bootstrap_weights
 from mechicl.testing import INDUCTION_MODEL_HEADS, tiny_model
 
 N_PROMPTS = 5
@@ -92,6 +94,35 @@ def test_bansal_equals_reference(model, prompts):
     assert imp.params["prompt_ids"] == [p.id for p in prompts]
     assert [t.tolist() for t in imp.tokens] == [
         batch.tokens[i, :n].tolist() for i, n in enumerate(batch.attention_mask.sum(-1).tolist())]
+
+
+@pytest.mark.parametrize("method, token_normalization", [
+    ("bansal", "reference"), ("bansal", "uniform"), ("michel", "reference"),
+    ("attribution", "reference")])
+def test_resampled_maps_equal_the_method_on_the_resampled_prompts(tiny_llama, prompts, method,
+                                                                  token_normalization):
+    """A bootstrap resample of a map (report: the methods' agreement interval) equals the
+    method run again on the resampled prompt list, duplicates included: Bansal's token
+    pooling and the other methods' prompt means."""
+    full = head_importance(tiny_llama, prompts=prompts, method=method,
+                           token_normalization=token_normalization)
+    weights = bootstrap_weights(len(prompts), 3, seed=4)
+    again = resampled_maps(full, torch.as_tensor(weights))
+    for r, row in enumerate(weights):
+        drawn = [p for p, count in zip(prompts, row, strict=True) for _ in range(int(count))]
+        direct = head_importance(tiny_llama, prompts=drawn, method=method,
+                                 token_normalization=token_normalization)
+        assert_close(again[r], direct.mean, rtol=1e-6, atol=1e-9)
+    assert_close(resampled_maps(full, torch.ones(1, len(prompts)))[0], full.mean)
+    with pytest.raises(ValueError, match="do not match the map's 5 prompts"):
+        resampled_maps(full, torch.ones(2, 4))
+
+
+def test_spearman_rows_equal_scipy():
+    x, y = torch.randn(4, 3, 7, dtype=torch.float64), torch.randn(4, 3, 7, dtype=torch.float64)
+    y[0] = x[0].round()  # ties
+    expected = [stats.spearmanr(a.flatten(), b.flatten()).statistic for a, b in zip(x, y, strict=True)]
+    assert_close(spearman_rows(x, y), torch.tensor(expected, dtype=torch.float64))
 
 
 def test_bansal_does_not_depend_on_batching(model, prompts):

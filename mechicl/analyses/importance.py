@@ -91,7 +91,7 @@ from mechicl.results import HeadScores, LayerScores
 
 __all__ = ["IMPORTANCE_LABELS", "IMPORTANCE_METHODS", "SIGNED_METHODS", "compare_methods",
            "ffn_importance", "head_importance", "importance_label", "importance_prompts",
-           "is_signed", "parse_importance_label", "token_gate_grads"]
+           "is_signed", "parse_importance_label", "resampled_maps", "token_gate_grads"]
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +417,41 @@ def ffn_importance(
 # --------------------------------------------------------------------------------------------
 # Methods side by side
 # --------------------------------------------------------------------------------------------
+
+
+def resampled_maps(scores: HeadScores, weights: Float[Tensor, "resample example"] | Any
+                   ) -> Float[Tensor, "resample layer head"]:
+    """An importance map recomputed on resamples of its prompts, with the method's own
+    aggregation: ``weights[r, b]`` is how often prompt ``b`` is drawn in resample ``r``
+    (:func:`mechicl.stats.bootstrap_weights`; all ones gives ``scores.mean`` back).
+
+    ``bansal`` pools token gradients over prompts (each layer's sum divided by its total number
+    of positions, the last layer's by its answer positions with
+    ``token_normalization="reference"``), so a prompt counts by its token count, read from
+    ``scores.extras``; every other method averages prompts.
+
+    >>> s = HeadScores.from_per_seed("x", torch.tensor([[[1.0]], [[3.0]]]),
+    ...                              params={"method": "michel"})
+    >>> resampled_maps(s, torch.tensor([[1.0, 1.0], [2.0, 0.0]])).flatten().tolist()
+    [2.0, 1.0]
+    """
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    per = scores.per_seed.to(torch.float64)  # [example, layer, head]
+    if w.ndim != 2 or w.shape[1] != per.shape[0]:
+        raise ValueError(f"weights of shape {tuple(w.shape)} do not match the map's "
+                         f"{per.shape[0]} prompts: need [resample, {per.shape[0]}]")
+    if scores.params.get("method") != "bansal":
+        return torch.einsum("rb,blh->rlh", w, per) / w.sum(1)[:, None, None]
+    missing = {"n_real", "n_answer"} - set(scores.extras)
+    if missing:
+        raise ValueError(f"a bansal map without its token counts ({sorted(missing)} missing "
+                         "from extras) cannot be resampled")
+    n_layers = per.shape[1]
+    denom = (scores.extras["n_real"].to(torch.float64) - 1)[:, None].repeat(1, n_layers)
+    if scores.params.get("token_normalization", "reference") == "reference":
+        denom[:, -1] = scores.extras["n_answer"].to(torch.float64)
+    total = torch.einsum("rb,blh,bl->rlh", w, per, denom)  # summed token gradients
+    return total / torch.einsum("rb,bl->rl", w, denom)[:, :, None]
 
 
 def is_signed(scores: HeadScores) -> bool:

@@ -51,8 +51,8 @@ from mechicl.results import HeadScores, LayerScores, read_result, result_type, w
 
 __all__ = ["OverlapTable", "bootstrap_ci", "jaccard", "kendall", "layer_permutations",
            "overlap_matrix", "overlap_table", "permutation_null", "permutation_pvalue", "rank",
-           "rank_biased_overlap", "spearman", "top_k", "top_k_overlap", "top_k_pvalue",
-           "within_layer_spearman"]
+           "rank_biased_overlap", "spearman", "spearman_rows", "top_k", "top_k_overlap",
+           "top_k_pvalue", "within_layer_spearman"]
 
 Scores = HeadScores | LayerScores | Tensor
 
@@ -86,6 +86,22 @@ def spearman(a: Scores, b: Scores) -> float:
     """Spearman's rho between two score maps (NaN if either is constant)."""
     x, y = _pair(a, b)
     return float(_spearman_rows(x[None], y[None])[0])
+
+
+def spearman_rows(a: Float[Tensor, "row ..."], b: Float[Tensor, "row ..."]
+                  ) -> Float[Tensor, " row"]:
+    """Spearman's rho of each row pair (e.g. bootstrap resamples of two maps), vectorised;
+    every dimension after the first is flattened. NaN where a row is constant.
+
+    >>> spearman_rows(torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]),
+    ...               torch.tensor([[1.0, 3.0, 2.0], [3.0, 2.0, 1.0]])).tolist()
+    [0.5, -1.0]
+    """
+    x, y = (torch.as_tensor(t).detach().to("cpu", torch.float64) for t in (a, b))
+    if x.shape != y.shape or x.ndim < 2:
+        raise ValueError(f"need two [row, ...] tensors of one shape; got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    return _spearman_rows(x.flatten(1), y.flatten(1))
 
 
 def kendall(a: Scores, b: Scores) -> float:

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
+import torch
 
 from mechicl._io import atomic_path
 from mechicl._version import __version__
@@ -58,6 +59,7 @@ from mechicl.analyses.importance import (
     importance_label,
     is_signed,
     parse_importance_label,
+    resampled_maps,
 )
 from mechicl.analyses.induction import SCAN, SCORES
 from mechicl.analyses.overlap import (
@@ -66,6 +68,7 @@ from mechicl.analyses.overlap import (
     overlap_table,
     permutation_pvalue,
     spearman,
+    spearman_rows,
     top_k,
     within_layer_spearman,
 )
@@ -105,6 +108,7 @@ from mechicl.report.claims import (
 )
 from mechicl.report.render import Document
 from mechicl.results import HeadScores, LayerScores, read_result, result_type, write_result
+from mechicl.stats import bootstrap_weights
 
 __all__ = ["REPORT", "Report", "ReportConfig", "build_report", "render_report", "report_jobs"]
 
@@ -862,9 +866,11 @@ def _methods_section(doc: Document, claims: list[Claim],
         table = compare_methods(maps, scans, k=k)
         for _, row in table[(table.kind == "method") & (table.a == reference)].iterrows():
             a, b = maps[row.a].mean.abs(), maps[row.b].mean.abs()
+            low, high = _agreement_interval(maps[row.a], maps[row.b], config)
             agreement.append({
                 "task": task_name, "shots": shots, "a": row.a, "b": row.b,
                 "spearman": row.spearman, "spearman |.|": row["spearman |.|"],
+                "spearman |.| low": low, "spearman |.| high": high,
                 "within-layer spearman |.|": within_layer_spearman(a, b),
                 "layer-null p": permutation_pvalue(a, b, n_permutations=config.n_permutations,
                                                    seed=config.seed, within_layers=True)})
@@ -879,8 +885,10 @@ def _methods_section(doc: Document, claims: list[Claim],
     induction_table = pd.concat(induction, ignore_index=True)
     doc.table("methods-agreement", agreement_table,
               f"Each method's map against `{reference}`'s on the same prompts: Spearman of "
-              "the raw maps and of their magnitudes, within-layer Spearman of the magnitudes, "
-              "and the layer-preserving null's p-value of the magnitudes' Spearman")
+              "the raw maps and of their magnitudes (with its 95% paired percentile bootstrap "
+              f"interval over prompts, {config.n_resamples} resamples, each map recomputed with "
+              "its method's own aggregation), within-layer Spearman of the magnitudes, and the "
+              "layer-preserving null's p-value of the magnitudes' Spearman")
     columns = ["task", "shots", "method", "induction score", f"top-{k} overlap",
                f"layer-null top-{k} overlap", "hypergeom p", "layer-null p (top-k)"]
     doc.table("methods-induction", induction_table[columns],
@@ -890,6 +898,22 @@ def _methods_section(doc: Document, claims: list[Claim],
     found = method_claims(agreement_table, induction_table[columns], k)
     claims += found
     doc.text("\n".join(f"- {c.text}" for c in found))
+
+
+def _agreement_interval(a: HeadScores, b: HeadScores, config: "ReportConfig"
+                        ) -> tuple[float, float]:
+    """95% paired percentile bootstrap interval of the Spearman of two maps' magnitudes: the
+    same prompt resamples for both maps, each recomputed with its own method's aggregation
+    (:func:`~mechicl.analyses.importance.resampled_maps`). NaN when the maps were not computed
+    on the same prompts (no pairing)."""
+    ids = a.params.get("prompt_ids"), b.params.get("prompt_ids")
+    if ids[0] is None or ids[0] != ids[1]:
+        return float("nan"), float("nan")
+    weights = torch.as_tensor(bootstrap_weights(len(ids[0]), config.n_resamples,
+                                                seed=config.seed))
+    rhos = spearman_rows(resampled_maps(a, weights).abs(), resampled_maps(b, weights).abs())
+    low, high = torch.nanquantile(rhos, torch.tensor([0.025, 0.975], dtype=rhos.dtype)).tolist()
+    return low, high
 
 
 def _causal_section(doc: Document, claims: list[Claim],
@@ -1045,7 +1069,8 @@ REPORT = register_analysis(Analysis(
     inputs=lambda job: report_jobs(ReportConfig.from_job(job), job.model),
     options=REPORT_OPTIONS,
     # 1: issue 21's rendering (claims, methods side by side, causal check, interval widths)
-    code_version=1,
+    # 2: the methods' agreement with its paired bootstrap interval over prompts
+    code_version=2,
 ))
 
 

@@ -7,6 +7,7 @@ Each function takes the tables the report shows (DataFrames) and returns claims;
 model or a file.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -249,14 +250,24 @@ def method_claims(agreement: pd.DataFrame, induction: pd.DataFrame, k: int) -> l
     out = []
     for _, r in agreement.iterrows():
         p, rho = float(r["layer-null p"]), float(r["spearman |.|"])
+        low, high = (float(r.get("spearman |.| low", math.nan)),
+                     float(r.get("spearman |.| high", math.nan)))
+        interval = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
+        if not math.isnan(low) and not low <= rho <= high:
+            # the resamples (prompts drawn with repeats: fewer distinct ones) agree more or less
+            # than the full sample: the statistic depends on the number of prompts
+            interval = (f" (bootstrap interval [{low:.2f}, {high:.2f}] excludes it: the "
+                        "agreement depends on the number of prompts, a biased estimate)")
         sig = bool(p < ALPHA)
         text = (f"{r.task} {int(r.shots)}-shot, {r.b} vs {r.a} maps: Spearman of the magnitudes "
-                f"{rho:.2f}, within layers {r['within-layer spearman |.|']:.2f}; agreement "
-                f"beyond the layer-preserving null: {_p(p)}"
+                f"{rho:.2f}{interval}, within layers {r['within-layer spearman |.|']:.2f}; "
+                f"agreement beyond the layer-preserving null: {_p(p)}"
                 + ("" if sig else " (not significant)") + ".")
         out.append(Claim(section="methods", subject=f"{r.task} {int(r.shots)}-shot {r.b} vs {r.a}",
                          text=text, statistic="spearman |.| (layer-null p)", estimate=rho,
-                         p=p, significant=sig, method="permutation within layers, one-sided"))
+                         low=low, high=high, p=p, significant=sig,
+                         method="paired percentile bootstrap over prompts, 95%; permutation "
+                                "within layers, one-sided"))
     for _, r in induction.iterrows():
         overlap, null = float(r[f"top-{k} overlap"]), float(r[f"layer-null top-{k} overlap"])
         p, hyper = float(r["layer-null p (top-k)"]), float(r["hypergeom p"])

@@ -1,9 +1,10 @@
-"""Compare the results of two report folders, result by result (issue 20: "the same tables").
+"""Diff the results of two report folders, result by result (issue 20: "the same tables"); not
+to be confused with :func:`mechicl.report.compare_reports`, which compares two models.
 
 Not a test: run by hand, e.g. the committed report before and after issue 20's speed-ups:
 
     mkdir -p /tmp/old && git archive 71ad53b figures/report/results | tar -x -C /tmp/old
-    .venv/bin/python benchmarks/compare_reports.py /tmp/old/figures/report figures/report \
+    .venv/bin/python benchmarks/diff_report_results.py /tmp/old/figures/report figures/report \
         --out benchmarks/results/report-before-after-issue20.json
 
 For every result both folders index: accuracies (and whether every prediction is identical) and
