@@ -192,23 +192,6 @@ def test_format_1_entries_verify_through_the_results_checksums_and_are_not_rewri
     assert json.loads((folder / "job.json").read_text())["format"] == 2 and store.verify(KEY)
 
 
-def test_the_leads_store_entries_read_without_recomputation(tmp_path):
-    """A copy of a few entries of a real store written before issue 22 (format 1): each
-    verifies and loads as it is. The real store is never touched (copied first)."""
-    real = Path("/tmp/store-21")
-    if not (real / "objects").is_dir():
-        pytest.skip("the lead's store /tmp/store-21 is not on this machine")
-    store = ResultStore(tmp_path / "copy")
-    keys = sorted(ResultStore(real).keys())[:5]
-    for key in keys:
-        shutil.copytree(real / "objects" / key[:2] / key, store.path(key))
-    for key in keys:
-        assert store.get(key).manifest["format"] == 1
-        assert store.verify(key)
-        store.get(key).load()
-    assert set(store.table().status) == {"ok"}
-
-
 def test_a_model_identity_file_that_is_damaged_is_not_trusted(tmp_path):
     store = ResultStore(tmp_path)
     identity = {"weights_sha256": "a" * 64, "tokenizer_sha256": "b" * 64, "info": {"x": 1}}
