@@ -78,3 +78,20 @@ def test_method_agreement_claims_carry_their_bootstrap_interval():
     assert "depends on the number of prompts" in found[1].text
     assert "Spearman of the magnitudes 0.50, within" in found[2].text
     assert math.isnan(found[2].low)
+
+
+def test_agreement_claims_quote_the_median_interval():
+    from mechicl.report.claims import agreement_claims
+
+    pairs = pd.DataFrame([
+        {"shots": 1, "task_a": a, "task_b": b, "spearman": rho, "layer-means spearman": 0.8,
+         "within-layer spearman": 0.6, "layer-null p": p}
+        for a, b, rho, p in [("x", "y", 0.9, 0.001), ("x", "z", 0.8, 0.2), ("y", "z", 0.85, 0.01)]])
+    found = agreement_claims(pairs, ["x", "y"], {(1, "all tasks"): (0.8, 0.9),
+                                                 (1, "in-context tasks"): (0.91, 0.95)})
+    assert "median Spearman between two tasks' importance maps 0.85 [0.80, 0.90] (range" in (
+        found[0].text)
+    assert "0.90 (bootstrap interval [0.91, 0.95] excludes it" in found[1].text
+    assert "2 of 3 pairs" in found[0].text and found[0].estimate == 2 / 3
+    without = agreement_claims(pairs, ["x", "y"])
+    assert "maps 0.85 (range" in without[0].text

@@ -37,6 +37,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 import torch
+from torch import Tensor
 
 from mechicl._io import atomic_path
 from mechicl._version import __version__
@@ -707,14 +708,18 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
             matrices.append((f"cross-task-{s}shot", matrix_heatmap(
                 m, title=f"{s}-shot: Spearman across tasks", colorbar_title="rho")))
     if matrices:
-        pairs = _agreement_pairs(importance, config)
+        resampled = _resampled_importance(importance, config)
+        pairs = _agreement_pairs(importance, config, resampled)
         doc.table("cross-task-pairs", pairs,
-                  "Each pair of tasks' importance maps: Spearman on the whole map, the "
+                  "Each pair of tasks' importance maps: Spearman on the whole map (with its "
+                  "95% percentile bootstrap interval, each task's prompts resampled "
+                  "independently, each map recomputed by its method's aggregation), the "
                   "Spearman a map of one task's per-layer means alone reaches against the "
                   "other's map, the within-layer rank correlation (ranks centred within each "
                   "layer), and the p-value of Spearman under the layer-preserving null "
                   f"({config.n_permutations} permutations of heads within layers)")
-        agreement = agreement_claims(pairs, in_context)
+        agreement = agreement_claims(pairs, in_context,
+                                     _median_intervals(resampled, config, in_context))
         claims += agreement
         doc.text("\n".join(f"- {c.text}" for c in agreement))
         doc.figures_row(matrices, "Importance maps of different tasks agree when the same heads "
@@ -813,8 +818,49 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
     return doc
 
 
-def _agreement_pairs(importance: dict[tuple[str, int], HeadScores],
-                     config: "ReportConfig") -> pd.DataFrame:
+def _resampled_importance(importance: dict[tuple[str, int], HeadScores],
+                          config: "ReportConfig") -> dict[tuple[str, int], Tensor]:
+    """Every importance map on ``config.n_resamples`` bootstrap resamples of its own prompts
+    (``[resample, layer, head]``; each task's draws independent of the other tasks')."""
+    out = {}
+    for i, task_name in enumerate(config.tasks):
+        for shots in config.shots:
+            scores = importance[task_name, shots]
+            weights = bootstrap_weights(scores.per_seed.shape[0], config.n_resamples,
+                                        seed=config.seed + 1 + i)
+            out[task_name, shots] = resampled_maps(scores, torch.as_tensor(weights))
+    return out
+
+
+def _percentiles(values: Tensor, level: float = 0.95) -> tuple[float, float]:
+    """The two-sided percentile interval of bootstrap values (NaNs left out)."""
+    tail = (1 - level) / 2
+    q = torch.nanquantile(values.to(torch.float64),
+                          torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
+def _median_intervals(resampled: dict[tuple[str, int], Tensor], config: "ReportConfig",
+                      in_context: Sequence[str]) -> dict[tuple[int, str], tuple[float, float]]:
+    """95% percentile bootstrap intervals of the median cross-task Spearman, per shot count and
+    scope (``"all tasks"``, ``"in-context tasks"``): every task's prompts resampled
+    independently (:func:`_resampled_importance`), the median over pairs recomputed on each
+    resample."""
+    out = {}
+    for shots in config.shots:
+        for scope, tasks in (("all tasks", list(config.tasks)),
+                             ("in-context tasks", [t for t in config.tasks if t in in_context])):
+            pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]]
+            if not pairs:
+                continue
+            rhos = torch.stack([spearman_rows(resampled[a, shots], resampled[b, shots])
+                                for a, b in pairs])  # [pair, resample]
+            out[shots, scope] = _percentiles(rhos.nanmedian(0).values)
+    return out
+
+
+def _agreement_pairs(importance: dict[tuple[str, int], HeadScores], config: "ReportConfig",
+                     resampled: dict[tuple[str, int], Tensor]) -> pd.DataFrame:
     """One row per shot count and pair of tasks: raw, layer-means-only and within-layer
     agreement of their importance maps, and the layer-preserving null's p-value."""
     rows = []
@@ -823,8 +869,11 @@ def _agreement_pairs(importance: dict[tuple[str, int], HeadScores],
             for b in config.tasks[i + 1:]:
                 x, y = importance[a, shots], importance[b, shots]
                 layer_means = x.mean.mean(-1, keepdim=True).expand_as(x.mean)
+                rhos = spearman_rows(resampled[a, shots], resampled[b, shots])
+                low, high = _percentiles(rhos)
                 rows.append({"shots": shots, "task_a": a, "task_b": b,
-                             "spearman": spearman(x, y),
+                             "spearman": spearman(x, y), "spearman low": low,
+                             "spearman high": high,
                              "layer-means spearman": spearman(layer_means, y.mean),
                              "within-layer spearman": within_layer_spearman(x, y),
                              "layer-null p": permutation_pvalue(
@@ -911,9 +960,8 @@ def _agreement_interval(a: HeadScores, b: HeadScores, config: "ReportConfig"
         return float("nan"), float("nan")
     weights = torch.as_tensor(bootstrap_weights(len(ids[0]), config.n_resamples,
                                                 seed=config.seed))
-    rhos = spearman_rows(resampled_maps(a, weights).abs(), resampled_maps(b, weights).abs())
-    low, high = torch.nanquantile(rhos, torch.tensor([0.025, 0.975], dtype=rhos.dtype)).tolist()
-    return low, high
+    return _percentiles(spearman_rows(resampled_maps(a, weights).abs(),
+                                      resampled_maps(b, weights).abs()))
 
 
 def _causal_section(doc: Document, claims: list[Claim],
@@ -1070,7 +1118,8 @@ REPORT = register_analysis(Analysis(
     options=REPORT_OPTIONS,
     # 1: issue 21's rendering (claims, methods side by side, causal check, interval widths)
     # 2: the methods' agreement with its paired bootstrap interval over prompts
-    code_version=2,
+    # 3: bootstrap intervals of the cross-task agreement (per pair and of the median)
+    code_version=3,
 ))
 
 

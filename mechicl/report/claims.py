@@ -185,10 +185,13 @@ def pruning_claims(points: pd.DataFrame, summary: pd.DataFrame, *, unit: str) ->
     return out
 
 
-def agreement_claims(pairs: pd.DataFrame, in_context: Sequence[str]) -> list[Claim]:
+def agreement_claims(pairs: pd.DataFrame, in_context: Sequence[str],
+                     median_intervals: dict[tuple[int, str], tuple[float, float]] | None = None
+                     ) -> list[Claim]:
     """Per shot count: how much of the cross-task agreement of importance maps is layer
     structure. ``pairs`` has one row per (shots, task_a, task_b) with ``spearman``,
-    ``within-layer spearman``, ``layer-means spearman`` and ``layer-null p``."""
+    ``within-layer spearman``, ``layer-means spearman`` and ``layer-null p``;
+    ``median_intervals`` the bootstrap interval of the median Spearman per (shots, scope)."""
     out = []
     for shots, g in pairs.groupby("shots", sort=True):
         for scope, rows in (("all tasks", g), ("in-context tasks",
@@ -197,8 +200,14 @@ def agreement_claims(pairs: pd.DataFrame, in_context: Sequence[str]) -> list[Cla
             if rows.empty:
                 continue
             sig = int((rows["layer-null p"] < ALPHA).sum())
+            median = rows.spearman.median()
+            low, high = (median_intervals or {}).get((int(shots), scope), (math.nan, math.nan))
+            interval = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
+            if not math.isnan(low) and not low <= median <= high:
+                interval = (f" (bootstrap interval [{low:.2f}, {high:.2f}] excludes it: it "
+                            "depends on the number of prompts, a biased estimate)")
             text = (f"{shots}-shot, {scope} ({len(rows)} pairs): median Spearman between two "
-                    f"tasks' importance maps {rows.spearman.median():.2f} (range "
+                    f"tasks' importance maps {median:.2f}{interval} (range "
                     f"{rows.spearman.min():.2f} to {rows.spearman.max():.2f}); a map of one "
                     f"task's per-layer means alone reaches {rows['layer-means spearman'].median():.2f}"
                     f"; within layers the median is {rows['within-layer spearman'].median():.2f}"
@@ -208,7 +217,8 @@ def agreement_claims(pairs: pd.DataFrame, in_context: Sequence[str]) -> list[Cla
             out.append(Claim(section="agreement", subject=f"{shots}-shot {scope}", text=text,
                              statistic="pairs beyond the layer-preserving null",
                              estimate=float(sig) / len(rows), significant=sig > 0,
-                             method="permutation within layers, one-sided"))
+                             method="permutation within layers, one-sided; median Spearman: "
+                                    "percentile bootstrap over each task's prompts, 95%"))
     return out
 
 
