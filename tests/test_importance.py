@@ -650,3 +650,16 @@ def test_default_model_methods_side_by_side(smollm2):
     assert len(df) == 15 + 6
     assert df[["spearman", "spearman |.|", "top-k overlap"]].notna().all().all()
     assert df.loc[df["kind"] == "induction score", "median percentile"].between(0, 100).all()
+
+
+@pytest.mark.slow
+def test_default_model_resampled_bansal_map_equals_the_rerun(smollm2):
+    """The report's bootstrap of Bansal maps on the real model: a resample of three prompts
+    (drawn 2, 0, 1 times) equals Bansal run on that prompt list, duplicates included."""
+    prompts = importance_prompts("country_capital", shots=1, n=3)
+    full = head_importance(smollm2, prompts=prompts, method="bansal")
+    drawn = [prompts[0], prompts[0], prompts[2]]
+    direct = head_importance(smollm2, prompts=drawn, method="bansal")
+    again = resampled_maps(full, torch.tensor([[2.0, 0.0, 1.0]]))[0]
+    assert_close(again, direct.mean, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(again, full.mean)  # the resample is a different map
