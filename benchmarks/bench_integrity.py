@@ -1,7 +1,7 @@
 """The cost of issue 22's checks, as ratios against a baseline measured in the same process.
 Run by hand:
 
-    .venv/bin/python benchmarks/bench_integrity.py            # 64 MiB result, 5 repeats
+    .venv/bin/python benchmarks/bench_integrity.py            # 64 MiB result, 7 repeats
     .venv/bin/python benchmarks/bench_integrity.py --mib 256 --repeats 3
 
 * ``verify``: :meth:`mechicl.ResultStore.verify` of one stored result (sha256 of every file
@@ -14,6 +14,7 @@ Prints a markdown table; nothing is written outside a temporary folder.
 """
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +27,25 @@ from mechicl.results import HeadScores
 from mechicl.testing import tiny_model
 
 
-def best(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls (seconds)."""
+def timed(fn, repeats: int) -> list[float]:
+    """``repeats`` timed calls (seconds), sorted."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return sorted(times)
+
+
+def ratio_row(check: str, size: float | None, times: list[float], baseline: str,
+              base: list[float]) -> dict:
+    """Median times and the median ratio, with the range of ratios over the repeats (each
+    check timing against each baseline timing: min/max and max/min)."""
+    med, base_med = statistics.median(times), statistics.median(base)
+    return {"check": check, "size MiB": size, "seconds (median)": f"{med:.2g}",
+            "baseline": baseline, "baseline seconds (median)": f"{base_med:.2g}",
+            "ratio (median)": f"{med / base_med:.3g}",
+            "ratio range": f"{times[0] / base[-1]:.3g}-{times[-1] / base[0]:.3g}"}
 
 
 def bench_verify(mib: int, repeats: int) -> dict:
@@ -46,11 +58,9 @@ def bench_verify(mib: int, repeats: int) -> dict:
         key = "ab" * 32
         store.put_folder(key, {"job": {"analysis": "bench"}}, folder)
         size = sum(len(b) for b in read_tree(store.path(key)).values())
-        verify = best(lambda: store.verify(key), repeats)
-        read = best(lambda: read_tree(store.path(key)), repeats)
-    return {"check": "verify", "size MiB": round(size / (1 << 20), 1),
-            "seconds": round(verify, 4), "baseline": "read the files once",
-            "baseline seconds": round(read, 4), "ratio": f"{verify / read:.3g}"}
+        verify = timed(lambda: store.verify(key), repeats)
+        read = timed(lambda: read_tree(store.path(key)), repeats)
+    return ratio_row("verify", round(size / (1 << 20), 1), verify, "read the files once", read)
 
 
 def bench_n_seeds(repeats: int) -> dict:
@@ -65,17 +75,16 @@ def bench_n_seeds(repeats: int) -> dict:
         raise AssertionError("n_seeds=10**9 was accepted")
 
     with torch.no_grad():
-        forward = best(lambda: model(tokens), repeats)
-    rejected = best(reject, repeats)
-    return {"check": "n_seeds=10**9 rejected", "size MiB": None,
-            "seconds": f"{rejected:.2g}", "baseline": "one 16-token forward pass",
-            "baseline seconds": round(forward, 5), "ratio": f"{rejected / forward:.3g}"}
+        forward = timed(lambda: model(tokens), repeats)
+    rejected = timed(reject, repeats)
+    return ratio_row("n_seeds=10**9 rejected", None, rejected, "one 16-token forward pass",
+                     forward)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mib", type=int, default=64, help="size of the stored result")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     rows = [bench_verify(args.mib, args.repeats), bench_n_seeds(args.repeats)]
     columns = list(rows[0])
