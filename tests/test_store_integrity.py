@@ -424,20 +424,24 @@ def test_sigkill_during_overwrites_leaves_a_complete_folder(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["result"]  # leftovers cleaned
 
 
+_KILL_ON_SECOND_RENAME = textwrap.dedent("""
+    io.exchange = lambda a, b: False  # no one-step exchange: the fallback's two renames
+    real, calls = os.replace, []
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # killed between the two renames
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst)
+    os.replace = replace
+""")
+
+
 def test_sigkill_between_the_two_renames_then_the_old_folder_is_put_back(tmp_path):
     """Without the one-step exchange (another OS or file system), a process killed between
     the two renames leaves the old folder aside; the next write to the same target puts it
     back before anything else, so it is never lost."""
     target = _folder(tmp_path / "result", "old")
-    code = _LOAD_IO + textwrap.dedent(f"""
-        io.exchange = lambda a, b: False
-        real, calls = os.replace, []
-        def replace(src, dst):
-            calls.append(src)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(src, dst)
-        os.replace = replace
+    code = _LOAD_IO + _KILL_ON_SECOND_RENAME + textwrap.dedent(f"""
         with io.atomic_path({str(target)!r}) as tmp:
             tmp.mkdir()
             (tmp / "data.txt").write_text("new")
@@ -470,14 +474,7 @@ def test_sigkill_mid_put_replace_leaves_an_intact_result(tmp_path):
                     for n in ("a.json", "b.json")]
         store = ResultStore(tmp / "s")
         if sys.argv[1] == "between":
-            io.exchange = lambda a, b: False
-            real, calls = os.replace, []
-            def replace(src, dst):
-                calls.append(src)
-                if len(calls) == 2:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return real(src, dst)
-            os.replace = replace
+            {textwrap.indent(_KILL_ON_SECOND_RENAME, " " * 12).strip()}
         i = 0
         while True:
             i += 1

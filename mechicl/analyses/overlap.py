@@ -50,9 +50,10 @@ from mechicl.analyses._registry import (
 from mechicl.results import HeadScores, LayerScores, read_result, result_type, write_result
 
 __all__ = ["OverlapTable", "bootstrap_ci", "jaccard", "kendall", "layer_permutations",
-           "overlap_matrix", "overlap_table", "permutation_null", "permutation_pvalue", "rank",
-           "rank_biased_overlap", "spearman", "spearman_rows", "top_k", "top_k_overlap",
-           "top_k_pvalue", "within_layer_spearman"]
+           "overlap_matrix", "overlap_table", "percentile_interval", "permutation_null",
+           "permutation_pvalue", "rank", "rank_biased_overlap", "spearman",
+           "spearman_rows", "top_k", "top_k_overlap", "top_k_pvalue",
+           "within_layer_spearman"]
 
 Scores = HeadScores | LayerScores | Tensor
 
@@ -473,9 +474,21 @@ def bootstrap_ci(a: HeadScores | LayerScores, b: HeadScores | LayerScores, *,
         k = top_k(pa.shape[1], k=k)
         estimate = top_k_overlap(pa.mean(0), pb.mean(0), k)
         values = _top_k_overlap_rows(means_a, means_b, k)
-    alpha = (1 - confidence) / 2
-    low, high = torch.nanquantile(values, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
-    return estimate, float(low), float(high)
+    low, high = percentile_interval(values, confidence)
+    return estimate, low, high
+
+
+def percentile_interval(values: Float[Tensor, " resample"], level: float = 0.95
+                        ) -> tuple[float, float]:
+    """The two-sided percentile interval at ``level`` of bootstrap values (NaNs left out).
+
+    >>> [round(x, 6) for x in percentile_interval(torch.arange(101.0), 0.9)]
+    [5.0, 95.0]
+    """
+    alpha = (1 - level) / 2
+    low, high = torch.nanquantile(torch.as_tensor(values, dtype=torch.float64),
+                                  torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+    return float(low), float(high)
 
 
 _STATS: dict[str, Callable[..., float]] = {

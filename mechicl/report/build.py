@@ -67,6 +67,7 @@ from mechicl.analyses.overlap import (
     OVERLAP,
     overlap_matrix,
     overlap_table,
+    percentile_interval,
     permutation_pvalue,
     spearman,
     spearman_rows,
@@ -832,14 +833,6 @@ def _resampled_importance(importance: dict[tuple[str, int], HeadScores],
     return out
 
 
-def _percentiles(values: Tensor, level: float = 0.95) -> tuple[float, float]:
-    """The two-sided percentile interval of bootstrap values (NaNs left out)."""
-    tail = (1 - level) / 2
-    q = torch.nanquantile(values.to(torch.float64),
-                          torch.tensor([tail, 1 - tail], dtype=torch.float64))
-    return float(q[0]), float(q[1])
-
-
 def _median_intervals(resampled: dict[tuple[str, int], Tensor], config: "ReportConfig",
                       in_context: Sequence[str]) -> dict[tuple[int, str], tuple[float, float]]:
     """95% percentile bootstrap intervals of the median cross-task Spearman, per shot count and
@@ -855,7 +848,7 @@ def _median_intervals(resampled: dict[tuple[str, int], Tensor], config: "ReportC
                 continue
             rhos = torch.stack([spearman_rows(resampled[a, shots], resampled[b, shots])
                                 for a, b in pairs])  # [pair, resample]
-            out[shots, scope] = _percentiles(rhos.nanmedian(0).values)
+            out[shots, scope] = percentile_interval(rhos.nanmedian(0).values)
     return out
 
 
@@ -870,7 +863,7 @@ def _agreement_pairs(importance: dict[tuple[str, int], HeadScores], config: "Rep
                 x, y = importance[a, shots], importance[b, shots]
                 layer_means = x.mean.mean(-1, keepdim=True).expand_as(x.mean)
                 rhos = spearman_rows(resampled[a, shots], resampled[b, shots])
-                low, high = _percentiles(rhos)
+                low, high = percentile_interval(rhos)
                 rows.append({"shots": shots, "task_a": a, "task_b": b,
                              "spearman": spearman(x, y), "spearman low": low,
                              "spearman high": high,
@@ -960,7 +953,7 @@ def _agreement_interval(a: HeadScores, b: HeadScores, config: "ReportConfig"
         return float("nan"), float("nan")
     weights = torch.as_tensor(bootstrap_weights(len(ids[0]), config.n_resamples,
                                                 seed=config.seed))
-    return _percentiles(spearman_rows(resampled_maps(a, weights).abs(),
+    return percentile_interval(spearman_rows(resampled_maps(a, weights).abs(),
                                       resampled_maps(b, weights).abs()))
 
 
