@@ -13,9 +13,9 @@ the registry's), plus the model, the tasks and shot counts it runs over, the see
 
 Results go through the content-addressed result store (``--store``, default
 ``$MECHICL_CACHE/runs``): a result already computed for the same weights, options and task
-data is reused (``--force`` computes it again). ``OUT/results/`` gets each result,
-``OUT/<stem>.png|html`` its figures and ``OUT/<command>-summary.csv|md`` a summary, which is
-printed.
+data is reused (``--force`` computes it again). ``OUT/<model>/results/`` gets each result,
+``OUT/<model>/<stem>.png|html`` its figures and ``OUT/<model>/<command>-summary.csv|md`` a
+summary, which is printed.
 
 ``mechicl report`` writes the paper report (:mod:`mechicl.report`); ``mechicl run GRID`` runs an
 experiment grid (:mod:`mechicl.experiments.grid`) locally or ``--executor ray``; ``mechicl runs``
@@ -41,11 +41,15 @@ from typing import Any, NoReturn
 import pandas as pd
 from safetensors import SafetensorError
 
-from mechicl._io import atomic_write_text
 from mechicl._version import __version__, docs_url
 from mechicl.analyses import ANALYSES, Analysis, Option, OptionError
 from mechicl.experiments.grid import GridError, load_grid
-from mechicl.experiments.outputs import markdown_table, model_folder, run_analysis
+from mechicl.experiments.outputs import (
+    markdown_table,
+    model_folder,
+    run_analysis,
+    write_summary,
+)
 from mechicl.experiments.runner import run_grid, write_run_outputs
 from mechicl.experiments.store import ResultStore, default_store
 from mechicl.inputs.tasks import TASK_ERRORS, TASK_FILE_SUFFIXES, TASKS, TaskFileError, load_task
@@ -371,7 +375,7 @@ def run_report(args: argparse.Namespace) -> int:
     claims = report.tables["claims"]
     table = claims[[c for c in ("section", "subject", "statistic", "estimate", "low", "high",
                                 "p", "significant") if c in claims.columns]]
-    _write_summary(table, args.out, "report")
+    write_summary(table, args.out, "report")
     counts = table.groupby("section", sort=False).significant.agg(["size", "sum"])
     print("\n".join(f"{section}: {int(row['size'])} claims, {int(row['sum'])} significant"
                     for section, row in counts.iterrows()))
@@ -381,15 +385,6 @@ def run_report(args: argparse.Namespace) -> int:
           f"{sum(report.reused.values())}; {report.seconds['total'] / 60:.1f} min")
     print(f"wrote {args.out}/report.md and report.html")
     return 0
-
-
-def _write_summary(table: pd.DataFrame, out: Path, command: str) -> str:
-    """``OUT/<command>-summary.csv`` and ``.md``, as the analysis commands write them
-    (:func:`~mechicl.experiments.outputs.write_outputs`); returns the markdown."""
-    text = markdown_table(table.astype(object).fillna(""))
-    atomic_write_text(out / f"{command}-summary.csv", table.to_csv(index=False))
-    atomic_write_text(out / f"{command}-summary.md", text)
-    return text
 
 
 def _add_run(subparsers: Any) -> None:
@@ -437,7 +432,7 @@ def run_run(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
     if args.out is not None:
         write_run_outputs(grid, store, summary, args.out, formats=args.formats)
-        _write_summary(summary.table(), args.out, "run")
+        write_summary(summary.table(), args.out, "run")
     counts = summary.counts
     skipped = (f", {counts['skipped']} not needed (read only by stored jobs)"
                if counts.get("skipped") else "")

@@ -48,7 +48,7 @@ from mechicl.plotting import save_figure
 from mechicl.results import ResultError, load_result
 
 __all__ = ["LM_EVAL_DIR", "markdown_table", "model_folder", "run_analysis",
-           "write_lm_eval_outputs", "write_outputs"]
+           "write_lm_eval_outputs", "write_outputs", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,15 @@ def model_folder(spec: str | os.PathLike[str]) -> str:
     if not name or len(name) > _MAX_NAME:
         name = f"{name[: _MAX_NAME - 13]}-{digest}".lstrip("-")
     return name
+
+
+def write_summary(table: pd.DataFrame, out: str | os.PathLike[str], command: str) -> str:
+    """``OUT/<command>-summary.csv`` and ``.md`` (every command writes its summary this way);
+    returns the markdown."""
+    text = markdown_table(table.astype(object).fillna(""))
+    atomic_write_text(Path(out) / f"{command}-summary.csv", table.to_csv(index=False))
+    atomic_write_text(Path(out) / f"{command}-summary.md", text)
+    return text
 
 
 def markdown_table(table: pd.DataFrame, *, digits: int = 3) -> str:
@@ -144,9 +153,7 @@ def write_outputs(spec: Analysis, done: Sequence[tuple[Job, Any, str, Mapping[st
     for stem, fig in outputs.figures.items():
         save_figure(fig, out / stem, list(formats))
     table = pd.DataFrame(outputs.rows)
-    atomic_write_text(out / f"{spec.cli_name}-summary.csv", table.to_csv(index=False))
-    atomic_write_text(out / f"{spec.cli_name}-summary.md",
-                      markdown_table(table.astype(object).fillna("")))
+    write_summary(table, out, spec.cli_name)
     write_lm_eval_outputs(out, [(job, result) for job, result, _, _ in done])
     return table
 
