@@ -32,7 +32,8 @@ scan: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mkdocs build --strict --site-dir $$(mktemp -d)  # not --quiet: it hides the warnings --strict fails on
-	$(BIN)/python -m pytest
+	# two workers (tests/conftest.py shares the cores among them): the suite in under 15 min on 2 cores
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 docs: install
 	$(BIN)/mkdocs build --strict

@@ -14,7 +14,13 @@ import torch  # noqa: E402
 
 from mechicl.model import as_hooked_model  # noqa: E402
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# Every core for one test process; under pytest-xdist (`make test`: `-n 2`) the cores are shared
+# among the workers, and the processes a test starts (notebook kernels, CLI subprocesses, Ray
+# workers) inherit the worker's share through OMP_NUM_THREADS.
+_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)

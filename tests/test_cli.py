@@ -69,6 +69,8 @@ def test_eval_cli_skips_bad_task_rows_only_when_asked(tiny_folder, tmp_path, cap
     result = mechicl.load_result(nested(tmp_path / "skip") / "results" / "warts-0shot")
     assert result.params["task_provenance"]["skipped"] == [
         {"line": 4, "reason": "choices repeat ['w1']: ('w1', 'w1')"}]
+    # the file was a task for those runs only: the process's registry is as before
+    assert str(task_file) not in mechicl.inputs.TASKS
     capsys.readouterr()
 
 

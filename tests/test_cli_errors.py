@@ -257,6 +257,7 @@ def test_user_errors_are_one_line_and_exit_nonzero(tiny_folder, tmp_path):
     message = exit_message(["eval", "--model", str(tiny_folder), "--task", str(bad),
                             "--no-progress", "--out", str(tmp_path / "o1")])
     assert message.startswith("mechicl eval: ") and "bad.jsonl:2: not valid JSON" in message
+    assert str(bad) not in TASKS  # the failed run left no task behind in the process
     # a grid file that is not TOML
     grid = tmp_path / "grid.toml"
     grid.write_text("[grid\n")

@@ -13,7 +13,7 @@ import mechicl
 from mechicl.analyses.evaluation import task_prompts
 from mechicl.experiments.outputs import LM_EVAL_DIR, model_folder, run_analysis
 from mechicl.experiments.store import ResultStore, read_index
-from mechicl.inputs.tasks import load_task
+from mechicl.inputs.tasks import task_from_file
 from mechicl.interop.lm_eval import mean_stderr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,10 +40,13 @@ def gpt2_folder(tmp_path_factory):
     return folder
 
 
+TEMPLATE = "{input} w7"
+
+
 def evaluate_into(out, model, task_file, store, shots=(0, 2)):
     return run_analysis("accuracy", model=str(model), tasks=[str(task_file)], shots=list(shots),
                         options={"n": 9}, out=out, store=store, progress=False,
-                        template="{input} w7")
+                        template=TEMPLATE)
 
 
 def test_model_folder_names():
@@ -92,7 +95,7 @@ def test_lm_eval_files(tiny_folder, task_file, tmp_path):
         data = json.loads((lm_dir / f"results_{shots}shot.json").read_text())
         result = mechicl.load_result(folder / "results" / f"mini-{shots}shot")
         job = mechicl.Job.from_dict(index[f"mini-{shots}shot"]["job"])
-        prompts = task_prompts(load_task(job.task), job)
+        prompts = task_prompts(task_from_file(task_file, template=TEMPLATE), job)  # as the run read it
         # independent of the stored counts: the choices' strings, a loop per prompt
         acc, acc_norm = [], []
         for prompt, ll in zip(prompts, result.predictions["loglik"], strict=True):
@@ -114,7 +117,7 @@ def test_lm_eval_files(tiny_folder, task_file, tmp_path):
         assert entry["acc,none"] == pytest.approx(result.accuracy_with("none"))
         assert entry["acc_norm,none"] == pytest.approx(result.accuracy_with("chars"))
         assert data["n-shot"] == {"mini": shots}
-        assert data["n-samples"]["mini"] == {"original": len(load_task(job.task).pools()[1]),
+        assert data["n-samples"]["mini"] == {"original": len(task_from_file(task_file, template=TEMPLATE).pools()[1]),
                                             "effective": n}
         assert data["config"]["model"] == str(tiny_folder)
         assert data["config"]["model_sha"] == result.model["weights_sha256"]

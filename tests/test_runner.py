@@ -21,7 +21,7 @@ from mechicl.analyses.overlap import overlap_table, top_k
 from mechicl.experiments.grid import parse_grid, task_digest
 from mechicl.experiments.runner import grid_results, run_grid
 from mechicl.experiments.store import ResultStore
-from mechicl.inputs.tasks import TASKS, load_task, register_task
+from mechicl.inputs.tasks import TASKS, load_task
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reference_importance as ref  # noqa: E402
@@ -303,19 +303,26 @@ def test_cli_run_and_runs(finished, tiny_folder, tmp_path, capsys):
         main(["runs", "--store", str(store.root), "--key", "zz"])
 
 
-def test_registered_tasks_reach_workers(tiny_folder):
-    # the worker re-registers a task whose data differs from its own registry's
+def test_registered_tasks_reach_workers(tiny_folder, monkeypatch):
+    # the worker runs a job with the task data it was given, where its own registry differs,
+    # and restores its registry after the job
+    from mechicl.experiments import runner
     from mechicl.experiments.runner import ModelWorker
 
     task = dataclasses.replace(ref.copy_task(40, seed=7), name=TASK_A)
+    assert task_digest(load_task(TASK_A)) != task_digest(task)
+    seen, compute = [], runner.compute
+
+    def spy(*args, **kwargs):
+        seen.append(task_digest(load_task(TASK_A)))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "compute", spy)
     worker = ModelWorker({"name": "m", "spec": str(tiny_folder)}, threads=1)
     before = TASKS[TASK_A]
-    try:
-        out = worker.run({"analysis": "accuracy", "model": "m", "seed": 0, "task": TASK_A,
-                          "shots": 0, "options": {"n": 4}}, {TASK_A: task})
-        assert task_digest(load_task(TASK_A)) == task_digest(task)
-    finally:
-        register_task(TASK_A, before, overwrite=True)
+    out = worker.run({"analysis": "accuracy", "model": "m", "seed": 0, "task": TASK_A,
+                      "shots": 0, "options": {"n": 4}}, {TASK_A: task})
+    assert seen == [task_digest(task)] and TASKS[TASK_A] is before
     assert "predictions.parquet" in out["files"]
 
 
@@ -520,7 +527,12 @@ def test_a_jobs_key_does_not_depend_on_the_rest_of_the_run():
     scan = ANALYSES["scan"].job("m")
     assert scan.key(ident, "v") == scan.key(ident, "v", task_data={TASK_A: "d" * 64})
     report = ANALYSES["report"].job("m")
-    assert report.task_names() == []  # tasks=None: every registered task, named by its inputs
+    # tasks=None: the shipped tasks, whose data its inputs' keys hold; the pruning tasks it
+    # names (an option naming tasks) are its own
+    assert report.task_names() == ["country_capital", "antonyms"]
+    sparsity = ANALYSES["sparsity_curves"].job("m", {"recall_tasks": ["country_capital:0"],
+                                                     "icl_tasks": ["sentiment_unrelated:8"]})
+    assert sparsity.task_names() == ["country_capital", "sentiment_unrelated"]
 
 
 def test_many_derived_jobs_finish_without_deep_recursion(tmp_path):

@@ -12,11 +12,19 @@ analysis (CLI command)    module                                      result typ
 ``path_patching``         :mod:`~mechicl.analyses.path_patching`      ``PatchResult``
 ``attribution``           :mod:`~mechicl.analyses.attribution`        ``PatchResult``
 ``overlap``               :mod:`~mechicl.analyses.overlap`            ``OverlapTable``
+``answer_attribution``    :mod:`~mechicl.analyses.recall`             ``AnswerAttribution``
+``value_scaling``         :mod:`~mechicl.analyses.recall`             ``ValueScaling``
+``answer_determinants``   :mod:`~mechicl.analyses.recall`             ``AnswerDeterminants``
+``sparsity_curves``       :mod:`~mechicl.analyses.sparsity`           ``SparsityCurves``
+``circuit_reuse``         :mod:`~mechicl.analyses.circuit_reuse`      ``CircuitReuse``
 ========================  ==========================================  =====================
 
 :mod:`~mechicl.analyses.causal` registers ``induction_ablation`` (``ablate-induction``) and
 ``induction_ablation_task`` (``ablate-induction-task``), both ``InductionAblation``: the top-k
 heads of an induction score ablated against k random heads.
+
+Their CLI commands: ``answer-attribution``, ``value-scaling``, ``answer-determinants``, ``sparsity``,
+``circuit-reuse``.
 
 (``report``, registered by :mod:`mechicl.report`, composes them.) Support modules:
 :mod:`~mechicl.analyses.metrics` (patching metrics), :mod:`~mechicl.analyses.icl` (is a task
@@ -30,6 +38,7 @@ Importing this package registers every analysis in :data:`ANALYSES`.
 from mechicl.analyses import (
     attribution,
     causal,
+    circuit_reuse,
     evaluation,
     icl,
     importance,
@@ -39,6 +48,8 @@ from mechicl.analyses import (
     patching,
     path_patching,
     pruning,
+    recall,
+    sparsity,
 )
 from mechicl.analyses._registry import (
     ANALYSES,
@@ -68,6 +79,7 @@ __all__ = [
     "Outputs",
     "attribution",
     "causal",
+    "circuit_reuse",
     "evaluation",
     "get_analysis",
     "icl",
@@ -81,6 +93,8 @@ __all__ = [
     "patching",
     "path_patching",
     "pruning",
+    "recall",
     "register_analysis",
+    "sparsity",
     "task_slug",
 ]

@@ -84,8 +84,9 @@ class Option:
         item: the element type of a list option.
         choices: the allowed values (of the elements, for a list), or a function returning
             them (for registries that grow at run time, e.g. tasks or prompt-pair generators).
-        registry: for choices from a function, what they are ("task"): the docs say "naming a
-            registered task" instead of listing this process's registry.
+        registry: what the values name ("task"): the docs say "naming a registered task" for
+            choices from a function instead of listing this process's registry, and a job's
+            :meth:`Job.task_names` (whose data enter its key) include a task option's values.
         minimum: the smallest allowed number (of each element, for a list).
         maximum: the largest allowed number.
         below: numbers must be smaller than this.
@@ -299,10 +300,18 @@ class Job:
         return dict(spec.inputs(self)) if spec.inputs is not None else {}
 
     def task_names(self) -> list[str]:
-        """The tasks whose data this job reads (its task; a report's tasks)."""
-        if self.task is not None:
-            return [self.task]
-        return list(self.options.get("tasks") or [])
+        """The tasks whose data this job reads: its task, and the values of its options that
+        name tasks (``registry="task"``, e.g. a report's ``tasks``; an item ``name:shots`` names
+        ``name``)."""
+        names = [] if self.task is None else [self.task]
+        for option in self.record().options:
+            value = self.options.get(option.name)
+            if option.registry != "task" or value is None:
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                name, colon, shots = str(item).rpartition(":")
+                names.append(name if colon and shots.isdigit() else str(item))
+        return list(dict.fromkeys(names))
 
     def key_options(self) -> dict[str, Any]:
         """The options that determine the result (execution and output options left out)."""

@@ -52,8 +52,8 @@ from mechicl.results import HeadScores, LayerScores, read_result, result_type, w
 __all__ = ["OverlapTable", "bootstrap_ci", "jaccard", "kendall", "layer_permutations",
            "overlap_matrix", "overlap_table", "percentile_interval", "permutation_null",
            "permutation_pvalue", "rank", "rank_biased_overlap", "spearman",
-           "spearman_rows", "top_k", "top_k_overlap", "top_k_pvalue",
-           "within_layer_spearman"]
+           "spearman_rows", "top_k", "top_k_overlap", "top_k_overlap_rows", "top_k_pvalue",
+           "within_layer_spearman", "within_layer_spearman_rows"]
 
 Scores = HeadScores | LayerScores | Tensor
 
@@ -98,11 +98,46 @@ def spearman_rows(a: Float[Tensor, "row ..."], b: Float[Tensor, "row ..."]
     ...               torch.tensor([[1.0, 3.0, 2.0], [3.0, 2.0, 1.0]])).tolist()
     [0.5, -1.0]
     """
-    x, y = (torch.as_tensor(t).detach().to("cpu", torch.float64) for t in (a, b))
-    if x.shape != y.shape or x.ndim < 2:
-        raise ValueError(f"need two [row, ...] tensors of one shape; got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
+    x, y = _row_pair(a, b, 2)
     return _spearman_rows(x.flatten(1), y.flatten(1))
+
+
+def _row_pair(a: Tensor, b: Tensor, min_ndim: int) -> tuple[Tensor, Tensor]:
+    x, y = (torch.as_tensor(t).detach().to("cpu", torch.float64) for t in (a, b))
+    if x.shape != y.shape or x.ndim < min_ndim:
+        dims = "[row, ...]" if min_ndim == 2 else "[row, layer, head]"
+        raise ValueError(f"need two {dims} tensors of one shape; got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    return x, y
+
+
+def top_k_overlap_rows(a: Float[Tensor, "row ..."], b: Float[Tensor, "row ..."], k: int
+                       ) -> Float[Tensor, " row"]:
+    """:func:`top_k_overlap` of each row pair (e.g. bootstrap resamples of two maps), vectorised;
+    every dimension after the first is flattened.
+
+    >>> top_k_overlap_rows(torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]),
+    ...                    torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]]), 2).tolist()
+    [0.5, 0.5]
+    """
+    x, y = _row_pair(a, b, 2)
+    return _top_k_overlap_rows(x.flatten(1), y.flatten(1), top_k(x[0].numel(), k=k))
+
+
+def within_layer_spearman_rows(a: Float[Tensor, "row layer head"],
+                               b: Float[Tensor, "row layer head"]) -> Float[Tensor, " row"]:
+    """:func:`within_layer_spearman` of each ``[layer, head]`` row pair, vectorised; NaN where
+    every layer of either map is constant (where :func:`within_layer_spearman` raises).
+
+    >>> layers, heads = 10 * torch.arange(3.0)[:, None], torch.arange(4.0)
+    >>> within_layer_spearman_rows(torch.stack([layers + heads, layers + heads]),
+    ...                            torch.stack([layers - heads, layers + heads])).tolist()
+    [-1.0, 1.0]
+    """
+    x, y = _row_pair(a, b, 3)
+    if x.ndim != 3:
+        raise ValueError(f"need [row, layer, head] tensors; got shape {tuple(x.shape)}")
+    return _within_layer_spearman_rows(x, y)
 
 
 def kendall(a: Scores, b: Scores) -> float:

@@ -19,6 +19,7 @@ work this way, also on a fresh clone without a store. Folders written before the
 model, ``OUT/results/index.json``) keep seeding: :func:`run_analysis` reads both.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -40,8 +41,8 @@ from mechicl.inputs.tasks import (
     TASK_FILE_SUFFIXES,
     Errors,
     load_task,
-    register_task,
     task_from_file,
+    tasks_registered,
 )
 from mechicl.interop.lm_eval import lm_eval_results, lm_eval_samples
 from mechicl.plotting import save_figure
@@ -252,33 +253,32 @@ def run_analysis(
     """
     spec = get_analysis(name)
     given = dict(options or {})
-    roles = {o.name: o.role for o in spec.options}
-    run_options = {k: v for k, v in given.items() if roles.get(k) != "output"}
-    for task in tasks:  # task files become tasks named by their path
-        if str(task).endswith(TASK_FILE_SUFFIXES):
-            register_task(str(task), lambda task=task: task_from_file(task, template=template,
-                                                             errors=task_errors),
-                          overwrite=True)
-    cells = ([(t, s) for t in tasks for s in (shots or spec.shots)] if spec.per_task
-             else [(None, None)])
-    if spec.per_task and not tasks:
-        raise ValueError(f"{spec.cli_name} runs per task: give tasks")
-    jobs = [spec.job(model, variant, seed=seed, task=task, shots=k)
-            for variant in spec.variants(run_options) for task, k in cells]
-    store = as_store(store)
-    entry = ModelEntry(name=model, spec=model, load=dict(load or {}), memory_budget=memory_budget)
-    folder = None if out is None else Path(out) / model_folder(model)
-    # the model's folder, and OUT itself: the flat layout of mechicl before the nesting
-    summary = run_jobs(jobs, store, entries={model: entry},
-                       executor=LocalExecutor(progress=progress), progress=progress,
-                       seed_from=[] if folder is None else [folder, Path(out)], force=force)
-    summary.raise_first()
-    done = []
-    for job, row in zip(jobs, summary.asked_rows(), strict=True):
-        stored = store.get(row["key"])
-        done.append((job, stored.load(), row["key"], stored.manifest))
-    if folder is None:
-        pairs = [(job, result) for job, result, _, _ in done]
-        outputs = spec.outputs(pairs, given) if spec.outputs else Outputs()
-        return pd.DataFrame(outputs.rows)
-    return write_outputs(spec, done, folder, formats=formats, options=given)
+    files = {str(task): functools.partial(task_from_file, task, template=template,
+                                          errors=task_errors)
+             for task in tasks if str(task).endswith(TASK_FILE_SUFFIXES)}
+    with tasks_registered(files):  # task files are tasks named by their path, for this run
+        roles = {o.name: o.role for o in spec.options}
+        run_options = {k: v for k, v in given.items() if roles.get(k) != "output"}
+        cells = ([(t, s) for t in tasks for s in (shots or spec.shots)] if spec.per_task
+                 else [(None, None)])
+        if spec.per_task and not tasks:
+            raise ValueError(f"{spec.cli_name} runs per task: give tasks")
+        jobs = [spec.job(model, variant, seed=seed, task=task, shots=k)
+                for variant in spec.variants(run_options) for task, k in cells]
+        store = as_store(store)
+        entry = ModelEntry(name=model, spec=model, load=dict(load or {}), memory_budget=memory_budget)
+        folder = None if out is None else Path(out) / model_folder(model)
+        # the model's folder, and OUT itself: the flat layout of mechicl before the nesting
+        summary = run_jobs(jobs, store, entries={model: entry},
+                           executor=LocalExecutor(progress=progress), progress=progress,
+                           seed_from=[] if folder is None else [folder, Path(out)], force=force)
+        summary.raise_first()
+        done = []
+        for job, row in zip(jobs, summary.asked_rows(), strict=True):
+            stored = store.get(row["key"])
+            done.append((job, stored.load(), row["key"], stored.manifest))
+        if folder is None:
+            pairs = [(job, result) for job, result, _, _ in done]
+            outputs = spec.outputs(pairs, given) if spec.outputs else Outputs()
+            return pd.DataFrame(outputs.rows)
+        return write_outputs(spec, done, folder, formats=formats, options=given)

@@ -63,7 +63,7 @@ from mechicl.experiments.store import (
     read_tree,
     write_tree,
 )
-from mechicl.inputs.tasks import TASKS, Task, load_task, register_task
+from mechicl.inputs.tasks import TASKS, Task, load_task, tasks_registered
 from mechicl.model.loading import BUILTIN_MODELS, cache_dir, load_model
 from mechicl.plotting import checkpoint_figure, save_figure
 from mechicl.results import ResultError, load_result, verify_result
@@ -159,9 +159,15 @@ class ModelWorker:
         returns ``{"files": {path: bytes}, "seconds", "batch_tokens", "pass_tokens", "device",
         "threads", "host"}`` (``pass_tokens``: the tokens per forward pass the device's batch
         shape allowed, :func:`mechicl._batching.device_batch_tokens`; provenance, not key)."""
-        for name, task in tasks.items():  # analyses (and the report) find tasks by name
-            if name not in TASKS or task_digest(load_task(name)) != task_digest(task):
-                register_task(name, lambda task=task: task, overwrite=True)
+        # analyses (and the report) find tasks by name: the job's tasks, for this job only
+        differ = {name: (lambda task=task: task) for name, task in tasks.items()
+                  if name not in TASKS or task_digest(load_task(name)) != task_digest(task)}
+        with tasks_registered(differ):
+            return self._run(job, tasks, inputs, provenance)
+
+    def _run(self, job: dict[str, Any], tasks: dict[str, Task],
+             inputs: dict[str, dict[str, bytes]] | None,
+             provenance: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
         model = self.model()
         job_obj = Job.from_dict(job)
         task = tasks.get(job_obj.task) if job_obj.task is not None else None

@@ -2,8 +2,10 @@
 (:mod:`~mechicl.inputs.tasks`, built-in offline data under ``inputs/data/tasks``) and
 clean / corrupted prompt pairs for patching (:mod:`~mechicl.inputs.pairs`)."""
 
+from mechicl.inputs import variants  # registers the derived tasks (issue 23)
 from mechicl.inputs.pairs import PAIR_GENERATORS, PromptPairs, make_pairs, register_pairs
 from mechicl.inputs.tasks import (
+    BUILTIN_TASKS,
     TASKS,
     Example,
     Prompt,
@@ -13,9 +15,11 @@ from mechicl.inputs.tasks import (
     load_task,
     register_task,
     task_from_file,
+    tasks_registered,
 )
 
 __all__ = [
+    "BUILTIN_TASKS",
     "PAIR_GENERATORS",
     "TASKS",
     "Example",
@@ -29,4 +33,6 @@ __all__ = [
     "register_pairs",
     "register_task",
     "task_from_file",
+    "tasks_registered",
+    "variants",
 ]

@@ -17,6 +17,7 @@ Hugging Face ``datasets`` loaders for the paper's hub datasets, for users who ar
 Axis names: ``example choice``.
 """
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -690,6 +691,30 @@ def register_task(name: str, loader: Callable[[], Task], *, overwrite: bool = Fa
     TASKS[name] = loader
 
 
+@contextlib.contextmanager
+def tasks_registered(loaders: Mapping[str, Callable[[], Task]]) -> Iterator[None]:
+    """Register task loaders for the duration of a ``with`` block, then restore the registry
+    (names registered before get their old loader back, new names are removed): a task file
+    given to one command does not stay registered in the process after it.
+
+    >>> with tasks_registered({"again": lambda: load_task("sentiment")}):
+    ...     load_task("again").labels
+    ('negative', 'positive')
+    >>> "again" in TASKS
+    False
+    """
+    saved = {name: TASKS[name] for name in loaders if name in TASKS}
+    TASKS.update(loaders)
+    try:
+        yield
+    finally:
+        for name in loaders:
+            if name in saved:
+                TASKS[name] = saved[name]
+            else:
+                TASKS.pop(name, None)
+
+
 def load_task(name: str) -> Task:
     """Load a registered task by name.
 
@@ -761,6 +786,9 @@ _BUILTINS = [
 ]
 for _b in _BUILTINS:
     register_task(_b.name, _b)
+
+BUILTIN_TASKS: tuple[str, ...] = tuple(b.name for b in _BUILTINS)
+"""The names of the tasks mechicl ships (registered at import; :data:`TASKS` may hold more)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ takes a :class:`HookedModel`.
 
 Modules: :mod:`~mechicl.model.loading` (built-in offline models, folders, ``.gguf`` files, hub
 ids, device placement), :mod:`~mechicl.model.hooked` (:class:`HookedModel`),
-:mod:`~mechicl.model.masks` (:class:`Mask`), :mod:`~mechicl.model.tokens`.
+:mod:`~mechicl.model.masks` (:class:`Mask`), :mod:`~mechicl.model.sparsity` (weight pruning in
+place: :func:`pruned`), :mod:`~mechicl.model.tokens`.
 """
 
 from mechicl.model.hooked import (
@@ -24,6 +25,7 @@ from mechicl.model.loading import (
     parse_bytes,
 )
 from mechicl.model.masks import ActivationMeans, Mask, mean_activations
+from mechicl.model.sparsity import Pruning, calibration_batch, prunable_weights, pruned
 from mechicl.model.tokens import FrequencyRanking, frequency_ranking
 
 __all__ = [
@@ -34,8 +36,10 @@ __all__ = [
     "FrequencyRanking",
     "HookedModel",
     "Mask",
+    "Pruning",
     "ModelNotAvailableError",
     "as_hooked_model",
+    "calibration_batch",
     "cache_dir",
     "convert_gguf",
     "default_device",
@@ -43,5 +47,7 @@ __all__ = [
     "load_model",
     "mean_activations",
     "parse_bytes",
+    "prunable_weights",
+    "pruned",
     "weights_description",
 ]

@@ -223,7 +223,25 @@ class HookedModel:
     def _changed(self, dtype_before: torch.dtype) -> None:
         # The weights hash covers dtypes: a cast (``half()``, ``to(torch.bfloat16)``) changes it.
         if self.dtype != dtype_before:
-            self.__dict__.pop("weights_hash", None)
+            self.weights_changed()
+
+    def weights_changed(self, known_hash: str | None = None) -> None:
+        """Say the weights were changed in place (pruned, edited, restored): :attr:`weights_hash`
+        (the key of stored results) is recomputed when next read, or is ``known_hash`` (e.g. the
+        hash from before a change that was undone bit-exactly).
+
+        >>> from mechicl.testing import tiny_model
+        >>> model = as_hooked_model(tiny_model())
+        >>> before = model.weights_hash
+        >>> with torch.no_grad():
+        ...     model.bridge.original_model.lm_head.weight[0, 0] += 1.0
+        >>> model.weights_changed()
+        >>> model.weights_hash == before
+        False
+        """
+        self.__dict__.pop("weights_hash", None)
+        if known_hash is not None:
+            self.__dict__["weights_hash"] = known_hash
 
     def __dir__(self) -> list[str]:
         # Tab completion in Jupyter: the wrapper's names and the bridge's.

@@ -82,7 +82,7 @@ from mechicl.analyses.pruning import (
 from mechicl.experiments.grid import ModelEntry
 from mechicl.experiments.runner import LocalExecutor, run_jobs
 from mechicl.experiments.store import ResultStore, as_store, index_text
-from mechicl.inputs.tasks import TASKS
+from mechicl.inputs.tasks import BUILTIN_TASKS, TASKS
 from mechicl.model.hooked import HookedModel, as_hooked_model, weights_description
 from mechicl.plotting import (
     FORMATS,
@@ -123,7 +123,7 @@ log = logging.getLogger(__name__)
 REPORT_OPTIONS: tuple[Option, ...] = (
     Option(name="tasks", type=list, item=str, default=None, nullable=True,
            choices=lambda: list(TASKS), registry="task",
-           help="tasks for importance, accuracy and overlap (default: every registered task)"),
+           help="tasks for importance, accuracy and overlap (default: the shipped tasks, BUILTIN_TASKS)"),
     Option(name="shots", type=list, item=int, default=[0, 1, 5], minimum=0,
            help="shot counts (the paper's 0, 1, 5)"),
     Option(name="n", type=int, default=HEAD_IMPORTANCE.option("n").default, minimum=1,
@@ -177,7 +177,7 @@ REPORT_OPTIONS: tuple[Option, ...] = (
 
 
 def _check(options: dict[str, Any], tasks: Sequence[str], shots: Sequence[int]) -> None:
-    chosen = options["tasks"] if options["tasks"] is not None else list(TASKS)
+    chosen = options["tasks"] if options["tasks"] is not None else list(BUILTIN_TASKS)
     assert OVERLAP.check is not None
     OVERLAP.check(options, tasks, shots)  # its statistics are the overlap analysis's
     missing = [t for t in options["prune_tasks"] if t not in chosen]
@@ -200,7 +200,7 @@ class ReportConfig:
     of the default model.
 
     Attributes:
-        tasks: tasks for importance, accuracy and overlap (default: every registered task).
+        tasks: tasks for importance, accuracy and overlap (default: the shipped tasks, :data:`~mechicl.inputs.tasks.BUILTIN_TASKS`).
         shots: shot counts (default 0, 1, 5 as the paper).
         n: prompts per task and shot count for the importance maps.
         eval_n: further prompts per task and shot count for accuracy and pruning curves.
@@ -237,7 +237,7 @@ class ReportConfig:
         seed: seeds prompts, scans, random rankings, permutations and resamples.
     """
 
-    tasks: tuple[str, ...] = field(default_factory=lambda: tuple(TASKS))
+    tasks: tuple[str, ...] = BUILTIN_TASKS
     shots: tuple[int, ...] = _default("shots")
     n: int = _default("n")
     eval_n: int = _default("eval_n")
@@ -303,7 +303,7 @@ class ReportConfig:
         """The settings of a ``report`` job."""
         options = dict(job.options)
         if options.get("tasks") is None:
-            options["tasks"] = list(TASKS)
+            options["tasks"] = list(BUILTIN_TASKS)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()},
                    seed=job.seed)
 
