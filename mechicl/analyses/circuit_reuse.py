@@ -86,6 +86,7 @@ from mechicl.analyses._registry import (
 )
 from mechicl.analyses.overlap import (
     layer_permutations,
+    percentile_intervals,
     permutation_null,
     permutation_pvalue,
     spearman,
@@ -367,15 +368,6 @@ def task_circuit(model: HookedModel, pairs: PromptPairs, *, effect_threshold: fl
 # --------------------------------------------------------------------------------------------
 
 
-def _interval(draws: Tensor, level: float) -> tuple[Tensor, Tensor]:
-    """Percentile interval over the first axis (NaN draws left out), as
-    :func:`~mechicl.analyses.overlap.percentile_interval` for every head at once."""
-    alpha = (1 - level) / 2
-    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
-    low, high = torch.nanquantile(draws.double(), q, dim=0)
-    return low, high
-
-
 def _safe(fn: Any, *args: Any, **kwargs: Any) -> float:
     try:
         return float(fn(*args, **kwargs))
@@ -430,7 +422,7 @@ def _heads_table(tasks: Sequence[TaskCircuit], draws: Sequence[tuple[Tensor, Ten
     data: dict[str, Any] = {"layer": grid[:, 0].numpy(), "head": grid[:, 1].numpy()}
     for task, (eff, att), role in zip(tasks, draws, roles, strict=True):
         for values, names in ((eff, EFFECTS), (att, tuple(f"attention {a}" for a in ATTENTION))):
-            low, high = _interval(values[1:], level)
+            low, high = percentile_intervals(values[1:], level)
             for i, name in enumerate(names):
                 col = f"{task.task} {name}"
                 data[col] = values[0, i].flatten().numpy()
@@ -460,7 +452,7 @@ def _overlap_table(tasks: Sequence[TaskCircuit], draws: Sequence[tuple[Tensor, T
         }
         for name, (x, y, fn, rows_fn) in statistics.items():
             boot = rows_fn(x[1:], y[1:])
-            low, high = _interval(boot[:, None], level)
+            low, high = percentile_intervals(boot[:, None], level)
             row: dict[str, Any] = {
                 "quantity": f"{effect} {name}", "effect": effect, "statistic": name,
                 "map": "|effect|" if name == "top_k" else "effect",
@@ -489,7 +481,7 @@ def _roles_table(tasks: Sequence[TaskCircuit], roles: Sequence[Tensor], *, n_lay
         observed = int(shared.sum())
         null = (a[0][None] & b[0][perms]).sum(-1).double()  # [permutation]
         boot = (a[1:] & b[1:]).sum(-1).double()
-        low, high = _interval(boot[:, None], level)
+        low, high = percentile_intervals(boot[:, None], level)
         count_a, count_b = int(a[0].sum()), int(b[0].sum())
         rows.append({
             "quantity": f"shared {role}", "role": role,

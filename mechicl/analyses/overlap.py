@@ -50,7 +50,8 @@ from mechicl.analyses._registry import (
 from mechicl.results import HeadScores, LayerScores, read_result, result_type, write_result
 
 __all__ = ["OverlapTable", "bootstrap_ci", "jaccard", "kendall", "layer_permutations",
-           "overlap_matrix", "overlap_table", "percentile_interval", "permutation_null",
+           "overlap_matrix", "overlap_table", "percentile_interval", "percentile_intervals",
+           "permutation_null",
            "permutation_pvalue", "rank", "rank_biased_overlap", "spearman",
            "spearman_rows", "top_k", "top_k_overlap", "top_k_overlap_rows", "top_k_pvalue",
            "within_layer_spearman", "within_layer_spearman_rows"]
@@ -520,10 +521,24 @@ def percentile_interval(values: Float[Tensor, " resample"], level: float = 0.95
     >>> [round(x, 6) for x in percentile_interval(torch.arange(101.0), 0.9)]
     [5.0, 95.0]
     """
+    low, high = percentile_intervals(torch.as_tensor(values)[:, None], level)
+    return float(low[0]), float(high[0])
+
+
+def percentile_intervals(values: Float[Tensor, "resample ..."], level: float = 0.95
+                         ) -> tuple[Float[Tensor, "..."], Float[Tensor, "..."]]:
+    """:func:`percentile_interval` of every entry at once (e.g. each head's bootstrap means):
+    the quantiles over the first axis, NaNs left out.
+
+    >>> low, high = percentile_intervals(torch.arange(101.0)[:, None] * torch.tensor([1.0, 2.0]),
+    ...                                  0.9)
+    >>> low.round().tolist(), high.round().tolist()
+    ([5.0, 10.0], [95.0, 190.0])
+    """
     alpha = (1 - level) / 2
-    low, high = torch.nanquantile(torch.as_tensor(values, dtype=torch.float64),
-                                  torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
-    return float(low), float(high)
+    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
+    low, high = torch.nanquantile(torch.as_tensor(values, dtype=torch.float64), q, dim=0)
+    return low, high
 
 
 _STATS: dict[str, Callable[..., float]] = {

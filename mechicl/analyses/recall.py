@@ -60,6 +60,7 @@ from mechicl.analyses.evaluation import choice_logprobs, longest_prompt, masked_
 from mechicl.analyses.overlap import (
     bootstrap_ci,
     percentile_interval,
+    percentile_intervals,
     permutation_null,
     spearman,
     spearman_rows,
@@ -367,10 +368,7 @@ def _bootstrap_means(values: Tensor, n_resamples: int, seed: int, level: float
     n = values.shape[0]
     w = torch.from_numpy(bootstrap_weights(n, n_resamples, seed))  # [resample, pair]
     means = (w @ values.double().reshape(n, -1) / n).reshape(n_resamples, *values.shape[1:])
-    alpha = (1 - level) / 2
-    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
-    low, high = torch.quantile(means, q, dim=0)
-    return low, high
+    return percentile_intervals(means, level)
 
 
 @result_type
