@@ -12,6 +12,8 @@ differences carry the comparison and prompt difficulty cancels. Three tools:
 - :func:`mcnemar_exact`: the exact McNemar test (two-sided binomial test on the discordant
   pairs) of two paired 0/1 outcomes.
 
+:func:`holm` corrects a family of p-values for multiple comparisons (Holm 1979).
+
 :func:`removable_fraction` combines them into the "fraction of heads removable" of a pruning
 curve: the largest share removed such that at it, and at every smaller share, the accuracy drop
 from the unpruned model is below a tolerance by a one-sided paired bootstrap test.
@@ -26,8 +28,8 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Shaped
 
-__all__ = ["Bootstrap", "Removable", "bootstrap_weights", "mcnemar_exact", "paired_bootstrap",
-           "removable_fraction", "wilson_interval"]
+__all__ = ["Bootstrap", "Removable", "bootstrap_weights", "holm", "mcnemar_exact",
+           "paired_bootstrap", "removable_fraction", "wilson_interval"]
 
 Array = np.ndarray
 
@@ -231,3 +233,23 @@ def removable_fraction(
     low, high = np.quantile(per_resample, [(1 - level) / 2, (1 + level) / 2])
     return Removable(removable=float(tested), estimate=float(estimate), low=float(low),
                      high=float(high), tolerance=tolerance, alpha=alpha, level=level)
+
+
+def holm(p: list[float]) -> list[float]:
+    """Holm-adjusted p-values (Holm 1979; step-down, monotone, capped at 1): a family of tests
+    controls the family-wise error rate at alpha by comparing each adjusted value with alpha.
+    NaN values (tests not made) stay NaN and do not count.
+
+    >>> holm([0.01, 0.04, 0.03])
+    [0.03, 0.06, 0.06]
+    >>> holm([0.2, float("nan")])
+    [0.2, nan]
+    """
+    values = np.asarray(p, dtype=float)
+    out = np.full(values.shape, np.nan)
+    idx = np.flatnonzero(~np.isnan(values))
+    running = 0.0
+    for rank, i in enumerate(idx[np.argsort(values[idx], kind="stable")]):
+        running = max(running, min(1.0, (len(idx) - rank) * values[i]))
+        out[i] = running
+    return [float(v) for v in out]

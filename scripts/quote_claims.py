@@ -1,9 +1,12 @@
-"""Quote the committed report's claims in docs/concepts/report.md (between the claims markers),
+"""Quote a committed report's claims in a documentation page (between the claims markers),
 so that the documentation states no finding by hand.
 
     .venv/bin/python scripts/quote_claims.py [--report figures/report] [--doc docs/concepts/report.md]
+        [--sections memorised,...]
 
-The quoted sentences are ``tables/claims.csv`` of the report, grouped by section, unedited.
+The quoted sentences are ``tables/claims.csv`` of the report, grouped by section, unedited;
+``--sections`` keeps only those claim sections (e.g. ``sparsity`` for docs/concepts/sparsity.md
+from figures/report-in-weights).
 """
 
 import argparse
@@ -17,7 +20,8 @@ BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 TITLES = {"icl": "Is each task in-context learning?", "agreement": "Agreement between tasks",
           "pruning heads": "Pruning heads", "pruning ffn": "Pruning FFNs",
           "overlap": "Induction heads vs important heads", "methods": "Importance methods",
-          "causal": "Causal check"}
+          "causal": "Causal check", "memorised": "In-context vs memorised answers",
+          "sparsity": "Weight sparsity", "circuit-reuse": "Circuit reuse"}
 
 
 def quoted(claims: pd.DataFrame) -> str:
@@ -33,8 +37,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", type=Path, default=Path("figures/report"))
     parser.add_argument("--doc", type=Path, default=Path("docs/concepts/report.md"))
+    parser.add_argument("--sections", type=lambda text: text.split(","), default=None,
+                        help="claim sections to quote (default: all)")
     args = parser.parse_args()
     claims = pd.read_csv(args.report / "tables" / "claims.csv")
+    if args.sections is not None:
+        unknown = sorted(set(args.sections) - set(claims.section))
+        if unknown:
+            raise SystemExit(f"sections {unknown} are not in {args.report}; it has "
+                             f"{sorted(set(claims.section))}")
+        claims = claims[claims.section.isin(args.sections)]
     page = args.doc.read_text(encoding="utf-8")
     if BEGIN not in page or END not in page:
         raise SystemExit(f"{args.doc} has no {BEGIN} ... {END} block to fill")

@@ -95,3 +95,146 @@ def test_agreement_claims_quote_the_median_interval():
     assert "2 of 3 pairs" in found[0].text and found[0].estimate == 2 / 3
     without = agreement_claims(pairs, ["x", "y"])
     assert "maps 0.85 (range" in without[0].text
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 23's sections
+# --------------------------------------------------------------------------------------------
+
+
+def test_attribution_claims_pick_the_extremes_and_follow_their_intervals():
+    from mechicl.report.claims import attribution_claims
+
+    heads = pd.DataFrame([
+        {"component": "head", "layer": 0, "head": 0, "dla_mean": 0.9, "dla_low": 0.5,
+         "dla_high": 1.3, "exact_mean": 0.8, "n": 16},
+        {"component": "head", "layer": 1, "head": 1, "dla_mean": -0.2, "dla_low": -0.6,
+         "dla_high": 0.1, "exact_mean": -0.1, "n": 16},
+        {"component": "head", "layer": 1, "head": 0, "dla_mean": 0.1, "dla_low": -0.1,
+         "dla_high": 0.3, "exact_mean": 0.1, "n": 16},
+        {"component": "ffn", "layer": 0, "head": -1, "dla_mean": -1.5, "dla_low": -2.0,
+         "dla_high": -1.0, "exact_mean": -1.4, "n": 16},
+    ])
+    agreement = pd.DataFrame([{"spearman": 0.8, "spearman_low": 0.6, "spearman_high": 0.9,
+                               "k": 2, "top_k_overlap": 1.0, "top_k_null_mean": 0.5,
+                               "top_k_p": 0.3}])
+    found = attribution_claims(heads, agreement)
+    assert [c.subject for c in found] == ["head toward in-context", "head toward memorised",
+                                          "FFN toward in-context", "FFN toward memorised",
+                                          "dla vs exact"]
+    assert "largest direct logit attribution" in found[0].text and "head 0.0" in found[0].text
+    assert found[0].significant and "smallest" in found[1].text
+    assert "+0.90 [+0.50, +1.30]" in found[0].text and "extreme of 3 heads" in found[0].text
+    assert "head 1.1" in found[1].text and not found[1].significant
+    assert "not significant" in found[1].text
+    # one FFN: it is both extremes; its interval excludes 0, toward the memorised answer
+    assert all("layer-0 FFN" in c.text and "favours the memorised answer" in c.text
+               for c in found[2:4])
+    assert not found[4].significant and "not significant" in found[4].text
+
+
+def test_scaling_claims_are_holm_corrected_over_the_extreme_factors():
+    from mechicl.report.claims import scaling_claims
+    from mechicl.stats import holm
+
+    rows = []
+    for factor in (0.0, 1.0, 5.0):
+        for condition, p in (("top_positive", 0.01), ("top_negative", 0.04), ("random", math.nan)):
+            rows.append({"factor": factor, "condition": condition, "share": 0.5, "low": 0.4,
+                         "high": 0.6, "random_mean": 0.45, "band_low": 0.4, "band_high": 0.5,
+                         "draws": 20, "vs_random": 0.05, "vs_random_low": 0.01,
+                         "vs_random_high": 0.09, "p": p * (1 + factor), "n": 50})
+    found = scaling_claims(pd.DataFrame(rows))
+    # factor 1 is the unchanged model and random rows are the null: four claims
+    assert [c.subject for c in found] == ["top_positive x0", "top_negative x0",
+                                          "top_positive x5", "top_negative x5"]
+    expected = holm([0.01, 0.04, 0.06, 0.24])
+    assert [c.p for c in found] == expected
+    assert [c.significant for c in found] == [p < 0.05 for p in expected]
+    assert found[0].text.startswith("Removing the outputs") and "Holm p = 0.040" in found[0].text
+    assert found[2].text.startswith("Scaling by 5") and "not significant" in found[3].text
+
+
+def test_determinant_claims_name_the_proxies_and_correct_over_determinants():
+    from mechicl.report.claims import determinant_claims
+
+    stats = pd.DataFrame([
+        {"determinant": "country_rank", "outcome": "in_context", "spearman": -0.3, "low": -0.5,
+         "high": -0.1, "p": 0.004, "n": 80, "proxy": True},
+        {"determinant": "country_rank", "outcome": "margin", "spearman": -0.3, "low": -0.5,
+         "high": -0.1, "p": 0.001, "n": 80, "proxy": True},
+        {"determinant": "closed_book_logprob", "outcome": "in_context", "spearman": 0.1,
+         "low": -0.1, "high": 0.3, "p": 0.03, "n": 80, "proxy": False},
+        {"determinant": "city_tokens", "outcome": "in_context", "spearman": math.nan,
+         "low": math.nan, "high": math.nan, "p": math.nan, "n": 80, "proxy": True},
+    ])
+    found = determinant_claims(stats)
+    assert [c.subject for c in found] == ["country_rank", "closed_book_logprob", "city_tokens"]
+    assert found[0].p == 0.008 and found[1].p == 0.03  # a test not made is not in the family
+    assert [c.significant for c in found] == [True, True, False]
+    assert "not tested, not significant" in found[2].text
+    assert "(a tokenizer proxy of frequency)" in found[0].text
+    assert "proxy" not in found[1].text
+
+
+def test_sparsity_claims_say_where_groups_fall_and_the_verdict():
+    from mechicl.report.claims import sparsity_claims
+
+    common = {"method": "magnitude", "unpruned_low": 0.6, "unpruned_high": 0.8, "chance": 0.0,
+              "above_chance": True, "tolerance": 0.05, "n": 50, "holds_to": 20.0,
+              "holds_low": 10.0, "holds_high": 30.0}
+    thresholds = pd.DataFrame([
+        {**common, "group": "recall", "unpruned": 0.7, "falls_at": 30.0, "falls_low": 20.0,
+         "falls_high": 40.0},
+        {**common, "group": "in_context", "unpruned": 0.7, "falls_at": 100.0,
+         "falls_low": 60.0, "falls_high": 100.0},
+    ])
+    comparison = pd.DataFrame([{"method": "magnitude", "difference": 70.0,
+                                "difference_low": -10.0, "difference_high": 80.0,
+                                "verdict": "inconclusive", "sentence": "magnitude: ..."}])
+    found = sparsity_claims(thresholds, comparison)
+    assert "falls at 30% [20%, 40%]" in found[0].text and found[0].significant
+    assert "falls nowhere within the grid (not significant)" in found[1].text
+    assert not found[1].significant
+    assert found[2].text == "magnitude: ... Not significant." and not found[2].significant
+    assert found[2].estimate == 70.0
+
+
+def test_reuse_claims_correct_over_statistics_and_skip_roles_held_on_one_task():
+    from mechicl.report.claims import reuse_claims
+    from mechicl.stats import holm
+
+    overlap = pd.DataFrame([
+        {"quantity": f"activation {s}", "effect": "activation", "statistic": s,
+         "k": 3 if s == "top_k" else None, "value": 0.6, "low": 0.3, "high": 0.9,
+         "plain-null expected": 0.1, "layer-null expected": 0.3, "layer-null p": p}
+        for s, p in (("top_k", 0.01), ("spearman", 0.02), ("within_layer_spearman", 0.5))])
+    roles = pd.DataFrame([
+        {"quantity": "shared name_mover", "role": "name_mover", "ioi count": 2,
+         "colored_objects count": 3, "value": 1.0, "low": 0.0, "high": 2.0, "heads": "3.1",
+         "layer-null expected": 0.2, "layer-null p": 0.04},
+        {"quantity": "shared induction", "role": "induction", "ioi count": 0,
+         "colored_objects count": 1, "value": 0.0, "low": 0.0, "high": 0.0, "heads": "",
+         "layer-null expected": 0.0, "layer-null p": 1.0},
+    ])
+    found = reuse_claims(overlap, roles, ("ioi", "colored_objects"))
+    assert [c.p for c in found[:3]] == holm([0.01, 0.02, 0.5])
+    assert [c.significant for c in found[:3]] == [True, True, False]
+    assert "top-3 overlap of |effect| 0.60 [0.30, 0.90]" in found[0].text
+    assert "not significant" in found[2].text
+    assert found[3].subject == "shared name_mover" and found[3].p == 0.04  # one role: no change
+    assert "(3.1)" in found[3].text and found[3].significant
+    assert found[4].subject == "roles not held on both" and "induction" in found[4].text
+
+
+def test_reuse_claims_flag_an_estimate_outside_its_bootstrap_interval():
+    from mechicl.report.claims import reuse_claims
+
+    overlap = pd.DataFrame([{"quantity": "direct top_k", "effect": "direct", "statistic": "top_k",
+                             "k": 27, "value": 0.70, "low": 0.48, "high": 0.67,
+                             "plain-null expected": 0.1, "layer-null expected": 0.43,
+                             "layer-null p": 0.001}])
+    roles = pd.DataFrame(columns=["role", "a count", "b count", "layer-null p"])
+    found = reuse_claims(overlap, roles, ("a", "b"))
+    assert "0.70 (bootstrap interval [0.48, 0.67] excludes it" in found[0].text
+    assert found[0].significant

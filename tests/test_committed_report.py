@@ -14,8 +14,11 @@ from mechicl.report.build import ReportConfig, render_report
 ROOT = Path(__file__).resolve().parent.parent
 # the second model's report (figures/report-gemma3-270m) and the cross-model comparison
 # (scripts/cross_model.py) join this list once they are committed (issue 21: not yet computed)
-REPORTS = [ROOT / "figures" / "report"]
+REPORTS = [ROOT / "figures" / "report", ROOT / "figures" / "report-in-weights"]
 DOC = ROOT / "docs" / "concepts" / "report.md"
+# concept pages quoting one section each of the second report (issue 23's sections)
+SECTION_DOCS = {"recall.md": "memorised", "sparsity.md": "sparsity",
+                "circuit-reuse.md": "circuit-reuse"}
 
 
 def stored_claims(folder: Path) -> pd.DataFrame:
@@ -25,14 +28,25 @@ def stored_claims(folder: Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+def quoted_claims(page: Path) -> list[str]:
+    text = page.read_text(encoding="utf-8")
+    block = text.split("<!-- claims:begin -->", 1)[1].split("<!-- claims:end -->", 1)[0]
+    return [line[2:] for line in block.splitlines() if line.startswith("- ")]
+
+
 def test_docs_quote_exactly_the_default_models_claims():
-    page = DOC.read_text(encoding="utf-8")
-    block = page.split("<!-- claims:begin -->", 1)[1].split("<!-- claims:end -->", 1)[0]
-    quoted = [line[2:] for line in block.splitlines() if line.startswith("- ")]
+    quoted = quoted_claims(DOC)
     assert quoted == stored_claims(REPORTS[0]).text.tolist()
     md = (REPORTS[0] / "report.md").read_text(encoding="utf-8")
     for text in quoted:
         assert text in md
+
+
+@pytest.mark.parametrize("page, section", SECTION_DOCS.items())
+def test_concept_pages_quote_exactly_their_sections_claims(page, section):
+    claims = stored_claims(REPORTS[1])
+    quoted = quoted_claims(DOC.parent / page)
+    assert quoted and quoted == claims[claims.section == section].text.tolist()
 
 
 @pytest.mark.parametrize("folder", REPORTS, ids=lambda p: p.name)

@@ -74,12 +74,15 @@ def test_validity_and_classes():
 
 
 def test_holm_correction_against_the_definition():
-    from mechicl.analyses import icl
+    from mechicl.stats import holm
 
     p = [0.01, 0.04, 0.03, 0.2]
     # Holm: sorted p_(i) * (m - i + 1), running maximum, capped at 1
     expected = {0: 0.04, 2: 0.09, 1: 0.09, 3: 0.2}
-    assert icl._holm(p) == pytest.approx([expected[i] for i in range(4)])
+    assert holm(p) == pytest.approx([expected[i] for i in range(4)])
+    # a test not made (NaN) is not counted in the family
+    assert holm([0.01, float("nan"), 0.03])[::2] == pytest.approx([0.02, 0.03])
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # 2 x 0.8 capped at 1; monotone
 
 
 def test_a_task_without_a_zero_shot_result_is_untested():

@@ -30,7 +30,7 @@ from mechicl.analyses.recall import (
     value_scaling,
 )
 from mechicl.inputs.pairs import PromptPairs
-from mechicl.inputs.tasks import Example, Prompt, Task, build_prompts
+from mechicl.inputs.tasks import Example, Prompt, Task, build_prompts, load_task
 from mechicl.results import ResultError
 from mechicl.stats import wilson_interval
 
@@ -450,6 +450,13 @@ def test_smollm2_capitals(smollm2):
     frozen = direct_effects(smollm2, comps, pairs.answer, pairs.wrong, kind="exact",
                             final_norm="frozen")
     torch.testing.assert_close(frozen.heads, result.dla, rtol=1e-4, atol=1e-4)
+    # the slow reference: hook_z @ W_O per head, mlp_out per FFN, through the frozen norm
+    for i in (0, 5):
+        heads, ffn, diff = ref_dla(smollm2, pairs.clean_tokens(i), pairs.answer[i],
+                                   pairs.wrong[i])
+        torch.testing.assert_close(result.dla[i].double(), heads, rtol=1e-3, atol=2e-4)
+        torch.testing.assert_close(result.ffn_dla[i].double(), ffn, rtol=1e-3, atol=2e-4)
+        assert float(result.total[i]) == pytest.approx(diff, abs=1e-3)
     # the model's own logit difference
     i = 0
     with torch.no_grad():
@@ -462,6 +469,15 @@ def test_smollm2_capitals(smollm2):
     assert (scaling.margin[0] == scaling.margin[0, :1]).all()  # factor 1: the unchanged model
     table = scaling.table()
     assert set(table.condition) == {"top_positive", "top_negative", "random"}
+    # the slow reference: each scaled set's hooks, one prompt and one choice at a time
+    task = load_task("counterfactual_capital")
+    by_id = {p.id: p for p in build_prompts(task, shots=0, seed=0)}
+    prompt = by_id[scaling.params["prompt_ids"][0]]
+    for c in (0, 1, 7):
+        ll = ref.ref_choice_logliks(smollm2, prompt,
+                                    scaled_hooks(smollm2, scaling.head_list(c), 5.0))
+        gold = prompt.gold  # the in-context answer
+        assert float(scaling.margin[1, c, 0]) == pytest.approx(ll[gold] - ll[1 - gold], abs=2e-3)
     det = answer_determinants(smollm2, "counterfactual_capital", n=8, n_resamples=100)
     assert det.params["frequency_proxy"].startswith("rank of the first token")
     assert "bpe-merges" in det.params["frequency_proxy"]

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from mechicl.analyses.evaluation import EvalResult
-from mechicl.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+from mechicl.stats import holm, mcnemar_exact, paired_bootstrap, wilson_interval
 
 __all__ = ["CLASSES", "icl_gain", "icl_validity", "task_classes"]
 
@@ -72,17 +72,6 @@ def icl_gain(zero: EvalResult, k_shot: EvalResult, *, n_resamples: int = 2000, s
             "n_paired": len(common)}
 
 
-def _holm(p: list[float]) -> list[float]:
-    """Holm-adjusted p-values (step-down, monotone)."""
-    order = np.argsort(p)
-    out = np.empty(len(p))
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p) - rank) * p[i]))
-        out[i] = running
-    return out.tolist()
-
-
 def icl_validity(results: Mapping[tuple[str, int], EvalResult], *, alpha: float = 0.05,
                  n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Per (task, shots): accuracy, Wilson interval, chance, above / below chance, and (for
@@ -112,7 +101,7 @@ def icl_validity(results: Mapping[tuple[str, int], EvalResult], *, alpha: float 
             rows[-1].pop("n_paired")
     table = pd.DataFrame(rows)
     for _, g in table[table.mcnemar_p.notna()].groupby("task"):
-        table.loc[g.index, "holm_p"] = _holm(g.mcnemar_p.tolist())
+        table.loc[g.index, "holm_p"] = holm(g.mcnemar_p.tolist())
     table["gain_significant"] = (table.holm_p < alpha) & table.holm_p.notna()
     return table.sort_values(["task", "shots"], kind="stable").reset_index(drop=True)
 

@@ -935,8 +935,9 @@ class AnswerDeterminants:
                                  error_y={"type": "data", "symmetric": False,
                                           "array": (rows.high - rate).to_numpy(float),
                                           "arrayminus": (rate - rows.low).to_numpy(float)}))
-        fig.update_layout(barmode="group", title=title or "in-context rate by determinant "
-                          "(ranks and token counts: tokenizer proxies of frequency)",
+        fig.update_layout(barmode="group", title=title or "in-context rate by tercile of each "
+                          "determinant<br><sup>ranks and token counts: tokenizer proxies of "
+                          "frequency</sup>",
                           yaxis_title="share of in-context answers", yaxis_range=[0, 1.05],
                           width=720, height=440)
         return fig

@@ -279,7 +279,7 @@ class SparsityCurves:
                 verdict = "inconclusive"
             d = falls["in_context"] - falls["recall"]
             sentence = (
-                f"{method}: recall falls at {_pct(falls['recall'])}, in-context processing at "
+                f"{method}: recall falls {_pct(falls['recall'])}, in-context processing "
                 f"{_pct(falls['in_context'])} (first sparsity whose accuracy drop exceeds "
                 f"{tol:.0%} at p < {alpha}); difference {d:+.0f} points, 95% bootstrap "
                 f"[{lo:+.0f}, {hi:+.0f}]: Jin et al.'s pattern (recall falls first) is "
@@ -312,7 +312,7 @@ class SparsityCurves:
 
 
 def _pct(value: float) -> str:
-    return "beyond the grid" if value >= _NEVER else f"{value:.0f}%"
+    return "beyond the grid" if value >= _NEVER else f"at {value:.0f}%"
 
 
 def _falls_at(shares: np.ndarray, correct: np.ndarray, unpruned: np.ndarray, tolerance: float,
@@ -483,11 +483,12 @@ def sparsity_figure(curves: SparsityCurves) -> Any:
                                                          "width": 1},
                                      name=f"{name}: chance", legendgroup=group,
                                      showlegend=col == 1), row=1, col=col)
-        fig.update_xaxes(title_text="sparsity (% of each row's weights)", row=1, col=col)
+        fig.update_xaxes(title_text="sparsity (%)", range=[-3, 93], row=1, col=col)
     fig.update_yaxes(title_text="accuracy (95% Wilson band)", range=[0, 1], row=1, col=1)
     name = curves.model.get("name", "model")
     fig.update_layout(title=f"{name}: accuracy vs weight sparsity (n = "
-                            f"{curves.params.get('n')} prompts per task)",
+                            f"{curves.params.get('n')} prompts per task)<br><sup>sparsity: share "
+                            "of each output row's weights removed</sup>",
                       template="plotly_white")
     return fig
 

@@ -109,6 +109,7 @@ from mechicl.report.claims import (
     pruning_claims,
 )
 from mechicl.report.render import Document
+from mechicl.report.sections import SECTIONS, render_sections, section_jobs
 from mechicl.results import HeadScores, LayerScores, read_result, result_type, write_result
 from mechicl.stats import bootstrap_weights
 
@@ -121,6 +122,9 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 REPORT_OPTIONS: tuple[Option, ...] = (
+    Option(name="sections", type=list, item=str, default=["paper"], choices=SECTIONS,
+           help="what the report shows: paper (Bansal et al.'s report), in-context-vs-memorised, "
+                "sparsity, circuit-reuse (mechicl.report.sections)"),
     Option(name="tasks", type=list, item=str, default=None, nullable=True,
            choices=lambda: list(TASKS), registry="task",
            help="tasks for importance, accuracy and overlap (default: the shipped tasks, BUILTIN_TASKS)"),
@@ -200,6 +204,10 @@ class ReportConfig:
     of the default model.
 
     Attributes:
+        sections: what the report shows (:data:`~mechicl.report.sections.SECTIONS`):
+            ``paper`` (Bansal et al.'s report, the default; every option below is its) and
+            the sections of :mod:`mechicl.report.sections`, each computed at its analyses'
+            registered defaults.
         tasks: tasks for importance, accuracy and overlap (default: the shipped tasks, :data:`~mechicl.inputs.tasks.BUILTIN_TASKS`).
         shots: shot counts (default 0, 1, 5 as the paper).
         n: prompts per task and shot count for the importance maps.
@@ -237,6 +245,7 @@ class ReportConfig:
         seed: seeds prompts, scans, random rankings, permutations and resamples.
     """
 
+    sections: tuple[str, ...] = _default("sections")
     tasks: tuple[str, ...] = BUILTIN_TASKS
     shots: tuple[int, ...] = _default("shots")
     n: int = _default("n")
@@ -308,7 +317,7 @@ class ReportConfig:
                    seed=job.seed)
 
 
-_ADDED_LATER: dict[str, Any] = {"compare_methods": (), "causal_ks": ()}
+_ADDED_LATER: dict[str, Any] = {"compare_methods": (), "causal_ks": (), "sections": ("paper",)}
 """Options a stored report may lack, with the value that reproduces it (mechicl 0.3 added
 them)."""
 
@@ -319,9 +328,16 @@ them)."""
 
 def report_jobs(config: ReportConfig, model: str) -> dict[str, Job]:
     """Every result the report shows, as jobs of their analyses, by the name of its folder
-    under ``results/``: the scan (every score), accuracy on the ``eval_n`` prompts after the
-    ``n`` importance prompts, head importance, FFN knock-out importance, and the head and FFN
-    pruning curves of the prune tasks (whose rankings are the importance jobs and the scan)."""
+    under ``results/``: for the ``paper`` section the scan (every score), accuracy on the
+    ``eval_n`` prompts after the ``n`` importance prompts, head importance, FFN knock-out
+    importance, the head and FFN pruning curves of the prune tasks (whose rankings are the
+    importance jobs and the scan) and the causal check; then the other sections' jobs
+    (:func:`~mechicl.report.sections.section_jobs`)."""
+    jobs = _paper_jobs(config, model) if "paper" in config.sections else {}
+    return {**jobs, **section_jobs(config.sections, model, config.seed)}
+
+
+def _paper_jobs(config: ReportConfig, model: str) -> dict[str, Job]:
     seed, batch = config.seed, config.batch_tokens
     jobs = {"scan": SCAN.job(model, {"n_seeds": config.scan_seeds, "length": config.scan_length,
                                      "batch_tokens": batch}, seed=seed)}
@@ -530,9 +546,51 @@ def render_report(config: ReportConfig, results: Mapping[str, Any],
                   sources: Mapping[str, Mapping[str, Any]] | None = None) -> Report:
     """The report of ``results`` (:func:`report_jobs`'s names -> loaded results): every table
     and figure, and the document. Overlap statistics are computed here (they are cheap)."""
-    scan = results["scan"]
-    scans = {s: scan.scores[s] for s in config.scores}
-    view = _ModelView(_provenance(scan.model, results.values()))
+    first = results["scan"] if "scan" in results else next(
+        r for r in results.values() if "shape" in (getattr(r, "model", None) or {}))
+    view = _ModelView(_provenance(first.model, results.values()))
+    doc, claims = Document(), []
+    paper = "paper" in config.sections
+    doc.text(_model_text(view) + (_paper_text(config) if paper else " Sections: " + ", ".join(
+        config.sections) + " (seed " + str(config.seed) + ").") + " Heatmaps put layer 0 at "
+        "the bottom" + ("; white lines separate the KV groups." if view.group_size > 1 else "."))
+    if paper:
+        _paper(doc, claims, view, config, results)
+    render_sections(doc, claims, config.sections, results, kv_group_size=view.group_size)
+    doc.tables["claims"] = claims_table(claims)
+    doc.text(f"Every finding stated above is one row of `tables/claims.csv` ({len(claims)} "
+             "claims), with the statistic, interval and p-value it was computed from; "
+             "significance level 0.05 throughout.")
+    return Report(config=config, tables=doc.tables, figures=doc.figures,
+                  results=dict(results), sources={k: dict(v) for k, v in (sources or {}).items()},
+                  model=view.info, document=doc)
+
+
+def _model_text(model: "_ModelView") -> str:
+    """The report's first sentences: the model, its weights (quantised: said in bold)."""
+    n_total = model.n_layers * model.n_heads
+    info = model.info
+    weights = weights_description(info)
+    if (info.get("weights") or {}).get("quantised"):
+        weights = f"**{weights}: every number in this report is of the quantised model**"
+    return (f"Model `{model.name}` ({model.n_layers} layers x {model.n_heads} query heads"
+            + (f", {model.n_kv_heads} KV heads" if model.n_kv_heads != model.n_heads else "")
+            + f" = {n_total} heads; weights sha256 `{str(info['weights_sha256'])[:12]}`). "
+            f"Weights: {weights}.")
+
+
+def _paper_text(config: "ReportConfig") -> str:
+    return (f" Tasks: {', '.join(config.tasks)}; shots {', '.join(map(str, config.shots))}. "
+            f"Importance method `{config.method}` on {config.n} prompts per task and shot "
+            f"count; accuracy and pruning curves on the next {config.eval_n} prompts of the "
+            f"same seeded list (disjoint from the importance prompts). Induction scans: "
+            f"{config.scan_seeds} random sequences per score.")
+
+
+def _paper(doc: Document, claims: list[Claim], view: "_ModelView", config: "ReportConfig",
+           results: Mapping[str, Any]) -> None:
+    """Bansal et al.'s report: the ``paper`` section's results into ``doc`` and ``claims``."""
+    scans = {s: results["scan"].scores[s] for s in config.scores}
     accuracy = {(t, s): results[f"accuracy/{t}-{s}shot"] for t in config.tasks
                 for s in config.shots}
     importance = {(t, s): results[f"importance/{t}-{s}shot-{config.method}"]
@@ -554,11 +612,8 @@ def render_report(config: ReportConfig, results: Mapping[str, Any],
     k = top_k(view.n_layers * view.n_heads, percentile=config.top_k_percent)
     overlap = overlap_table(importance, scans, k=k, n_permutations=config.n_permutations,
                             n_resamples=config.n_resamples, seed=config.seed)
-    document = _document(view, config, scans, accuracy, importance, ffn, head_curves,
-                         ffn_curves, overlap, k, methods, causal)
-    return Report(config=config, tables=document.tables, figures=document.figures,
-                  results=dict(results), sources={k: dict(v) for k, v in (sources or {}).items()},
-                  model=view.info, document=document)
+    _paper_sections(doc, claims, view, config, scans, accuracy, importance, ffn, head_curves,
+                    ffn_curves, overlap, k, methods, causal)
 
 
 def _write_pages(out: Path, doc: Document, config: ReportConfig, model: Mapping[str, Any],
@@ -591,33 +646,17 @@ def _write_pages(out: Path, doc: Document, config: ReportConfig, model: Mapping[
 
 
 
-def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, HeadScores],
-              accuracy: dict[tuple[str, int], EvalResult],
-              importance: dict[tuple[str, int], HeadScores],
-              ffn: dict[tuple[str, int], LayerScores],
-              head_curves: dict[tuple[str, int], PruneCurve],
-              ffn_curves: dict[tuple[str, int], PruneCurve], overlap: pd.DataFrame,
-              k: int, methods: dict[tuple[str, int], dict[str, HeadScores]],
-              causal: dict[str, InductionAblation]) -> Document:
-    doc = Document()
-    claims: list[Claim] = []
+def _paper_sections(doc: Document, claims: list[Claim], model: "_ModelView",
+                    config: "ReportConfig", scans: dict[str, HeadScores],
+                    accuracy: dict[tuple[str, int], EvalResult],
+                    importance: dict[tuple[str, int], HeadScores],
+                    ffn: dict[tuple[str, int], LayerScores],
+                    head_curves: dict[tuple[str, int], PruneCurve],
+                    ffn_curves: dict[tuple[str, int], PruneCurve], overlap: pd.DataFrame,
+                    k: int, methods: dict[tuple[str, int], dict[str, HeadScores]],
+                    causal: dict[str, InductionAblation]) -> None:
     group = model.group_size
     n_total = model.n_layers * model.n_heads
-    info = model.info
-    weights = weights_description(info)
-    if (info.get("weights") or {}).get("quantised"):
-        weights = f"**{weights}: every number in this report is of the quantised model**"
-    doc.text(
-        f"Model `{model.name}` ({model.n_layers} layers x {model.n_heads} query heads"
-        + (f", {model.n_kv_heads} KV heads" if model.n_kv_heads != model.n_heads else "")
-        + f" = {n_total} heads; weights sha256 `{str(info['weights_sha256'])[:12]}`). "
-        f"Weights: {weights}. "
-        f"Tasks: {', '.join(config.tasks)}; shots {', '.join(map(str, config.shots))}. "
-        f"Importance method `{config.method}` on {config.n} prompts per task and shot count; "
-        f"accuracy and pruning curves on the next {config.eval_n} prompts of the same seeded "
-        f"list (disjoint from the importance prompts). Induction scans: {config.scan_seeds} "
-        f"random sequences per score. Heatmaps put layer 0 at the bottom"
-        + ("; white lines separate the KV groups." if group > 1 else "."))
 
     # 1. accuracy
     doc.heading(2, "ICL accuracy")
@@ -812,11 +851,6 @@ def _document(model: "_ModelView", config: "ReportConfig", scans: dict[str, Head
     if causal:
         _causal_section(doc, claims, causal, config, dict(cls))
     _widths_section(doc, config)
-    doc.tables["claims"] = claims_table(claims)
-    doc.text(f"Every finding stated above is one row of `tables/claims.csv` ({len(claims)} "
-             "claims), with the statistic, interval and p-value it was computed from; "
-             "significance level 0.05 throughout.")
-    return doc
 
 
 def _resampled_importance(importance: dict[tuple[str, int], HeadScores],
@@ -1112,7 +1146,8 @@ REPORT = register_analysis(Analysis(
     # 1: issue 21's rendering (claims, methods side by side, causal check, interval widths)
     # 2: the methods' agreement with its paired bootstrap interval over prompts
     # 3: bootstrap intervals of the cross-task agreement (per pair and of the median)
-    code_version=3,
+    # 4: sections beyond the paper (mechicl.report.sections), their claims and figures
+    code_version=4,
 ))
 
 
@@ -1167,7 +1202,8 @@ def build_report(
     for folder in map(Path, reuse):
         if not folder.is_dir():
             raise ValueError(f"reuse folder {folder} does not exist")
-    for task in config.tasks:  # every task has prompts left for evaluation: check before work
+    paper = config.tasks if "paper" in config.sections else ()
+    for task in paper:  # every task has prompts left for evaluation: check before work
         for shots in config.shots:
             split_prompts(task, shots=shots, n_rank=config.n, n_eval=config.eval_n,
                           seed=config.seed)

@@ -15,8 +15,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["ALPHA", "Claim", "agreement_claims", "causal_claims", "causal_verdict",
-           "claims_table", "icl_claims", "method_claims", "overlap_claims", "pruning_claims"]
+from mechicl.stats import holm
+
+__all__ = ["ALPHA", "Claim", "agreement_claims", "attribution_claims", "causal_claims",
+           "causal_verdict", "claims_table", "determinant_claims", "icl_claims", "method_claims",
+           "overlap_claims", "pruning_claims", "reuse_claims", "scaling_claims",
+           "sparsity_claims"]
 
 ALPHA = 0.05
 """The significance level of every claim."""
@@ -333,4 +337,216 @@ def causal_claims(table: pd.DataFrame, classes: dict[str, str]) -> list[Claim]:
                          low=float(r.diff_low), high=float(r.diff_high), p=float(r.p),
                          significant=sig, method="paired percentile bootstrap over "
                          + ("sequences" if loss else "prompts")))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 23's sections: in-context vs memorised answers, weight sparsity, circuit reuse
+# --------------------------------------------------------------------------------------------
+
+
+def _heads(text: str) -> str:
+    return text.replace("_", " ")
+
+
+def attribution_claims(heads: pd.DataFrame, agreement: pd.DataFrame) -> list[Claim]:
+    """In-context vs memorised answers, attributed to components (``heads``:
+    :meth:`~mechicl.analyses.recall.AnswerAttribution.table`; ``agreement``: one row of its
+    :meth:`~mechicl.analyses.recall.AnswerAttribution.agreement`).
+
+    For each direction, the head whose mean direct logit attribution (DLA) most favours the
+    in-context answer (and the memorised one), and the FFN likewise, with the percentile
+    bootstrap interval over prompt pairs; significant when the interval excludes 0. The
+    interval is per component and does not correct for choosing the extreme of all
+    components (stated in the sentence). Then the agreement of DLA with the exact direct
+    effect: Spearman with its paired interval, top-k overlap against the layer-preserving null.
+    """
+    out = []
+    for component, rows in (("head", heads[heads.component == "head"]),
+                            ("FFN", heads[heads.component == "ffn"])):
+        if rows.empty:
+            continue
+        for sign, pick in (("in-context", rows.dla_mean.idxmax()),
+                           ("memorised", rows.dla_mean.idxmin())):
+            r = rows.loc[pick]
+            name = (f"head {int(r['layer'])}.{int(r['head'])}" if component == "head"
+                    else f"the layer-{int(r['layer'])} FFN")
+            low, high = float(r.dla_low), float(r.dla_high)
+            sig = bool(low > 0 or high < 0)
+            toward = "in-context" if r.dla_mean > 0 else "memorised"
+            extreme = "largest" if sign == "in-context" else "smallest"
+            text = (f"The {component} with the {extreme} direct logit attribution to "
+                    f"logit(in-context) - logit(memorised) is {name}: {r.dla_mean:+.2f} "
+                    f"[{low:+.2f}, {high:+.2f}] (exact direct effect {r.exact_mean:+.2f}), "
+                    f"n = {int(r.n)} pairs; "
+                    + (f"it favours the {toward} answer" if sig else "not significant")
+                    + f" (a per-component interval: not corrected for choosing the extreme of "
+                    f"{len(rows)} {component}s).")
+            out.append(Claim(section="memorised", subject=f"{component} toward {sign}", text=text,
+                             statistic="direct logit attribution", estimate=float(r.dla_mean),
+                             low=low, high=high, significant=sig,
+                             method="percentile bootstrap over prompt pairs, 95%"))
+    for _, r in agreement.iterrows():
+        p = float(r.top_k_p)
+        sig = bool(p < ALPHA)
+        text = (f"DLA (final norm frozen) and the exact direct effect (norm recomputed) rank the "
+                f"heads alike: Spearman {r.spearman:.2f} [{r.spearman_low:.2f}, "
+                f"{r.spearman_high:.2f}]; their top {int(r.k)} heads share {r.top_k_overlap:.2f} "
+                f"against {r.top_k_null_mean:.2f} expected from layer structure alone ({_p(p)}"
+                + ("" if sig else ", not significant") + ").")
+        out.append(Claim(section="memorised", subject="dla vs exact", text=text,
+                         statistic="spearman (top-k layer-null p)", estimate=float(r.spearman),
+                         low=float(r.spearman_low), high=float(r.spearman_high), p=p,
+                         significant=sig, method="paired percentile bootstrap over pairs; "
+                                                 "permutation within layers, one-sided"))
+    return out
+
+
+def scaling_claims(table: pd.DataFrame) -> list[Claim]:
+    """Value scaling (``table``: :meth:`~mechicl.analyses.recall.ValueScaling.table`): for each
+    head set (the top heads favouring the in-context answer, and the memorised one) at the
+    smallest and the largest factor other than 1, the share of in-context answers against
+    random head sets of the same size: the paired difference to the random sets' mean with
+    its bootstrap interval and p-value, Holm-corrected over these claims."""
+    factors = sorted(f for f in table.factor.unique() if f != 1.0)
+    picks = list(dict.fromkeys([factors[0], factors[-1]])) if factors else []
+    rows = table[table.condition.isin(["top_positive", "top_negative"])
+                 & table.factor.isin(picks)].reset_index(drop=True)
+    adjusted = holm(rows.p.astype(float).tolist())
+    toward = {"top_positive": "in-context", "top_negative": "memorised"}
+    out = []
+    for r, p in zip(rows.itertuples(index=False), adjusted, strict=True):
+        sig = bool(p < ALPHA)
+        verb = "removing" if r.factor == 0 else f"scaling by {r.factor:g}"
+        text = (f"{verb.capitalize()} the outputs of the heads that most favour the "
+                f"{toward[r.condition]} answer: in-context share {r.share:.2f} [{r.low:.2f}, "
+                f"{r.high:.2f}] against {r.random_mean:.2f} with random heads of the same count "
+                f"(5-95% of {int(r.draws)} draws {r.band_low:.2f} to {r.band_high:.2f}); "
+                f"paired difference {r.vs_random:+.2f} [{r.vs_random_low:+.2f}, "
+                f"{r.vs_random_high:+.2f}], Holm {_p(p)}, n = {int(r.n)}"
+                + ("" if sig else ": not significant") + ".")
+        out.append(Claim(section="memorised", subject=f"{r.condition} x{r.factor:g}", text=text,
+                         statistic="in-context share minus random heads",
+                         estimate=float(r.vs_random), low=float(r.vs_random_low),
+                         high=float(r.vs_random_high), p=float(p), significant=sig,
+                         method="paired percentile bootstrap over prompts; Holm over the "
+                                f"{len(rows)} claims"))
+    return out
+
+
+def determinant_claims(statistics: pd.DataFrame) -> list[Claim]:
+    """What the in-context rate depends on (``statistics``:
+    :meth:`~mechicl.analyses.recall.AnswerDeterminants.statistics`): per determinant, Spearman
+    between it and the 0/1 in-context outcome with its bootstrap interval and permutation
+    p-value, Holm-corrected over the determinants; proxies are named as such."""
+    rows = statistics[statistics.outcome == "in_context"].reset_index(drop=True)
+    adjusted = holm(rows.p.astype(float).tolist())
+    out = []
+    for r, p in zip(rows.itertuples(index=False), adjusted, strict=True):
+        sig = bool(p < ALPHA)
+        what = _heads(r.determinant) + (" (a tokenizer proxy of frequency)" if r.proxy else "")
+        if math.isnan(r.spearman):
+            text = (f"In-context rate vs {what}: not tested, not significant (the determinant or "
+                    f"the outcome is constant over the n = {int(r.n)} examples).")
+        else:
+            text = (f"In-context rate vs {what}: Spearman {r.spearman:+.2f} [{r.low:+.2f}, "
+                    f"{r.high:+.2f}] (interval not corrected), Holm-corrected permutation "
+                    f"{_p(p)}, n = {int(r.n)}"
+                    + ("" if sig else ": not significant") + ".")
+        out.append(Claim(section="memorised", subject=str(r.determinant), text=text,
+                         statistic="spearman with the in-context outcome",
+                         estimate=float(r.spearman), low=float(r.low), high=float(r.high),
+                         p=float(p), significant=sig,
+                         method="percentile bootstrap over examples; permutation, Holm"))
+    return out
+
+
+def _sparsity(value: float) -> str:
+    return "beyond the grid" if value >= 100 else f"{value:.0f}%"
+
+
+def sparsity_claims(thresholds: pd.DataFrame, comparison: pd.DataFrame) -> list[Claim]:
+    """Weight sparsity (``thresholds`` and ``comparison``:
+    :meth:`~mechicl.analyses.sparsity.SparsityCurves.thresholds` and ``.comparison``): per
+    method and task group, where accuracy falls; per method, Jin et al.'s comparison (recall
+    falls before in-context processing) with its verdict."""
+    out = []
+    for r in thresholds.itertuples(index=False):
+        grid_end = bool(r.falls_at >= 100)
+        sig = not grid_end
+        chance = "" if r.above_chance else " (not above chance unpruned: uninformative)"
+        group = {"in_context": "in-context"}.get(r.group, _heads(r.group))
+        text = (f"{r.method} pruning, {group} tasks: accuracy {r.unpruned:.2f} "
+                f"[{r.unpruned_low:.2f}, {r.unpruned_high:.2f}] unpruned{chance}; holds (drop "
+                f"below {r.tolerance:.0%}) to {_sparsity(r.holds_to)} sparsity "
+                f"[{_sparsity(r.holds_low)}, {_sparsity(r.holds_high)}]; "
+                + ("falls nowhere within the grid (not significant)" if grid_end else
+                   f"falls at {_sparsity(r.falls_at)} [{_sparsity(r.falls_low)}, "
+                   f"{_sparsity(r.falls_high)}]")
+                + f", n = {int(r.n)} prompts.")
+        out.append(Claim(section="sparsity", subject=f"{r.method} {r.group}", text=text,
+                         statistic="falls at (% sparsity)", estimate=float(r.falls_at),
+                         low=float(r.falls_low), high=float(r.falls_high), significant=sig,
+                         method="one-sided paired bootstrap over prompts per sparsity; "
+                                "percentile bootstrap of the threshold"))
+    for r in comparison.itertuples(index=False):
+        sig = r.verdict in ("supported", "contradicted")
+        text = str(r.sentence) + ("" if sig else " Not significant.")
+        out.append(Claim(section="sparsity", subject=f"{r.method} recall vs in-context",
+                         text=text, statistic="falls at: in-context minus recall (points)",
+                         estimate=float(r.difference), low=float(r.difference_low),
+                         high=float(r.difference_high), significant=sig,
+                         method="percentile bootstrap, groups resampled independently"))
+    return out
+
+
+def reuse_claims(overlap: pd.DataFrame, roles: pd.DataFrame, tasks: Sequence[str]) -> list[Claim]:
+    """Circuit reuse (``overlap`` and ``roles``: :class:`~mechicl.analyses.circuit_reuse.
+    CircuitReuse`'s tables): how far the two tasks' head-effect maps agree, against random
+    heads and against the layer-preserving null (Holm over the statistics), and which roles
+    the same heads hold in both (Holm over the roles held on both tasks)."""
+    a, b = (_heads(t) for t in tasks)
+    out = []
+    adjusted = holm(overlap["layer-null p"].astype(float).tolist())
+    for r, p in zip(overlap.to_dict("records"), adjusted, strict=True):
+        sig = bool(p < ALPHA)
+        stat = (f"top-{int(r['k'])} overlap of |effect|" if r["statistic"] == "top_k" else
+                {"spearman": "Spearman",
+                 "within_layer_spearman": "within-layer Spearman"}[r["statistic"]])
+        interval = f"[{r['low']:.2f}, {r['high']:.2f}]"
+        if not r["low"] <= r["value"] <= r["high"]:
+            # resampled pairs (drawn with repeats: fewer distinct ones) give noisier maps
+            interval = (f"(bootstrap interval {interval} excludes it: the statistic depends on "
+                        "the number of pairs, a biased estimate)")
+        text = (f"{r['effect']} effects, {a} vs {b}: {stat} {r['value']:.2f} {interval}; "
+                f"{r['plain-null expected']:.2f} expected for random heads, "
+                f"{r['layer-null expected']:.2f} from layer structure alone (Holm {_p(p)}"
+                + ("" if sig else ", not significant") + ").")
+        out.append(Claim(section="circuit-reuse", subject=str(r["quantity"]), text=text,
+                         statistic=stat, estimate=float(r["value"]), low=float(r["low"]),
+                         high=float(r["high"]), p=float(p), significant=sig,
+                         method="percentile bootstrap over pairs; permutation within layers, "
+                                "one-sided, Holm"))
+    held = roles[(roles[f"{tasks[0]} count"] > 0) & (roles[f"{tasks[1]} count"] > 0)]
+    adjusted = holm(held["layer-null p"].astype(float).tolist())
+    for r, p in zip(held.to_dict("records"), adjusted, strict=True):
+        sig = bool(p < ALPHA)
+        heads = f" ({r['heads']})" if r["heads"] else ""
+        text = (f"{_heads(r['role'])} heads: {r[f'{tasks[0]} count']} on {a}, "
+                f"{r[f'{tasks[1]} count']} on {b}, {r['value']:.0f} on both{heads}; "
+                f"{r['layer-null expected']:.2f} shared expected from layer structure alone "
+                f"(Holm {_p(p)}" + ("" if sig else ", not significant") + ").")
+        out.append(Claim(section="circuit-reuse", subject=f"shared {r['role']}", text=text,
+                         statistic="heads holding the role on both tasks",
+                         estimate=float(r["value"]), low=float(r["low"]), high=float(r["high"]),
+                         p=float(p), significant=sig,
+                         method="percentile bootstrap over pairs; permutation within layers, "
+                                "one-sided, Holm"))
+    absent = [_heads(r) for r in roles.role[~roles.index.isin(held.index)]]
+    if absent:
+        out.append(Claim(section="circuit-reuse", subject="roles not held on both",
+                         text=f"No head holds the {', '.join(absent)} role on both tasks "
+                              "(a role is only compared when both tasks have it).",
+                         statistic="roles held on one task or none",
+                         estimate=float(len(absent)), method="role thresholds"))
     return out
