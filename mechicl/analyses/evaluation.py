@@ -357,39 +357,42 @@ def _score_rest(model: HookedModel, prompts: Sequence[tuple[Sequence[int], Seque
                 masks: Sequence[Mask], cache: Any, out: Tensor, *, grow: bool, ctx_attn: Tensor,
                 lengths: Tensor) -> None:
     """Add the log-probabilities of the continuations' tokens after the first (``out[row, p,
-    choice]``), running them against the context's cache, which is repeated per choice."""
+    choice]``), running them against the context's cache, which is repeated per continuation.
+    Only continuations of two or more tokens take part (a one-token continuation is scored by
+    the context pass alone)."""
     n_p, n_rows = len(prompts), 1 + len(masks)
     n_ch = max(len(conts) for _, conts in prompts)
-    # Rows of the choice pass: (row, prompt, choice). A layer's cache holds the rows present
-    # there in the context pass (a growing batch); the others equal row 0.
+    need = [(p, c) for p, (_, conts) in enumerate(prompts) for c, ids in enumerate(conts)
+            if len(ids) > 1]  # the pass's rows per mask: (prompt, choice)
+    of_prompt = torch.tensor([p for p, _ in need])
+    # Rows of the pass: (row, need). A layer's cache holds the rows present there in the
+    # context pass (a growing batch); the others equal row 0.
     for layer in cache.layers:
         have = int(layer.keys.shape[0]) // n_p
-        idx = torch.cat([torch.arange(have * n_p), torch.arange(n_p).repeat(n_rows - have)])
-        layer.batch_select_indices(idx.repeat_interleave(n_ch).to(layer.keys.device))
-    rest, _ = pad_right([list(conts[c][:-1]) if c < len(conts) else []
-                         for _, conts in prompts for c in range(n_ch)], model.pad_token_id)
-    tokens = repeat(rest, "pc pos -> (row pc) pos", row=n_rows)
+        base = torch.cat([torch.arange(have * n_p), torch.arange(n_p).repeat(n_rows - have)])
+        idx = rearrange(base, "(row p) -> row p", row=n_rows)[:, of_prompt].flatten()
+        layer.batch_select_indices(idx.to(layer.keys.device))
+    rest, _ = pad_right([list(prompts[p][1][c][:-1]) for p, c in need], model.pad_token_id)
+    tokens = repeat(rest, "k pos -> (row k) pos", row=n_rows)
     kwargs: dict[str, Any] = {}
     if not grow:  # the contexts' left padding stays masked; positions continue each context
-        attn = torch.cat([repeat(ctx_attn, "p pos -> (row p choice) pos", row=n_rows, choice=n_ch),
+        attn = torch.cat([repeat(ctx_attn[of_prompt], "k pos -> (row k) pos", row=n_rows),
                           torch.ones(tokens.shape, dtype=torch.long)], dim=1)
-        pos = repeat(lengths, "p -> (row p choice) 1", row=n_rows, choice=n_ch)
+        pos = repeat(lengths[of_prompt], "k -> (row k) 1", row=n_rows)
         kwargs = {"attention_mask": attn.to(model.device),
                   "position_ids": (pos + torch.arange(tokens.shape[1])).to(model.device)}
-    hooks = (stack_hooks(model, [Mask.keep_all(model), *masks], rows_per_mask=n_p * n_ch)
+    hooks = (stack_hooks(model, [Mask.keep_all(model), *masks], rows_per_mask=len(need))
              if masks else [])
     logits = model.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks, return_type="logits",
-                                  past_key_values=cache, **kwargs)  # [(row p choice), pos, vocab]
-    targets = [(p * n_ch + c, t - 1, tok) for p, (_, conts) in enumerate(prompts)
-               for c, ids in enumerate(conts) for t, tok in enumerate(ids) if t > 0]
-    if not targets:
-        return
-    idx = torch.tensor(targets, dtype=torch.long)  # [target, 3]: (p choice), position, token
-    picked = rearrange(logits, "(row pc) pos vocab -> row pc pos vocab",
+                                  past_key_values=cache, **kwargs)  # [(row k), pos, vocab]
+    targets = [(k, t - 1, tok, p * n_ch + c) for k, (p, c) in enumerate(need)
+               for t, tok in enumerate(prompts[p][1][c]) if t > 0]
+    idx = torch.tensor(targets, dtype=torch.long)  # [target, 4]: k, position, token, (p choice)
+    picked = rearrange(logits, "(row k) pos vocab -> row k pos vocab",
                        row=n_rows)[:, idx[:, 0], idx[:, 1]].double()  # [row, target, vocab]
     tok = repeat(idx[:, 2], "target -> row target 1", row=n_rows).to(picked.device)
     lp = (picked.gather(-1, tok)[..., 0] - torch.logsumexp(picked, -1)).cpu()  # [row, target]
-    out.view(n_rows, n_p * n_ch).index_add_(1, idx[:, 0], lp)  # out: [row, p, choice]
+    out.view(n_rows, n_p * n_ch).index_add_(1, idx[:, 3], lp)  # out: [row, p, choice]
 
 
 _SHARED_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
