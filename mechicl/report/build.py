@@ -14,6 +14,10 @@ renders the report and writes, into one folder::
     tables/<table>.csv          every table (and .parquet)
     results/<kind>/<name>/      every result it shows, with results/index.json (their keys)
 
+``sections`` chooses what the report shows: ``paper`` (all of the above, the default) and the
+sections beyond the paper of :mod:`mechicl.report.sections` (in-context vs memorised answers,
+weight sparsity, circuit reuse), in one report or alone.
+
 Prompt split per task and shot count (one seeded list of k-shot prompts): the first ``n`` give
 the importance maps (and so the pruning rankings); the next ``eval_n`` give the accuracies and
 the pruning curves, so rankings are never evaluated on their own prompts.
