@@ -58,21 +58,25 @@ the context against the memorised one."""
 
 _TOP_ROWS = 10  # components listed in the attribution table (the full table is stored)
 
+# the results' names under results/ (section_jobs' keys, render_sections' lookups)
+_ATTRIBUTION, _SCALING, _DETERMINANTS = ("memorised/attribution", "memorised/value-scaling",
+                                         "memorised/determinants")
+_CURVES, _REUSE = "sparsity/curves", "circuit-reuse/ioi-colored-objects"
+
 
 def section_jobs(sections: Sequence[str], model: str, seed: int) -> dict[str, Job]:
     """The jobs of the chosen sections other than ``paper``, by their name under
     ``results/``: each analysis at its registered defaults, seeded by ``seed``."""
     jobs: dict[str, Job] = {}
     if "in-context-vs-memorised" in sections:
-        jobs["memorised/attribution"] = ANSWER_ATTRIBUTION.job(model, {}, seed=seed)
-        jobs["memorised/value-scaling"] = VALUE_SCALING.job(model, {}, seed=seed,
-                                                            task=SECTION_TASK, shots=0)
-        jobs["memorised/determinants"] = ANSWER_DETERMINANTS.job(model, {}, seed=seed,
-                                                                 task=SECTION_TASK, shots=0)
+        jobs[_ATTRIBUTION] = ANSWER_ATTRIBUTION.job(model, {}, seed=seed)
+        jobs[_SCALING] = VALUE_SCALING.job(model, {}, seed=seed, task=SECTION_TASK, shots=0)
+        jobs[_DETERMINANTS] = ANSWER_DETERMINANTS.job(model, {}, seed=seed, task=SECTION_TASK,
+                                                      shots=0)
     if "sparsity" in sections:
-        jobs["sparsity/curves"] = SPARSITY_CURVES.job(model, {}, seed=seed)
+        jobs[_CURVES] = SPARSITY_CURVES.job(model, {}, seed=seed)
     if "circuit-reuse" in sections:
-        jobs["circuit-reuse/ioi-colored-objects"] = CIRCUIT_REUSE.job(model, {}, seed=seed)
+        jobs[_REUSE] = CIRCUIT_REUSE.job(model, {}, seed=seed)
     return jobs
 
 
@@ -81,13 +85,12 @@ def render_sections(doc: Document, claims: list[Claim], sections: Sequence[str],
     """Append the chosen sections (other than ``paper``) to ``doc`` and their findings to
     ``claims``, from the results named as :func:`section_jobs` names them."""
     if "in-context-vs-memorised" in sections:
-        _memorised(doc, claims, results["memorised/attribution"],
-                   results["memorised/value-scaling"], results["memorised/determinants"],
-                   kv_group_size)
+        _memorised(doc, claims, results[_ATTRIBUTION], results[_SCALING],
+                   results[_DETERMINANTS], kv_group_size)
     if "sparsity" in sections:
-        _sparsity(doc, claims, results["sparsity/curves"])
+        _sparsity(doc, claims, results[_CURVES])
     if "circuit-reuse" in sections:
-        _reuse(doc, claims, results["circuit-reuse/ioi-colored-objects"])
+        _reuse(doc, claims, results[_REUSE])
 
 
 def _bullets(doc: Document, found: Sequence[Claim]) -> None:
