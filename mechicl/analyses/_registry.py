@@ -39,6 +39,7 @@ __all__ = [
     "Option",
     "OptionError",
     "Outputs",
+    "batch_tokens_option",
     "get_analysis",
     "job_stem",
     "options_markdown",
@@ -567,6 +568,20 @@ class Analysis:
 
 ANALYSES: dict[str, Analysis] = {}
 """Every registered analysis by name (:func:`register_analysis`)."""
+
+
+def batch_tokens_option(default: int | None = 4096,
+                        help: str = "rows x longest row per forward pass") -> Option:
+    """The ``batch_tokens`` option every batched analysis declares: the tokens of one forward
+    pass (an execution option: it never changes a result, so it is not in the result's key;
+    None: the analysis chooses).
+
+    >>> o = batch_tokens_option(8192, "patched copies x prompt length per forward pass")
+    >>> o.name, o.default, o.role
+    ('batch_tokens', 8192, 'execution')
+    """
+    return Option(name="batch_tokens", type=int, default=default, nullable=default is None,
+                  minimum=1, role="execution", help=help)
 
 
 def register_analysis(analysis: Analysis) -> Analysis:

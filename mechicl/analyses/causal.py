@@ -63,6 +63,7 @@ from mechicl.analyses._registry import (
     Option,
     OptionError,
     Outputs,
+    batch_tokens_option,
     job_stem,
     register_analysis,
 )
@@ -702,8 +703,8 @@ _COMMON = (
     Option(name="scan_length", type=int, default=None, nullable=True, minimum=2,
            help="one sequence length for that scan (default 2s + 25)"),
 )
-_BATCH = Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
-                help="rows x longest row per forward pass, counting every masked copy")
+_BATCH = batch_tokens_option(
+    help="rows x longest row per forward pass, counting every masked copy")
 
 INDUCTION_ABLATION = register_analysis(Analysis(
     name="induction_ablation", command="ablate-induction",

@@ -81,6 +81,7 @@ from mechicl.analyses._registry import (
     Job,
     Option,
     Outputs,
+    batch_tokens_option,
     job_stem,
     register_analysis,
 )
@@ -781,7 +782,6 @@ CIRCUIT_REUSE = register_analysis(Analysis(
                help="relabellings of the permutation nulls"),
         Option(name="n_resamples", type=int, default=1000, minimum=1,
                help="bootstrap resamples of the prompt pairs"),
-        Option(name="batch_tokens", type=int, default=8192, minimum=1, role="execution",
-               help="patched copies x prompt length per forward pass"),
+        batch_tokens_option(8192, "patched copies x prompt length per forward pass"),
     ),
 ))

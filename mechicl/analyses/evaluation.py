@@ -51,6 +51,7 @@ from mechicl.analyses._registry import (
     Job,
     Option,
     Outputs,
+    batch_tokens_option,
     job_stem,
     register_analysis,
 )
@@ -929,7 +930,6 @@ ACCURACY = register_analysis(Analysis(
                help="how choices are ranked: task (the task's own rule), none (summed "
                     "log-likelihood, lm-eval acc), tokens (per token) or chars (per character "
                     "of the answer, lm-eval acc_norm)"),
-        Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
-               help="rows x longest row per forward pass"),
+        batch_tokens_option(help="rows x longest row per forward pass"),
     ),
 ))

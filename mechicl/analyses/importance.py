@@ -59,6 +59,7 @@ from mechicl.analyses._registry import (
     Job,
     Option,
     Outputs,
+    batch_tokens_option,
     job_stem,
     register_analysis,
     task_slug,
@@ -711,9 +712,8 @@ HEAD_IMPORTANCE = register_analysis(Analysis(
                choices=("reference", "uniform"),
                help="bansal: last layer by answer tokens as llm-interpret (reference), or "
                     "every layer by N - 1 tokens (uniform)"),
-        Option(name="batch_tokens", type=int, default=None, nullable=True, minimum=1,
-               role="execution", help="rows x longest row per pass (default 2048 for "
-                                      "gradients and attribution, 4096 for ablation)"),
+        batch_tokens_option(None, "rows x longest row per pass (default 2048 for gradients and "
+                                  "attribution, 4096 for ablation)"),
         Option(name="shared_scale", type=bool, default=False, role="output",
                help="one colour scale for all shot counts of a task and method"),
     ),
@@ -751,7 +751,7 @@ FFN_IMPORTANCE = register_analysis(Analysis(
         Option(name="metric", type=str, default="accuracy", choices=("loss", "accuracy"),
                help="accuracy drop (Bansal et al.'s ranking) or answer-loss increase"),
         ABLATION,
-        Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
-               help="rows x longest row per forward pass, counting every knocked-out copy"),
+        batch_tokens_option(
+            help="rows x longest row per forward pass, counting every knocked-out copy"),
     ),
 ))

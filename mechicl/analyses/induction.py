@@ -54,6 +54,7 @@ from mechicl.analyses._registry import (
     Job,
     Option,
     Outputs,
+    batch_tokens_option,
     job_stem,
     register_analysis,
 )
@@ -950,7 +951,6 @@ SCAN = register_analysis(Analysis(
         Option(name="stream", type=str, default="embeddings",
                choices=("embeddings", "residual"),
                help="copying-score input stream (default: embeddings, as the reference)"),
-        Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
-               help="rows x longest sequence per forward pass"),
+        batch_tokens_option(help="rows x longest sequence per forward pass"),
     ),
 ))

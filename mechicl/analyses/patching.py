@@ -84,6 +84,7 @@ from mechicl.analyses._registry import (
     Job,
     Option,
     Outputs,
+    batch_tokens_option,
     job_stem,
     register_analysis,
 )
@@ -424,6 +425,5 @@ PATCHING = register_analysis(Analysis(
     run=_run, result_type=PatchResult, memory="forward", sequence_length=pair_length,
     outputs=_outputs,
     options=(*PAIR_OPTIONS, *CELL_OPTIONS,
-             Option(name="batch_tokens", type=int, default=8192, minimum=1, role="execution",
-                    help="patched copies x prompt length per forward pass")),
+             batch_tokens_option(8192, "patched copies x prompt length per forward pass")),
 ))

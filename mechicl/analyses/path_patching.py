@@ -57,6 +57,7 @@ from mechicl.analyses._registry import (
     Job,
     Option,
     Outputs,
+    batch_tokens_option,
     job_stem,
     register_analysis,
 )
@@ -382,6 +383,5 @@ PATH_PATCHING = register_analysis(Analysis(
              Option(name="direction", type=str, default="noising",
                     choices=("denoising", "noising"),
                     help="noising (Wang et al.'s default) or denoising"),
-             Option(name="batch_tokens", type=int, default=8192, minimum=1,
-                    role="execution", help="patched copies x prompt length per pass")),
+             batch_tokens_option(8192, "patched copies x prompt length per pass")),
 ))

@@ -31,6 +31,7 @@ from mechicl.analyses._registry import (
     Job,
     Option,
     Outputs,
+    batch_tokens_option,
     job_stem,
     register_analysis,
 )
@@ -590,7 +591,7 @@ PRUNING = register_analysis(Analysis(
                help="one sequence length for that scan (default 2s + 25)"),
         Option(name="ablation", type=str, default="zero", choices=("zero", "mean"),
                help="how pruned heads / FFNs are removed"),
-        Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
-               help="rows x longest row per forward pass, counting every masked copy"),
+        batch_tokens_option(
+            help="rows x longest row per forward pass, counting every masked copy"),
     ),
 ))

@@ -52,6 +52,7 @@ from mechicl.analyses._registry import (
     Job,
     Option,
     Outputs,
+    batch_tokens_option,
     job_stem,
     register_analysis,
 )
@@ -1072,8 +1073,8 @@ def _attribution_outputs(pairs: Sequence[tuple[Job, AnswerAttribution]],
     return Outputs(results=results, figures=figures, rows=rows)
 
 
-_BATCH = Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
-                help="rows x longest row per forward pass, counting every masked copy")
+_BATCH = batch_tokens_option(
+    help="rows x longest row per forward pass, counting every masked copy")
 
 ANSWER_ATTRIBUTION = register_analysis(Analysis(
     name="answer_attribution", command="answer-attribution",

@@ -58,6 +58,7 @@ from mechicl.analyses._registry import (
     Job,
     Option,
     Outputs,
+    batch_tokens_option,
     register_analysis,
 )
 from mechicl.analyses.evaluation import (
@@ -559,7 +560,6 @@ SPARSITY_CURVES = register_analysis(Analysis(
                help="Wanda's calibration windows (BoolQ passages)"),
         Option(name="calibration_length", type=int, default=128, minimum=2,
                help="tokens per calibration window, BOS included"),
-        Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
-               help="rows x longest row per forward pass"),
+        batch_tokens_option(help="rows x longest row per forward pass"),
     ),
 ))

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from mechicl._io import atomic_path
 from mechicl._version import __version__
-from mechicl.analyses import Analysis, Call, Job, Option, register_analysis
+from mechicl.analyses import Analysis, Call, Job, Option, batch_tokens_option, register_analysis
 from mechicl.analyses.causal import (
     DEFAULT_KS,
     INDUCTION_ABLATION,
@@ -177,8 +177,8 @@ REPORT_OPTIONS: tuple[Option, ...] = (
     *(OVERLAP.option(name) for name in ("top_k_percent", "n_permutations", "n_resamples")),
     Option(name="formats", type=list, item=str, default=["png"], choices=FORMATS,
            help="figure formats written to img/ (PNG always: report.md embeds it)"),
-    Option(name="batch_tokens", type=int, default=4096, minimum=1, role="execution",
-           help="rows x longest row per forward pass (scan, accuracy, FFNs, pruning)"),
+    batch_tokens_option(
+        help="rows x longest row per forward pass (scan, accuracy, FFNs, pruning)"),
     Option(name="importance_batch_tokens", type=int, default=None, nullable=True, minimum=1,
            role="execution", help="the same for head importance (default: its own, 2048)"),
 )
