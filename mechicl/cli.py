@@ -461,6 +461,10 @@ def _add_runs(subparsers: Any) -> None:
     runs.add_argument("--key", default=None, help="show one result's full provenance (key "
                                                   "or a unique prefix) as JSON")
     runs.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    runs.add_argument("--export", type=Path, default=None, metavar="DIR",
+                      help="copy the listed results into DIR/results/ (with its index.json, "
+                           "replacing an earlier export there): a folder that --reuse reads "
+                           "on another machine or store")
     runs.set_defaults(run=run_runs)
 
 
@@ -480,6 +484,21 @@ def run_runs(args: argparse.Namespace) -> int:
         table = table[table.model == args.model]
     if args.tasks is not None:
         table = table[table.task.isin(args.tasks)]
+    if args.export is not None:
+        if args.export.exists() and not args.export.is_dir():
+            raise ValueError(f"--export {args.export} is a file; give a folder (created if "
+                             "missing)")
+        bad = table[table.status != "ok"]
+        if not bad.empty:
+            raise ValueError(f"{len(bad)} listed results are damaged (first: {bad.key.iloc[0]}:"
+                             f" {bad.status.iloc[0]}); narrow the selection or compute them "
+                             "again")
+        listed = set(table.key)  # the table shows 12-digit prefixes
+        keys = [k for k in store.keys() if k[:12] in listed]
+        entries = store.export(args.export, keys)
+        print(f"exported {len(entries)} results to {args.export / 'results'}/; reuse them "
+              f"with --reuse {args.export}")
+        return 0
     if args.csv:
         print(table.to_csv(index=False), end="")
     elif table.empty:

@@ -275,6 +275,50 @@ def test_a_seed_folder_with_a_corrupt_part_is_not_reused(scan_grid, tmp_path):
     assert store.contents() == donor.contents()
 
 
+def test_an_export_seeds_another_store_and_is_never_half_written(scan_grid, tmp_path, capsys):
+    """``ResultStore.export`` / ``mechicl runs --export``: how a long computation's finished
+    results travel to another session's store (``--reuse``)."""
+    from mechicl.cli import main
+
+    donor = ResultStore(tmp_path / "donor")
+    summary = run_grid(scan_grid, donor, progress=False)
+    a, b = (row["key"] for row in summary.asked_rows())
+    out = tmp_path / "carried"
+    assert main(["runs", "--store", str(donor.root), "--export", str(out)]) == 0
+    assert "exported 2 results" in capsys.readouterr().out
+    index = read_index(out / "results")
+    assert sorted(index) == sorted(f"scan/{k}" for k in (a, b))
+    assert {e["key"] for e in index.values()} == {a, b}
+    assert all(e["job"]["analysis"] == "scan" for e in index.values())
+
+    jobs = scan_grid.jobs()
+    entry = {m: scan_grid.entry(m) for m in scan_grid.models}
+    store = ResultStore(tmp_path / "fresh")
+    reused = run_jobs(jobs, store, entries=entry, progress=False, seed_from=[out])
+    assert reused.counts == {"cached": 2, "computed": 0, "failed": 0} and not reused.invalid
+    assert store.contents() == donor.contents()
+    assert store.get(a).manifest["executor"] == "imported"
+
+    # one key only; a damaged result is an error and the earlier export stays as it was
+    assert list(donor.export(out, [b])) == [f"scan/{b}"]
+    before = read_tree(out)
+    part = donor.path(a) / "result" / "copying" / "tensors.safetensors"
+    part.write_bytes(_flip(part.read_bytes(), -3))
+    with pytest.raises(ResultError, match="copying/tensors.safetensors: checksum mismatch"):
+        donor.export(out)
+    assert read_tree(out) == before
+    with pytest.raises(SystemExit, match=r"1 listed results are damaged \(first: "
+                                         f"{a[:12]}"):
+        main(["runs", "--store", str(donor.root), "--export", str(out)])
+    assert read_tree(out) == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--export .*file is a file; give a folder"):
+        main(["runs", "--store", str(donor.root), "--analysis", "scan", "--export",
+              str(tmp_path / "file")])
+    with pytest.raises(KeyError, match="no result"):
+        donor.export(out, ["cd" * 32])
+
+
 # ---- overwriting never loses the old result -------------------------------------------------
 
 

@@ -37,14 +37,14 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mechicl._io import atomic_write_text, pid_alive, replace_folder
+from mechicl._io import atomic_path, atomic_write_text, pid_alive, replace_folder
 from mechicl.model.loading import cache_dir
 from mechicl.results import ResultError, load_result, verify_result
 
@@ -358,6 +358,43 @@ class ResultStore:
         """key -> :meth:`StoredResult.files` of every stored result (for comparing stores;
         a corrupt result raises :class:`~mechicl.results.ResultError`)."""
         return {entry.key: entry.files() for entry in self.entries()}
+
+    def export(self, folder: str | os.PathLike[str], keys: Iterable[str] | None = None
+               ) -> dict[str, dict[str, Any]]:
+        """Copy finished results into ``folder/results/`` with its ``index.json``: a folder
+        that seeds another store (``mechicl report --reuse FOLDER``, ``run_jobs(seed_from=)``),
+        e.g. to carry a long computation's finished part to another machine or session.
+
+        Each result goes to ``results/<analysis>/<key>/``. Every result is verified first; a
+        damaged one is an error, and nothing is written. ``folder/results/`` is replaced as a
+        whole, in one step (:func:`mechicl._io.atomic_path`); other files in ``folder`` are
+        left alone.
+
+        Args:
+            folder: the folder to write (created).
+            keys: the results to copy (default: every finished result).
+
+        Returns:
+            The index's entries: name under ``results/`` -> key, job, seconds, mechicl version.
+
+        Raises:
+            KeyError: a key is not stored.
+            ResultError: a result is damaged (the message names the file).
+        """
+        chosen = sorted(self.keys()) if keys is None else list(dict.fromkeys(keys))
+        stored = [self.get(key) for key in chosen]
+        files = {s.key: s.files() for s in stored}  # verified, before anything is written
+        entries: dict[str, dict[str, Any]] = {}
+        with atomic_path(Path(folder) / "results") as tmp:
+            tmp.mkdir()
+            for s in stored:
+                name = f"{s.manifest['job']['analysis']}/{s.key}"
+                write_tree(tmp / name, files[s.key])
+                entries[name] = {"key": s.key, "job": s.manifest["job"],
+                                 "seconds": s.manifest.get("seconds"),
+                                 "mechicl": s.manifest.get("mechicl")}
+            write_index(tmp, entries)
+        return entries
 
     def table(self, *, verify: bool = True) -> pd.DataFrame:
         """One row per folder of the store: key, analysis, model (name, weights hash), task,
