@@ -8,7 +8,12 @@ Measures, in one process and on the same prompts and batches:
    the backward runs through every layer). Target: <= 1.3x.
 2. per-head ablation importance (one masked copy per head, batched) vs gradient importance.
    Target: gradient >= n_layers * n_heads / 4 times faster.
-3. peak resident memory after each part.
+3. peak resident memory after each part;
+4. each against the FLOP floor (benchmarks/floor.py) measured in the same process: gradient
+   importance must run one forward over the unpadded prompts (unembedding the answer positions)
+   and one backward to the activations (2x the forward); ablation importance one unmasked
+   forward plus, per head, the layers from the head's own up (a masked copy joins there) and
+   the answer positions' unembedding.
 Writes benchmarks/results/importance.json and prints a markdown table for docs/benchmarks.md.
 """
 
@@ -16,15 +21,20 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import mechicl
-from mechicl._batching import length_batches
-from mechicl.analyses._engine import frozen_parameters as _frozen
-from mechicl.analyses.evaluation import answer_batch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from floor import CostModel, matmul_rate  # noqa: E402
+
+import mechicl  # noqa: E402
+from mechicl._batching import length_batches  # noqa: E402
+from mechicl.analyses._engine import frozen_parameters as _frozen  # noqa: E402
+from mechicl.analyses.evaluation import answer_batch  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -88,10 +98,20 @@ def main() -> None:
     prompts = mechicl.build_prompts(task, shots=args.shots, n=args.n, seed=0)
     batch = answer_batch(model, prompts)
     n_tokens = int(batch.attention_mask.sum())
+    lengths = batch.attention_mask.sum(-1).tolist()
+    answers = int(batch.answer_mask[:, 1:].sum())  # positions whose next token is scored
+    cost = CostModel.of(model)
+    rate = matmul_rate(model)
+    forward = cost.forward(lengths, unembedded=answers)
+    floors = {"gradient": 3 * forward,
+              "ablation": forward + sum(model.n_heads * (cost.forward_from(lengths, layer)
+                                                         + cost.forward([], unembedded=answers))
+                                        for layer in range(model.n_layers))}
     result: dict = {"model": model.name, "task": args.task, "shots": args.shots, "n": args.n,
                     "tokens": n_tokens, "batch_tokens": args.batch_tokens,
                     "n_heads_total": model.n_layers * model.n_heads,
-                    "torch_threads": torch.get_num_threads()}
+                    "torch_threads": torch.get_num_threads(), "matmul_gflops": rate / 1e9,
+                    "floor_s": {k: v / rate for k, v in floors.items()}}
 
     def grad_run(method: str):
         return lambda: mechicl.head_importance(model, prompts=prompts, method=method,
@@ -105,6 +125,8 @@ def main() -> None:
         michel, michel_all = timed(grad_run("michel"), args.repeats)
         result |= {"bare_fwd_bwd_s": bare, "bansal_s": bansal, "michel_s": michel,
                    "bansal_ratio": bansal / bare, "michel_ratio": michel / bare,
+                   "bansal_over_floor": bansal / result["floor_s"]["gradient"],
+                   "bare_over_floor": bare / result["floor_s"]["gradient"],
                    "all_times": {"bare": bare_all, "bansal": bansal_all, "michel": michel_all},
                    "peak_rss_gb_after_gradient": peak_rss_gb()}
     if "ablation" in parts:
@@ -112,21 +134,27 @@ def main() -> None:
         mechicl.head_importance(model, prompts=prompts, method="ablation", metric="loss",
                                 batch_tokens=4096)
         ablation = time.perf_counter() - start
-        result |= {"ablation_s": ablation, "peak_rss_gb_after_ablation": peak_rss_gb()}
+        result |= {"ablation_s": ablation, "peak_rss_gb_after_ablation": peak_rss_gb(),
+                   "ablation_over_floor": ablation / result["floor_s"]["ablation"]}
         if "bansal_s" in result:
             result["ablation_over_bansal"] = ablation / result["bansal_s"]
             result["ablation_target"] = result["n_heads_total"] / 4
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    rows = [("tokens (prompts x length)", f"{n_tokens} ({args.n} prompts)")]
+    rows = [("tokens (prompts x length)", f"{n_tokens} ({args.n} prompts)"),
+            ("floor: gradient / ablation", f"{result['floor_s']['gradient']:.2f} s / "
+             f"{result['floor_s']['ablation']:.1f} s ({rate / 1e9:.0f} GFLOP/s matmul)")]
     if "bansal_s" in result:
-        rows += [("bare forward + backward", f"{result['bare_fwd_bwd_s']:.2f} s"),
+        rows += [("bare forward + backward", f"{result['bare_fwd_bwd_s']:.2f} s "
+                  f"({result['bare_over_floor']:.2f}x floor)"),
                  ("gradient importance, bansal", f"{result['bansal_s']:.2f} s "
-                  f"({result['bansal_ratio']:.2f}x)"),
+                  f"({result['bansal_ratio']:.2f}x bare, "
+                  f"{result['bansal_over_floor']:.2f}x floor)"),
                  ("gradient importance, michel", f"{result['michel_s']:.2f} s "
                   f"({result['michel_ratio']:.2f}x)")]
     if "ablation_s" in result:
-        rows.append(("per-head ablation importance", f"{result['ablation_s']:.1f} s"))
+        rows.append(("per-head ablation importance", f"{result['ablation_s']:.1f} s "
+                     f"({result['ablation_over_floor']:.2f}x floor)"))
     if "ablation_over_bansal" in result:
         rows.append(("ablation / gradient", f"{result['ablation_over_bansal']:.0f}x "
                      f"(target >= {result['ablation_target']:.1f}x)"))
