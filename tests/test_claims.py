@@ -177,6 +177,29 @@ def test_determinant_claims_name_the_proxies_and_correct_over_determinants():
     assert "proxy" not in found[1].text
 
 
+def test_determinants_with_too_few_events_or_no_interval_are_not_tested():
+    """Gemma-3-270M answers 169 of 170 counterfactual prompts in context: one example answered
+    from memory can relate to no determinant, and 37% of bootstrap resamples hold none."""
+    from mechicl.report.claims import MIN_EVENTS, determinant_claims
+
+    def row(det, events, low=-0.5, p=0.004, constant=0):
+        return {"determinant": det, "outcome": "in_context", "spearman": -0.3, "low": low,
+                "high": -0.1, "p": p, "n": 170, "proxy": False, "events": events,
+                "constant_resamples": constant}
+
+    stats = pd.DataFrame([row("a", MIN_EVENTS), row("b", MIN_EVENTS - 1, p=0.001),
+                          row("c", 1, low=math.nan, constant=367),
+                          row("d", 40, low=math.nan, constant=3), row("e", 40, p=0.02)])
+    found = determinant_claims(stats)
+    assert [c.significant for c in found] == [True, False, False, False, True]
+    assert found[0].p == 0.008 and found[4].p == 0.02  # the family: the two tested only
+    assert all(math.isnan(c.p) for c in found[1:4])
+    assert "rarer value in only 9 of the n = 170 examples, fewer than 10" in found[1].text
+    assert "rarer value in only 1 of" in found[2].text
+    assert "constant in 3 bootstrap resamples" in found[3].text
+    assert all("not tested, not significant" in c.text for c in found[1:4])
+
+
 def test_sparsity_claims_say_where_groups_fall_and_the_verdict():
     from mechicl.report.claims import sparsity_claims
 

@@ -12,13 +12,16 @@ import mechicl
 from mechicl.report.build import ReportConfig, render_report
 
 ROOT = Path(__file__).resolve().parent.parent
-# the second model's report (figures/report-gemma3-270m) and the cross-model comparison
+# the second model's paper report (figures/report-gemma3-270m) and the cross-model comparison
 # (scripts/cross_model.py) join this list once they are committed (issue 21: not yet computed)
-REPORTS = [ROOT / "figures" / "report", ROOT / "figures" / "report-in-weights"]
+REPORTS = [ROOT / "figures" / "report", ROOT / "figures" / "report-in-weights",
+           ROOT / "figures" / "report-in-weights-gemma3-270m"]
 DOC = ROOT / "docs" / "concepts" / "report.md"
-# concept pages quoting one section each of the second report (issue 23's sections)
+# concept pages quoting one section each of the in-weights reports (issue 23's sections)
 SECTION_DOCS = {"recall.md": "memorised", "sparsity.md": "sparsity",
                 "circuit-reuse.md": "circuit-reuse"}
+# each page's claims blocks: (block name, None for the unnamed one) -> the report quoted
+SECTION_BLOCKS = {None: REPORTS[1], "gemma3-270m": REPORTS[2]}
 
 
 def stored_claims(folder: Path) -> pd.DataFrame:
@@ -28,10 +31,15 @@ def stored_claims(folder: Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def quoted_claims(page: Path) -> list[str]:
+def quoted_claims(page: Path, block: str | None = None) -> list[str]:
+    """The claims quoted between a page's markers (scripts/quote_claims.py ``--block``)."""
+    name = "" if block is None else f" {block}"
+    begin, end = f"<!-- claims:begin{name} -->", f"<!-- claims:end{name} -->"
     text = page.read_text(encoding="utf-8")
-    block = text.split("<!-- claims:begin -->", 1)[1].split("<!-- claims:end -->", 1)[0]
-    return [line[2:] for line in block.splitlines() if line.startswith("- ")]
+    if begin not in text:
+        pytest.fail(f"{page} has no {begin} block")
+    quoted = text.split(begin, 1)[1].split(end, 1)[0]
+    return [line[2:] for line in quoted.splitlines() if line.startswith("- ")]
 
 
 def test_docs_quote_exactly_the_default_models_claims():
@@ -42,10 +50,11 @@ def test_docs_quote_exactly_the_default_models_claims():
         assert text in md
 
 
+@pytest.mark.parametrize("block", SECTION_BLOCKS, ids=lambda b: b or "smollm2-135m")
 @pytest.mark.parametrize("page, section", SECTION_DOCS.items())
-def test_concept_pages_quote_exactly_their_sections_claims(page, section):
-    claims = stored_claims(REPORTS[1])
-    quoted = quoted_claims(DOC.parent / page)
+def test_concept_pages_quote_exactly_their_sections_claims(page, section, block):
+    claims = stored_claims(SECTION_BLOCKS[block])
+    quoted = quoted_claims(DOC.parent / page, block)
     assert quoted and quoted == claims[claims.section == section].text.tolist()
 
 

@@ -353,6 +353,19 @@ def test_determinant_statistics_are_spearman_with_bootstrap_and_terciles(tiny_ll
         row = stats.loc[(det, "margin")]
         assert row.spearman == pytest.approx(rho)
         assert row.low <= rho <= row.high and 0 < row.p <= 1
+        assert math.isnan(row.events) and row.constant_resamples == 0
+    k = int(data.in_context.sum())
+    assert (stats.xs("in_context", level="outcome").events == min(k, len(data) - k)).all()
+
+    # one example answered from memory: rho exists, but a third of the resamples lack it
+    rare = dataclasses.replace(result, data=result.data.assign(
+        in_context=[0] + [1] * (len(data) - 1)))
+    row = rare.statistics(n_resamples=300).set_index(["determinant", "outcome"]).loc[
+        ("closed_book_logprob", "in_context")]
+    x = data.closed_book_logprob.to_numpy(float)
+    assert row.spearman == pytest.approx(scipy_stats.spearmanr(x, rare.data.in_context).statistic)
+    assert row.events == 1 and row.constant_resamples > 0
+    assert math.isnan(row.low) and math.isnan(row.high)
     terciles = result.terciles()
     for det in ("country_rank", "closed_book_logprob"):
         rows = terciles[terciles.determinant == det]

@@ -879,7 +879,13 @@ class AnswerDeterminants:
                    ) -> pd.DataFrame:
         """Per determinant and outcome (``in_context``, ``margin``): Spearman's rho with a
         percentile bootstrap interval over examples, and a two-sided permutation p-value
-        (outcome shuffled over examples)."""
+        (outcome shuffled over examples).
+
+        ``events``: for the 0/1 ``in_context`` outcome, the examples of its rarer value (NaN
+        for ``margin``). ``constant_resamples``: bootstrap resamples in which the determinant
+        or the outcome is constant, so that rho is undefined; when there are any, the interval
+        is NaN (percentiles of the other resamples would be conditional on, e.g., the one
+        example answered from memory being drawn, and biased)."""
         n_resamples = n_resamples or int(self.params.get("n_resamples", 1000))
         seed = int(self.params.get("seed", 0)) if seed is None else seed
         n = len(self.data)
@@ -895,12 +901,16 @@ class AnswerDeterminants:
                 rho = spearman(x, y) if n > 1 else float("nan")
                 boot = spearman_rows(x[idx], y[idx])
                 null = spearman_rows(x.expand(n_resamples, n), y[perm])
-                low, high = percentile_interval(boot) if not boot.isnan().all() else (
+                constant = int(boot.isnan().sum())
+                low, high = percentile_interval(boot) if not constant else (
                     float("nan"), float("nan"))
+                ones = int((y == 1).sum())
+                events = min(ones, n - ones) if outcome == "in_context" else float("nan")
                 p = float("nan") if math.isnan(rho) else \
                     (1 + int((null.abs() >= abs(rho) - 1e-12).sum())) / (1 + n_resamples)
                 rows.append({"determinant": det, "outcome": outcome, "spearman": rho,
-                             "low": low, "high": high, "p": p, "n": n,
+                             "low": low, "high": high, "p": p, "n": n, "events": events,
+                             "constant_resamples": constant,
                              "interval": f"{_INTERVAL} ({n_resamples} resamples)",
                              "null": f"outcome permuted over examples ({n_resamples})",
                              "proxy": det.endswith("_rank") or det.endswith("_tokens")})

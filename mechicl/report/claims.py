@@ -17,13 +17,17 @@ import pandas as pd
 
 from mechicl.stats import holm
 
-__all__ = ["ALPHA", "Claim", "agreement_claims", "attribution_claims", "causal_claims",
+__all__ = ["ALPHA", "MIN_EVENTS", "Claim", "agreement_claims", "attribution_claims", "causal_claims",
            "causal_verdict", "claims_table", "determinant_claims", "icl_claims", "method_claims",
            "overlap_claims", "pruning_claims", "reuse_claims", "scaling_claims",
            "sparsity_claims"]
 
 ALPHA = 0.05
 """The significance level of every claim."""
+
+MIN_EVENTS = 10
+"""The fewest examples of a 0/1 outcome's rarer value with which a determinant is tested (the
+usual minimum of events per variable: Peduzzi et al. 1996)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -438,16 +442,33 @@ def determinant_claims(statistics: pd.DataFrame) -> list[Claim]:
     """What the in-context rate depends on (``statistics``:
     :meth:`~mechicl.analyses.recall.AnswerDeterminants.statistics`): per determinant, Spearman
     between it and the 0/1 in-context outcome with its bootstrap interval and permutation
-    p-value, Holm-corrected over the determinants; proxies are named as such."""
+    p-value, Holm-corrected over the determinants; proxies are named as such.
+
+    A determinant is not tested (and left out of the Holm family) when rho is undefined (a
+    constant determinant or outcome), when the outcome's rarer value has fewer than
+    :data:`MIN_EVENTS` examples, or when bootstrap resamples are constant (no interval):
+    with, say, one example answered from memory in 170, no rank statistic can say what
+    the rate depends on."""
     rows = statistics[statistics.outcome == "in_context"].reset_index(drop=True)
-    adjusted = holm(rows.p.astype(float).tolist())
+    events = rows.events.astype(float) if "events" in rows else pd.Series(math.inf, rows.index)
+    tested = rows.spearman.notna() & (events >= MIN_EVENTS) & rows.low.notna()
+    adjusted = holm(rows.p.where(tested).astype(float).tolist())
     out = []
-    for r, p in zip(rows.itertuples(index=False), adjusted, strict=True):
+    for r, p, k, ok in zip(rows.itertuples(index=False), adjusted, events, tested, strict=True):
         sig = bool(p < ALPHA)
         what = _heads(r.determinant) + (" (a tokenizer proxy of frequency)" if r.proxy else "")
         if math.isnan(r.spearman):
             text = (f"In-context rate vs {what}: not tested, not significant (the determinant or "
                     f"the outcome is constant over the n = {int(r.n)} examples).")
+        elif not ok and k < MIN_EVENTS:
+            text = (f"In-context rate vs {what}: not tested, not significant (the outcome takes "
+                    f"its rarer value in only {k:.0f} of the n = {int(r.n)} examples, fewer "
+                    f"than {MIN_EVENTS}: too few events to relate to any determinant).")
+        elif not ok:
+            constant = getattr(r, "constant_resamples", 0)
+            text = (f"In-context rate vs {what}: not tested, not significant (the determinant "
+                    f"or the outcome is constant in {constant:.0f} bootstrap resamples of the "
+                    f"n = {int(r.n)} examples: no interval).")
         else:
             text = (f"In-context rate vs {what}: Spearman {r.spearman:+.2f} [{r.low:+.2f}, "
                     f"{r.high:+.2f}] (interval not corrected), Holm-corrected permutation "

@@ -115,7 +115,7 @@ def _memorised(doc: Document, claims: list[Claim], attribution: AnswerAttributio
     doc.figures_row([(f"memorised-heads-{kind}", head_heatmap(
         attribution.head_scores(kind), signed=True, kv_group_size=group,
         colorbar_title="logit diff",
-        title=f"{kind.upper()}: logit(in-context) - logit(memorised)")) for kind in SCORE_KINDS],
+        title=f"{kind.upper()}: in-context minus memorised")) for kind in SCORE_KINDS],
         "Per-head direct effect on the in-context minus memorised logit (mean over pairs; "
         "diverging scale centred at 0, red: favours the in-context answer).")
     doc.figures_row([(f"memorised-ffn-{kind}", layer_bars(
