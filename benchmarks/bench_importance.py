@@ -11,7 +11,7 @@ Measures, in one process and on the same prompts and batches:
 3. peak resident memory after each part;
 4. each against the FLOP floor (benchmarks/floor.py) measured in the same process: gradient
    importance must run one forward over the unpadded prompts (unembedding the answer positions)
-   and one backward to the activations (2x the forward); ablation importance one unmasked
+   and one backward to the activations (parameters frozen: as much again, floor.py); ablation importance one unmasked
    forward plus, per head, the layers from the head's own up (a masked copy joins there) and
    the answer positions' unembedding.
 Writes benchmarks/results/importance.json and prints a markdown table for docs/benchmarks.md.
@@ -103,7 +103,7 @@ def main() -> None:
     cost = CostModel.of(model)
     rate = matmul_rate(model)
     forward = cost.forward(lengths, unembedded=answers)
-    floors = {"gradient": 3 * forward,
+    floors = {"gradient": 2 * forward,  # forward + a backward to activations (floor.py)
               "ablation": forward + sum(model.n_heads * (cost.forward_from(lengths, layer)
                                                          + cost.forward([], unembedded=answers))
                                         for layer in range(model.n_layers))}
