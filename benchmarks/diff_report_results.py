@@ -10,8 +10,9 @@ Not a test: run by hand, e.g. the committed report before and after issue 20's s
 For every result both folders index: accuracies (and whether every prediction is identical) and
 the largest log-likelihood difference; the largest absolute and relative (to the largest
 magnitude) difference of importance maps; the largest difference of any number in pruning
-curves' tables and whether their accuracy columns are identical. Prints one line per kind and
-writes the per-result rows with ``--out``.
+curves' tables and whether their accuracy columns are identical (curves of other settings,
+e.g. another number of random orders, only as ``same_params: false``). Prints one line per
+kind and writes the per-result rows with ``--out``.
 """
 
 import argparse
@@ -40,6 +41,9 @@ def compare(old, new) -> dict:
         diff = float((new.mean.double() - old.mean.double()).abs().max())
         row["max_abs_diff"] = diff
         row["max_rel_diff"] = diff / max(float(old.mean.abs().max()), 1e-30)
+    elif kind == "PruneCurve" and new.params != old.params:
+        # different settings (e.g. 3 random orders against 20): not the same table
+        row["same_params"] = False
     elif kind == "PruneCurve":
         for f in dataclasses.fields(new):
             a, b = getattr(new, f.name), getattr(old, f.name)

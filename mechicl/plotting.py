@@ -16,6 +16,7 @@ Axis names: ``layer head``.
 import functools
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -185,13 +186,26 @@ def head_heatmap(
         title = f"{title}<br><sup>{note}</sup>" if title else note
     fig.update_layout(
         title=title, xaxis_title="head", yaxis_title="layer",
-        width=max(360, 60 + 28 * n_heads + 120), height=max(320, 120 + 18 * n_layers),
+        width=max(360, 60 + 28 * n_heads + 120, _title_width(title)),
+        height=max(320, 120 + 18 * n_layers),
         margin={"l": 60, "r": 20, "t": 70 if note else 50, "b": 50},
         meta={"scale": scale, "scale_note": note, "signed": signed},
     )
     fig.update_yaxes(autorange=True, dtick=max(1, n_layers // 15))  # layer 0 at the bottom
     fig.update_xaxes(dtick=1)
     return fig
+
+
+def _title_width(title: str) -> int:
+    """Figure width (px) that fits a title's widest line at plotly's default 17 px title font.
+
+    About 9 px per character plus the 40 px left margin; ``<sup>`` lines are drawn smaller.
+    """
+    widths = []
+    for line in title.split("<br>"):
+        plain = re.sub(r"<[^>]+>", "", line)
+        widths.append(len(plain) * (6 if "<sup>" in line else 9))
+    return 40 + max(widths, default=0)
 
 
 def layer_bars(scores: LayerScores | Float[Tensor, " layer"], *, title: str | None = None,

@@ -21,6 +21,7 @@ from mechicl.analyses.causal import (
     InductionAblation,
     ablate_induction_accuracy,
     ablate_induction_loss,
+    ablation_difference,
     head_sets,
     random_heads,
     scan_input,
@@ -318,6 +319,45 @@ def test_table_equals_a_literal_bootstrap_loop(measure):
     assert len(conditions) == 2 * (1 + DRAWS)
     assert conditions.value.tolist() == pytest.approx(result.values.mean(-1).flatten().tolist())
     assert conditions[conditions.kind == "top"].condition.tolist() == [0, 0]
+
+
+def test_ablation_difference_equals_a_literal_bootstrap_loop():
+    """Zero against mean ablation of the same heads on the same items: per-item differences,
+    resampled by hand."""
+    a, b = synthetic("later_copy_loss", seed=0), synthetic("later_copy_loss", seed=1)
+    b = dataclasses.replace(b, heads=a.heads, unablated=a.unablated, params={"ablation": "mean"})
+    n_resamples, seed = 300, 2
+    table = ablation_difference(a, b, n_resamples=n_resamples, seed=seed)
+    va, vb = a.values.numpy(), b.values.numpy()
+    n = va.shape[2]
+    w = bootstrap_weights(n, n_resamples, seed)
+    for i, k in enumerate(a.ks):
+        row = table[table.k == k].iloc[0]
+        for name, (x, y) in {
+            "top": ([va[i, 0, e] for e in range(n)], [vb[i, 0, e] for e in range(n)]),
+            "random": ([sum(va[i, c, e] for c in range(1, 1 + DRAWS)) / DRAWS for e in range(n)],
+                       [sum(vb[i, c, e] for c in range(1, 1 + DRAWS)) / DRAWS for e in range(n)]),
+        }.items():
+            d = [float(x[e] - y[e]) for e in range(n)]
+            resampled = [sum(w[r, e] * d[e] for e in range(n)) / n for r in range(n_resamples)]
+            assert row[f"{name}_a"] == pytest.approx(sum(x) / n)
+            assert row[f"{name}_b"] == pytest.approx(sum(y) / n)
+            assert row[f"{name}_diff"] == pytest.approx(sum(d) / n)
+            assert row[f"{name}_diff_low"] == pytest.approx(float(np.quantile(resampled, 0.025)))
+            assert row[f"{name}_diff_high"] == pytest.approx(float(np.quantile(resampled, 0.975)))
+            below = sum(m <= 1e-12 for m in resampled)
+            above = sum(m >= -1e-12 for m in resampled)
+            assert row[f"{name}_p"] == pytest.approx(min(1.0, 2 * min(
+                (1 + below) / (1 + n_resamples), (1 + above) / (1 + n_resamples))))
+        assert (row.ablation_a, row.ablation_b, row.n) == ("zero", "mean", n)
+    # not a paired comparison: other heads, other items, another measure
+    other = synthetic("later_copy_loss", seed=1)
+    with pytest.raises(ValueError, match="removed different heads"):
+        ablation_difference(a, dataclasses.replace(b, heads=other.heads))
+    with pytest.raises(ValueError, match="unablated values differ"):
+        ablation_difference(a, dataclasses.replace(b, unablated=a.unablated + 1))
+    with pytest.raises(ValueError, match="measure different things"):
+        ablation_difference(a, synthetic("accuracy"))
 
 
 def test_a_real_effect_is_found_and_a_null_one_is_not():

@@ -73,6 +73,10 @@ def test_committed_claims_are_recomputed_from_the_stored_results(folder):
     pd.testing.assert_frame_equal(claims[numbers].astype(float).reset_index(drop=True),
                                   stored[numbers].astype(float), atol=1e-9, rtol=1e-9)
     assert claims.significant.tolist() == stored.significant.tolist()
+    assert claims.subject.tolist() == stored.subject.tolist()
+    # a claim is found by its section and subject: no two share them
+    assert not stored.duplicated(["section", "subject"]).any(), \
+        stored[stored.duplicated(["section", "subject"], keep=False)][["section", "subject"]]
     for row in stored.itertuples():  # a comparison that is not significant says so
         if row.statistic == "accuracy minus random" and not row.significant:
             assert "not significant" in row.text
@@ -92,3 +96,51 @@ def test_cross_model_claims_are_recomputed_from_the_committed_reports():
     assert [c.text for c in found.claims] == stored.text.tolist()
     assert "4-bit GGUF Q4_K_M" in (ROOT / "figures" / "cross-model" / "cross-model.md").read_text(
         encoding="utf-8")
+
+
+ABLATION_RUNS = ROOT / "figures" / "causal-ablation"
+
+
+def ablation_rows(models=("smollm2-135m", "gemma3-270m")) -> list[str]:
+    """The rows of docs/concepts/causal.md's zero-vs-mean table, from the committed runs of
+    ``mechicl ablate-induction --ablation zero|mean`` (figures/causal-ablation)."""
+    from mechicl.analyses.causal import InductionAblation, ablation_difference
+
+    rows = []
+    for model in models:
+        runs = {a: InductionAblation.load(ABLATION_RUNS / a / model / "results"
+                                          / f"{model}-ablate-prefix_matching")
+                for a in ("zero", "mean")}
+        both = ablation_difference(runs["zero"], runs["mean"])
+        mean_table = runs["mean"].table()
+        for row, m in zip(both.itertuples(), mean_table.itertuples(), strict=True):
+            rows.append(
+                f"| {model} | {row.k} | {m.unablated:.2f} | {row.top_a:.2f} | {row.top_b:.2f} | "
+                f"{row.top_diff:+.2f} [{row.top_diff_low:+.2f}, {row.top_diff_high:+.2f}] | "
+                f"{row.random_a:.2f} | {row.random_b:.2f} | "
+                f"{m.diff:+.2f} [{m.diff_low:+.2f}, {m.diff_high:+.2f}] | "
+                f"{round(m.p_draws * (m.draws + 1))}/{m.draws + 1} |")
+    return rows
+
+
+def test_causal_docs_quote_the_committed_zero_and_mean_ablation_runs():
+    page = (DOC.parent / "causal.md").read_text(encoding="utf-8")
+    quoted = page.split("<!-- ablation-table:begin -->", 1)[1].split(
+        "<!-- ablation-table:end -->", 1)[0]
+    table = [line for line in quoted.splitlines() if line.startswith("| ") and "---" not in line]
+    assert table[1:] == ablation_rows()  # table[0] is the header
+    # the sentences under the table
+    from mechicl.analyses.causal import InductionAblation, ablation_difference
+
+    def load(ablation, model):
+        return InductionAblation.load(ABLATION_RUNS / ablation / model / "results"
+                                      / f"{model}-ablate-prefix_matching")
+
+    for model in ("smollm2-135m", "gemma3-270m"):
+        assert (load("mean", model).table().diff_low > 0).all()
+    gemma = ablation_difference(load("zero", "gemma3-270m"), load("mean", "gemma3-270m"))
+    assert (gemma.top_diff_low > 0).all() and gemma.top_diff.between(3.8, 4.95).all()
+    assert round(load("mean", "gemma3-270m").table().p_draws.iloc[-1] * 21) == 4
+    smol = ablation_difference(load("zero", "smollm2-135m"), load("mean", "smollm2-135m"))
+    assert smol.top_diff_low[0] < 0 < smol.top_diff_high[0]
+    assert (smol.top_diff.abs()[1:] < 1).all()

@@ -271,3 +271,14 @@ def test_score_scatter_labels_do_not_collide():
             overlap_x = min(a[1], b[1]) - max(a[0], b[0])
             overlap_y = min(a[3], b[3]) - max(a[2], b[2])
             assert overlap_x <= 0 or overlap_y <= 0, (a, b)
+
+
+def test_head_heatmap_is_wide_enough_for_its_title():
+    # Gemma-3's 4-head maps cut "country_capital 1-shot: attribution-mean" at 360 px
+    narrow = torch.rand(18, 4)
+    assert head_heatmap(narrow, title="short").layout.width == 360
+    long_title = "country_capital 1-shot: attribution-mean"
+    assert head_heatmap(narrow, title=long_title).layout.width >= 40 + 9 * len(long_title)
+    # a <sup> note is drawn smaller and the markup itself takes no width
+    note = "<sup>" + "x" * 40 + "</sup>"
+    assert head_heatmap(narrow, title=f"short<br>{note}").layout.width == 360

@@ -100,6 +100,7 @@ __all__ = [
     "InductionAblation",
     "ablate_induction_accuracy",
     "ablate_induction_loss",
+    "ablation_difference",
     "ablation_masks",
     "evaluation_sequences",
     "head_sets",
@@ -439,6 +440,77 @@ class InductionAblation:
         except (KeyError, ValueError) as err:
             raise ResultError(f"{path}: inconsistent InductionAblation ({err}); recompute the "
                               "result") from None
+
+
+def ablation_difference(a: InductionAblation, b: InductionAblation, *,
+                        n_resamples: int = 2000, seed: int = 0,
+                        level: float = 0.95) -> pd.DataFrame:
+    """Compare two runs of the same causal check on the same items, e.g. zero against mean
+    ablation: per ``k``, ``a``'s value minus ``b``'s, paired over items.
+
+    Both must have removed the same heads from the same items (the same ranking, ``ks``,
+    draws, seed and inputs; only how a head is removed may differ), which is checked: the same
+    ``heads``, ``tokens`` and unablated values.
+
+    Columns: ``k, measure, top_a, top_b, top_diff, top_diff_low, top_diff_high, top_p`` (the
+    top-``k`` heads removed: means under ``a`` and ``b``, the mean per-item difference
+    ``a - b`` with its ``level`` percentile bootstrap interval over items and a two-sided
+    bootstrap p-value), ``random_a, random_b, random_diff, random_diff_low, random_diff_high,
+    random_p`` (the same for the per-item mean over the random draws), ``ablation_a,
+    ablation_b, n, n_resamples, level``.
+
+    Args:
+        a, b: the two results.
+        n_resamples: bootstrap resamples of the items (one resampling shared by every row).
+        seed: seeds the resamples (:func:`~mechicl.stats.bootstrap_weights`).
+        level: coverage of the intervals.
+
+    Raises:
+        ValueError: the two results did not remove the same heads from the same items.
+
+    >>> import torch
+    >>> def run(values, ablation):
+    ...     return InductionAblation(
+    ...         measure="later_copy_loss", score="prefix_matching", ks=(1,),
+    ...         values=torch.tensor([[values, [1.0, 1.0, 1.0]]]), unablated=torch.ones(3),
+    ...         heads=torch.tensor([[[0], [1]]]), scores=torch.zeros(1, 2),
+    ...         params={"ablation": ablation})
+    >>> t = ablation_difference(run([5.0, 6.0, 7.0], "zero"), run([2.0, 3.0, 4.0], "mean"))
+    >>> t[["k", "top_a", "top_b", "top_diff", "random_diff"]].to_dict("records")
+    [{'k': 1, 'top_a': 6.0, 'top_b': 3.0, 'top_diff': 3.0, 'random_diff': 0.0}]
+    """
+    if a.measure != b.measure or a.ks != b.ks or a.values.shape != b.values.shape:
+        raise ValueError(f"the results measure different things: {a.measure} ks={a.ks} "
+                         f"{tuple(a.values.shape)} against {b.measure} ks={b.ks} "
+                         f"{tuple(b.values.shape)}")
+    if not torch.equal(a.heads, b.heads):
+        raise ValueError("the results removed different heads (another ranking, seed or "
+                         "number of draws): not a paired comparison")
+    if (a.tokens is None) != (b.tokens is None) or (
+            a.tokens is not None and not torch.equal(a.tokens, b.tokens)):
+        raise ValueError("the results were measured on different sequences")
+    if not torch.allclose(a.unablated, b.unablated, rtol=1e-4, atol=1e-4):
+        raise ValueError("the results' unablated values differ: not the same items")
+    va, vb = a.values.double().numpy(), b.values.double().numpy()  # [k, condition, item]
+    pairs = np.stack([va[:, 0], va[:, 1:].mean(1)]), np.stack([vb[:, 0], vb[:, 1:].mean(1)])
+    boot = paired_bootstrap(pairs[0], pairs[1], n_resamples=n_resamples, seed=seed,
+                            level=level)  # conditions: [top, random] x k, flattened
+    n_k = len(a.ks)
+    rows = []
+    for i, k in enumerate(a.ks):
+        row: dict[str, Any] = {"k": k, "measure": a.measure}
+        for j, name in enumerate(("top", "random")):
+            c = j * n_k + i
+            row |= {f"{name}_a": float(pairs[0][j, i].mean()),
+                    f"{name}_b": float(pairs[1][j, i].mean()),
+                    f"{name}_diff": float(boot.estimate[c]),
+                    f"{name}_diff_low": float(boot.low[c]),
+                    f"{name}_diff_high": float(boot.high[c]),
+                    f"{name}_p": float(min(1.0, 2 * min(boot.p_greater[c], boot.p_less[c])))}
+        rows.append(row | {"ablation_a": a.params.get("ablation", "zero"),
+                           "ablation_b": b.params.get("ablation", "zero"), "n": a.n,
+                           "n_resamples": n_resamples, "level": level})
+    return pd.DataFrame(rows)
 
 
 def _result(model: HookedModel, per_mask: Tensor, index: Tensor, sets: Tensor, *,

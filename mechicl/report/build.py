@@ -1152,7 +1152,8 @@ REPORT = register_analysis(Analysis(
     # 3: bootstrap intervals of the cross-task agreement (per pair and of the median)
     # 4: sections beyond the paper (mechicl.report.sections), their claims and figures
     # 5: a determinant with too few events or constant resamples is not tested
-    code_version=5,
+    # 6: unique claim subjects (score, direction); heatmaps wide enough for their titles
+    code_version=6,
 ))
 
 

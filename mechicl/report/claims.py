@@ -127,8 +127,8 @@ def _best(v: pd.DataFrame) -> str:
 
 def _vs_random(r: Any, section: str, subject: str, text: str, significant: bool) -> Claim:
     """The claim comparing one point of a pruning curve (a ``points()`` row) with random
-    orders."""
-    return Claim(section=section, subject=f"{subject} vs random", text=text,
+    orders; ``subject`` names the curve and the direction (``"... worse than random"``)."""
+    return Claim(section=section, subject=subject, text=text,
                  statistic="accuracy minus random", estimate=r.vs_random, low=r.vs_random_low,
                  high=r.vs_random_high, p=r.vs_random_p, significant=significant,
                  method="paired percentile bootstrap over prompts")
@@ -174,7 +174,8 @@ def pruning_claims(points: pd.DataFrame, summary: pd.DataFrame, *, unit: str) ->
                     f"[{r.vs_random_low:+.2f}, {r.vs_random_high:+.2f}] against their mean "
                     f"(paired bootstrap, {_p(r.vs_random_p)}); significantly worse at "
                     f"{len(worse)} of {len(g)} shares (per-share 95% intervals, uncorrected).")
-            out.append(_vs_random(r, f"pruning {unit}", f"{task} {ranking}", text, True))
+            out.append(_vs_random(r, f"pruning {unit}", f"{task} {ranking} worse than random",
+                                  text, True))
         if len(better):
             r = better.iloc[0]
             text = (f"{task} {shots}-shot: pruning {name} by {ranking} keeps more accuracy "
@@ -182,14 +183,16 @@ def pruning_claims(points: pd.DataFrame, summary: pd.DataFrame, *, unit: str) ->
                     f"[{r.vs_random_low:+.2f}, {r.vs_random_high:+.2f}] "
                     f"({_p(r.vs_random_p)}); significantly better at {len(better)} of "
                     f"{len(g)} shares (per-share 95% intervals, uncorrected).")
-            out.append(_vs_random(r, f"pruning {unit}", f"{task} {ranking}", text, True))
+            out.append(_vs_random(r, f"pruning {unit}", f"{task} {ranking} better than random",
+                                  text, True))
         if not len(worse) and not len(better):
             r = g.loc[g.vs_random.abs().idxmax()]
             text = (f"{task} {shots}-shot: pruning {name} by {ranking} does not differ "
                     f"significantly from random orders at any share (largest difference "
                     f"{r.vs_random:+.2f} [{r.vs_random_low:+.2f}, {r.vs_random_high:+.2f}] at "
                     f"{r[x]:g}%; not significant).")
-            out.append(_vs_random(r, f"pruning {unit}", f"{task} {ranking}", text, False))
+            out.append(_vs_random(r, f"pruning {unit}", f"{task} {ranking} vs random", text,
+                                  False))
     return out
 
 
@@ -295,7 +298,8 @@ def method_claims(agreement: pd.DataFrame, induction: pd.DataFrame, k: int) -> l
                 f"(overlap {overlap:.2f}; {null:.2f} expected from layer structure alone; "
                 f"hypergeometric {_p(hyper)}, layer-preserving null {_p(p)}"
                 + ("" if sig else ": not significant once layers are controlled") + ").")
-        out.append(Claim(section="methods", subject=f"{r.task} {int(r.shots)}-shot {r.method}",
+        out.append(Claim(section="methods",
+                         subject=f"{r.task} {int(r.shots)}-shot {r.method} vs {r['induction score']}",
                          text=text, statistic="top-k overlap with induction heads",
                          estimate=overlap, p=p, significant=sig,
                          method="hypergeometric; permutation within layers, one-sided"))
