@@ -11,7 +11,8 @@ For every result both folders index: accuracies (and whether every prediction is
 the largest log-likelihood difference; the largest absolute and relative (to the largest
 magnitude) difference of importance maps; the largest difference of any number in pruning
 curves' tables and whether their accuracy columns are identical (curves of other settings,
-e.g. another number of random orders, only as ``same_params: false``). Prints one line per
+e.g. another number of random orders, only as ``same_params: false``; causal checks: the
+largest difference of their values and whether the same heads were removed). Prints one line per
 kind and writes the per-result rows with ``--out``.
 """
 
@@ -41,6 +42,9 @@ def compare(old, new) -> dict:
         diff = float((new.mean.double() - old.mean.double()).abs().max())
         row["max_abs_diff"] = diff
         row["max_rel_diff"] = diff / max(float(old.mean.abs().max()), 1e-30)
+    elif kind == "InductionAblation":
+        row["max_abs_diff"] = float((new.values - old.values).abs().max())
+        row["same_heads"] = bool((new.heads == old.heads).all())
     elif kind == "PruneCurve" and new.params != old.params:
         # different settings (e.g. 3 random orders against 20): not the same table
         row["same_params"] = False
