@@ -91,6 +91,17 @@ class Bootstrap:
     threshold: float
     draws: Float[Array, "condition resample"]
 
+    @property
+    def p_two_sided(self) -> Float[Array, " condition"]:
+        """Two-sided bootstrap p-value of "the mean difference equals ``threshold``": twice the
+        smaller one-sided p-value, at most 1.
+
+        >>> r = paired_bootstrap(np.array([1.0, 2.0, 3.0]), seed=0)  # every resample above 0
+        >>> round(float(r.p_two_sided[0]) * (r.n_resamples + 1))  # 2 x (1 + 0) / (1 + 2000)
+        2
+        """
+        return np.minimum(1.0, 2 * np.minimum(self.p_greater, self.p_less))
+
 
 def paired_bootstrap(
     a: Shaped[Array, "*#condition example"], b: Shaped[Array, "*#condition example"] | None = None,

@@ -99,20 +99,24 @@ def test_cross_model_claims_are_recomputed_from_the_committed_reports():
 
 
 ABLATION_RUNS = ROOT / "figures" / "causal-ablation"
+ABLATION_MODELS = ("smollm2-135m", "gemma3-270m")
 
 
-def ablation_rows(models=("smollm2-135m", "gemma3-270m")) -> list[str]:
-    """The rows of docs/concepts/causal.md's zero-vs-mean table, from the committed runs of
-    ``mechicl ablate-induction --ablation zero|mean`` (figures/causal-ablation)."""
+def ablation_statistics(model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The committed runs of ``mechicl ablate-induction --ablation zero|mean`` on ``model``
+    (figures/causal-ablation): zero against mean ablation, and the mean-ablation check."""
     from mechicl.analyses.causal import InductionAblation, ablation_difference
 
+    runs = {a: InductionAblation.load(ABLATION_RUNS / a / model / "results"
+                                      / f"{model}-ablate-prefix_matching")
+            for a in ("zero", "mean")}
+    return ablation_difference(runs["zero"], runs["mean"]), runs["mean"].table()
+
+
+def ablation_rows(statistics: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> list[str]:
+    """The rows of docs/concepts/causal.md's zero-vs-mean table."""
     rows = []
-    for model in models:
-        runs = {a: InductionAblation.load(ABLATION_RUNS / a / model / "results"
-                                          / f"{model}-ablate-prefix_matching")
-                for a in ("zero", "mean")}
-        both = ablation_difference(runs["zero"], runs["mean"])
-        mean_table = runs["mean"].table()
+    for model, (both, mean_table) in statistics.items():
         for row, m in zip(both.itertuples(), mean_table.itertuples(), strict=True):
             rows.append(
                 f"| {model} | {row.k} | {m.unablated:.2f} | {row.top_a:.2f} | {row.top_b:.2f} | "
@@ -128,19 +132,14 @@ def test_causal_docs_quote_the_committed_zero_and_mean_ablation_runs():
     quoted = page.split("<!-- ablation-table:begin -->", 1)[1].split(
         "<!-- ablation-table:end -->", 1)[0]
     table = [line for line in quoted.splitlines() if line.startswith("| ") and "---" not in line]
-    assert table[1:] == ablation_rows()  # table[0] is the header
+    statistics = {model: ablation_statistics(model) for model in ABLATION_MODELS}
+    assert table[1:] == ablation_rows(statistics)  # table[0] is the header
     # the sentences under the table
-    from mechicl.analyses.causal import InductionAblation, ablation_difference
-
-    def load(ablation, model):
-        return InductionAblation.load(ABLATION_RUNS / ablation / model / "results"
-                                      / f"{model}-ablate-prefix_matching")
-
-    for model in ("smollm2-135m", "gemma3-270m"):
-        assert (load("mean", model).table().diff_low > 0).all()
-    gemma = ablation_difference(load("zero", "gemma3-270m"), load("mean", "gemma3-270m"))
+    for _, mean_table in statistics.values():
+        assert (mean_table.diff_low > 0).all()
+    gemma, gemma_mean = statistics["gemma3-270m"]
     assert (gemma.top_diff_low > 0).all() and gemma.top_diff.between(3.8, 4.95).all()
-    assert round(load("mean", "gemma3-270m").table().p_draws.iloc[-1] * 21) == 4
-    smol = ablation_difference(load("zero", "smollm2-135m"), load("mean", "smollm2-135m"))
+    assert round(gemma_mean.p_draws.iloc[-1] * 21) == 4
+    smol, _ = statistics["smollm2-135m"]
     assert smol.top_diff_low[0] < 0 < smol.top_diff_high[0]
     assert (smol.top_diff.abs()[1:] < 1).all()

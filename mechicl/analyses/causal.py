@@ -398,7 +398,7 @@ class InductionAblation:
                 "random_high": float(np.quantile(draw_means[i], band[1])),
                 "diff": float(diff.estimate[i]), "diff_low": float(diff.low[i]),
                 "diff_high": float(diff.high[i]),
-                "p": float(min(1.0, 2 * min(diff.p_greater[i], diff.p_less[i]))),
+                "p": float(diff.p_two_sided[i]),
                 "p_draws": float((1 + harmful.sum()) / (1 + self.draws)),
                 "top_vs_unablated": float(effect.estimate[i]),
                 "top_vs_unablated_low": float(effect.low[i]),
@@ -506,7 +506,7 @@ def ablation_difference(a: InductionAblation, b: InductionAblation, *,
                     f"{name}_diff": float(boot.estimate[c]),
                     f"{name}_diff_low": float(boot.low[c]),
                     f"{name}_diff_high": float(boot.high[c]),
-                    f"{name}_p": float(min(1.0, 2 * min(boot.p_greater[c], boot.p_less[c])))}
+                    f"{name}_p": float(boot.p_two_sided[c])}
         rows.append(row | {"ablation_a": a.params.get("ablation", "zero"),
                            "ablation_b": b.params.get("ablation", "zero"), "n": a.n,
                            "n_resamples": n_resamples, "level": level})

@@ -234,7 +234,7 @@ class PruneCurve:
                                       level=level)
                 row.update(vs_random=float(vs.estimate[0]), vs_random_low=float(vs.low[0]),
                            vs_random_high=float(vs.high[0]),
-                           vs_random_p=float(min(1.0, 2 * min(vs.p_greater[0], vs.p_less[0]))))
+                           vs_random_p=float(vs.p_two_sided[0]))
             out.append(row)
         table = pd.DataFrame(out)
         table["n"], table["n_resamples"], table["level"] = c.shape[1], n_resamples, level
