@@ -411,3 +411,47 @@ def test_two_models_compared_from_their_stored_results(model, report, tmp_path):
     assert stored.text.tolist() == [c.text for c in cmp.claims]
     with pytest.raises(ValueError, match="at least two reports"):
         compare_reports({"a": report.out})
+
+
+def test_mean_ablation_recomputes_only_the_removals(model, report, tmp_path):
+    """`ablation="mean"`: pruning curves, FFN knock-out and the causal check are recomputed
+    with mean ablation (a curve point equals evaluating the mean-ablated mask directly); the
+    scan, accuracy and importance maps do not depend on it and are reused; the text and the
+    cross-model tables say which removal each report used."""
+    import shutil
+
+    from mechicl.analyses.evaluation import prompt_means
+    from mechicl.report import compare_reports
+
+    out = tmp_path / "mean"
+    shutil.copytree(report.out, out)
+    mean = build_report(model, out, ReportConfig(**{**CONFIG, "ablation": "mean"}),
+                        store=tmp_path / "fresh")
+    assert mean.computed == {"ffn_importance": 2, "pruning": 4, "induction_ablation": 1,
+                             "induction_ablation_task": 2}
+    assert "pruning" not in mean.reused and mean.reused["importance"] == 4 + 2 * 5
+    curve = PruneCurve.load(out / "results" / "pruning" / f"{TASK_A}-1shot-heads")
+    assert curve.params["ablation"] == "mean"
+    scan = mechicl.load_result(out / "results" / "scan").scores["prefix_matching"]
+    plist = build_prompts(load_task(TASK_A), shots=1, seed=0)[6:14]
+    mask = pruning_mask(model, head_order=prune_order(-scan.mean), head_percent=25,
+                        ablation="mean", means=prompt_means(model, plist))
+    direct = mechicl.evaluate(model, TASK_A, shots=1, prompts=plist, mask=mask)
+    data = curve.data.set_index(["head_ranking", "head_percent"])
+    assert data.loc[("prefix matching, highest first", 25.0), "accuracy"] == pytest.approx(
+        direct.accuracy)
+    zero = PruneCurve.load(report.out / "results" / "pruning" / f"{TASK_A}-1shot-heads").data
+    zero = zero.set_index(["head_ranking", "head_percent"])
+    point = ("prefix matching, highest first", 25.0)
+    assert data.loc[point, "gold_logprob"] != pytest.approx(zero.loc[point, "gold_logprob"])
+    md = (out / "report.md").read_text()
+    assert "**mean ablation**" in md and "zero ablation of" not in md
+    assert md.count("mean ablation: ") == 3  # pruning, FFN knock-out, the causal check
+    assert "zero ablation of the head's output" in (report.out / "report.md").read_text()
+
+    cmp = compare_reports({"zero": report.out, "mean": mean})
+    for name in ("pruning", "causal"):
+        table = cmp.tables[name]
+        assert dict(zip(table.model, table.ablation, strict=True)) == {"zero": "zero", "mean": "mean"}, name
+    assert all("(zero ablation)" in c.text and "(mean ablation)" in c.text
+               for c in cmp.claims if c.section == "pruning")

@@ -162,6 +162,11 @@ REPORT_OPTIONS: tuple[Option, ...] = (
     Option(name="draws", type=int, default=PRUNING.option("draws").default, minimum=0,
            help="random pruning orders per curve"),
     Option(name="ffn", type=bool, default=True, help="FFN knock-out and FFN pruning curves"),
+    dataclasses.replace(PRUNING.option("ablation"),
+                        help="how the pruning curves, FFN knock-out and the causal check "
+                             "remove a head or FFN: zero its output, or replace it by its mean "
+                             "over the evaluated inputs (mean: advised for models that "
+                             "normalise a block's output, e.g. Gemma)"),
     Option(name="compare_methods", type=list, item=str,
            default=["michel", "ablation", "ablation-mean", "attribution", "attribution-mean"],
            non_empty=False, choices=IMPORTANCE_LABELS,
@@ -227,6 +232,12 @@ class ReportConfig:
         ffn_percents: percentages of FFNs removed along the FFN pruning curves.
         draws: random-ranking draws per pruning curve.
         ffn: compute FFN knock-out importance and FFN pruning curves.
+        ablation: how the pruning curves, FFN knock-out and the causal check remove a head or
+            an FFN: ``zero`` (its output zeroed, as Bansal et al. and Michel et al. mask) or
+            ``mean`` (replaced by its mean over the evaluated prompts or sequences). Models that
+            normalise a block's output before the residual stream (Gemma's post-attention
+            RMSNorm) shift more under zero ablation: docs/concepts/causal.md measures how
+            much.
         compare_methods: importance methods (labels of
             :data:`~mechicl.analyses.importance.IMPORTANCE_LABELS`) mapped next to ``method``
             for the prune tasks at the prune shots: their agreement and their overlap with the
@@ -264,6 +275,7 @@ class ReportConfig:
     ffn_percents: tuple[int | float, ...] = _default("ffn_percents")
     draws: int = _default("draws")
     ffn: bool = _default("ffn")
+    ablation: str = _default("ablation")
     compare_methods: tuple[str, ...] = _default("compare_methods")
     causal_ks: tuple[int, ...] = _default("causal_ks")
     importance_scale: str = _default("importance_scale")
@@ -277,7 +289,8 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         for name, value in self.options().items():
-            if isinstance(value, str | bytes) and name not in ("method", "importance_scale"):
+            if isinstance(value, str | bytes) and name not in ("method", "importance_scale",
+                                                                "ablation"):
                 raise ValueError(f"{name}={value!r} must be a sequence (e.g. a tuple)")
         if not self.tasks:
             raise ValueError("tasks=() is empty: give at least one task")
@@ -321,7 +334,8 @@ class ReportConfig:
                    seed=job.seed)
 
 
-_ADDED_LATER: dict[str, Any] = {"compare_methods": (), "causal_ks": (), "sections": ("paper",)}
+_ADDED_LATER: dict[str, Any] = {"compare_methods": (), "causal_ks": (), "sections": ("paper",),
+                                "ablation": "zero"}
 """Options a stored report may lack, with the value that reproduces it (mechicl 0.3 added
 them)."""
 
@@ -355,7 +369,7 @@ def _paper_jobs(config: ReportConfig, model: str) -> dict[str, Job]:
                         "batch_tokens": config.importance_batch_tokens}, **cell)
     common = dict(draws=config.draws, method=config.method, n=config.n, eval_n=config.eval_n,
                   scan_seeds=config.scan_seeds, scan_length=config.scan_length,
-                  batch_tokens=batch)
+                  ablation=config.ablation, batch_tokens=batch)
     for i, task in enumerate(config.prune_tasks):
         other = config.prune_tasks[(i + 1) % len(config.prune_tasks)]
         for shots in config.prune_shots:
@@ -367,7 +381,8 @@ def _paper_jobs(config: ReportConfig, model: str) -> dict[str, Job]:
                 "ffn_percents": [0.0], **common}, **cell)
             if config.ffn:
                 jobs[f"ffn/{task}-{shots}shot"] = FFN_IMPORTANCE.job(
-                    model, {"n": config.n, "batch_tokens": batch}, **cell)
+                    model, {"n": config.n, "ablation": config.ablation, "batch_tokens": batch},
+                    **cell)
                 jobs[f"pruning/{task}-{shots}shot-ffn"] = PRUNING.job(model, {
                     "rankings": [], "ffn_rankings": ["same"], "percents": [0.0],
                     "ffn_percents": list(config.ffn_percents), **common}, **cell)
@@ -379,7 +394,8 @@ def _paper_jobs(config: ReportConfig, model: str) -> dict[str, Job]:
     if config.causal_ks:
         causal = dict(score=config.scores[0], ks=list(config.causal_ks),
                       draws=max(config.draws, MIN_DRAWS), scan_seeds=config.scan_seeds,
-                      scan_length=config.scan_length, batch_tokens=batch)
+                      scan_length=config.scan_length, ablation=config.ablation,
+                      batch_tokens=batch)
         # its sequences as long as the scan's when the report fixes one length (small models)
         jobs["causal/repeated-sequences"] = INDUCTION_ABLATION.job(
             model, {**causal, **({"length": config.scan_length} if config.scan_length else {})},
@@ -588,7 +604,8 @@ def _paper_text(config: "ReportConfig") -> str:
             f"Importance method `{config.method}` on {config.n} prompts per task and shot "
             f"count; accuracy and pruning curves on the next {config.eval_n} prompts of the "
             f"same seeded list (disjoint from the importance prompts). Induction scans: "
-            f"{config.scan_seeds} random sequences per score.")
+            f"{config.scan_seeds} random sequences per score. Pruning, FFN knock-out and the "
+            f"causal check remove a head or FFN by **{config.ablation} ablation**.")
 
 
 def _paper(doc: Document, claims: list[Claim], view: "_ModelView", config: "ReportConfig",
@@ -783,8 +800,9 @@ def _paper_sections(doc: Document, claims: list[Claim], model: "_ModelView",
     # 5. pruning
     if head_curves:
         doc.heading(2, "Pruning heads")
-        doc.text("Accuracy while removing a growing share of heads (zero ablation of the head's "
-                 "output before W_O): least important first by the task's own importance "
+        doc.text("Accuracy while removing a growing share of heads ("
+                 + _removal_text(config.ablation, "the head's output before W_O") + "): "
+                 "least important first by the task's own importance "
                  "ranking and by another task's ranking, and by the first induction score in "
                  "both directions (highest first: induction heads first; lowest first); "
                  f"{config.draws} random orders as the baseline (mean, band: 5-95% quantiles of "
@@ -799,8 +817,10 @@ def _paper_sections(doc: Document, claims: list[Claim], model: "_ModelView",
         doc.figures_row([(f"ffn-importance-{t}-{s}shot", layer_bars(
             v, title=f"{t} {s}-shot: FFN knock-out", yaxis_title="accuracy drop"))
             for (t, s), v in ffn.items()],
-            "Accuracy drop when each layer's FFN is removed (Bansal et al. Fig. 5 type); error "
-            "bars: one standard error over prompts.")
+            "Accuracy drop when each layer's FFN is removed ("
+            + _removal_text(config.ablation, "its output", "the importance prompts")
+            + "; Bansal et al. Fig. 5 type); "
+            "error bars: one standard error over prompts.")
         if ffn_curves:
             doc.figures_row([(f"prune-ffn-{t}-{s}shot", prune_curve_figure(c, x="ffn_percent"))
                              for (t, s), c in ffn_curves.items()])
@@ -1014,7 +1034,9 @@ def _causal_section(doc: Document, claims: list[Claim],
     table = pd.concat(tables, ignore_index=True)
     loss, acc = table[table.measure != "accuracy"], table[table.measure == "accuracy"]
     first = next(iter(causal.values()))
-    doc.text(f"Zero-ablating the k heads with the highest {score} scores (k = "
+    doc.text(f"Removing the k heads with the highest {score} scores ("
+             + _removal_text(config.ablation, "their outputs before W_O",
+                           "the evaluated sequences / prompts") + "; k = "
              + ", ".join(map(str, config.causal_ks)) + f") against {first.params['draws']} "
              "sets of k heads drawn at random from all heads (the null: any k heads removed "
              "cost something). Repeated random sequences (4 copies, sequences not used by the "
@@ -1039,6 +1061,18 @@ def _causal_section(doc: Document, claims: list[Claim],
     found = causal_claims(table, classes)
     claims += found
     doc.text("\n".join(f"- {c.text}" for c in found))
+
+
+def _removal_text(ablation: str, what: str, over: str = "the evaluated prompts") -> str:
+    """How the report removes a head or FFN, in words: ``"zero ablation of <what>"`` or its
+    mean-ablation counterpart, whose mean is taken ``over`` these inputs.
+
+    >>> _removal_text("mean", "its output", "the importance prompts")
+    'mean ablation: its output replaced by the mean output over the importance prompts'
+    """
+    if ablation == "mean":
+        return f"mean ablation: {what} replaced by the mean output over {over}"
+    return f"zero ablation of {what}"
 
 
 def _widths_section(doc: Document, config: "ReportConfig") -> None:
@@ -1153,7 +1187,8 @@ REPORT = register_analysis(Analysis(
     # 4: sections beyond the paper (mechicl.report.sections), their claims and figures
     # 5: a determinant with too few events or constant resamples is not tested
     # 6: unique claim subjects (score, direction); heatmaps wide enough for their titles
-    code_version=6,
+    # 7: the report's ablation option (zero or mean removal), said in the text and cross-model
+    code_version=7,
 ))
 
 

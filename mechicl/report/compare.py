@@ -16,6 +16,9 @@ folders) of the same tasks and shot counts and puts their findings next to each 
 * **pruning**: the share of heads (and FFNs) removable per task and ranking, with intervals;
 * **the causal check**: top-k induction heads vs random heads, per model.
 
+Each model's pruning and causal rows name how its report removed a head or FFN (its
+``ablation``: zero or mean), since the two can differ and matter on post-norm models.
+
 Every sentence is a :class:`~mechicl.report.claims.Claim`; "the models agree" is said only of
 a test both models pass or both fail, and a difference of accuracy only when its interval
 excludes zero. Models differ in their number of heads, so pruning is compared in shares and the
@@ -304,7 +307,8 @@ def _pruning(reports: Mapping[str, Report], claims: list[Claim]) -> pd.DataFrame
                 continue
             for _, r in summary.iterrows():
                 ranking = str(r["ranking"])
-                rows.append({"model": name, "unit": unit, "task": r.task, "shots": r.shots,
+                rows.append({"model": name, "ablation": report.config.ablation, "unit": unit,
+                             "task": r.task, "shots": r.shots,
                              # the task's own / another task's ranking, by kind (labels
                              # name the tasks)
                              "ranking": ranking.split(" (", 1)[0] + (
@@ -322,7 +326,8 @@ def _pruning(reports: Mapping[str, Report], claims: list[Claim]) -> pd.DataFrame
             continue
         removable = (g["removable %"] > 0).tolist()
         agree = _same_verdict(removable)
-        parts = "; ".join(f"{r.model}: {r['removable %']:g}% removable (estimate "
+        parts = "; ".join(f"{r.model} ({r.ablation} ablation): {r['removable %']:g}% "
+                          f"removable (estimate "
                           f"{r['estimate %']:g}%, 90% interval [{r['low %']:g}%, "
                           f"{r['high %']:g}%])" for _, r in g.iterrows())
         text = (f"{task} {s}-shot, pruning {unit} by {ranking} ({parts}): "
@@ -341,20 +346,20 @@ def _causal(reports: Mapping[str, Report], claims: list[Claim]) -> pd.DataFrame:
     for name, report in reports.items():
         causal = report.tables.get("causal")
         if causal is not None and not causal.empty:
-            frames.append(causal.assign(model=name))
+            frames.append(causal.assign(model=name, ablation=report.config.ablation))
     if not frames:
         return pd.DataFrame()
     table = pd.concat(frames, ignore_index=True)
 
     table["verdict"] = [causal_verdict(r.measure, r.diff, r.diff_low, r.diff_high)
                         for r in table.itertuples(index=False)]
-    columns = ["model", "subject", "shots", "k", "measure", "unablated", "top", "random_mean",
+    columns = ["model", "ablation", "subject", "shots", "k", "measure", "unablated", "top", "random_mean",
                "diff", "diff_low", "diff_high", "p", "verdict"]
     table = table[columns]
     for subject, g in table.groupby("subject", sort=False):
         if g.model.nunique() < 2:
             continue
-        parts = "; ".join(f"{r.model} k = {r.k}: top minus random {r.diff:+.2f} "
+        parts = "; ".join(f"{r.model} ({r.ablation} ablation) k = {r.k}: top minus random {r.diff:+.2f} "
                           f"[{r.diff_low:+.2f}, {r.diff_high:+.2f}] ({r.verdict})"
                           for r in g.itertuples(index=False))
         verdicts = set(g.verdict)
