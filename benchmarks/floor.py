@@ -85,3 +85,31 @@ def matmul_rate(model, *, tokens: int = 512, repeats: int = 7) -> float:
             torch.mm(a, b)
         times.append((time.perf_counter() - t0) / 10)
     return 2 * tokens * d_model * d_mlp / statistics.median(times)
+
+
+def probe_setup(argv: list[str] | None = None):
+    """What the plain-forward probes share (probe_compile.py, profile_forward.py): their
+    arguments (``--model``, ``--seeds``, ``--repeats``, ``--out``), two threads, the model, its
+    plain Hugging Face body (blocks and final norm: no unembedding, no hooks), the prefix-matching
+    scan's sequences (one ``[1, tokens]`` tensor each) and the matmul rate measured now.
+
+    Returns ``(args, model, body, sequences, rate)``.
+    """
+    import argparse
+    from pathlib import Path
+
+    import mechicl
+    from mechicl.analyses.induction import repeated_sequences
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seeds", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    model = mechicl.load_model(args.model)
+    body = model.bridge.original_model.model
+    sequences = [s[None].to(model.device)
+                 for s in repeated_sequences(model, n_seeds=args.seeds)]
+    return args, model, body, sequences, matmul_rate(model)

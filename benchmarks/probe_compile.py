@@ -10,38 +10,23 @@ measured in the same process. Not a test; one process, medians of ``--repeats`` 
     .venv/bin/python benchmarks/probe_compile.py --out benchmarks/results/probe-compile.json
 """
 
-import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from floor import CostModel, matmul_rate
-
-import mechicl
-from mechicl.analyses.induction import repeated_sequences
+from floor import CostModel, probe_setup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--seeds", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    model = mechicl.load_model(args.model)
-    body = model.bridge.original_model.model
-    seqs = repeated_sequences(model, n_seeds=args.seeds)
-    rate = matmul_rate(model)
-    floor = CostModel.of(model).forward([len(s) for s in seqs]) / rate
+    args, model, body, seqs, rate = probe_setup()
+    floor = CostModel.of(model).forward([s.shape[1] for s in seqs]) / rate
 
     def run(f) -> float:
         start = time.perf_counter()
         with torch.no_grad():
             for s in seqs:
-                f(s[None].to(model.device), use_cache=False)
+                f(s, use_cache=False)
         return time.perf_counter() - start
 
     run(body)

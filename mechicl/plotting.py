@@ -325,7 +325,9 @@ def prune_curve_figure(curve: Any, *, x: str = "head_percent", title: str | None
             fig.add_trace(go.Scatter(
                 x=list(stats[x]) + list(stats[x])[::-1],
                 y=list(stats["high"]) + list(stats["low"])[::-1], fill="toself",
-                line={"width": 0}, fillcolor="rgba(128,128,128,0.25)", hoverinfo="skip",
+                # mode "lines": plotly marks the corners of traces under 20 points otherwise
+                mode="lines", line={"width": 0}, fillcolor="rgba(128,128,128,0.25)",
+                hoverinfo="skip",
                 name=f"random: {band[0]:.0%}-{band[1]:.0%} of draws"))
         error = None
         if points is not None and name != "random":

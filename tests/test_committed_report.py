@@ -88,14 +88,15 @@ def test_committed_claims_are_recomputed_from_the_stored_results(folder):
 
 def test_cross_model_claims_are_recomputed_from_the_committed_reports():
     """figures/cross-model (scripts/cross_model.py) is what compare_reports computes from the two
-    committed paper reports, sentence for sentence."""
+    committed paper reports, sentence for sentence; their ablations differ, and it says so."""
     from mechicl.report import compare_reports
 
     stored = pd.read_csv(ROOT / "figures" / "cross-model" / "tables" / "claims.csv")
     found = compare_reports({"smollm2-135m": REPORTS[0], "gemma3-270m": REPORTS[3]})
+    assert found.ablations == {"smollm2-135m": "zero", "gemma3-270m": "mean"}
     assert [c.text for c in found.claims] == stored.text.tolist()
-    assert "4-bit GGUF Q4_K_M" in (ROOT / "figures" / "cross-model" / "cross-model.md").read_text(
-        encoding="utf-8")
+    page = (ROOT / "figures" / "cross-model" / "cross-model.md").read_text(encoding="utf-8")
+    assert "4-bit GGUF Q4_K_M" in page and "**The ablations differ" in page
 
 
 ABLATION_RUNS = ROOT / "figures" / "causal-ablation"
@@ -143,3 +144,23 @@ def test_causal_docs_quote_the_committed_zero_and_mean_ablation_runs():
     smol, _ = statistics["smollm2-135m"]
     assert smol.top_diff_low[0] < 0 < smol.top_diff_high[0]
     assert (smol.top_diff.abs()[1:] < 1).all()
+
+
+def test_causal_page_quotes_the_gemma_reports_mean_ablation_check():
+    """docs/concepts/causal.md quotes the committed Gemma report's causal claims (mean
+    ablation) unedited, and its sentence about them holds: the top 5 and 10 heads are not more
+    harmful than random on either prune task, the top 27 are on both, and every k is on the
+    repeated sequences."""
+    folder = REPORTS[3]
+    meta = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    assert meta["params"]["ablation"] == "mean"
+    claims = stored_claims(folder)
+    causal = claims[claims.section == "causal"]
+    assert quoted_claims(DOC.parent / "causal.md", "gemma3-270m-report") == causal.text.tolist()
+    table = pd.read_csv(folder / "tables" / "causal.csv")
+    acc, loss = table[table.measure == "accuracy"], table[table.measure != "accuracy"]
+    assert set(acc.subject) == {"country_capital", "antonyms"}
+    # accuracy: lower is worse; "more harmful" = the interval of top minus random below 0
+    assert not (acc[acc.k < 27].diff_high < 0).any()
+    assert (acc[acc.k == 27].diff_high < 0).all()
+    assert (loss.diff_low > 0).all() and len(loss) == 3

@@ -396,6 +396,9 @@ def test_prune_curve_figure_traces():
     assert "imp" in names and "random (2 draws)" in names
     band = next(t for t in fig.data if t.fill == "toself")  # 5-95% quantiles of the draws
     assert list(band.y) == pytest.approx([0.80, 0.69, 0.51, 0.80])
+    # grey, no markers at its corners (plotly's default for short traces), no hover text
+    assert band.mode == "lines" and band.fillcolor == "rgba(128,128,128,0.25)"
+    assert band.hoverinfo == "skip"
     imp = next(t for t in fig.data if t.name == "imp")
     assert imp.error_y.array is not None  # paired-bootstrap error bars over prompts
     random_line = next(t for t in fig.data if t.name == "random (2 draws)")

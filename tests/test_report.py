@@ -455,3 +455,8 @@ def test_mean_ablation_recomputes_only_the_removals(model, report, tmp_path):
         assert dict(zip(table.model, table.ablation, strict=True)) == {"zero": "zero", "mean": "mean"}, name
     assert all("(zero ablation)" in c.text and "(mean ablation)" in c.text
                for c in cmp.claims if c.section == "pruning")
+    assert cmp.ablations == {"zero": "zero", "mean": "mean"}
+    assert "**The ablations differ" in cmp.markdown()
+    same = compare_reports({"a": report.out, "b": report.out})
+    assert "`a`: zero ablation; `b`: zero ablation." in same.markdown()
+    assert "The ablations differ" not in same.markdown()

@@ -1187,7 +1187,8 @@ REPORT = register_analysis(Analysis(
     # 4: sections beyond the paper (mechicl.report.sections), their claims and figures
     # 5: a determinant with too few events or constant resamples is not tested
     # 6: unique claim subjects (score, direction); heatmaps wide enough for their titles
-    # 7: the report's ablation option (zero or mean removal), said in the text and cross-model
+    # 7: the ablation option (zero or mean removal), said in the text and cross-model; pruning
+    #    bands without corner markers
     code_version=7,
 ))
 

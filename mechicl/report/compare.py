@@ -59,12 +59,14 @@ class Comparison:
             ``pruning``, ``causal``, ``claims``).
         claims: the findings.
         weights: per model, its weights' description (format, quantisation).
+        ablations: per model, how its report removed heads and FFNs (``zero`` or ``mean``).
     """
 
     models: tuple[str, ...]
     tables: dict[str, pd.DataFrame] = field(repr=False)
     claims: list[Claim] = field(repr=False)
     weights: dict[str, str] = field(default_factory=dict, repr=False)
+    ablations: dict[str, str] = field(default_factory=dict, repr=False)
 
     def markdown(self) -> str:
         """The comparison as a Markdown page: the claims by section, then the tables."""
@@ -75,7 +77,7 @@ class Comparison:
                  f"({datetime.date.today().isoformat()}). Weights: "
                  + "; ".join(f"`{m}`: {w}" for m, w in self.weights.items())
                  + ". Significance level 0.05 throughout; every sentence is a row of "
-                 "`tables/claims.csv`.")
+                 "`tables/claims.csv`." + _ablation_text(self.ablations))
         for section, title in _TITLES.items():
             found = [c for c in self.claims if c.section == section]
             table = self.tables.get(section)
@@ -98,6 +100,23 @@ class Comparison:
         with atomic_path(out / "cross-model.md") as tmp:
             tmp.write_text(self.markdown(), encoding="utf-8")
         return out
+
+
+def _ablation_text(ablations: Mapping[str, str]) -> str:
+    """The header's sentence on how each report removed heads and FFNs; a warning when they
+    differ (pruning and causal rows are then not like for like).
+
+    >>> print(_ablation_text({"a": "zero", "b": "mean"}))
+     Heads and FFNs removed (pruning, FFN knock-out, causal check) by `a`: zero ablation; `b`: mean ablation. **The ablations differ, ...**
+    """
+    if not ablations:
+        return ""
+    text = (" Heads and FFNs removed (pruning, FFN knock-out, causal check) by "
+            + "; ".join(f"`{m}`: {a} ablation" for m, a in ablations.items()) + ".")
+    if len(set(ablations.values())) > 1:
+        text += (" **The ablations differ, so the pruning and causal rows compare different "
+                 "interventions as well as different models.**")
+    return text
 
 
 def _same_verdict(passed: list[bool]) -> bool:
@@ -137,7 +156,9 @@ def compare_reports(reports: Mapping[str, Report | str | os.PathLike[str]], *,
               "pruning": _pruning(loaded, claims),
               "causal": _causal(loaded, claims)}
     weights = {n: weights_description(r.model) for n, r in loaded.items()}
-    return Comparison(models=tuple(names), tables=tables, claims=claims, weights=weights)
+    ablations = {n: r.config.ablation for n, r in loaded.items()}
+    return Comparison(models=tuple(names), tables=tables, claims=claims, weights=weights,
+                      ablations=ablations)
 
 
 def _correct(report: Report, task: str, shots: int) -> pd.Series:
