@@ -201,6 +201,10 @@ def _check(options: dict[str, Any], tasks: Sequence[str], shots: Sequence[int]) 
         raise ValueError(f"prune_shots {missing_shots} are not in shots={options['shots']}")
 
 
+_STRING_OPTIONS = frozenset(o.name for o in REPORT_OPTIONS if o.type is str)
+"""The options whose value is one string (every other str value is a list given as a string)."""
+
+
 def _default(name: str) -> Any:
     value = next(o for o in REPORT_OPTIONS if o.name == name).default
     return tuple(value) if isinstance(value, list) else value
@@ -289,8 +293,7 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         for name, value in self.options().items():
-            if isinstance(value, str | bytes) and name not in ("method", "importance_scale",
-                                                                "ablation"):
+            if isinstance(value, str | bytes) and name not in _STRING_OPTIONS:
                 raise ValueError(f"{name}={value!r} must be a sequence (e.g. a tuple)")
         if not self.tasks:
             raise ValueError("tasks=() is empty: give at least one task")

@@ -374,14 +374,14 @@ def _causal(reports: Mapping[str, Report], claims: list[Claim]) -> pd.DataFrame:
 
     table["verdict"] = [causal_verdict(r.measure, r.diff, r.diff_low, r.diff_high)
                         for r in table.itertuples(index=False)]
-    columns = ["model", "ablation", "subject", "shots", "k", "measure", "unablated", "top", "random_mean",
-               "diff", "diff_low", "diff_high", "p", "verdict"]
+    columns = ["model", "ablation", "subject", "shots", "k", "measure", "unablated", "top",
+               "random_mean", "diff", "diff_low", "diff_high", "p", "verdict"]
     table = table[columns]
     for subject, g in table.groupby("subject", sort=False):
         if g.model.nunique() < 2:
             continue
-        parts = "; ".join(f"{r.model} ({r.ablation} ablation) k = {r.k}: top minus random {r.diff:+.2f} "
-                          f"[{r.diff_low:+.2f}, {r.diff_high:+.2f}] ({r.verdict})"
+        parts = "; ".join(f"{r.model} ({r.ablation} ablation) k = {r.k}: top minus random "
+                          f"{r.diff:+.2f} [{r.diff_low:+.2f}, {r.diff_high:+.2f}] ({r.verdict})"
                           for r in g.itertuples(index=False))
         verdicts = set(g.verdict)
         agree = len(verdicts) == 1
