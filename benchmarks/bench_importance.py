@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from floor import CostModel, matmul_rate  # noqa: E402
+from floor import CostModel, Rates  # noqa: E402
 
 import mechicl  # noqa: E402
 from mechicl._batching import length_batches  # noqa: E402
@@ -101,7 +101,8 @@ def main() -> None:
     lengths = batch.attention_mask.sum(-1).tolist()
     answers = int(batch.answer_mask[:, 1:].sum())  # positions whose next token is scored
     cost = CostModel.of(model)
-    rate = matmul_rate(model)
+    rates = Rates.measure(model)
+    rate = rates.single
     forward = cost.forward(lengths, unembedded=answers)
     floors = {"gradient": 2 * forward,  # forward + a backward to activations (floor.py)
               "ablation": forward + sum(model.n_heads * (cost.forward_from(lengths, layer)
@@ -111,7 +112,9 @@ def main() -> None:
                     "tokens": n_tokens, "batch_tokens": args.batch_tokens,
                     "n_heads_total": model.n_layers * model.n_heads,
                     "torch_threads": torch.get_num_threads(), "matmul_gflops": rate / 1e9,
-                    "floor_s": {k: v / rate for k, v in floors.items()}}
+                    "floor_s": {k: v / rate for k, v in floors.items()},
+                    "rates": rates.to_dict(),
+                    "shape_floor_s": {k: rates.seconds(v) for k, v in floors.items()}}
 
     def grad_run(method: str):
         return lambda: mechicl.head_importance(model, prompts=prompts, method=method,
@@ -127,6 +130,8 @@ def main() -> None:
                    "bansal_ratio": bansal / bare, "michel_ratio": michel / bare,
                    "bansal_over_floor": bansal / result["floor_s"]["gradient"],
                    "bare_over_floor": bare / result["floor_s"]["gradient"],
+                   "bansal_over_shape_floor": bansal / result["shape_floor_s"]["gradient"],
+                   "bare_over_shape_floor": bare / result["shape_floor_s"]["gradient"],
                    "all_times": {"bare": bare_all, "bansal": bansal_all, "michel": michel_all},
                    "peak_rss_gb_after_gradient": peak_rss_gb()}
     if "ablation" in parts:
@@ -135,7 +140,8 @@ def main() -> None:
                                 batch_tokens=4096)
         ablation = time.perf_counter() - start
         result |= {"ablation_s": ablation, "peak_rss_gb_after_ablation": peak_rss_gb(),
-                   "ablation_over_floor": ablation / result["floor_s"]["ablation"]}
+                   "ablation_over_floor": ablation / result["floor_s"]["ablation"],
+                   "ablation_over_shape_floor": ablation / result["shape_floor_s"]["ablation"]}
         if "bansal_s" in result:
             result["ablation_over_bansal"] = ablation / result["bansal_s"]
             result["ablation_target"] = result["n_heads_total"] / 4
@@ -146,15 +152,18 @@ def main() -> None:
              f"{result['floor_s']['ablation']:.1f} s ({rate / 1e9:.0f} GFLOP/s matmul)")]
     if "bansal_s" in result:
         rows += [("bare forward + backward", f"{result['bare_fwd_bwd_s']:.2f} s "
-                  f"({result['bare_over_floor']:.2f}x floor)"),
+                  f"({result['bare_over_floor']:.2f}x floor, "
+                  f"{result['bare_over_shape_floor']:.2f}x per-shape floor)"),
                  ("gradient importance, bansal", f"{result['bansal_s']:.2f} s "
                   f"({result['bansal_ratio']:.2f}x bare, "
-                  f"{result['bansal_over_floor']:.2f}x floor)"),
+                  f"{result['bansal_over_floor']:.2f}x floor, "
+                  f"{result['bansal_over_shape_floor']:.2f}x per-shape floor)"),
                  ("gradient importance, michel", f"{result['michel_s']:.2f} s "
                   f"({result['michel_ratio']:.2f}x)")]
     if "ablation_s" in result:
         rows.append(("per-head ablation importance", f"{result['ablation_s']:.1f} s "
-                     f"({result['ablation_over_floor']:.2f}x floor)"))
+                     f"({result['ablation_over_floor']:.2f}x floor, "
+                     f"{result['ablation_over_shape_floor']:.2f}x per-shape floor)"))
     if "ablation_over_bansal" in result:
         rows.append(("ablation / gradient", f"{result['ablation_over_bansal']:.0f}x "
                      f"(target >= {result['ablation_target']:.1f}x)"))

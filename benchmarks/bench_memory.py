@@ -12,14 +12,19 @@ run) over one pass of the analysis' own code:
   ``rows`` repeated sequences of ``seq_len`` tokens (BOS + 4 copies of L tokens);
 * ``importance``: :func:`mechicl.analyses.importance.token_gate_grads`, the forward + backward of the
   gradient head importance;
-* ``choices``: :func:`mechicl.analyses.evaluation.choice_logprobs` on ``rows`` prompts of ``seq_len`` tokens.
+* ``choices``: :func:`mechicl.analyses.evaluation.choice_logprobs` on ``rows`` prompts of ``seq_len`` tokens;
+* ``circuits``: :func:`mechicl.analyses.induction.ov_eigen_copying_scores`, the scan's OV-circuit
+  score, computed once from the weights (against the estimate's ``circuits`` term; ``rows`` and
+  ``seq_len`` do not matter).
 
 How memory is measured (Linux): the peak is the kernel's high-water mark of resident memory
 (``VmHWM``), reset to the current resident memory by writing 5 to ``/proc/self/clear_refs``
 after ``malloc_trim``. The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536``, so glibc
 serves every tensor larger than 64 KiB with its own ``mmap`` and returns it on free: resident
 memory then follows the live tensors instead of the allocator's cache. The estimate is the one
-:func:`mechicl.experiments.memory.estimate_memory` gives for the loaded model, minus the weights.
+:func:`mechicl.experiments.memory.estimate_memory` gives for the loaded model, minus the weights:
+its ``batch_bytes`` (the passes; for ``scan`` without the OV score, which this ``scan`` does not
+compute) or its ``circuits``.
 
 Prints a markdown table; with ``--out`` also writes the rows as JSON. Nothing else is written.
 """
@@ -35,17 +40,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-MEMORY_MODELS = ("forward", "scan", "importance", "choices")
+MEMORY_MODELS = ("forward", "scan", "importance", "choices", "circuits")
 MiB = 1 << 20
 
 
-def _status() -> tuple[int, int]:
+def status() -> tuple[int, int]:
     """(resident, peak resident) bytes of this process."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -58,7 +63,7 @@ def can_measure() -> bool:
     """Whether this machine can reset the peak resident memory (Linux with /proc)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        _status()
+        status()
     except OSError:
         return False
     return True
@@ -71,6 +76,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     import mechicl
     from mechicl.analyses.importance import token_gate_grads
+    from mechicl.analyses.induction import ov_eigen_copying_scores
     from mechicl.experiments.memory import estimate_memory
     from mechicl.inputs.tasks import Prompt
 
@@ -103,6 +109,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             prompts = [Prompt(id=str(i), text=text, continuations=(" yes", " no"), gold=0)
                        for i in range(rows)]
             mechicl.analyses.evaluation.choice_logprobs(model, prompts, batch_tokens=rows * seq_len)
+        elif analysis == "circuits":
+            ov_eigen_copying_scores(model)
         else:
             raise ValueError(f"unknown analysis {analysis!r}; allowed: {list(MEMORY_MODELS)}")
         return seq_len
@@ -111,31 +119,57 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         run(analysis, 1, 16)  # warm-up: lazy initialisation, thread pools
     records = []
     for analysis, rows in spec["runs"]:
-        _reset_peak()
-        before, _ = _status()
+        reset_peak()
+        before, _ = status()
         start = time.perf_counter()
         seq_len = run(analysis, rows, spec["seq_len"])
         seconds = time.perf_counter() - start
-        _, peak = _status()
+        _, peak = status()
         estimate = estimate_memory(model, batch_tokens=rows * seq_len, seq_len=seq_len,
-                                   analysis=analysis)
+                                   analysis="scan" if analysis == "circuits" else analysis)
+        estimated = estimate.circuits if analysis == "circuits" else estimate.batch_bytes
         records.append({"model": spec["model"], "analysis": analysis, "dtype": spec["dtype"],
                         "rows": rows, "seq_len": seq_len, "measured": peak - before,
-                        "estimated": estimate.per_pass, "seconds": seconds,
+                        "estimated": estimated, "seconds": seconds,
                         "estimate": estimate.to_dict()})
     return {"records": records}
 
 
-def measure(spec: dict[str, Any], timeout: float = 900) -> list[dict[str, Any]]:
-    """Run :func:`child` in a fresh Python process (see the module docstring for the setup)."""
+def run_child(script: str, spec: dict[str, Any], timeout: float = 900) -> Any:
+    """Run ``script --child SPEC`` in a fresh Python process set up for measuring memory (see
+    the module docstring); returns the JSON its last line printed."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
+    out = subprocess.run([sys.executable, str(Path(script).resolve()), "--child",
                           json.dumps(spec)], env=env, capture_output=True, text=True,
                          timeout=timeout, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"measurement failed ({spec}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["records"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def as_child(args: argparse.Namespace, child_fn) -> bool:
+    """With ``--child``: print ``child_fn(spec)`` as JSON and return True (the caller stops);
+    else check that this machine can measure (exits if not) and return False."""
+    if args.child is not None:
+        print(json.dumps(child_fn(json.loads(args.child))))
+        return True
+    if not can_measure():
+        raise SystemExit("needs Linux: the peak resident memory is reset via /proc/self/clear_refs")
+    return False
+
+
+def emit(table: str, records: list[dict[str, Any]], out: Path | None) -> None:
+    """Print the markdown ``table``; with ``out``, also write ``records`` there as JSON."""
+    print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=2))
+
+
+def measure(spec: dict[str, Any], timeout: float = 900) -> list[dict[str, Any]]:
+    """Run :func:`child` in a fresh Python process (see the module docstring for the setup)."""
+    return run_child(__file__, spec, timeout)["records"]
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
@@ -164,11 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.child is not None:
-        print(json.dumps(child(json.loads(args.child))))
+    if as_child(args, child):
         return
-    if not can_measure():
-        raise SystemExit("needs Linux: the peak resident memory is reset via /proc/self/clear_refs")
     analyses = args.analyses.split(",")
     unknown = sorted(set(analyses) - set(MEMORY_MODELS))
     if unknown:
@@ -179,10 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             spec = {"model": args.model, "runs": [[analysis, rows]], "dtype": args.dtype,
                     "seq_len": args.seq_len, "threads": args.threads}
             records += measure(spec)
-    print(markdown(records))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(records, indent=2))
+    emit(markdown(records), records, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import transformer_lens.patching as tl_patching
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from floor import CostModel, matmul_rate  # noqa: E402
+from floor import CostModel, Rates  # noqa: E402
 
 import mechicl  # noqa: E402
 
@@ -84,7 +84,8 @@ def main() -> None:
     mechicl.patch(model, clean, corrupted, metric, cells=[[0, 0]])
 
     cost = CostModel.of(model)
-    rate = matmul_rate(model)
+    rates = Rates.measure(model)
+    rate = rates.single
     length = int(clean.shape[1])
     cell = cost.forward([], unembedded=1)
     floor_flops = {
@@ -97,6 +98,8 @@ def main() -> None:
     result: dict = {"model": model.name, "prompt_tokens": int(clean.shape[1]),
                     "matmul_gflops": rate / 1e9,
                     "floor_s": {k: v / rate for k, v in floor_flops.items()},
+                    "rates": rates.to_dict(),
+                    "shape_floor_s": {k: rates.seconds(v) for k, v in floor_flops.items()},
                     "cells_all_pos": model.n_layers * model.n_heads,
                     "cells_by_pos": model.n_layers * model.n_heads * int(clean.shape[1]),
                     "batch_tokens": args.batch_tokens, "torch_threads": torch.get_num_threads(),
@@ -123,7 +126,8 @@ def main() -> None:
             "attribution_s": round(attr_s, 2),
             "speedup_callable": round(tl_s / mine_s, 2),
             "speedup_builtin": round(tl_s / fast_s, 2),
-            "builtin_over_floor": round(fast_s / result["floor_s"][part], 1),
+            "builtin_over_floor": round(fast_s / result["floor_s"][part], 2),
+            "builtin_over_shape_floor": round(fast_s / result["shape_floor_s"][part], 2),
             "diffs_against": "TransformerLens" if tl is not None else "mechicl, built-in metric",
             "max_abs_diff_callable": float((tl - mine.values).abs().max()) if tl is not None
             else float((fast.values - mine.values).abs().max()),
@@ -138,8 +142,8 @@ def main() -> None:
 
     print("\n| grid | TransformerLens | mechicl (callable metric) | mechicl (built-in metric) | "
           "speed-up | max abs diff | attribution (1 fwd+bwd) | attribution vs exact (Pearson) "
-          "| floor | built-in / floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| floor | built-in / floor | built-in / per-shape floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for part in parts:
         r = result[part]
         cells = result[f"cells_{part}"]
@@ -148,7 +152,8 @@ def main() -> None:
               f"{r['speedup_callable']}x / {r['speedup_builtin']}x | "
               f"{max(r['max_abs_diff_callable'], r['max_abs_diff_builtin']):.1e} | "
               f"{r['attribution_s']} s | {r['attribution_agreement']['pearson']:.3f} | "
-              f"{result['floor_s'][part]:.3f} s | {r['builtin_over_floor']}x |")
+              f"{result['floor_s'][part]:.3f} s | {r['builtin_over_floor']}x | "
+              f"{r['builtin_over_shape_floor']}x |")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from floor import CostModel, matmul_rate  # noqa: E402
+from floor import CostModel, Flops, Rates  # noqa: E402
 
 import mechicl  # noqa: E402
 from mechicl.analyses.evaluation import encode_prompt, masked_choice_logprobs  # noqa: E402
@@ -51,12 +51,12 @@ def timed_runs(fn, repeats: int) -> tuple[tuple[float, float, float], object]:
     return (statistics.median(times), min(times), max(times)), out
 
 
-def scoring_floor(cost: CostModel, model, prompts, masks) -> float:
+def scoring_floor(cost: CostModel, model, prompts, masks) -> Flops:
     """FLOPs of shared-context scoring: each prompt's context once per mask from its first
     layer (and once unmasked), the last position unembedded; each choice's tokens but the last
     after the context, unembedded where scored."""
     firsts = [cost.n_layers] + [m.first_layer for m in masks if m is not None and not m.is_identity]
-    flops = 0.0
+    flops = Flops()
     for p in prompts:
         context, conts = encode_prompt(model, p)
         rest = [len(ids) - 1 for ids in conts if len(ids) > 1]
@@ -81,18 +81,22 @@ def main() -> None:
 
     model = mechicl.load_model(args.model)
     cost = CostModel.of(model)
-    rate = matmul_rate(model)
+    rates = Rates.measure(model)
+    rate = rates.single
     result: dict = {"model": args.model, "threads": torch.get_num_threads(),
                     "cpus": os.cpu_count(), "matmul_gflops": rate / 1e9,
+                    "rates": rates.to_dict(),
                     "body_params": cost.body_params, "rows": []}
     rows = result["rows"]
 
-    def add(name: str, t: tuple[float, float, float], floor_flops: float,
+    def add(name: str, t: tuple[float, float, float], floor_flops: Flops,
             base: tuple[float, float, float] | None = None, baseline_name: str = "") -> None:
-        floor_s = floor_flops / rate
+        floor_s, shape_s = floor_flops / rate, rates.seconds(floor_flops)
         row = {"benchmark": name, "seconds": t[0], "seconds_range": [t[1], t[2]],
                "floor_seconds": floor_s, "time_over_floor": t[0] / floor_s,
-               "time_over_floor_range": [t[1] / floor_s, t[2] / floor_s]}
+               "time_over_floor_range": [t[1] / floor_s, t[2] / floor_s],
+               "shape_floor_seconds": shape_s, "time_over_shape_floor": t[0] / shape_s,
+               "time_over_shape_floor_range": [t[1] / shape_s, t[2] / shape_s]}
         if base is not None:
             row |= {"baseline": baseline_name, "baseline_seconds": base[0],
                     "baseline_seconds_range": [base[1], base[2]], "speedup": base[0] / t[0],
@@ -163,11 +167,13 @@ def main() -> None:
         cost.forward([len(s) for s in rep + cop]))
 
     print(f"\nMedian of {args.repeats} runs (min-max in brackets).\n")
-    print("| Benchmark | Time | Floor | Time / floor | Baseline (same process) | Speed-up |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| Benchmark | Time | Floor | Time / floor | Per-shape floor | Time / per-shape floor "
+          "| Baseline (same process) | Speed-up |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         lo, hi = r["seconds_range"]
         flo, fhi = r["time_over_floor_range"]
+        slo_, shi_ = r["time_over_shape_floor_range"]
         base = ("", "")
         if "baseline" in r:
             blo, bhi = r["baseline_seconds_range"]
@@ -176,8 +182,12 @@ def main() -> None:
                     f"{r['speedup']:.2f}x [{slo:.2f}-{shi:.2f}]")
         name = r["benchmark"].replace("|", "\\|")
         print(f"| {name} | {r['seconds']:.1f} s [{lo:.1f}-{hi:.1f}] | {r['floor_seconds']:.2f} s | "
-              f"{r['time_over_floor']:.2f} [{flo:.2f}-{fhi:.2f}] | {base[0]} | {base[1]} |")
-    print(f"\nmatmul rate {rate / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
+              f"{r['time_over_floor']:.2f} [{flo:.2f}-{fhi:.2f}] | {r['shape_floor_seconds']:.2f} s | "
+              f"{r['time_over_shape_floor']:.2f} [{slo_:.2f}-{shi_:.2f}] | {base[0]} | {base[1]} |")
+    print(f"\nmatmul rate {rate / 1e9:.1f} GFLOP/s at the largest shape; per shape, {rates.tokens} "
+          f"tokens: body {rates.body / 1e9:.1f}, unembedding {rates.unembed / 1e9:.1f} "
+          f"({', '.join(f'{k} {v / 1e9:.0f}' for k, v in rates.shapes.items())}); "
+          f"{torch.get_num_threads()} threads")
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -22,6 +22,17 @@ the floor is a lower bound, and a ratio of 1.0 is not reachable.
 The rate is ``torch.mm`` of a ``[tokens, d_model] x [d_model, d_mlp]`` product (the model's
 largest per-token matrix) in the model's dtype, the median of repeated runs after a warm-up,
 measured in the calling process with its thread count.
+
+**The per-shape floor** (:class:`Rates`): the same FLOPs, each product at the rate this machine
+reaches at its own shape: the check whether a model's smaller matrices (SmolLM2's key and value
+projections have 192 outputs) multiply slower than its largest, which would put the single-rate
+floor below what its own products can take (on this CPU they do not: docs/benchmarks.md). Here
+every distinct weight shape of the blocks is timed as ``F.linear`` of ``[tokens, in] x [out,
+in]`` with ``tokens`` the largest pass the pipeline runs on a CPU (512), and the body's FLOPs
+are divided by the FLOP-weighted harmonic mean of those rates (each matrix's share of the
+FLOPs at its own rate); the unembedding is timed at its own shape; the attention's scores and
+weighted sums keep the single rate. It is still a floor for passes of at most 512 tokens: no
+pass runs a product at a better shape than the one its rate was measured at.
 """
 
 import statistics
@@ -30,6 +41,52 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+
+def body_matrices(model) -> list[torch.Tensor]:
+    """The blocks' weight matrices of a :class:`mechicl.HookedModel`: its 2-d parameters but
+    the embeddings, position embeddings and unembedding (anything with a vocabulary or context
+    axis)."""
+    excluded = {model.d_vocab, model.cfg.n_ctx}
+    return [p for p in model.bridge.original_model.parameters()
+            if p.dim() == 2 and not excluded & set(p.shape)]
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs of some passes, by kind of product: the blocks' weight matrices, the attention's
+    scores and weighted sums, the unembedding. Adds up and scales like a number; ``flops /
+    rate`` divides the total (the single-rate floor), :meth:`Rates.seconds` each kind by its own
+    rate."""
+
+    body: float = 0.0
+    attention: float = 0.0
+    unembed: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.body + self.attention + self.unembed
+
+    def __float__(self) -> float:
+        return self.total
+
+    def __add__(self, other: "Flops | float") -> "Flops":
+        if not isinstance(other, Flops):
+            if other == 0:  # sum() starts from 0
+                return self
+            return NotImplemented
+        return Flops(self.body + other.body, self.attention + other.attention,
+                     self.unembed + other.unembed)
+
+    __radd__ = __add__
+
+    def __mul__(self, k: float) -> "Flops":
+        return Flops(k * self.body, k * self.attention, k * self.unembed)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, rate: float) -> float:
+        return self.total / rate
 
 
 @dataclass(frozen=True)
@@ -45,25 +102,22 @@ class CostModel:
 
     @classmethod
     def of(cls, model) -> "CostModel":
-        """From a :class:`mechicl.HookedModel`: the blocks' 2-d weights (embeddings, position
-        embeddings and the unembedding excluded: anything with a vocabulary or context axis)."""
-        excluded = {model.d_vocab, model.cfg.n_ctx}
-        body = sum(p.numel() for name, p in model.bridge.original_model.named_parameters()
-                   if p.dim() == 2 and not excluded & set(p.shape))
+        """From a :class:`mechicl.HookedModel` (its :func:`body_matrices`)."""
+        body = sum(p.numel() for p in body_matrices(model))
         return cls(body_params=int(body), n_layers=model.n_layers, n_heads=model.n_heads,
                    d_head=model.d_head, d_model=model.d_model, d_vocab=model.d_vocab)
 
-    def forward(self, lengths: Iterable[int], *, unembedded: int = 0, past: int = 0) -> float:
+    def forward(self, lengths: Iterable[int], *, unembedded: int = 0, past: int = 0) -> Flops:
         """FLOPs of forward passes over sequences of ``lengths`` new tokens (each after
         ``past`` cached positions), with ``unembedded`` positions unembedded in total."""
-        flops = 0.0
+        body = attention = 0.0
         for n in lengths:
             keys = past + (n + 1) / 2  # average key positions seen by a query (causal)
-            flops += n * (2 * self.body_params
-                          + 4 * self.n_layers * self.n_heads * self.d_head * keys)
-        return flops + 2 * self.d_model * self.d_vocab * unembedded
+            body += n * 2 * self.body_params
+            attention += n * 4 * self.n_layers * self.n_heads * self.d_head * keys
+        return Flops(body, attention, 2 * self.d_model * self.d_vocab * unembedded)
 
-    def forward_from(self, lengths: Iterable[int], first_layer: int, *, past: int = 0) -> float:
+    def forward_from(self, lengths: Iterable[int], first_layer: int, *, past: int = 0) -> Flops:
         """The body FLOPs of the layers ``first_layer..`` only (a masked copy that joins at
         its first masked layer)."""
         share = (self.n_layers - first_layer) / self.n_layers
@@ -76,15 +130,67 @@ def matmul_rate(model, *, tokens: int = 512, repeats: int = 7) -> float:
     d_mlp = getattr(model.cfg, "d_mlp", None) or 4 * d_model
     a = torch.randn(tokens, d_model, dtype=model.dtype, device=model.device)
     b = torch.randn(d_model, d_mlp, dtype=model.dtype, device=model.device)
+    return 2 * tokens * d_model * d_mlp / _median_seconds(torch.mm, (a, b), repeats)
+
+
+def _median_seconds(fn, args: tuple, repeats: int, inner: int = 10) -> float:
+    """Median seconds of ``fn(*args)`` over ``repeats`` timings of ``inner`` calls each."""
     for _ in range(3):
-        torch.mm(a, b)
+        fn(*args)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for _ in range(10):
-            torch.mm(a, b)
-        times.append((time.perf_counter() - t0) / 10)
-    return 2 * tokens * d_model * d_mlp / statistics.median(times)
+        for _ in range(inner):
+            fn(*args)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """This machine's matmul rates for one model, measured now (FLOP/s): ``single`` at the
+    largest per-token shape (:func:`matmul_rate`), ``body`` the FLOP-weighted harmonic mean over
+    the blocks' weight shapes, ``unembed`` at the unembedding's shape, each with ``tokens``
+    rows; ``shapes`` the rate of every ``(in, out)`` weight shape."""
+
+    single: float
+    body: float
+    unembed: float
+    tokens: int
+    shapes: dict[str, float]
+
+    @classmethod
+    def measure(cls, model, *, tokens: int = 512, repeats: int = 7) -> "Rates":
+        dtype, device = model.dtype, model.device
+        flops_by_shape: dict[tuple[int, int], float] = {}
+        for p in body_matrices(model):
+            out_f, in_f = p.shape
+            flops_by_shape[(in_f, out_f)] = flops_by_shape.get((in_f, out_f), 0.0) + 2 * p.numel()
+        rates = {}
+        for in_f, out_f in flops_by_shape:
+            x = torch.randn(tokens, in_f, dtype=dtype, device=device)
+            w = torch.randn(out_f, in_f, dtype=dtype, device=device)
+            seconds = _median_seconds(torch.nn.functional.linear, (x, w), repeats)
+            rates[(in_f, out_f)] = 2 * tokens * in_f * out_f / seconds
+        per_token = sum(flops_by_shape.values())
+        body = per_token / sum(f / rates[shape] for shape, f in flops_by_shape.items())
+        x = torch.randn(tokens, model.d_model, dtype=dtype, device=device)
+        w = torch.randn(model.d_vocab, model.d_model, dtype=dtype, device=device)
+        unembed = (2 * tokens * model.d_model * model.d_vocab
+                   / _median_seconds(torch.nn.functional.linear, (x, w), repeats, inner=2))
+        return cls(single=matmul_rate(model, tokens=tokens, repeats=repeats), body=body,
+                   unembed=unembed, tokens=tokens,
+                   shapes={f"{i}x{o}": r for (i, o), r in sorted(rates.items())})
+
+    def seconds(self, flops: Flops) -> float:
+        """The per-shape floor of ``flops``: each kind at its own rate."""
+        return (flops.body / self.body + flops.attention / self.single
+                + flops.unembed / self.unembed)
+
+    def to_dict(self) -> dict:
+        return {"single_gflops": self.single / 1e9, "body_gflops": self.body / 1e9,
+                "unembed_gflops": self.unembed / 1e9, "tokens": self.tokens,
+                "shapes_gflops": {k: v / 1e9 for k, v in self.shapes.items()}}
 
 
 def probe_setup(argv: list[str] | None = None):

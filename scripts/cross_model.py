@@ -1,6 +1,6 @@
 """Compare the committed reports of two models (the cross-model section of issue 21).
 
-    .venv/bin/python scripts/cross_model.py figures/report figures/report-gemma3-270m \
+    .venv/bin/python scripts/cross_model.py figures/report-mean-ablation figures/report-gemma3-270m \
         --names smollm2-135m gemma3-270m --out figures/cross-model
 
 Writes ``cross-model.md`` and ``tables/*.csv`` (every sentence a row of ``claims.csv``),

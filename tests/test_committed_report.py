@@ -14,7 +14,8 @@ from mechicl.report.build import ReportConfig, render_report
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = [ROOT / "figures" / "report", ROOT / "figures" / "report-in-weights",
            ROOT / "figures" / "report-in-weights-gemma3-270m",
-           ROOT / "figures" / "report-gemma3-270m"]
+           ROOT / "figures" / "report-gemma3-270m", ROOT / "figures" / "report-mean-ablation"]
+REMOVALS = ("pruning/", "ffn/", "causal/")  # the results --ablation changes
 DOC = ROOT / "docs" / "concepts" / "report.md"
 # concept pages quoting one section each of the in-weights reports (issue 23's sections)
 SECTION_DOCS = {"recall.md": "memorised", "sparsity.md": "sparsity",
@@ -88,15 +89,34 @@ def test_committed_claims_are_recomputed_from_the_stored_results(folder):
 
 def test_cross_model_claims_are_recomputed_from_the_committed_reports():
     """figures/cross-model (scripts/cross_model.py) is what compare_reports computes from the two
-    committed paper reports, sentence for sentence; their ablations differ, and it says so."""
+    committed mean-ablation paper reports, sentence for sentence: like for like, no warning."""
     from mechicl.report import compare_reports
 
     stored = pd.read_csv(ROOT / "figures" / "cross-model" / "tables" / "claims.csv")
-    found = compare_reports({"smollm2-135m": REPORTS[0], "gemma3-270m": REPORTS[3]})
-    assert found.ablations == {"smollm2-135m": "zero", "gemma3-270m": "mean"}
+    found = compare_reports({"smollm2-135m": REPORTS[4], "gemma3-270m": REPORTS[3]})
+    assert found.ablations == {"smollm2-135m": "mean", "gemma3-270m": "mean"}
     assert [c.text for c in found.claims] == stored.text.tolist()
     page = (ROOT / "figures" / "cross-model" / "cross-model.md").read_text(encoding="utf-8")
-    assert "4-bit GGUF Q4_K_M" in page and "**The ablations differ" in page
+    assert "4-bit GGUF Q4_K_M" in page and "The ablations differ" not in page
+    # the zero-ablation report against Gemma's is flagged (what the committed page avoids)
+    mixed = compare_reports({"smollm2-135m": REPORTS[0], "gemma3-270m": REPORTS[3]})
+    assert mixed.ablations == {"smollm2-135m": "zero", "gemma3-270m": "mean"}
+
+
+def test_the_mean_ablation_report_recomputed_only_the_removals():
+    """figures/report-mean-ablation is figures/report with ``--ablation mean``: the scan,
+    accuracies and importance maps are the same results (same keys and checksums), the
+    pruning curves, FFN knock-out and causal check were computed again under mean ablation."""
+    zero, mean = (json.loads((folder / "results" / "index.json").read_text(encoding="utf-8"))
+                  ["results"] for folder in (REPORTS[0], REPORTS[4]))
+    assert zero.keys() == mean.keys()
+    removals = [name for name in zero if name.startswith(REMOVALS)]
+    assert len(removals) == 9
+    for name in zero:
+        same = zero[name]["key"] == mean[name]["key"]
+        assert same != name.startswith(REMOVALS), name
+    meta = json.loads((REPORTS[4] / "result.json").read_text(encoding="utf-8"))
+    assert meta["params"]["ablation"] == "mean"
 
 
 ABLATION_RUNS = ROOT / "figures" / "causal-ablation"

@@ -81,10 +81,25 @@ def test_estimates_against_hand_computation():
 
     scan = estimate_memory(SMALL, dtype="fp32", analysis="scan", **kw)
     assert scan.logits == 30 * 100 * 8  # float32 logits + logsumexp's temporary
-    assert scan.total == 87168 + 7680 + 59520
+    assert scan.batch_bytes == 7680 + 59520
+    # the OV score between passes: 4 folded per-head tensors (2 x 4 x 32 x 8 each) and W_U in
+    # float32, plus its largest step: one vocabulary slice of W_U and W_E in float64 (the
+    # whole vocabulary of 100: 16 x 32 x 100), more than one layer's W_V, W_O and their product
+    # (24 x heads / 2) or folding one tensor (4 x heads)
+    heads = 2 * 4 * 32 * 8
+    assert scan.circuits == (4 * heads + 32 * 100) * 4 + 16 * 32 * 100 == 96768
+    assert scan.total == 87168 + max(7680 + 59520, 96768)
+    assert scan.per_pass == scan.circuits and fwd.circuits == 0
+    layer_norm = dataclasses.replace(SMALL, layer_norm=True)  # and a centred W_E
+    assert estimate_memory(layer_norm, dtype="fp32", analysis="scan", **kw).circuits == (
+        96768 + 100 * 32 * 4)
 
     choices = estimate_memory(SMALL, dtype=torch.float32, analysis="choices", **kw)
-    assert choices.to_dict() | {"analysis": "forward"} == fwd.to_dict()
+    # the contexts' cache and the choices' copies of it (each at most N tokens)
+    assert choices.kv_cache == 2 * fwd.kv_cache
+    assert choices.to_dict() | {"analysis": "forward", "kv_cache": fwd.kv_cache,
+                                "total": fwd.total} == fwd.to_dict()
+    assert choices.total == fwd.total + fwd.kv_cache
 
     imp = estimate_memory(SMALL, dtype="float32", analysis="importance", **kw)
     # per layer: q, k, v (query heads) and z (4 x 32), MLP gate/up/act (3 x 64), two norm
@@ -117,7 +132,8 @@ def test_one_row_at_least_and_rows_scale_linearly():
             assert e4.logits == 16 * e1.logits
             assert e4.per_pass - e4.logits == 4 * (e1.per_pass - e1.logits)
         else:
-            assert e4.per_pass == 4 * e1.per_pass
+            assert e4.batch_bytes == 4 * e1.batch_bytes
+            assert e4.circuits == e1.circuits  # the scan's OV score: once, from the weights
 
 
 def test_estimate_round_trip_and_text():
@@ -343,17 +359,35 @@ def test_measured_peak_memory_of_the_default_model_matches_the_estimate():
     batch size; thread buffers, allocator pages); at these sizes (>= 118 MiB) the benchmark
     measured 0.94-1.15 x the estimate. So each measurement must lie within [0.8, 1.3] x the
     estimate, and the growth from the smaller to the larger batch, where the fixed part
-    cancels, within 15% of the estimated growth.
+    cancels, within 15% of the estimated growth. The scan's OV-circuit score (``circuits``,
+    measured 1.03 x its estimate) in the same band.
     """
     bench = _bench()
     if not bench.can_measure():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident memory")
     records = bench.measure({"model": "smollm2-135m", "dtype": "float32", "seq_len": 256,
                              "runs": [["forward", 2], ["forward", 4], ["importance", 1],
-                                      ["importance", 2]], "threads": 1})
+                                      ["importance", 2], ["circuits", 1]], "threads": 1})
     for r in records:
         assert 0.8 <= r["measured"] / r["estimated"] <= 1.3, r
     for analysis in ("forward", "importance"):
         small, large = (r for r in records if r["analysis"] == analysis)
         slope = (large["measured"] - small["measured"]) / (large["estimated"] - small["estimated"])
         assert 0.85 <= slope <= 1.15, (analysis, slope, records)
+
+
+def test_scaled_embeddings_are_read_from_the_model(tiny_llama, monkeypatch):
+    """Gemma multiplies token embeddings by sqrt(d_model) as they enter the residual stream: the
+    OV score then reads a scaled copy of W_E, which the scan's ``circuits`` term counts."""
+    assert tiny_llama.embedding_scale is None
+    assert not ModelShape.from_model(tiny_llama).scaled_embeddings
+    embed = tiny_llama.bridge.embed
+    module = getattr(embed, "original_component", None) or embed
+    monkeypatch.setattr(module, "embed_scale", torch.tensor(2.0), raising=False)
+    assert torch.equal(tiny_llama.W_E, 2 * tiny_llama.bridge.W_E.detach())
+    shape = ModelShape.from_model(tiny_llama)
+    assert shape.scaled_embeddings
+    plain = dataclasses.replace(shape, scaled_embeddings=False)
+    kw = {"batch_tokens": 16, "seq_len": 16, "analysis": "scan", "dtype": "float32"}
+    assert (estimate_memory(shape, **kw).circuits - estimate_memory(plain, **kw).circuits
+            == shape.d_vocab * shape.d_model * 4)

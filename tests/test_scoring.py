@@ -94,8 +94,39 @@ def test_one_prompt_grows_the_batch_and_several_are_left_padded(tiny_llama):
         alone = shared_context_scores(model, [enc], masks)[0]
         n = len(enc[1])
         assert_close(together[i, :, :n], alone[:, :n], rtol=1e-5, atol=1e-5)
+        # the choices' pass split to one continuation per pass, each from its own cache copy
+        split = shared_context_scores(model, [enc], masks, batch_tokens=1)[0]
+        assert_close(split[:, :n], alone[:, :n], rtol=1e-5, atol=1e-5)
+    split = shared_context_scores(model, encoded, masks, batch_tokens=1)
+    assert torch.equal(torch.isneginf(split), torch.isneginf(together))
+    finite = torch.isfinite(together)
+    assert_close(split[finite], together[finite], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="ordered by their first layer"):
         shared_context_scores(model, encoded[:1], masks[::-1])
+
+
+def test_the_choices_pass_holds_at_most_batch_tokens_of_cache_copies(tiny_llama, monkeypatch):
+    """Each row of the choices' pass holds a copy of its context's cache: with a small
+    ``batch_tokens`` the pass is split, one continuation (x its mask rows) at a time."""
+    model = tiny_llama
+    enc = encode_prompt(model, prompts_of_mixed_shapes()[0])  # two multi-token continuations
+    masks = [Mask.remove(model, ffns=[1]), Mask.remove(model, heads=[(1, 0)])]
+    rows: dict[int | None, list[int]] = {None: [], 1: []}
+    run = model.run_with_hooks
+
+    def spy(tokens, **kwargs):
+        rest = kwargs.get("logits_to_keep") is None  # the context pass keeps one position
+        rows[None if rest else 1].append(int(tokens.shape[0]))
+        return run(tokens, **kwargs)
+
+    monkeypatch.setattr(model, "run_with_hooks", spy)
+    whole = shared_context_scores(model, [enc], masks)
+    assert rows[None] == [3 * 2]  # one pass: 3 mask rows x 2 continuations
+    rows[None].clear()
+    context_width = len(enc[0]) + max(len(ids) for ids in enc[1])
+    split = shared_context_scores(model, [enc], masks, batch_tokens=3 * context_width)
+    assert rows[None] == [3, 3]  # within 3 rows x (context + continuation) each
+    assert_close(split, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_passes_cover_every_prompt_and_mask_once_within_the_budget():

@@ -14,7 +14,9 @@ the pass at the first layer its mask touches (below it, it equals the unmasked c
 mask of layer ``L`` costs ``n_layers - L`` blocks. A pass holds one prompt (unpadded, the
 batch growing between layers) or several short ones (left-padded, with an attention mask and
 position ids; the masked copies then run every layer), up to
-:func:`~mechicl._batching.device_batch_tokens` context tokens. The reference,
+:func:`~mechicl._batching.device_batch_tokens` context tokens. The choices' pass, whose rows
+each hold a copy of their context's cache, is split to at most ``batch_tokens`` rows x
+(context + continuation), the memory bound of every pass. The reference,
 ``scoring="rows"``, gives each choice its own row (context + choice), batched with right
 padding, full logits.
 
@@ -242,8 +244,8 @@ def _shared_logprobs(model: HookedModel, encoded: Sequence[Encoded],
     bar = tqdm(total=len(passes), desc="scoring", disable=not progress, unit="pass")
     for group, (lo, hi) in passes:
         chunk = masked[lo:hi]
-        lp = shared_context_scores(model, [encoded[i] for i in group],
-                                   [mask_list[i] for i in chunk])  # [prompt, row, choice]
+        lp = shared_context_scores(model, [encoded[i] for i in group],  # [prompt, row, choice]
+                                   [mask_list[i] for i in chunk], batch_tokens=batch_tokens)
         for j, p_idx in enumerate(group):
             n_ch = len(encoded[p_idx][1])
             if chunk:
@@ -283,7 +285,7 @@ def _shared_passes(lengths: Sequence[int], n_masked: int, batch_tokens: int,
 
 def shared_context_scores(
     model: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
-    masks: Sequence[Mask] = (),
+    masks: Sequence[Mask] = (), *, batch_tokens: int | None = None,
 ) -> Float[Tensor, "prompt row choice"]:
     """Summed log-probability of each prompt's continuations after its context, for the
     unmasked model (row 0) and under each mask (row ``1 + i``), off one pass over the contexts.
@@ -302,6 +304,9 @@ def shared_context_scores(
         prompts: ``(context, continuations)`` token ids per prompt, as from
             :func:`encode_prompt` (BOS first; each continuation non-empty).
         masks: the masks (none: the unmasked row only).
+        batch_tokens: a memory bound for the choices' pass, whose rows each hold a copy of
+            their context's cache: it is split so that rows x (context + continuation) stays
+            within it (None: one pass). The context pass is the caller's to size.
 
     Returns:
         ``[prompt, 1 + len(masks), max_choices]`` float64 log-likelihoods (``-inf`` for a
@@ -350,29 +355,51 @@ def shared_context_scores(
         longest = max(len(ids) for _, conts in prompts for ids in conts)
         if longest > 1:
             _score_rest(model, prompts, masks, cache, out, grow=grow, ctx_attn=ctx_attn,
-                        lengths=lengths)
+                        lengths=lengths, batch_tokens=batch_tokens)
     return rearrange(out, "row p choice -> p row choice")
 
 
 def _score_rest(model: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
                 masks: Sequence[Mask], cache: Any, out: Tensor, *, grow: bool, ctx_attn: Tensor,
-                lengths: Tensor) -> None:
+                lengths: Tensor, batch_tokens: int | None) -> None:
     """Add the log-probabilities of the continuations' tokens after the first (``out[row, p,
     choice]``), running them against the context's cache, which is repeated per continuation.
     Only continuations of two or more tokens take part (a one-token continuation is scored by
-    the context pass alone)."""
-    n_p, n_rows = len(prompts), 1 + len(masks)
-    n_ch = max(len(conts) for _, conts in prompts)
+    the context pass alone). Each pass holds at most ``batch_tokens`` rows x (context + the
+    longest continuation) - the cache copies count, as they are what the memory holds - with
+    at least one continuation per pass (None: one pass); beside it, only the context's cache."""
+    n_rows = 1 + len(masks)
     need = [(p, c) for p, (_, conts) in enumerate(prompts) for c, ids in enumerate(conts)
             if len(ids) > 1]  # the pass's rows per mask: (prompt, choice)
+    row_tokens = n_rows * (int(ctx_attn.shape[1]) + max(len(prompts[p][1][c]) for p, c in need))
+    per_pass = len(need) if batch_tokens is None else max(1, batch_tokens // row_tokens)
+    in_place = per_pass >= len(need)  # one pass: the context's cache becomes its rows
+    for start in range(0, len(need), per_pass):
+        _rest_pass(model, prompts, masks, cache, out, need[start:start + per_pass],
+                   grow=grow, ctx_attn=ctx_attn, lengths=lengths, in_place=in_place)
+
+
+def _rest_pass(model: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+               masks: Sequence[Mask], cache: Any, out: Tensor, need: list[tuple[int, int]], *,
+               grow: bool, ctx_attn: Tensor, lengths: Tensor, in_place: bool) -> None:
+    """One pass of :func:`_score_rest` over the continuations ``need`` (``(prompt, choice)``
+    pairs): their rows of ``cache``, selected in place or into a new cache."""
+    n_p, n_rows = len(prompts), 1 + len(masks)
+    n_ch = max(len(conts) for _, conts in prompts)
     of_prompt = torch.tensor([p for p, _ in need])
     # Rows of the pass: (row, need). A layer's cache holds the rows present there in the
     # context pass (a growing batch); the others equal row 0.
-    for layer in cache.layers:
+    selected = None if in_place else DynamicCache()
+    for i, layer in enumerate(cache.layers):
         have = int(layer.keys.shape[0]) // n_p
         base = torch.cat([torch.arange(have * n_p), torch.arange(n_p).repeat(n_rows - have)])
         idx = rearrange(base, "(row p) -> row p", row=n_rows)[:, of_prompt].flatten()
-        layer.batch_select_indices(idx.to(layer.keys.device))
+        idx = idx.to(layer.keys.device)
+        if selected is None:
+            layer.batch_select_indices(idx)
+        else:
+            selected.update(layer.keys.index_select(0, idx), layer.values.index_select(0, idx), i)
+    cache = cache if selected is None else selected
     rest, _ = pad_right([list(prompts[p][1][c][:-1]) for p, c in need], model.pad_token_id)
     tokens = repeat(rest, "k pos -> (row k) pos", row=n_rows)
     kwargs: dict[str, Any] = {}

@@ -91,8 +91,9 @@ from mechicl.plotting import head_heatmap, kv_group_size, layer_bars
 from mechicl.results import HeadScores, LayerScores
 
 __all__ = ["IMPORTANCE_LABELS", "IMPORTANCE_METHODS", "SIGNED_METHODS", "compare_methods",
-           "ffn_importance", "head_importance", "importance_label", "importance_prompts",
-           "is_signed", "parse_importance_label", "resampled_maps", "token_gate_grads"]
+           "default_batch_tokens", "ffn_importance", "head_importance", "importance_label",
+           "importance_prompts", "is_signed", "parse_importance_label", "resampled_maps",
+           "token_gate_grads"]
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ def head_importance(
     name, prompt_list = resolve_prompts(task, prompts, shots=shots, n=n, seed=seed, prompt_options=prompt_options)
     if not prompt_list:
         raise ValueError("no prompts")
-    budget = batch_tokens or (2048 if method != "ablation" else 4096)
+    budget = batch_tokens or default_batch_tokens(method)
     batch = answer_batch(model, prompt_list)
     extras: dict[str, Tensor] = {}
     if method == "ablation":
@@ -676,6 +677,16 @@ def _heads_outputs(pairs: Sequence[tuple[Job, HeadScores]], options: Mapping[str
                     "top10_overlap": top_k_overlap(scores, first, min(10, scores.mean.numel()))}
         rows.append(row)
     return Outputs(results=results, figures=figures, rows=rows)
+
+
+def default_batch_tokens(method: str) -> int:
+    """``batch_tokens`` of :func:`head_importance` when none is given: 2048 for the gradient
+    methods (their passes keep activations for the backward), 4096 for ablation.
+
+    >>> default_batch_tokens("bansal"), default_batch_tokens("ablation")
+    (2048, 4096)
+    """
+    return 4096 if method == "ablation" else 2048
 
 
 def _importance_memory(job: Job) -> str:

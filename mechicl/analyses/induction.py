@@ -66,6 +66,7 @@ from mechicl.results import HeadScores, read_result, result_type, write_result
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "OV_VOCAB_SLICE",
     "SCORES",
     "SCORE_ALIASES",
     "TIE_TOLERANCE",
@@ -845,20 +846,31 @@ def copying_ties(copying: HeadScores) -> HeadScores:
                                     model=copying.model, tokens=copying.tokens)
 
 
+OV_VOCAB_SLICE = 8192
+"""Vocabulary rows per float64 product when :func:`ov_eigen_copying_scores` forms W_U W_E."""
+
+
 def ov_eigen_copying_scores(model: HookedModel) -> HeadScores:
     """Olsson et al.'s OV-circuit copying score sum(lambda)/sum(|lambda|) of W_E W_V W_O W_U.
 
     Uses the folded weights (:meth:`~mechicl.HookedModel.folded_weights`) and the d_head x d_head
     matrix W_O (W_U W_E) W_V, whose nonzero eigenvalues are those of the vocabulary-sized
-    circuit; W_U W_E is formed once. Computed in float64. A head with a zero OV circuit
-    (no eigenvalue mass) scores 0.
+    circuit; W_U W_E is formed once, in float64, summed over slices of the vocabulary (a
+    float64 copy of W_U and W_E would be 2.7 GB for Gemma 3's 262k tokens), and the heads' small
+    matrices one layer at a time. A head with a zero OV circuit (no eigenvalue mass) scores 0.
     """
     model = as_hooked_model(model)
     w = model.folded_weights()
-    W_UE = (w.W_U.double() @ w.W_E.double())  # [d_model, d_model], once
-    small = einops.einsum(w.W_O.double(), W_UE, w.W_V.double(),
-                          "layer head d_head_out d_model_u, d_model_u d_model_e, "
-                          "layer head d_model_e d_head_in -> layer head d_head_out d_head_in")
+    W_UE = torch.zeros(model.d_model, model.d_model, dtype=torch.float64, device=w.W_U.device)
+    for start in range(0, w.W_U.shape[-1], OV_VOCAB_SLICE):  # [d_model, d_model], once
+        W_UE += (w.W_U[:, start:start + OV_VOCAB_SLICE].double()
+                 @ w.W_E[start:start + OV_VOCAB_SLICE].double())
+    # one layer at a time: float64 copies of every layer's W_O and W_V would need 24 bytes per
+    # weight (130 GB for OPT-66B); per layer they are a few MB to a few GB
+    small = torch.stack([einops.einsum(
+        W_O.double(), W_UE, W_V.double(), "head d_head_out d_model_u, d_model_u d_model_e, "
+        "head d_model_e d_head_in -> head d_head_out d_head_in")
+        for W_O, W_V in zip(w.W_O, w.W_V, strict=True)])  # [layer, head, d_head, d_head]
     eig = torch.linalg.eigvals(small)  # [layer, head, d_head]
     total = eig.abs().sum(-1)
     # A head whose OV circuit is zero has no eigenvalue mass: it copies nothing, score 0.

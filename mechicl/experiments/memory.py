@@ -32,6 +32,17 @@ memory of SmolLM2-135M in ``benchmarks/bench_memory.py`` and docs/concepts/big-m
   queries/keys/values and the gated head outputs (``4 * n_heads * d_head``), the MLP's
   inputs to its nonlinearity and product (3 x ``d_mlp`` gated, 1 x otherwise), the inputs of
   the norms (float32 for RMSNorm), and q/k-norm inputs where the model has them.
+* ``circuits`` (``"scan"`` only): the OV-circuit copying score
+  (:func:`mechicl.analyses.induction.ov_eigen_copying_scores`, one of the scan's default scores),
+  computed once from the weights, between passes. Kept throughout: the folded per-head W_Q,
+  W_K, W_V, W_O (``4 * H * s`` with ``H = n_layers * n_heads * d_model * d_head``) and the
+  folded unembedding (``d_model * d_vocab * s``; LayerNorm models also keep a centred W_E,
+  models that scale their embeddings a scaled one: Gemma). On
+  top, the largest of its steps: folding one per-head tensor (``H * s``; LayerNorm models hold
+  two more copies while centring), forming W_U W_E in float64 one vocabulary slice at a time
+  (``2 * 8 * d_model * min(d_vocab, OV_VOCAB_SLICE)``), and one layer's W_V, W_O and their
+  product with W_U W_E in float64 (``3 * 8 * H / n_layers``). A scan without that score needs
+  less: the term is an upper bound there.
 * ``logits``: ``N * d_vocab * s``; for ``"scan"``, whose loss is taken in float32 with a
   ``logsumexp`` over the vocabulary, two float32 copies: ``N * d_vocab * 8``.
 * ``gradients`` (``"importance"`` only): the gradient of the logits or, later in the backward,
@@ -42,10 +53,17 @@ memory of SmolLM2-135M in ``benchmarks/bench_memory.py`` and docs/concepts/big-m
 
 Since shared-context scoring (issue 20), ``"choices"`` unembeds only the last context position
 and the choices' tokens; its ``logits`` term (``N * d_vocab * s``) is kept as an upper bound
-(the choice pass's logits depend on the choices), so its estimate is above the peak.
+(the choice pass's logits depend on the choices). The choices' pass gives each continuation a
+copy of its context's key/value cache and is split so that its rows x (context + continuation)
+stay within ``batch_tokens``, even where a device runs shorter context passes (a CPU's 512
+tokens, :func:`mechicl._batching.device_batch_tokens`); the contexts' cache stays beside it, so
+``kv_cache`` counts twice ``N`` tokens. The estimate at ``batch_tokens`` bounds a pass, the
+estimate at the device's pass size does not (measured per stage of the report in
+``benchmarks/bench_stage_memory.py``).
 
 ``total`` is the peak: ``weights + kv_cache + max(activations, logits)`` for a forward-only
-pass (the layers' working sets are freed before the logits exist), and ``weights + kv_cache +
+pass (the layers' working sets are freed before the logits exist); for ``"scan"`` the larger
+of that and ``weights + circuits`` (the OV score runs between passes); ``weights + kv_cache +
 activations + logits + gradients`` for ``"importance"`` (all are alive when the backward
 starts). Not modelled: the allocator's fragmentation and caching (on GPU, leave 10-20% of the
 device and the CUDA context out of the budget), a few tensors of ``rows x answer tokens x
@@ -67,6 +85,7 @@ import torch
 
 from mechicl._checks import check_choice, check_positive
 from mechicl.analyses import MEMORY_MODELS
+from mechicl.analyses.induction import OV_VOCAB_SLICE
 from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.model.loading import parse_bytes, resolve_dtype
 
@@ -119,6 +138,8 @@ class ModelShape:
         qk_norm: queries and keys are normalised per head (Gemma 3).
         n_positions: rows of a learned positional embedding (0 for rotary models; OPT keeps
             2 extra rows).
+        scaled_embeddings: token embeddings are scaled as they enter the residual stream
+            (Gemma: sqrt(d_model)), so the OV-circuit score reads a scaled copy of W_E.
         n_params: the exact parameter count when known; None: computed from the shape
             (:meth:`count_params`).
     """
@@ -138,6 +159,7 @@ class ModelShape:
     qk_norm: bool = False
     n_positions: int = 0
     n_params: int | None = None
+    scaled_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_heads", "n_kv_heads", "d_head", "d_model", "d_mlp",
@@ -208,6 +230,7 @@ class ModelShape:
             norms_per_layer=sum(p.numel() == model.d_model for p in norm_weights),
             qk_norm=any(p.numel() == model.d_head for p in norm_weights),
             n_params=sum(p.numel() for p in unique.values()),
+            scaled_embeddings=model.embedding_scale is not None,
         )
 
 
@@ -231,7 +254,7 @@ REFERENCE_SHAPES: dict[str, ModelShape] = {
                            d_mlp=1536, d_vocab=49152, tied_embeddings=True),
     "gemma-3-270m": _llama(n_layers=18, n_heads=4, n_kv_heads=1, d_head=256, d_model=640,
                            d_mlp=2048, d_vocab=262144, tied_embeddings=True, norms_per_layer=4,
-                           qk_norm=True),
+                           qk_norm=True, scaled_embeddings=True),
     "pythia-70m": _neox(n_layers=6, n_heads=8, d_head=64, d_model=512, d_vocab=50304),
     "pythia-160m": _neox(n_layers=12, n_heads=12, d_head=64, d_model=768, d_vocab=50304),
     "pythia-1.4b": _neox(n_layers=24, n_heads=16, d_head=128, d_model=2048, d_vocab=50304),
@@ -269,6 +292,8 @@ class MemoryEstimate:
         logits: logits and the full-vocabulary temporaries of the loss.
         gradients: gradient buffers of the backward pass (0 without one).
         total: the estimated peak: weights plus what the pass adds.
+        circuits: the OV-circuit score's working set (``"scan"``; 0 for the others), which
+            does not grow with the batch.
     """
 
     analysis: str
@@ -281,6 +306,7 @@ class MemoryEstimate:
     logits: int
     gradients: int
     total: int
+    circuits: int = 0
 
     @property
     def batch_tokens(self) -> int:
@@ -291,6 +317,14 @@ class MemoryEstimate:
         """What the pass adds to the weights: ``total - weights``."""
         return self.total - self.weights
 
+    @property
+    def batch_bytes(self) -> int:
+        """What the forward pass (and backward) adds to the weights, without the
+        ``circuits`` term: the part that grows with the batch."""
+        if self.analysis == "importance":
+            return self.kv_cache + self.activations + self.logits + self.gradients
+        return self.kv_cache + max(self.activations, self.logits)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -300,7 +334,8 @@ class MemoryEstimate:
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {_readable(getattr(self, k))}" for k in
-                          ("weights", "kv_cache", "activations", "logits", "gradients"))
+                          ("weights", "kv_cache", "activations", "logits", "gradients",
+                           "circuits") if k != "circuits" or self.circuits)
         return (f"{self.analysis} of {self.rows} x {self.seq_len} tokens in {self.dtype}: "
                 f"{_readable(self.total)} ({parts})")
 
@@ -334,8 +369,10 @@ def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
     hd, kvd = m.n_heads * m.d_head, m.n_kv_heads * m.d_head
     weights = m.params * s
     kv_cache = 2 * m.n_layers * kvd * n * s
+    if analysis == "choices":  # the contexts' cache, and the choices' copies of it beside it
+        kv_cache *= 2
     logits = n * m.d_vocab * s
-    gradients = 0
+    gradients = circuits = 0
     if analysis == "importance":
         norm_bytes = s if m.layer_norm else 4  # RMSNorm keeps its float32 input
         per_layer = (n * s * (4 * hd + (3 if m.gated_mlp else 1) * m.d_mlp
@@ -354,11 +391,23 @@ def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
                        + n * s * (3 * hd + (3 if m.gated_mlp else 2) * m.d_mlp + 4 * m.d_model))
         if analysis == "scan":
             logits = n * m.d_vocab * 8  # float32 logits + logsumexp's float32 temporary
-        total = weights + kv_cache + max(activations, logits)
+            circuits = _ov_circuits(m, s)  # between passes: the larger of the two is the peak
+        total = weights + max(kv_cache + max(activations, logits), circuits)
     return MemoryEstimate(analysis=analysis, dtype=str(dtype).removeprefix("torch."), rows=rows,
                           seq_len=seq_len, weights=weights, kv_cache=kv_cache,
                           activations=activations, logits=logits, gradients=gradients,
-                          total=total)
+                          total=total, circuits=circuits)
+
+
+def _ov_circuits(m: ModelShape, s: int) -> int:
+    """The OV-circuit score's working set (the module docstring's ``circuits``)."""
+    heads = m.n_layers * m.n_heads * m.d_model * m.d_head  # one per-head weight tensor
+    vocab = m.d_model * m.d_vocab
+    kept = s * (4 * heads + vocab + (vocab if m.layer_norm or m.scaled_embeddings else 0))
+    steps = (s * heads * (3 if m.layer_norm else 1),  # folding one tensor
+             16 * m.d_model * min(m.d_vocab, OV_VOCAB_SLICE),  # W_U W_E, one slice at a time
+             24 * heads // m.n_layers)  # one layer's W_V, W_O and product, in float64
+    return kept + max(steps)
 
 
 def estimate_memory(
@@ -431,8 +480,8 @@ def batch_tokens_for_budget(
         raise ValueError(f"budget {_readable(limit)} is too small: {analysis} on one sequence of "
                          f"{seq_len} tokens needs {_readable(one.total)} ({one}); use a shorter "
                          "sequence, a smaller dtype, or split the model over devices")
-    # Everything but the weights is proportional to the number of rows.
-    rows = max(1, (limit - one.weights) // one.per_pass)
+    # What the batch adds is proportional to the rows (the scan's circuits fit: one.total)
+    rows = max(1, (limit - one.weights) // one.batch_bytes)
     while rows > 1 and _estimate(m, torch_dtype, rows, seq_len, analysis).total > limit:
         rows -= 1
     return rows * seq_len
@@ -467,7 +516,7 @@ def memory_table(
                                   analysis=analysis)
             record: dict[str, Any] = {"model": name, "n_params": shape.params,
                                       "dtype": one.dtype, "weights_gib": one.weights / GiB,
-                                      "per_sequence_gib": one.per_pass / GiB}
+                                      "per_sequence_gib": one.batch_bytes / GiB}
             for budget in budgets:
                 try:
                     fit = batch_tokens_for_budget(shape, budget, dtype=dtype, seq_len=seq_len,

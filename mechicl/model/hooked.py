@@ -370,10 +370,18 @@ class HookedModel:
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        """Token embeddings as they enter the residual stream (Gemma's sqrt(d_model) included)."""
+        """Token embeddings as they enter the residual stream (Gemma's sqrt(d_model) included:
+        then a scaled copy)."""
         w = self.bridge.W_E.detach()
+        scale = self.embedding_scale
+        return w * scale.to(w.dtype) if scale is not None else w
+
+    @property
+    def embedding_scale(self) -> Tensor | None:
+        """The factor token embeddings are multiplied by as they enter the residual stream
+        (Gemma: sqrt(d_model)); None for models without one."""
         scale = getattr(self._original(self.bridge.embed), "embed_scale", None)
-        return w * scale.to(w.dtype) if isinstance(scale, Tensor) else w
+        return scale if isinstance(scale, Tensor) else None
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
@@ -432,6 +440,8 @@ class HookedModel:
 
         def read(w: Tensor) -> Tensor:  # [layer, head, d_model, d_head]
             w = w * norms["ln1"][:, None, :, None]
+            if not layer_norm:  # RMSNorm everywhere: nothing to centre (no two more copies)
+                return w
             centred = torch.einsum("ij,lhjk->lhik", centre, w)
             return torch.where(norms["ln1_centres"][:, None, None, None], centred, w)
 
@@ -440,11 +450,13 @@ class HookedModel:
         if layer_norm:
             W_E = W_E - W_E.mean(-1, keepdim=True)
             W_O = W_O - W_O.mean(-1, keepdim=True)
+        # a new tensor, centred in place: the vocabulary-sized matrix exists once more, not
+        # twice (Gemma 3's is 0.67 GB in float32)
         W_U = self.W_U * norms["ln_final"][:, None]
         if bool(norms["ln_final_centres"]):
             W_U = centre @ W_U
         if center_unembed:
-            W_U = W_U - W_U.mean(-1, keepdim=True)
+            W_U -= W_U.mean(-1, keepdim=True)
         return FoldedWeights(W_E=W_E, W_Q=read(self.W_Q), W_K=read(self.W_K),
                              W_V=read(self.W_V), W_O=W_O, W_U=W_U)
 
