@@ -184,3 +184,20 @@ def test_causal_page_quotes_the_gemma_reports_mean_ablation_check():
     assert not (acc[acc.k < 27].diff_high < 0).any()
     assert (acc[acc.k == 27].diff_high < 0).all()
     assert (loss.diff_low > 0).all() and len(loss) == 3
+
+
+def test_causal_page_quotes_smollm2s_mean_ablation_check():
+    """docs/concepts/causal.md quotes the causal claims of SmolLM2's mean-ablation report
+    unedited, and its sentence about them holds: no k of the top heads is more harmful than
+    random heads on either prune task, every k is on the repeated sequences."""
+    folder = REPORTS[4]
+    claims = stored_claims(folder)
+    causal = claims[claims.section == "causal"]
+    assert quoted_claims(DOC.parent / "causal.md", "smollm2-135m-mean-report") == \
+        causal.text.tolist()
+    table = pd.read_csv(folder / "tables" / "causal.csv")
+    acc, loss = table[table.measure == "accuracy"], table[table.measure != "accuracy"]
+    assert set(acc.subject) == {"country_capital", "antonyms"} and len(acc) == 6
+    assert not (acc.diff_high < 0).any()  # none more harmful (accuracy: lower is worse)
+    assert (acc.diff_low > 0).any()  # "several are less harmful"
+    assert (loss.diff_low > 0).all() and len(loss) == 3
