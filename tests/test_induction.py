@@ -15,6 +15,7 @@ from mechicl.analyses.induction import (
     ScanResult,
     copying_ties,
     induction_scan,
+    ov_eigen_copying_scores,
     parse_scores,
     repeated_sequences,
 )
@@ -272,6 +273,31 @@ def test_ov_eigen_equals_full_vocabulary_reference(scanned):
     model, result = scanned
     assert_close(result.scores["ov_eigen"].mean, ref.ref_ov_eigen_copying(model),
                  rtol=0, atol=1e-5)
+
+
+def test_ov_eigen_in_vocabulary_slices_equals_the_full_reference(tiny, monkeypatch):
+    """The tiny vocabularies fit one slice: with 7-token slices (the last one short) W_U W_E
+    is summed over many, and the scores still equal the full-vocabulary reference."""
+    from mechicl.analyses import induction
+
+    monkeypatch.setattr(induction, "OV_VOCAB_SLICE", 7)
+    assert tiny.d_vocab > 2 * 7 and tiny.d_vocab % 7
+    assert_close(ov_eigen_copying_scores(tiny).mean, ref.ref_ov_eigen_copying(tiny),
+                 rtol=0, atol=1e-6)
+
+
+def test_ov_eigen_on_the_default_model_equals_one_unsliced_product(smollm2):
+    """SmolLM2's 49152 tokens take 6 slices; against W_U W_E formed in one float64 product and
+    every head's W_O (W_U W_E) W_V one at a time (the full 49152^2 circuit does not fit)."""
+    w = smollm2.folded_weights()
+    W_UE = w.W_U.double() @ w.W_E.double()
+    want = torch.zeros(smollm2.n_layers, smollm2.n_heads, dtype=torch.float64)
+    for layer in range(smollm2.n_layers):
+        for head in range(smollm2.n_heads):
+            eig = torch.linalg.eigvals(w.W_O[layer, head].double() @ W_UE
+                                       @ w.W_V[layer, head].double())
+            want[layer, head] = eig.sum().real / eig.abs().sum()
+    assert_close(ov_eigen_copying_scores(smollm2).mean, want, rtol=0, atol=1e-10)
 
 
 def test_scan_is_deterministic_and_batching_invariant(scanned):
