@@ -385,18 +385,17 @@ def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
         # the batch's rows: about one position per row, for every row
         logits = rows * rows * m.d_vocab * s
         gradients = max(logits, 8 * p) + gates
-        total = weights + kv_cache + activations + logits + gradients
     else:
         activations = (p * (2 * s + (4 if half else 0))
                        + n * s * (3 * hd + (3 if m.gated_mlp else 2) * m.d_mlp + 4 * m.d_model))
         if analysis == "scan":
             logits = n * m.d_vocab * 8  # float32 logits + logsumexp's float32 temporary
             circuits = _ov_circuits(m, s)  # between passes: the larger of the two is the peak
-        total = weights + max(kv_cache + max(activations, logits), circuits)
-    return MemoryEstimate(analysis=analysis, dtype=str(dtype).removeprefix("torch."), rows=rows,
-                          seq_len=seq_len, weights=weights, kv_cache=kv_cache,
-                          activations=activations, logits=logits, gradients=gradients,
-                          total=total, circuits=circuits)
+    est = MemoryEstimate(analysis=analysis, dtype=str(dtype).removeprefix("torch."), rows=rows,
+                         seq_len=seq_len, weights=weights, kv_cache=kv_cache,
+                         activations=activations, logits=logits, gradients=gradients, total=0,
+                         circuits=circuits)
+    return dataclasses.replace(est, total=weights + max(est.batch_bytes, circuits))
 
 
 def _ov_circuits(m: ModelShape, s: int) -> int:
