@@ -76,38 +76,33 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     model = mechicl.load_model(spec["model"])
     model.info()  # hashes the weights once (cached): not part of any measurement
     config = ReportConfig(ablation=spec["ablation"])
-    jobs = [reduced(job, spec) for name, job in report_jobs(config, spec["model"]).items()
-            if stage_of(name) == spec["stage"]]
     tasks: dict[str, Any] = {}
 
-    def task_of(job: Any) -> Any:
-        if job.task is None:
-            return None
-        return tasks.setdefault(job.task, load_task(job.task))
+    def resolved(j: Any) -> Any:
+        """``j`` with complete options, its tasks loaded into ``tasks``."""
+        for name in j.task_names():
+            if name not in tasks:
+                tasks[name] = load_task(name)
+        return dataclasses.replace(j, options=j.record().resolve(j.options))
 
-    def seq_len(job: Any) -> int:
-        record = job.record()
-        job = dataclasses.replace(job, options=record.resolve(job.options))
-        return record.sequence_length(model, job, task_of(job))
+    def seq_len(j: Any) -> int:
+        return j.record().sequence_length(model, j, tasks.get(j.task))
 
+    jobs = [resolved(reduced(job, spec)) for name, job in report_jobs(config, spec["model"]).items()
+            if stage_of(name) == spec["stage"]]
     job = max(jobs, key=seq_len)
     record = job.record()
-    job = dataclasses.replace(job, options=record.resolve(job.options))
     done: dict[str, Any] = {}
 
     def result(j: Any) -> Any:
         key = json.dumps(j.to_dict(), sort_keys=True)
         if key not in done:
-            j = dataclasses.replace(j, options=j.record().resolve(j.options))
+            j = resolved(j)
             inputs = {name: result(dep) for name, dep in j.inputs().items()}
-            for name in j.task_names():
-                tasks.setdefault(name, load_task(name))
             done[key] = compute(j, model=model, tasks=tasks, inputs=inputs)
         return done[key]
 
     inputs = {name: result(dep) for name, dep in job.inputs().items()}
-    for name in job.task_names():
-        tasks.setdefault(name, load_task(name))
     reset_peak()
     before, _ = status()
     start = time.perf_counter()
