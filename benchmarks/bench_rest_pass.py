@@ -1,6 +1,8 @@
-"""Shared-context scoring before and after one-token continuations left the second pass
-(commit 5e786ea): masked scoring of 16 prompts x 20 random head masks, timed in the code of a
-given checkout. Not a test: run by hand on an otherwise idle machine, once per checkout.
+"""Masked choice scoring (16 prompts x ``--masks`` random head masks, default 20) timed in the
+code of a given checkout, to compare two commits each in its own process. Not a test: run by
+hand on an otherwise idle machine, once per checkout. Used for one-token continuations leaving
+the second pass (commit 5e786ea) and for packed rows replacing the key/value cache
+(2026-12-06):
 
     git worktree add /tmp/wt-old 5e786ea~1
     PYTHONPATH=/tmp/wt-old .venv/bin/python benchmarks/bench_rest_pass.py --out /tmp/old.pt
@@ -28,15 +30,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", required=True)
     parser.add_argument("--against", default=None)
+    parser.add_argument("--masks", type=int, default=20, help="random head masks (0: unmasked)")
+    parser.add_argument("--shots", type=int, default=1)
     args = parser.parse_args()
     model = mechicl.load_model(args.model)
     gen = torch.Generator().manual_seed(0)
     masks = [Mask(heads=(torch.rand(model.n_layers, model.n_heads, generator=gen) > 0.2).float(),
-                  ffn=torch.ones(model.n_layers)) for _ in range(20)]
+                  ffn=torch.ones(model.n_layers)) for _ in range(args.masks)] or None
     found = {}
     for task in ("antonyms", "country_capital"):
-        prompts = build_prompts(load_task(task), shots=1, n=16, seed=0)
-        masked_choice_logprobs(model, prompts[:2], masks[:2])  # warm-up
+        prompts = build_prompts(load_task(task), shots=args.shots, n=16, seed=0)
+        masked_choice_logprobs(model, prompts[:2], masks[:2] if masks else None)  # warm-up
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()

@@ -26,7 +26,8 @@ measured in the calling process with its thread count.
 **The per-shape floor** (:class:`Rates`): the same FLOPs, each product at the rate this machine
 reaches at its own shape: the check whether a model's smaller matrices (SmolLM2's key and value
 projections have 192 outputs) multiply slower than its largest, which would put the single-rate
-floor below what its own products can take (on this CPU they do not: docs/benchmarks.md). Here
+floor below what its own products can take (on this CPU the answer changed between processes:
+docs/benchmarks.md; ``bench_matmul_rows.py`` times the shapes at fewer rows). Here
 every distinct weight shape of the blocks is timed as ``F.linear`` of ``[tokens, in] x [out,
 in]`` with ``tokens`` the largest pass the pipeline runs on a CPU (512), and the body's FLOPs
 are divided by the FLOP-weighted harmonic mean of those rates (each matrix's share of the

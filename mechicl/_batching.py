@@ -13,15 +13,28 @@ from torch import Tensor
 # sequence per pass). On an accelerator batching pays and the caller's budget is used as is.
 CPU_PASS_TOKENS = 512
 
+# Tokens per forward pass on a CPU when the pass holds masked copies of one prompt (choice
+# scoring under many masks): the copies have no padding between them, and fewer, larger passes
+# recompute the layers below the masks less often. Measured on the 2-core machine with SmolLM2
+# (benchmarks/bench_copies_pass.py, docs/benchmarks.md): 270 one-head masks x 2 country_capital
+# 5-shot prompts took 58.5 s in passes of 512 tokens, 41.6 s at 1024, 38.2 s at 2048, 36.6 s
+# at 4096; FFN knock-out (30 masks x 8 prompts) 8.5, 7.5, 7.1 and 7.1 s.
+CPU_COPIES_PASS_TOKENS = 2048
 
-def device_batch_tokens(device: torch.device, batch_tokens: int) -> int:
-    """``batch_tokens`` for a forward pass on ``device``: capped at :data:`CPU_PASS_TOKENS`
-    on a CPU.
+
+def device_batch_tokens(device: torch.device, batch_tokens: int, *, copies: bool = False) -> int:
+    """``batch_tokens`` for a forward pass on ``device``: capped on a CPU at
+    :data:`CPU_PASS_TOKENS`, or at :data:`CPU_COPIES_PASS_TOKENS` for a pass of masked copies
+    (``copies``).
 
     >>> device_batch_tokens(torch.device("cpu"), 4096), device_batch_tokens(torch.device("cpu"), 100)
     (512, 100)
+    >>> device_batch_tokens(torch.device("cpu"), 4096, copies=True)
+    2048
     """
-    return min(batch_tokens, CPU_PASS_TOKENS) if device.type == "cpu" else batch_tokens
+    if device.type != "cpu":
+        return batch_tokens
+    return min(batch_tokens, CPU_COPIES_PASS_TOKENS if copies else CPU_PASS_TOKENS)
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

@@ -95,11 +95,13 @@ def test_estimates_against_hand_computation():
         96768 + 100 * 32 * 4)
 
     choices = estimate_memory(SMALL, dtype=torch.float32, analysis="choices", **kw)
-    # the contexts' cache and the choices' copies of it (each at most N tokens)
-    assert choices.kv_cache == 2 * fwd.kv_cache
-    assert choices.to_dict() | {"analysis": "forward", "kv_cache": fwd.kv_cache,
+    # a forward over packed rows plus their block masks: 3 rows x 10 x 10 entries, two boolean
+    # masks (a sliding-window layer type beside the full one) and a float32 copy
+    masks = 3 * 10 * 10 * (2 + 4)
+    assert choices.activations == fwd.activations + masks
+    assert choices.to_dict() | {"analysis": "forward", "activations": fwd.activations,
                                 "total": fwd.total} == fwd.to_dict()
-    assert choices.total == fwd.total + fwd.kv_cache
+    assert choices.total == fwd.total + masks
 
     imp = estimate_memory(SMALL, dtype="float32", analysis="importance", **kw)
     # per layer: q, k, v (query heads) and z (4 x 32), MLP gate/up/act (3 x 64), two norm

@@ -259,8 +259,9 @@ def test_bad_settings_name_the_value(bad, match):
 
 def test_memory_budget_sizes_every_job_of_the_report(model, tmp_path):
     """With a memory budget every job's batch is sized for the longest row it feeds the model
-    (slow reference: every prompt with every answer, one row at a time) by its analysis's
-    memory model; the stored manifests record the sizes."""
+    (slow reference: every prompt with every answer, one row at a time; for choice scoring also
+    the packed row of a prompt's context and every answer but its last token) by its
+    analysis's memory model; the stored manifests record the sizes."""
     from mechicl.analyses import Job
     from mechicl.analyses.evaluation import answer_batch
     from mechicl.analyses.induction import repeated_sequences
@@ -275,11 +276,22 @@ def test_memory_budget_sizes_every_job_of_the_report(model, tmp_path):
         return max(int(answer_batch(model, [p], which=c).attention_mask.sum())
                    for p in prompts for c in range(len(p.continuations)))
 
+    def longest_packed(prompts):
+        longest = 0
+        for p in prompts:
+            batches = [answer_batch(model, [p], which=c) for c in range(len(p.continuations))]
+            answers = [int(b.answer_mask.sum()) for b in batches]
+            context = int(batches[0].attention_mask.sum()) - answers[0]
+            longest = max(longest, context + sum(a - 1 for a in answers))
+        return longest
+
     def longest(job):
         if job.analysis == "scan":
             return seq_scan
         if job.analysis == "induction_ablation":  # BOS + 4 copies of `length` tokens
             return 1 + 4 * job.options["length"]
+        if job.record().memory_model(job) == "choices":
+            return max(longest_row(rows(job)), longest_packed(rows(job)))
         return longest_row(rows(job))
 
     def rows(job):

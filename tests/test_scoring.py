@@ -3,12 +3,14 @@ ranked by the task's normalization (issue 21) as a literal loop ranks them.
 
 The reference is ``scoring="rows"``: every choice its own row (context + choice), full logits,
 as the scoring was before; tests/reference_importance.py checks that path against plain loops.
-Here: the shared path (one prompt per pass with a growing batch, several packed left-padded
-prompts, masks split over passes) against it, on every tiny architecture and, marked slow, on
+Here: the shared path (one packed row per prompt: one prompt per pass with a growing batch,
+several left-padded prompts, masks split over passes; sliding-window layers) against it, on every tiny architecture and, marked slow, on
 every built-in task of the default model. The ranking rules (summed log-likelihood, per token,
 per character as lm-evaluation-harness's ``acc_norm``) against a loop over prompts and choices
 on the reference log-likelihoods, in evaluation, pruning curves and the registered analysis.
 """
+
+import itertools
 
 import pytest
 import reference_importance as ref  # tests/reference_importance.py: slow, plain loops
@@ -16,7 +18,7 @@ import torch
 from torch.testing import assert_close
 
 import mechicl
-from mechicl._batching import CPU_PASS_TOKENS, device_batch_tokens
+from mechicl._batching import CPU_COPIES_PASS_TOKENS, CPU_PASS_TOKENS, device_batch_tokens
 from mechicl.analyses import OptionError
 from mechicl.analyses._registry import Call
 from mechicl.analyses.evaluation import (
@@ -26,6 +28,7 @@ from mechicl.analyses.evaluation import (
     answer_losses,
     encode_prompt,
     masked_choice_logprobs,
+    packed_length,
     shared_context_scores,
     shared_context_supported,
 )
@@ -94,56 +97,97 @@ def test_one_prompt_grows_the_batch_and_several_are_left_padded(tiny_llama):
         alone = shared_context_scores(model, [enc], masks)[0]
         n = len(enc[1])
         assert_close(together[i, :, :n], alone[:, :n], rtol=1e-5, atol=1e-5)
-        # the choices' pass split to one continuation per pass, each from its own cache copy
-        split = shared_context_scores(model, [enc], masks, batch_tokens=1)[0]
-        assert_close(split[:, :n], alone[:, :n], rtol=1e-5, atol=1e-5)
-    split = shared_context_scores(model, encoded, masks, batch_tokens=1)
-    assert torch.equal(torch.isneginf(split), torch.isneginf(together))
-    finite = torch.isfinite(together)
-    assert_close(split[finite], together[finite], rtol=1e-5, atol=1e-5)
+        assert torch.isneginf(together[i, :, n:]).all()
     with pytest.raises(ValueError, match="ordered by their first layer"):
         shared_context_scores(model, encoded[:1], masks[::-1])
 
 
-def test_the_choices_pass_holds_at_most_batch_tokens_of_cache_copies(tiny_llama, monkeypatch):
-    """Each row of the choices' pass holds a copy of its context's cache: with a small
-    ``batch_tokens`` the pass is split, one continuation (x its mask rows) at a time."""
+def test_a_prompt_is_one_packed_row_in_one_pass(tiny_llama, monkeypatch):
+    """No second pass and no cache: one row per prompt (its context, then each continuation's
+    tokens but the last), unembedded from the context's last position on, under a block mask
+    in which no continuation sees another."""
     model = tiny_llama
-    enc = encode_prompt(model, prompts_of_mixed_shapes()[0])  # two multi-token continuations
-    masks = [Mask.remove(model, ffns=[1]), Mask.remove(model, heads=[(1, 0)])]
-    rows: dict[int | None, list[int]] = {None: [], 1: []}
+    enc = encode_prompt(model, prompts_of_mixed_shapes()[0])  # continuations of 2, 1, 4 tokens
+    assert packed_length(enc) == len(enc[0]) + 1 + 0 + 3
+    calls = []
     run = model.run_with_hooks
 
     def spy(tokens, **kwargs):
-        rest = kwargs.get("logits_to_keep") is None  # the context pass keeps one position
-        rows[None if rest else 1].append(int(tokens.shape[0]))
+        calls.append((tuple(tokens.shape), kwargs["logits_to_keep"],
+                      kwargs["attention_mask"].clone(), kwargs["position_ids"].clone()))
         return run(tokens, **kwargs)
 
     monkeypatch.setattr(model, "run_with_hooks", spy)
-    whole = shared_context_scores(model, [enc], masks)
-    assert rows[None] == [3 * 2]  # one pass: 3 mask rows x 2 continuations
-    rows[None].clear()
-    context_width = len(enc[0]) + max(len(ids) for ids in enc[1])
-    split = shared_context_scores(model, [enc], masks, batch_tokens=3 * context_width)
-    assert rows[None] == [3, 3]  # within 3 rows x (context + continuation) each
-    assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    shared_context_scores(model, [enc], [Mask.remove(model, ffns=[1])])
+    [(shape, keep, visible, position)] = calls
+    n = len(enc[0])
+    assert shape == (1, n + 4) and keep == 1 + 4  # the copy joins inside the pass
+    assert position[0].tolist() == [*range(n), n, n, n + 1, n + 2]
+    sees = visible[0, 0]  # [query, key]
+    assert sees[n].tolist() == [True] * n + [True, False, False, False]  # " e f": context, itself
+    assert sees[n + 3, n:].tolist() == [False, True, True, True]  # " h a b c": not " e f"
+    assert sees[:n, :n].equal(torch.ones(n, n, dtype=torch.bool).tril())
+
+
+def tiny_gemma3(window: int):
+    """A tiny random Gemma-3 (sliding-window layers beside a full one), as the bridge boots it."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from mechicl.testing import SPECIAL_TOKEN_IDS, toy_tokenizer
+    tokenizer = toy_tokenizer(96)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        sliding_window=window, layer_types=["sliding_attention", "full_attention",
+                                            "sliding_attention"],
+        initializer_range=0.2, architectures=["Gemma3ForCausalLM"],
+        bos_token_id=SPECIAL_TOKEN_IDS["<bos>"], eos_token_id=SPECIAL_TOKEN_IDS["<eos>"],
+        pad_token_id=SPECIAL_TOKEN_IDS["<pad>"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = Gemma3ForCausalLM(config).eval()
+    return TransformerBridge.boot_transformers("mechicl-toy-gemma3", hf_model=hf,
+                                               tokenizer=tokenizer, device="cpu")
+
+
+def test_sliding_window_layers_see_only_their_window():
+    """Packed rows of a model with sliding-window layers: each layer type gets its own mask,
+    the window counted in positions (a continuation's tokens are far from the context in the
+    row, near it in positions). Prompts longer than the window, against per-choice rows (the
+    model's own masks)."""
+    model = mechicl.as_hooked_model(tiny_gemma3(window=4))
+    prompts = prompts_of_mixed_shapes()
+    masks = [None, Mask.remove(model, ffns=[1])]
+    assert shared_context_supported(model)
+    want, _ = masked_choice_logprobs(model, prompts, masks, scoring="rows")
+    finite = torch.isfinite(want)
+    for batch_tokens in (4, 4096):  # one prompt per pass, all in one
+        got, _ = masked_choice_logprobs(model, prompts, masks, batch_tokens=batch_tokens)
+        assert torch.equal(torch.isfinite(got), finite)
+        assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+    wide = mechicl.as_hooked_model(tiny_gemma3(window=512))  # same weights, no window in reach
+    unwindowed, _ = masked_choice_logprobs(wide, prompts, masks, scoring="rows")
+    assert (unwindowed[finite] - want[finite]).abs().max() > 1e-3  # the window matters here
 
 
 def test_passes_cover_every_prompt_and_mask_once_within_the_budget():
     lengths = [30, 5, 12, 12, 3, 200]
-    for n_masked in (0, 1, 7):
-        for budget in (1, 40, 100, 10_000):
-            passes = _shared_passes(lengths, n_masked, budget)
-            seen = [(p, m) for group, (lo, hi) in passes for p in group
-                    for m in (range(lo, hi) if n_masked else [None])]
-            want = [(p, m) for p in range(len(lengths))
-                    for m in (range(n_masked) if n_masked else [None])]
-            assert sorted(seen, key=str) == sorted(want, key=str)
-            for group, (lo, hi) in passes:
-                rows = len(group) * (1 + hi - lo)
-                # over budget only when one prompt with one mask cannot fit
-                assert rows * max(lengths[p] for p in group) <= budget or (
-                    len(group) == 1 and hi - lo <= 1)
+    for n_masked, budget, alone in itertools.product((0, 1, 7), (1, 40, 100, 10_000),
+                                                     (False, True)):
+        passes = _shared_passes(lengths, n_masked, budget, alone=alone)
+        if alone:  # every prompt in passes of its own
+            assert all(len(group) == 1 for group, _ in passes)
+        seen = [(p, m) for group, (lo, hi) in passes for p in group
+                for m in (range(lo, hi) if n_masked else [None])]
+        want = [(p, m) for p in range(len(lengths))
+                for m in (range(n_masked) if n_masked else [None])]
+        assert sorted(seen, key=str) == sorted(want, key=str)
+        for group, (lo, hi) in passes:
+            rows = len(group) * (1 + hi - lo)
+            # over budget only when one prompt with one mask cannot fit
+            assert rows * max(lengths[p] for p in group) <= budget or (
+                len(group) == 1 and hi - lo <= 1)
 
 
 def test_models_unembed_only_the_positions_kept(tiny):
@@ -179,7 +223,8 @@ def test_mask_hooks_gate_the_rows_present_in_a_growing_batch(tiny_llama):
     assert float(out[0, :, 1].abs().sum()) > 0
 
 
-def test_a_model_without_a_kv_cache_falls_back_to_rows(induction_toy):
+def test_a_model_without_a_hugging_face_forward_falls_back_to_rows(induction_toy):
+    """The hand-built induction model (no Hugging Face config, no packed rows) scores by rows."""
     assert not shared_context_supported(induction_toy)
     toks = list(range(3, 12))
     tok = induction_toy.tokenizer.decode
@@ -192,6 +237,7 @@ def test_a_model_without_a_kv_cache_falls_back_to_rows(induction_toy):
 
 def test_device_batch_tokens_caps_only_the_cpu():
     assert device_batch_tokens(torch.device("cpu"), 10**6) == CPU_PASS_TOKENS
+    assert device_batch_tokens(torch.device("cpu"), 10**6, copies=True) == CPU_COPIES_PASS_TOKENS
     assert device_batch_tokens(torch.device("cpu"), 7) == 7
     assert device_batch_tokens(torch.device("meta"), 10**6) == 10**6
 

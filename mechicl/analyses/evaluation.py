@@ -6,19 +6,21 @@ The task's :attr:`~mechicl.inputs.tasks.Task.normalization` (or an override) may
 by the continuation's number of tokens or by the answer's number of characters (lm-evaluation-
 harness's ``acc_norm``): :func:`choice_scores`.
 
-Shared-context scoring (the default where the model supports a KV cache): one pass over a
-prompt's context, unembedded only at its last position, fills a key/value cache; one more
-pass runs every choice's tokens (but the last) against copies of that cache, so the context is
-computed once, not once per choice. Under several masks, each masked copy of the context joins
-the pass at the first layer its mask touches (below it, it equals the unmasked context), so a
-mask of layer ``L`` costs ``n_layers - L`` blocks. A pass holds one prompt (unpadded, the
-batch growing between layers) or several short ones (left-padded, with an attention mask and
-position ids; the masked copies then run every layer), up to
-:func:`~mechicl._batching.device_batch_tokens` context tokens. The choices' pass, whose rows
-each hold a copy of their context's cache, is split to at most ``batch_tokens`` rows x
-(context + continuation), the memory bound of every pass. The reference,
-``scoring="rows"``, gives each choice its own row (context + choice), batched with right
-padding, full logits.
+Shared-context scoring (the default where the model takes packed rows): each prompt is one
+row, its context followed by every choice's tokens but the last, under a block attention mask
+(a choice sees the context and its own earlier tokens, no other choice) with position ids that
+continue the context in every choice; one pass computes the context once, not once per choice,
+and unembeds only the positions whose next token is scored. Models that mix sliding-window and
+full attention layers get one mask per layer type, the window counted in positions. Under
+several masks, each masked copy of the row joins the pass at the first layer its mask touches
+(below it, it equals the unmasked row), so a mask of layer ``L`` costs ``n_layers - L`` blocks.
+A pass holds one prompt (unpadded, the batch growing between layers) or several short ones
+(left-padded; the masked copies then run every layer), up to
+:func:`~mechicl._batching.device_batch_tokens` tokens of packed rows, counting every masked
+copy (on a CPU, 512 tokens, or 2048 for a pass of masked copies; masks that leave the lowest
+layers alone run one prompt per pass, so that their copies share those layers). The
+reference, ``scoring="rows"``, gives each choice its own row (context + choice), batched with
+right padding, full logits.
 
 :func:`answer_batch` gives tokens plus the mask of the answer (continuation) tokens, for
 analyses that need the loss on exactly those tokens (head importance).
@@ -42,7 +44,6 @@ from einops import rearrange, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from mechicl._batching import device_batch_tokens, length_batches, pad_right
 from mechicl._checks import check_choice
@@ -74,8 +75,9 @@ from mechicl.stats import wilson_interval
 __all__ = ["NORMALIZATION_CHOICES", "SCORINGS", "AnswerBatch", "EvalResult",
            "NormalizationChoice", "answer_batch", "answer_losses", "choice_chars",
            "choice_logprobs", "choice_scores", "encode_prompt", "evaluate", "evaluate_masks",
-           "longest_prompt", "masked_choice_logprobs", "prompt_means", "resolve_normalization",
-           "shared_context_scores", "shared_context_supported"]
+           "longest_choice_row", "longest_prompt", "masked_choice_logprobs", "packed_length",
+           "prompt_means", "resolve_normalization", "shared_context_scores",
+           "shared_context_supported"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,6 +124,25 @@ def longest_prompt(model: HookedModel, prompts: Sequence[Prompt]) -> int:
     # characters need not be the longest in tokens, so every answer is counted.
     return max(len(context) + max(map(len, answers))
                for context, answers in map(functools.partial(encode_prompt, model), prompts))
+
+
+def longest_choice_row(model: HookedModel, prompts: Sequence[Prompt]) -> int:
+    """Tokens in the longest row that choice scoring runs (the ``seq_len`` of the ``"choices"``
+    memory model): a prompt's packed row under shared-context scoring (:func:`packed_length`)
+    or its context plus its longest continuation under ``scoring="rows"``, whichever is longer.
+
+    >>> from mechicl.testing import tiny_model
+    >>> model = as_hooked_model(tiny_model())
+    >>> prompt = Prompt(id="q", text="w1 w2 w3",
+    ...                 continuations=(" w4 w5", " w6 w7 w8", " w9 w1"), gold=0)
+    >>> longest_prompt(model, [prompt]), longest_choice_row(model, [prompt])
+    (7, 8)
+    """
+    if not prompts:
+        raise ValueError("prompts is empty: need at least one prompt")
+    model = as_hooked_model(model)
+    return max(max(packed_length(enc), len(enc[0]) + max(map(len, enc[1])))
+               for enc in map(functools.partial(encode_prompt, model), prompts))
 
 
 @dataclass(frozen=True)
@@ -230,22 +251,26 @@ def _empty_scores(encoded: Sequence[Encoded], n_masks: int) -> tuple[Tensor, Ten
 def _shared_logprobs(model: HookedModel, encoded: Sequence[Encoded],
                      mask_list: list[Mask | None], batch_tokens: int,
                      progress: bool) -> tuple[Tensor, Tensor]:
-    """Shared-context scoring in passes of at most ``batch_tokens`` context tokens (counting
-    every masked copy): short prompts are packed several per pass, a long prompt's masks are
-    split over several passes."""
+    """Shared-context scoring in passes of at most ``batch_tokens`` tokens of packed rows
+    (counting every masked copy): short prompts are packed several per pass, a long prompt's
+    masks are split over several passes."""
     loglik, n_tokens = _empty_scores(encoded, len(mask_list))
     # Masks that change nothing are answered by the unmasked row every pass has; the others
     # go in order of the first layer they touch, so copies in one pass share the most layers.
     plain = [i for i, m in enumerate(mask_list) if m is None or m.is_identity]
     masked = sorted((i for i, m in enumerate(mask_list) if m is not None and not m.is_identity),
                     key=lambda i: mask_list[i].first_layer)  # type: ignore[union-attr]
-    passes = _shared_passes([len(context) for context, _ in encoded], len(masked),
-                            device_batch_tokens(model.device, batch_tokens))
+    # Masks below which copies share layers are run one prompt per pass (only one prompt's
+    # copies can join mid-pass); on a CPU passes of masked copies may be larger (no padding).
+    shares_layers = any(mask_list[i].first_layer > 0 for i in masked)  # type: ignore[union-attr]
+    passes = _shared_passes([packed_length(enc) for enc in encoded], len(masked),
+                            device_batch_tokens(model.device, batch_tokens, copies=bool(masked)),
+                            alone=shares_layers)
     bar = tqdm(total=len(passes), desc="scoring", disable=not progress, unit="pass")
     for group, (lo, hi) in passes:
         chunk = masked[lo:hi]
         lp = shared_context_scores(model, [encoded[i] for i in group],  # [prompt, row, choice]
-                                   [mask_list[i] for i in chunk], batch_tokens=batch_tokens)
+                                   [mask_list[i] for i in chunk])
         for j, p_idx in enumerate(group):
             n_ch = len(encoded[p_idx][1])
             if chunk:
@@ -257,23 +282,35 @@ def _shared_logprobs(model: HookedModel, encoded: Sequence[Encoded],
     return loglik, n_tokens
 
 
-def _shared_passes(lengths: Sequence[int], n_masked: int, batch_tokens: int,
-                   ) -> list[tuple[list[int], tuple[int, int]]]:
+def packed_length(encoded: Encoded) -> int:
+    """Tokens in a prompt's packed row for shared-context scoring: its context, then every
+    continuation's tokens but the last.
+
+    >>> packed_length(([0, 5, 6], [[7, 8], [9], [10, 11, 12]]))
+    6
+    """
+    context, conts = encoded
+    return len(context) + sum(len(ids) - 1 for ids in conts)
+
+
+def _shared_passes(lengths: Sequence[int], n_masked: int, batch_tokens: int, *,
+                   alone: bool = False) -> list[tuple[list[int], tuple[int, int]]]:
     """Passes of shared-context scoring: (prompt indices, slice of the ordered masks). A pass
-    holds ``prompts x (1 + masks)`` rows of its longest context, at most ``batch_tokens``
+    holds ``prompts x (1 + masks)`` rows of its longest packed row, at most ``batch_tokens``
     tokens; prompts are packed in order of length, and a prompt whose masked copies do not fit
-    gets passes of its own, each with as many masks as fit (at least one)."""
+    (or every prompt, with ``alone``) gets passes of its own, each with as many masks as fit
+    (at least one)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows = 1 + n_masked
     passes: list[tuple[list[int], tuple[int, int]]] = []
     group: list[int] = []
     for i in order:
-        if rows * lengths[i] > batch_tokens:  # alone, masks split over passes
+        if alone or rows * lengths[i] > batch_tokens:  # alone, masks split over passes
             per_pass = max(1, batch_tokens // lengths[i] - 1)
             passes += [([i], (lo, min(lo + per_pass, n_masked)))
                        for lo in range(0, max(n_masked, 1), per_pass)]
             continue
-        width = lengths[group[0]] if group else lengths[i]  # the group's longest context
+        width = lengths[group[0]] if group else lengths[i]  # the group's longest row
         if group and rows * width * (len(group) + 1) > batch_tokens:
             passes.append((group, (0, n_masked)))
             group = []
@@ -283,30 +320,96 @@ def _shared_passes(lengths: Sequence[int], n_masked: int, batch_tokens: int,
     return passes
 
 
+@dataclass(frozen=True)
+class _Packed:
+    """Prompts packed one per row for shared-context scoring, left-padded to a common width:
+    each row holds its context, then every continuation's tokens but the last, each
+    continuation attending to the context and to its own earlier tokens only."""
+
+    tokens: Int[Tensor, "prompt pos"]
+    segment: Int[Tensor, "prompt pos"]  # -1 padding, 0 the context, 1 + c continuation c
+    position: Int[Tensor, "prompt pos"]  # continuations continue their context's positions
+    targets: Int[Tensor, "target 4"]  # prompt, kept position, token id, prompt * choices + choice
+    keep: int  # positions unembedded, counted from the end: the contexts' last and after
+
+    @classmethod
+    def of(cls, prompts: Sequence[Encoded], pad: int) -> "_Packed":
+        n_ch = max(len(conts) for _, conts in prompts)
+        lengths = [packed_length(enc) for enc in prompts]
+        width = max(lengths)
+        keep = 1 + max(n - len(context) for n, (context, _) in zip(lengths, prompts, strict=True))
+        tokens = torch.full((len(prompts), width), pad, dtype=torch.long)
+        segment = torch.full((len(prompts), width), -1, dtype=torch.long)
+        position = torch.zeros((len(prompts), width), dtype=torch.long)
+        targets = []
+        for p, ((context, conts), n) in enumerate(zip(prompts, lengths, strict=True)):
+            row, seg, pos = list(context), [0] * len(context), list(range(len(context)))
+            start = width - n  # left padding: every row ends at `width`
+            last = start + len(context) - 1  # predicts every continuation's first token
+            for c, ids in enumerate(conts):
+                # continuation token t >= 1 is predicted by token t - 1, placed at the row's end
+                at = [last] + [start + len(row) + t for t in range(len(ids) - 1)]
+                targets += [(p, k - (width - keep), tok, p * n_ch + c)
+                            for k, tok in zip(at, ids, strict=True)]
+                row += ids[:-1]
+                seg += [1 + c] * (len(ids) - 1)
+                pos += range(len(context), len(context) + len(ids) - 1)
+            tokens[p, start:] = torch.tensor(row)
+            segment[p, start:] = torch.tensor(seg)
+            position[p, start:] = torch.tensor(pos)
+        return cls(tokens, segment, position, torch.tensor(targets, dtype=torch.long), keep)
+
+    def visible(self, window: int | None = None) -> Bool[Tensor, "prompt 1 query key"]:
+        """Which keys each query attends to (a padding query to itself only, so no softmax row
+        is empty); with ``window``, only keys fewer than ``window`` positions back, as a
+        sliding-window layer."""
+        width = self.tokens.shape[1]
+        q, k = self.segment[:, :, None], self.segment[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        visible = causal & (k >= 0) & ((k == 0) | (k == q))  # the context, or the same segment
+        if window is not None:
+            visible &= (self.position[:, :, None] - self.position[:, None, :]) < window
+        return (visible | torch.eye(width, dtype=torch.bool))[:, None]
+
+
+def _attention_masks(model: HookedModel, packed: _Packed) -> Tensor | dict[str, Tensor]:
+    """The packed rows' 4-d attention mask in the form the model's Hugging Face forward takes:
+    one mask, or one per layer type where sliding-window layers are mixed with full ones."""
+    config = model.bridge.original_model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or
+                ["sliding_attention" if window is not None else "full_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        raise NotImplementedError(f"packed scoring has no mask for layer types {sorted(kinds)}")
+    masks = {kind: packed.visible(window if kind == "sliding_attention" else None)
+             for kind in kinds}
+    return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
 def shared_context_scores(
     model: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
-    masks: Sequence[Mask] = (), *, batch_tokens: int | None = None,
+    masks: Sequence[Mask] = (),
 ) -> Float[Tensor, "prompt row choice"]:
     """Summed log-probability of each prompt's continuations after its context, for the
-    unmasked model (row 0) and under each mask (row ``1 + i``), off one pass over the contexts.
+    unmasked model (row 0) and under each mask (row ``1 + i``), off one pass in which each
+    prompt's context is computed once.
 
-    The context pass unembeds only the last position and fills a key/value cache, which is
-    repeated per choice; a second pass runs the choices' tokens but their last. With one prompt
-    the pass starts with the unmasked row alone and, at ``hook_resid_pre`` of the first layer a
-    mask touches, a copy of that row joins (masks must then be ordered by
-    :attr:`~mechicl.model.masks.Mask.first_layer`); each layer's cache is completed with copies
-    of the unmasked row before the choices run. Several prompts are left-padded (attention mask
-    and position ids) and run every masked copy from the first layer.
+    Each prompt is one packed row: its context, then every continuation's tokens but the last,
+    under a block attention mask (a continuation sees the context and its own earlier tokens)
+    with position ids that continue the context in every continuation; only the positions
+    whose next token is scored are unembedded. With one prompt the pass starts with the
+    unmasked row alone and, at ``hook_resid_pre`` of the first layer a mask touches, a copy of
+    that row joins (masks must then be ordered by
+    :attr:`~mechicl.model.masks.Mask.first_layer`). Several prompts are left-padded and run
+    every masked copy from the first layer.
 
     Args:
-        model: a model whose bridge accepts ``past_key_values`` (see
+        model: a model whose bridge takes a 4-d attention mask and position ids (see
             :func:`shared_context_supported`).
         prompts: ``(context, continuations)`` token ids per prompt, as from
             :func:`encode_prompt` (BOS first; each continuation non-empty).
         masks: the masks (none: the unmasked row only).
-        batch_tokens: a memory bound for the choices' pass, whose rows each hold a copy of
-            their context's cache: it is split so that rows x (context + continuation) stays
-            within it (None: one pass). The context pass is the caller's to size.
 
     Returns:
         ``[prompt, 1 + len(masks), max_choices]`` float64 log-likelihoods (``-inf`` for a
@@ -320,107 +423,45 @@ def shared_context_scores(
     grow = n_p == 1
     if grow and starts != sorted(starts):
         raise ValueError(f"masks must be ordered by their first layer, got {starts}")
-    identity = Mask.keep_all(model)
-    lengths = torch.tensor([len(context) for context, _ in prompts])
-    width = int(lengths.max())
-    ctx = torch.full((n_p, width), model.pad_token_id, dtype=torch.long)
-    for i, (context, _) in enumerate(prompts):  # left padding: every context ends at `width`
-        ctx[i, width - len(context):] = torch.tensor(list(context))
-    ctx_attn = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
-    cache = DynamicCache()
-    if grow:  # one unpadded row; masked copies join at their first layer
+    packed = _Packed.of(prompts, model.pad_token_id)
+    attn = _attention_masks(model, packed)
+    if grow:  # one unpadded row; masked copies join at their first layer (the mask broadcasts)
         hooks = [(model.hook_name("resid_pre", layer), grow_hook(starts.count(layer)))
                  for layer in sorted(set(starts))]
-        kwargs: dict[str, Any] = {}
-        tokens = ctx
+        tokens, position = packed.tokens, packed.position
     else:
         hooks = []
-        attn = repeat(ctx_attn, "p pos -> (row p) pos", row=n_rows)
-        kwargs = {"attention_mask": attn.to(model.device),
-                  "position_ids": (attn.cumsum(-1) - 1).clamp(min=0).to(model.device)}
-        tokens = repeat(ctx, "p pos -> (row p) pos", row=n_rows)
+        tokens, position = (repeat(x, "p pos -> (row p) pos", row=n_rows)
+                            for x in (packed.tokens, packed.position))
+        attn = _map_masks(attn, lambda m: repeat(m, "p 1 q k -> (row p) 1 q k", row=n_rows))
     if masks:
-        hooks += stack_hooks(model, [identity, *masks], rows_per_mask=n_p)
-    out = torch.full((n_rows, n_p, n_ch), float("-inf"), dtype=torch.float64)
+        hooks += stack_hooks(model, [Mask.keep_all(model), *masks], rows_per_mask=n_p)
     with torch.no_grad():
-        last = model.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks, return_type="logits",
-                                    past_key_values=cache, logits_to_keep=1, **kwargs)[:, -1]
-        if last.shape[0] != n_rows * n_p:
-            raise RuntimeError(f"the context pass ended with {last.shape[0]} rows, not "
-                               f"{n_rows * n_p}")
-        logp = rearrange(last.double().log_softmax(-1).cpu(), "(row p) vocab -> row p vocab",
-                         row=n_rows)
-        for i, (_, conts) in enumerate(prompts):
-            out[:, i, : len(conts)] = logp[:, i, [ids[0] for ids in conts]]
-        longest = max(len(ids) for _, conts in prompts for ids in conts)
-        if longest > 1:
-            _score_rest(model, prompts, masks, cache, out, grow=grow, ctx_attn=ctx_attn,
-                        lengths=lengths, batch_tokens=batch_tokens)
-    return rearrange(out, "row p choice -> p row choice")
+        logits = model.run_with_hooks(
+            tokens.to(model.device), fwd_hooks=hooks, return_type="logits",
+            attention_mask=_map_masks(attn, lambda m: m.to(model.device)),
+            position_ids=position.to(model.device), logits_to_keep=packed.keep)
+    if logits.shape[:2] != (n_rows * n_p, packed.keep):
+        raise RuntimeError(f"the pass returned logits of shape {tuple(logits.shape)}, not "
+                           f"[{n_rows * n_p}, {packed.keep}, vocab]")
+    idx = packed.targets.to(logits.device)
+    picked = rearrange(logits, "(row p) pos vocab -> row p pos vocab",
+                       row=n_rows)[:, idx[:, 0], idx[:, 1]]  # [row, target, vocab]
+    tok = repeat(idx[:, 2], "target -> row target 1", row=n_rows)
+    # logsumexp in the logits' dtype (float32: ~1e-6 nats; in float64 it took 13% of a masked
+    # scoring's time), the difference in float64
+    lp = (picked.gather(-1, tok)[..., 0].double()
+          - torch.logsumexp(picked, -1).double()).cpu()  # [row, target]
+    out = torch.zeros((n_rows, n_p * n_ch), dtype=torch.float64)
+    out.index_add_(1, packed.targets[:, 3], lp)
+    out = rearrange(out, "row (p choice) -> p row choice", choice=n_ch)
+    for p, (_, conts) in enumerate(prompts):
+        out[p, :, len(conts):] = float("-inf")
+    return out
 
 
-def _score_rest(model: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
-                masks: Sequence[Mask], cache: Any, out: Tensor, *, grow: bool, ctx_attn: Tensor,
-                lengths: Tensor, batch_tokens: int | None) -> None:
-    """Add the log-probabilities of the continuations' tokens after the first (``out[row, p,
-    choice]``), running them against the context's cache, which is repeated per continuation.
-    Only continuations of two or more tokens take part (a one-token continuation is scored by
-    the context pass alone). Each pass holds at most ``batch_tokens`` rows x (context + the
-    longest continuation) - the cache copies count, as they are what the memory holds - with
-    at least one continuation per pass (None: one pass); beside it, only the context's cache."""
-    n_rows = 1 + len(masks)
-    need = [(p, c) for p, (_, conts) in enumerate(prompts) for c, ids in enumerate(conts)
-            if len(ids) > 1]  # the pass's rows per mask: (prompt, choice)
-    row_tokens = n_rows * (int(ctx_attn.shape[1]) + max(len(prompts[p][1][c]) for p, c in need))
-    per_pass = len(need) if batch_tokens is None else max(1, batch_tokens // row_tokens)
-    in_place = per_pass >= len(need)  # one pass: the context's cache becomes its rows
-    for start in range(0, len(need), per_pass):
-        _rest_pass(model, prompts, masks, cache, out, need[start:start + per_pass],
-                   grow=grow, ctx_attn=ctx_attn, lengths=lengths, in_place=in_place)
-
-
-def _rest_pass(model: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
-               masks: Sequence[Mask], cache: Any, out: Tensor, need: list[tuple[int, int]], *,
-               grow: bool, ctx_attn: Tensor, lengths: Tensor, in_place: bool) -> None:
-    """One pass of :func:`_score_rest` over the continuations ``need`` (``(prompt, choice)``
-    pairs): their rows of ``cache``, selected in place or into a new cache."""
-    n_p, n_rows = len(prompts), 1 + len(masks)
-    n_ch = max(len(conts) for _, conts in prompts)
-    of_prompt = torch.tensor([p for p, _ in need])
-    # Rows of the pass: (row, need). A layer's cache holds the rows present there in the
-    # context pass (a growing batch); the others equal row 0.
-    selected = None if in_place else DynamicCache()
-    for i, layer in enumerate(cache.layers):
-        have = int(layer.keys.shape[0]) // n_p
-        base = torch.cat([torch.arange(have * n_p), torch.arange(n_p).repeat(n_rows - have)])
-        idx = rearrange(base, "(row p) -> row p", row=n_rows)[:, of_prompt].flatten()
-        idx = idx.to(layer.keys.device)
-        if selected is None:
-            layer.batch_select_indices(idx)
-        else:
-            selected.update(layer.keys.index_select(0, idx), layer.values.index_select(0, idx), i)
-    cache = cache if selected is None else selected
-    rest, _ = pad_right([list(prompts[p][1][c][:-1]) for p, c in need], model.pad_token_id)
-    tokens = repeat(rest, "k pos -> (row k) pos", row=n_rows)
-    kwargs: dict[str, Any] = {}
-    if not grow:  # the contexts' left padding stays masked; positions continue each context
-        attn = torch.cat([repeat(ctx_attn[of_prompt], "k pos -> (row k) pos", row=n_rows),
-                          torch.ones(tokens.shape, dtype=torch.long)], dim=1)
-        pos = repeat(lengths[of_prompt], "k -> (row k) 1", row=n_rows)
-        kwargs = {"attention_mask": attn.to(model.device),
-                  "position_ids": (pos + torch.arange(tokens.shape[1])).to(model.device)}
-    hooks = (stack_hooks(model, [Mask.keep_all(model), *masks], rows_per_mask=len(need))
-             if masks else [])
-    logits = model.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks, return_type="logits",
-                                  past_key_values=cache, **kwargs)  # [(row k), pos, vocab]
-    targets = [(k, t - 1, tok, p * n_ch + c) for k, (p, c) in enumerate(need)
-               for t, tok in enumerate(prompts[p][1][c]) if t > 0]
-    idx = torch.tensor(targets, dtype=torch.long)  # [target, 4]: k, position, token, (p choice)
-    picked = rearrange(logits, "(row k) pos vocab -> row k pos vocab",
-                       row=n_rows)[:, idx[:, 0], idx[:, 1]].double()  # [row, target, vocab]
-    tok = repeat(idx[:, 2], "target -> row target 1", row=n_rows).to(picked.device)
-    lp = (picked.gather(-1, tok)[..., 0] - torch.logsumexp(picked, -1)).cpu()  # [row, target]
-    out.view(n_rows, n_p * n_ch).index_add_(1, idx[:, 3], lp)  # out: [row, p, choice]
+def _map_masks(masks: Tensor | dict[str, Tensor], fn: Any) -> Tensor | dict[str, Tensor]:
+    return {k: fn(v) for k, v in masks.items()} if isinstance(masks, dict) else fn(masks)
 
 
 _SHARED_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
@@ -429,7 +470,7 @@ _SHARED_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 def shared_context_supported(model: HookedModel) -> bool:
     """Whether shared-context scoring reproduces per-choice rows on this model (checked once
     per model on a short probe under a mask, one prompt alone and two packed: False e.g. for
-    bridges without a KV cache)."""
+    models whose forward ignores a 4-d attention mask or position ids)."""
     model = as_hooked_model(model)
     context = list(range(3, 3 + min(8, model.d_vocab - 3)))
     conts = [[3, 4], [5], [6, 7, 8]]
@@ -945,7 +986,7 @@ def _outputs(pairs: Sequence[tuple[Job, EvalResult]], options: Mapping[str, Any]
 ACCURACY = register_analysis(Analysis(
     name="accuracy", command="eval", help="k-shot accuracy of a model on ICL tasks",
     run=_run, result_type=EvalResult, per_task=True, memory="choices",
-    sequence_length=lambda model, job, task: longest_prompt(model, task_prompts(task, job)),
+    sequence_length=lambda model, job, task: longest_choice_row(model, task_prompts(task, job)),
     outputs=_outputs,
     options=(
         Option(name="n", type=int, default=None, nullable=True, minimum=1,

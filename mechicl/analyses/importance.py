@@ -70,6 +70,7 @@ from mechicl.analyses.evaluation import (
     answer_batch,
     choice_chars,
     choice_scores,
+    longest_choice_row,
     longest_prompt,
     masked_choice_logprobs,
     prompt_means,
@@ -694,7 +695,9 @@ def _importance_memory(job: Job) -> str:
 
 
 def _prompt_length(model: Any, job: Job, task: Any) -> int:
-    return longest_prompt(model, task_prompts(task, job))
+    # the gradient methods run answer rows, ablation and FFN knock-out choice scoring
+    gradient = job.options.get("method") not in (None, "ablation")
+    return (longest_prompt if gradient else longest_choice_row)(model, task_prompts(task, job))
 
 
 N_PROMPTS = Option(name="n", type=int, default=50, nullable=True, minimum=1,

@@ -39,7 +39,7 @@ from mechicl.analyses.evaluation import (
     NormalizationChoice,
     choice_chars,
     choice_scores,
-    longest_prompt,
+    longest_choice_row,
     masked_choice_logprobs,
     prompt_means,
     resolve_normalization,
@@ -565,7 +565,7 @@ PRUNING = register_analysis(Analysis(
     run=_run, result_type=PruneCurve, per_task=True, shots=(5,), memory="choices",
     inputs=ranking_inputs,
     check=_check, outputs=_outputs,
-    sequence_length=lambda model, job, task: longest_prompt(model, evaluation_prompts(task, job)),
+    sequence_length=lambda model, job, task: longest_choice_row(model, evaluation_prompts(task, job)),
     options=(
         Option(name="rankings", type=list, item=str, default=["same"], non_empty=False,
                help="head rankings: same (this task's importance), another task's name, an "

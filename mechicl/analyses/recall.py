@@ -57,7 +57,7 @@ from mechicl.analyses._registry import (
     register_analysis,
 )
 from mechicl.analyses.causal import MIN_DRAWS, random_heads, top_heads
-from mechicl.analyses.evaluation import choice_logprobs, longest_prompt, masked_choice_logprobs
+from mechicl.analyses.evaluation import choice_logprobs, longest_choice_row, masked_choice_logprobs
 from mechicl.analyses.overlap import (
     bootstrap_ci,
     percentile_interval,
@@ -1141,7 +1141,7 @@ def _task_outputs(command: str, table: Callable[[Any], pd.DataFrame]
 def _task_length(model: HookedModel, job: Job, task: Any) -> int:
     _, prompts = _task_prompts(task, None, shots=job.shots or 0, n=job.options["n"],
                                seed=job.seed)
-    return longest_prompt(model, prompts)
+    return longest_choice_row(model, prompts)
 
 
 VALUE_SCALING = register_analysis(Analysis(

@@ -64,7 +64,7 @@ from mechicl.analyses._registry import (
 from mechicl.analyses.evaluation import (
     choice_chars,
     choice_scores,
-    longest_prompt,
+    longest_choice_row,
     masked_choice_logprobs,
 )
 from mechicl.inputs.tasks import TASKS, Prompt, build_prompts, load_task
@@ -517,7 +517,7 @@ def _sequence_length(model: Any, job: Job, task: Any) -> int:
     o = job.options
     longest = 1
     for _, name, k in _task_specs(o["recall_tasks"], o["icl_tasks"]):
-        longest = max(longest, longest_prompt(model, build_prompts(load_task(name), shots=k,
+        longest = max(longest, longest_choice_row(model, build_prompts(load_task(name), shots=k,
                                                                    n=o["n"], seed=job.seed)))
     return longest
 

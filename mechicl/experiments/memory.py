@@ -51,15 +51,16 @@ memory of SmolLM2-135M in ``benchmarks/bench_memory.py`` and docs/concepts/big-m
   shared by the batch's rows), so its ``logits`` are ``rows * rows * d_vocab * s`` (one such
   position per row, the usual single-token answer; longer answers add theirs).
 
-Since shared-context scoring (issue 20), ``"choices"`` unembeds only the last context position
-and the choices' tokens; its ``logits`` term (``N * d_vocab * s``) is kept as an upper bound
-(the choice pass's logits depend on the choices). The choices' pass gives each continuation a
-copy of its context's key/value cache and is split so that its rows x (context + continuation)
-stay within ``batch_tokens``, even where a device runs shorter context passes (a CPU's 512
-tokens, :func:`mechicl._batching.device_batch_tokens`); the contexts' cache stays beside it, so
-``kv_cache`` counts twice ``N`` tokens. The estimate at ``batch_tokens`` bounds a pass, the
-estimate at the device's pass size does not (measured per stage of the report in
-``benchmarks/bench_stage_memory.py``).
+Since shared-context scoring (issue 20), ``"choices"`` is one forward pass over packed rows
+(a prompt's context, then every continuation's tokens but the last: ``seq_len`` is
+:func:`mechicl.analyses.evaluation.longest_choice_row`) that unembeds only the positions whose
+next token is scored; its ``logits`` term (``N * d_vocab * s``) is kept as an upper bound. Its
+``activations`` add the block attention masks, ``rows * seq_len**2 * (2 + s)`` (a boolean mask
+per layer type, at most two where sliding-window layers are mixed with full ones, and the
+float copy a layer adds to its scores). The estimate at ``batch_tokens`` bounds a pass, the
+estimate at the device's pass size (a CPU's 512 tokens,
+:func:`mechicl._batching.device_batch_tokens`) does not, as masked copies count towards a
+pass's tokens (measured per stage of the report in ``benchmarks/bench_stage_memory.py``).
 
 ``total`` is the peak: ``weights + kv_cache + max(activations, logits)`` for a forward-only
 pass (the layers' working sets are freed before the logits exist); for ``"scan"`` the larger
@@ -67,7 +68,7 @@ of that and ``weights + circuits`` (the OV score runs between passes); ``weights
 activations + logits + gradients`` for ``"importance"`` (all are alive when the backward
 starts). Not modelled: the allocator's fragmentation and caching (on GPU, leave 10-20% of the
 device and the CUDA context out of the budget), a few tensors of ``rows x answer tokens x
-d_vocab`` in float64 gathered for choice scoring, and the copying score's second pass, whose
+d_vocab`` in float32 gathered for choice scoring, and the copying score's second pass, whose
 working tensors are capped at ~8 MB each. GPT-2's tanh GELU, written in elementary ops, keeps
 4 x ``d_mlp`` per layer for the backward instead of 1, so ``"importance"`` is underestimated
 for GPT-2 (by ~15%).
@@ -369,8 +370,6 @@ def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
     hd, kvd = m.n_heads * m.d_head, m.n_kv_heads * m.d_head
     weights = m.params * s
     kv_cache = 2 * m.n_layers * kvd * n * s
-    if analysis == "choices":  # the contexts' cache, and the choices' copies of it beside it
-        kv_cache *= 2
     logits = n * m.d_vocab * s
     gradients = circuits = 0
     if analysis == "importance":
@@ -388,6 +387,8 @@ def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
     else:
         activations = (p * (2 * s + (4 if half else 0))
                        + n * s * (3 * hd + (3 if m.gated_mlp else 2) * m.d_mlp + 4 * m.d_model))
+        if analysis == "choices":  # the packed rows' block masks: two boolean, a float copy
+            activations += rows * seq_len * seq_len * (2 + s)
         if analysis == "scan":
             logits = n * m.d_vocab * 8  # float32 logits + logsumexp's float32 temporary
             circuits = _ov_circuits(m, s)  # between passes: the larger of the two is the peak
