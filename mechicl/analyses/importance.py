@@ -696,8 +696,8 @@ def _importance_memory(job: Job) -> str:
 
 def _prompt_length(model: Any, job: Job, task: Any) -> int:
     # the gradient methods run answer rows, ablation and FFN knock-out choice scoring
-    gradient = job.options.get("method") not in (None, "ablation")
-    return (longest_prompt if gradient else longest_choice_row)(model, task_prompts(task, job))
+    longest = longest_choice_row if job.record().memory_model(job) == "choices" else longest_prompt
+    return longest(model, task_prompts(task, job))
 
 
 N_PROMPTS = Option(name="n", type=int, default=50, nullable=True, minimum=1,

@@ -57,10 +57,10 @@ Since shared-context scoring (issue 20), ``"choices"`` is one forward pass over 
 next token is scored; its ``logits`` term (``N * d_vocab * s``) is kept as an upper bound. Its
 ``activations`` add the block attention masks, ``rows * seq_len**2 * (2 + s)`` (a boolean mask
 per layer type, at most two where sliding-window layers are mixed with full ones, and the
-float copy a layer adds to its scores). The estimate at ``batch_tokens`` bounds a pass, the
-estimate at the device's pass size (a CPU's 512 tokens,
-:func:`mechicl._batching.device_batch_tokens`) does not, as masked copies count towards a
-pass's tokens (measured per stage of the report in ``benchmarks/bench_stage_memory.py``).
+float copy a layer adds to its scores). Take it at the tokens a pass really holds
+(:func:`mechicl._batching.device_batch_tokens`: on a CPU 512, or 2048 for a pass of masked
+copies): so taken, the report's choice-scoring stages measured 0.65-1.01 x their estimate
+(``benchmarks/bench_stage_memory.py``, ``benchmarks/results/stage-memory-packed.json``).
 
 ``total`` is the peak: ``weights + kv_cache + max(activations, logits)`` for a forward-only
 pass (the layers' working sets are freed before the logits exist); for ``"scan"`` the larger
