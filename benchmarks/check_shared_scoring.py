@@ -47,8 +47,9 @@ def main() -> None:
         finite = torch.isfinite(want)
         row = {"task": task, "shots": shots, "n": n, "masks": args.masks,
                # (checkouts before packed rows have no packed_length: None)
-               "packed_lengths": [evaluation.packed_length(encode_prompt(model, p))
-                                  for p in prompts] if hasattr(evaluation, "packed_length") else None,
+               "packed_lengths": ([evaluation.packed_length(encode_prompt(model, p))
+                                   for p in prompts]
+                                  if hasattr(evaluation, "packed_length") else None),
                "max_dll": float((got[finite] - want[finite]).abs().max()),
                "same_predictions": bool(torch.equal(got.argmax(-1), want.argmax(-1)))}
         rows.append(row)
