@@ -143,7 +143,9 @@ def main() -> None:
     rep = repeated_sequences(model, n_seeds=args.seeds)
     blocks = [bansal_length(s) for s in range(args.seeds)]
     cop = copying_sequences(model, n_seeds=args.seeds)
-    body = model.bridge.original_model.model  # the HF body: blocks and final norm, no lm_head
+    # the body: blocks and final norm, no lm_head, no hooks attached (its layers are the bridge's
+    # wrappers around Hugging Face's weights: benchmarks/probe_fused_forward.py)
+    body = model.bridge.original_model.model
 
     def plain(seqs) -> None:
         with torch.no_grad():

@@ -194,11 +194,14 @@ class Rates:
                 "shapes_gflops": {k: v / 1e9 for k, v in self.shapes.items()}}
 
 
-def probe_setup(argv: list[str] | None = None):
-    """What the plain-forward probes share (probe_compile.py, profile_forward.py): their
-    arguments (``--model``, ``--seeds``, ``--repeats``, ``--out``), two threads, the model, its
-    plain Hugging Face body (blocks and final norm: no unembedding, no hooks), the prefix-matching
-    scan's sequences (one ``[1, tokens]`` tensor each) and the matmul rate measured now.
+def probe_setup(argv: list[str] | None = None, parser=None):
+    """What the plain-forward probes share (probe_compile.py, profile_forward.py,
+    probe_fused_forward.py): their arguments (``--model``, ``--seeds``, ``--repeats``,
+    ``--out``, added to ``parser`` if a probe has more of its own), two threads, the model, its
+    body (blocks and final norm: no unembedding, no hooks attached; under the TransformerBridge
+    the layers are the bridge's block and attention wrappers around Hugging Face's weights, which
+    probe_fused_forward.py compares with a plain Hugging Face model), the prefix-matching scan's
+    sequences (one ``[1, tokens]`` tensor each) and the matmul rate measured now.
 
     Returns ``(args, model, body, sequences, rate)``.
     """
@@ -208,7 +211,7 @@ def probe_setup(argv: list[str] | None = None):
     import mechicl
     from mechicl.analyses.induction import repeated_sequences
 
-    parser = argparse.ArgumentParser()
+    parser = parser or argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seeds", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)

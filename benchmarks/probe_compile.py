@@ -2,7 +2,8 @@
 CPU? (issue 20: the <= 1.3x floor targets of choice and masked scoring are below what the
 eager forward reaches here.)
 
-The plain Hugging Face body of the model (blocks and final norm, no unembedding, no hooks) over
+The body of the model (blocks and final norm, no unembedding, no hooks attached: the bridge's
+block and attention wrappers around Hugging Face's weights, :func:`floor.probe_setup`) over
 the prefix-matching scan's sequences, one sequence per pass, eager against
 ``torch.compile(body, dynamic=True)`` (inductor), each against the floor of benchmarks/floor.py
 measured in the same process. Not a test; one process, medians of ``--repeats`` runs::

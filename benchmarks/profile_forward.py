@@ -4,8 +4,9 @@ this CPU.)
 
 Over the prefix-matching scan's sequences, one sequence per pass, in one process:
 
-* ``plain``: the model's plain Hugging Face body (blocks and final norm; no unembedding, no
-  hooks), as probe_compile.py times it;
+* ``plain``: the model's body (blocks and final norm; no unembedding, no hooks attached: the
+  bridge's wrappers around Hugging Face's weights, :func:`floor.probe_setup`), as
+  probe_compile.py times it;
 * ``matmuls only``: the same passes reduced to their matrix products: every ``nn.Linear`` of
   the body applied (``F.linear`` with the real weights) to a ``[tokens, in_features]`` input,
   plus causal ``scaled_dot_product_attention`` at each layer's query / key-value head shapes.
