@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 import mechicl
 from mechicl._batching import CPU_COPIES_PASS_TOKENS, CPU_PASS_TOKENS, device_batch_tokens
-from mechicl.analyses import OptionError
+from mechicl.analyses import OptionError, evaluation
 from mechicl.analyses._registry import Call
 from mechicl.analyses.evaluation import (
     ACCURACY,
@@ -83,6 +83,21 @@ def test_shared_scoring_equals_rows_on_every_architecture(tiny, batch_tokens):
     # and against plain loops, one prompt, one choice and one mask at a time
     plain = torch.tensor([ref.ref_choice_logliks(tiny, p, [])[:2] for p in prompts])
     assert_close(got[0, :, :2], plain.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("elements", [1, 200])
+def test_logsumexp_in_slices_of_rows_equals_rows(tiny_llama, monkeypatch, elements):
+    """The logsumexp runs over slices of a pass's rows (LOGSUMEXP_ELEMENTS logits each): one row
+    per slice, or a few, gives the per-choice rows' scores, and the same as one slice."""
+    model = tiny_llama
+    prompts, masks = prompts_of_mixed_shapes(), masks_of(model)
+    want, _ = masked_choice_logprobs(model, prompts, masks, scoring="rows")
+    whole, _ = masked_choice_logprobs(model, prompts, masks, scoring="shared")
+    monkeypatch.setattr(evaluation, "LOGSUMEXP_ELEMENTS", elements)
+    sliced, _ = masked_choice_logprobs(model, prompts, masks, scoring="shared")
+    finite = torch.isfinite(want)
+    assert_close(sliced[finite], want[finite], rtol=1e-5, atol=1e-5)
+    assert_close(sliced, whole, rtol=0, atol=1e-6)
 
 
 def test_one_prompt_grows_the_batch_and_several_are_left_padded(tiny_llama):

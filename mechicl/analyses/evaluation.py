@@ -445,19 +445,27 @@ def shared_context_scores(
         raise RuntimeError(f"the pass returned logits of shape {tuple(logits.shape)}, not "
                            f"[{n_rows * n_p}, {packed.keep}, vocab]")
     idx = packed.targets.to(logits.device)
-    picked = rearrange(logits, "(row p) pos vocab -> row p pos vocab",
-                       row=n_rows)[:, idx[:, 0], idx[:, 1]]  # [row, target, vocab]
-    tok = repeat(idx[:, 2], "target -> row target 1", row=n_rows)
-    # logsumexp in the logits' dtype (float32: ~1e-6 nats; in float64 it took 13% of a masked
-    # scoring's time), the difference in float64
-    lp = (picked.gather(-1, tok)[..., 0].double()
-          - torch.logsumexp(picked, -1).double()).cpu()  # [row, target]
+    # one logsumexp per kept position, not per target (the context's last position predicts
+    # every choice's first token), over slices of rows, so that no copy of the logits is made
+    # and the temporaries stay small; in the logits' dtype (float32: ~1e-6 nats; in float64 it
+    # took 13% of a masked scoring's time), the difference in float64
+    lse = torch.cat([torch.logsumexp(rows, -1) for rows in logits.split(
+        max(1, LOGSUMEXP_ELEMENTS // (packed.keep * logits.shape[-1])))])  # [(row p), pos]
+    logits = rearrange(logits, "(row p) pos vocab -> row p pos vocab", row=n_rows)
+    lse = rearrange(lse, "(row p) pos -> row p pos", row=n_rows)
+    prompt, pos, tok = idx[:, 0], idx[:, 1], idx[:, 2]
+    lp = (logits[:, prompt, pos, tok].double() - lse[:, prompt, pos].double()).cpu()  # [row, target]
     out = torch.zeros((n_rows, n_p * n_ch), dtype=torch.float64)
     out.index_add_(1, packed.targets[:, 3], lp)
     out = rearrange(out, "row (p choice) -> p row choice", choice=n_ch)
     for p, (_, conts) in enumerate(prompts):
         out[p, :, len(conts):] = float("-inf")
     return out
+
+
+LOGSUMEXP_ELEMENTS = 1 << 24
+"""Logits per slice of :func:`shared_context_scores`' ``logsumexp`` (64 MiB of float32): its
+temporaries stay this small however many rows a pass holds."""
 
 
 def _map_masks(masks: Tensor | dict[str, Tensor], fn: Any) -> Tensor | dict[str, Tensor]:

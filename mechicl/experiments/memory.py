@@ -59,17 +59,19 @@ next token is scored; its ``logits`` term (``N * d_vocab * s``) is kept as an up
 per layer type, at most two where sliding-window layers are mixed with full ones, and the
 float copy a layer adds to its scores). Take it at the tokens a pass really holds
 (:func:`mechicl._batching.device_batch_tokens`: on a CPU 512, or 2048 for a pass of masked
-copies): so taken, the report's choice-scoring stages measured 0.65-1.01 x their estimate
-(``benchmarks/bench_stage_memory.py``, ``benchmarks/results/stage-memory-packed.json``).
+copies): so taken, the report's choice-scoring stages measured 0.65-1.01 x their estimate on
+SmolLM2-135M and, after the scores' ``logsumexp`` stopped copying the logits, 0.15-0.40 x on
+Gemma-3-270M (``benchmarks/bench_stage_memory.py``;
+``benchmarks/results/stage-memory{,-gemma3-270m}-packed.json``).
 
 ``total`` is the peak: ``weights + kv_cache + max(activations, logits)`` for a forward-only
 pass (the layers' working sets are freed before the logits exist); for ``"scan"`` the larger
 of that and ``weights + circuits`` (the OV score runs between passes); ``weights + kv_cache +
 activations + logits + gradients`` for ``"importance"`` (all are alive when the backward
 starts). Not modelled: the allocator's fragmentation and caching (on GPU, leave 10-20% of the
-device and the CUDA context out of the budget), a few tensors of ``rows x answer tokens x
-d_vocab`` in float32 gathered for choice scoring, and the copying score's second pass, whose
-working tensors are capped at ~8 MB each. GPT-2's tanh GELU, written in elementary ops, keeps
+device and the CUDA context out of the budget), the ``logsumexp`` of choice scoring (over
+slices of rows of at most 64 MiB of logits: :data:`mechicl.analyses.evaluation.LOGSUMEXP_ELEMENTS`),
+and the copying score's second pass, whose working tensors are capped at ~8 MB each. GPT-2's tanh GELU, written in elementary ops, keeps
 4 x ``d_mlp`` per layer for the backward instead of 1, so ``"importance"`` is underestimated
 for GPT-2 (by ~15%).
 
