@@ -8,8 +8,9 @@ alternating. Not a test: run by hand on an otherwise idle machine.
 
 The check's defaults (20 sequences of 4 copies of 25 tokens, ``DEFAULT_KS`` = 5, 10, 27 heads,
 20 random draws per k, zero ablation: 63 head sets and the unablated model), heads ranked by a
-fixed random score table (the ranking does not change the cost). Prints the median [min-max] of ``--repeats``
-runs per cap and the largest difference of the per-mask losses between the caps.
+fixed random score table (the ranking does not change the cost). Prints the median [min-max]
+of ``--repeats`` runs per cap and the largest difference of the per-mask losses between the
+caps.
 """
 
 import argparse
@@ -47,7 +48,8 @@ def main() -> None:
     batching.CPU_PASS_TOKENS = before
     med = {cap: statistics.median(t) for cap, t in times.items()}
     diff = float((values[after] - values[before]).abs().max())
-    result = {"model": args.model, "repeats": args.repeats, "head_sets": int(values[after][..., 0].numel()),  # k x (top + draws)
+    result = {"model": args.model, "repeats": args.repeats,
+              "head_sets": int(values[after][..., 0].numel()),  # k x (top + draws)
               "times": {str(k): v for k, v in times.items()},
               "speedup": med[before] / med[after], "max_abs_diff": diff}
     print(f"| {before} tokens per pass | {after} | speed-up | max |dloss| |")

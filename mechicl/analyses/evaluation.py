@@ -454,7 +454,8 @@ def shared_context_scores(
     logits = rearrange(logits, "(row p) pos vocab -> row p pos vocab", row=n_rows)
     lse = rearrange(lse, "(row p) pos -> row p pos", row=n_rows)
     prompt, pos, tok = idx[:, 0], idx[:, 1], idx[:, 2]
-    lp = (logits[:, prompt, pos, tok].double() - lse[:, prompt, pos].double()).cpu()  # [row, target]
+    lp = (logits[:, prompt, pos, tok].double()
+          - lse[:, prompt, pos].double()).cpu()  # [row, target]
     out = torch.zeros((n_rows, n_p * n_ch), dtype=torch.float64)
     out.index_add_(1, packed.targets[:, 3], lp)
     out = rearrange(out, "row (p choice) -> p row choice", choice=n_ch)

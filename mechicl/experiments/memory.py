@@ -59,9 +59,8 @@ next token is scored; its ``logits`` term (``N * d_vocab * s``) is kept as an up
 per layer type, at most two where sliding-window layers are mixed with full ones, and the
 float copy a layer adds to its scores). Take it at the tokens a pass really holds
 (:func:`mechicl._batching.device_batch_tokens`: on a CPU 512, or 2048 for a pass of masked
-copies): so taken, the report's choice-scoring stages measured 0.65-1.01 x their estimate on
-SmolLM2-135M and, after the scores' ``logsumexp`` stopped copying the logits, 0.15-0.40 x on
-Gemma-3-270M (``benchmarks/bench_stage_memory.py``;
+copies): so taken, the report's choice-scoring stages measured 0.40-0.66 x their estimate on
+SmolLM2-135M and 0.15-0.40 x on Gemma-3-270M (``benchmarks/bench_stage_memory.py``;
 ``benchmarks/results/stage-memory{,-gemma3-270m}-packed.json``).
 
 ``total`` is the peak: ``weights + kv_cache + max(activations, logits)`` for a forward-only
@@ -70,10 +69,11 @@ of that and ``weights + circuits`` (the OV score runs between passes); ``weights
 activations + logits + gradients`` for ``"importance"`` (all are alive when the backward
 starts). Not modelled: the allocator's fragmentation and caching (on GPU, leave 10-20% of the
 device and the CUDA context out of the budget), the ``logsumexp`` of choice scoring (over
-slices of rows of at most 64 MiB of logits: :data:`mechicl.analyses.evaluation.LOGSUMEXP_ELEMENTS`),
-and the copying score's second pass, whose working tensors are capped at ~8 MB each. GPT-2's tanh GELU, written in elementary ops, keeps
-4 x ``d_mlp`` per layer for the backward instead of 1, so ``"importance"`` is underestimated
-for GPT-2 (by ~15%).
+slices of rows of at most 64 MiB of logits:
+:data:`mechicl.analyses.evaluation.LOGSUMEXP_ELEMENTS`), and the copying score's second pass,
+whose working tensors are capped at ~8 MB each. GPT-2's tanh GELU, written in elementary ops,
+keeps 4 x ``d_mlp`` per layer for the backward instead of 1, so ``"importance"`` is
+underestimated for GPT-2 (by ~15%).
 
 Axis names: ``batch pos head query_pos key_pos d_model d_mlp d_vocab``.
 """
