@@ -86,8 +86,8 @@ def main() -> None:
     model = mechicl.load_model(args.model)
     cost = CostModel.of(model)
     rates = Rates.measure(model)
-    # the faster of two measurements of the single rate: one run of 2026-12-06 measured 39
-    # GFLOP/s once, while its per-shape rates put the same FLOPs at about 163
+    # the faster of two measurements of the single rate: one run of 2026-12-06 measured it far
+    # below its own per-shape rates (docs/benchmarks.md)
     again = matmul_rate(model)
     rate = max(rates.single, again)
     result: dict = {"model": args.model, "threads": torch.get_num_threads(),
