@@ -17,7 +17,8 @@ inputs (not measured), reset the peak resident memory, compute the job, read the
 growth is compared with :func:`mechicl.experiments.memory.estimate_memory` for the job's memory
 model and longest row (its registry record's ``memory`` and ``sequence_length``), at the job's
 ``batch_tokens`` and at the tokens per pass the device runs (``device_batch_tokens``: on a CPU
-at most 512, or 2048 for the passes of masked copies of choice scoring).
+at most 512, 1024 for the passes of packed choice rows, 2048 for the passes of masked copies of
+choice scoring).
 
 Prints a markdown table; with ``--out`` also writes the rows as JSON. Nothing else is written.
 ``--reestimate FILE`` compares the measurements of such a file with the current estimates.
@@ -112,15 +113,18 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     budget = job.options["batch_tokens"]
     if budget is None:  # head importance: its own default
         budget = default_batch_tokens(job.options["method"])
-    # choice scoring under masks (every "choices" stage but accuracy) runs passes of copies
-    copies = record.memory_model(job) == "choices" and spec["stage"] != "accuracy"
+    # choice scoring runs passes of packed rows (accuracy) or of masked copies (every other
+    # "choices" stage)
+    kind = "forward"
+    if record.memory_model(job) == "choices":
+        kind = "choices" if spec["stage"] == "accuracy" else "copies"
     return with_estimates({
         "model": spec["model"], "stage": spec["stage"], "job": job.describe(),
         "shape": ModelShape.from_model(model).to_dict(),
         "dtype": str(model.dtype).removeprefix("torch."),
         "memory_model": record.memory_model(job), "seq_len": seq_len(job),
         "batch_tokens": budget, "pass_tokens": device_batch_tokens(
-            model.device, budget, copies=copies),
+            model.device, budget, kind=kind),
         "measured": peak - before, "seconds": seconds})
 
 

@@ -1,6 +1,8 @@
 """Batching helpers shared by the forward-pass engines: length-sorted batches under a token
 budget, and right padding (exact under causal attention: no real position attends to a pad)."""
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,14 @@ from torch import Tensor
 # sequence per pass). On an accelerator batching pays and the caller's budget is used as is.
 CPU_PASS_TOKENS = 512
 
+# Tokens per forward pass on a CPU when the pass holds packed choice rows (shared-context choice
+# scoring without masks: one row per prompt, its context then its choices). Measured on the
+# 2-core machine with SmolLM2 (benchmarks/bench_pass_tokens.py, docs/benchmarks.md; 5 alternated
+# rounds, round-by-round ratio 1024 / 512): 5-shot prompts of 63-286 tokens 0.89-0.95 (0.88-0.99
+# in three scratch runs; a pass of 512 holds few such rows, and its products few rows), 0- and
+# 1-shot prompts of 8-36 tokens 0.96-1.01 (0.97-1.06); 2048 was no better than 1024.
+CPU_CHOICES_PASS_TOKENS = 1024
+
 # Tokens per forward pass on a CPU when the pass holds masked copies of one prompt (choice
 # scoring under many masks): the copies have no padding between them, and fewer, larger passes
 # recompute the layers below the masks less often. Measured on the 2-core machine with SmolLM2
@@ -21,20 +31,31 @@ CPU_PASS_TOKENS = 512
 # at 4096; FFN knock-out (30 masks x 8 prompts) 8.5, 7.5, 7.1 and 7.1 s.
 CPU_COPIES_PASS_TOKENS = 2048
 
+PassKind = Literal["forward", "choices", "copies"]
+"""What a forward pass holds, for :func:`device_batch_tokens`: sequences (scans, gradients,
+patching), packed choice rows, or masked copies of choice rows."""
+PASS_KINDS: tuple[str, ...] = get_args(PassKind)
 
-def device_batch_tokens(device: torch.device, batch_tokens: int, *, copies: bool = False) -> int:
+
+def device_batch_tokens(device: torch.device, batch_tokens: int, *,
+                        kind: PassKind = "forward") -> int:
     """``batch_tokens`` for a forward pass on ``device``: capped on a CPU at
-    :data:`CPU_PASS_TOKENS`, or at :data:`CPU_COPIES_PASS_TOKENS` for a pass of masked copies
-    (``copies``).
+    :data:`CPU_PASS_TOKENS`, at :data:`CPU_CHOICES_PASS_TOKENS` for a pass of packed choice
+    rows (``kind="choices"``), or at :data:`CPU_COPIES_PASS_TOKENS` for a pass of masked copies
+    (``kind="copies"``).
 
     >>> device_batch_tokens(torch.device("cpu"), 4096), device_batch_tokens(torch.device("cpu"), 100)
     (512, 100)
-    >>> device_batch_tokens(torch.device("cpu"), 4096, copies=True)
-    2048
+    >>> [device_batch_tokens(torch.device("cpu"), 4096, kind=k) for k in ("choices", "copies")]
+    [1024, 2048]
     """
+    caps = {"forward": CPU_PASS_TOKENS, "choices": CPU_CHOICES_PASS_TOKENS,
+            "copies": CPU_COPIES_PASS_TOKENS}
+    if kind not in caps:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(PASS_KINDS)}")
     if device.type != "cpu":
         return batch_tokens
-    return min(batch_tokens, CPU_COPIES_PASS_TOKENS if copies else CPU_PASS_TOKENS)
+    return min(batch_tokens, caps[kind])
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

@@ -261,6 +261,7 @@ def test_memory_budget_chooses_batch_tokens(tiny_folder, copy_task_file, tmp_pat
     """--memory-budget gives each job the batch size whose estimate fits the budget for the
     longest row it feeds the model (recorded in the store's manifests)."""
     import mechicl
+    from mechicl._batching import CPU_CHOICES_PASS_TOKENS, CPU_COPIES_PASS_TOKENS, CPU_PASS_TOKENS
     from mechicl.analyses.evaluation import longest_prompt
     from mechicl.analyses.induction import longest_scan_sequence
     from mechicl.analyses.pruning import split_prompts
@@ -289,6 +290,11 @@ def test_memory_budget_chooses_batch_tokens(tiny_folder, copy_task_file, tmp_pat
                  "--no-progress", "--formats", "html", "--store", str(tmp_path / "s2"),
                  "--out", str(tmp_path / "scan2")]) == 0
     assert sizes(tmp_path / "s2", "scan") == [(0, 4096)]  # the default without a budget
+    # the tokens each kind of pass held on this device: provenance beside the job's budget
+    (scan,) = [e.manifest for e in ResultStore(tmp_path / "s2").entries()
+               if e.manifest["job"]["analysis"] == "scan"]
+    assert [scan[k] for k in ("pass_tokens", "choices_pass_tokens", "copies_pass_tokens")] == [
+        CPU_PASS_TOKENS, CPU_CHOICES_PASS_TOKENS, CPU_COPIES_PASS_TOKENS]
 
     # Importance: each task and shot count is sized for its own longest prompt.
     task = task_from_file(copy_task_file)

@@ -18,7 +18,12 @@ import torch
 from torch.testing import assert_close
 
 import mechicl
-from mechicl._batching import CPU_COPIES_PASS_TOKENS, CPU_PASS_TOKENS, device_batch_tokens
+from mechicl._batching import (
+    CPU_CHOICES_PASS_TOKENS,
+    CPU_COPIES_PASS_TOKENS,
+    CPU_PASS_TOKENS,
+    device_batch_tokens,
+)
 from mechicl.analyses import OptionError, evaluation
 from mechicl.analyses._registry import Call
 from mechicl.analyses.evaluation import (
@@ -252,9 +257,13 @@ def test_a_model_without_a_hugging_face_forward_falls_back_to_rows(induction_toy
 
 def test_device_batch_tokens_caps_only_the_cpu():
     assert device_batch_tokens(torch.device("cpu"), 10**6) == CPU_PASS_TOKENS
-    assert device_batch_tokens(torch.device("cpu"), 10**6, copies=True) == CPU_COPIES_PASS_TOKENS
-    assert device_batch_tokens(torch.device("cpu"), 7) == 7
-    assert device_batch_tokens(torch.device("meta"), 10**6) == 10**6
+    assert device_batch_tokens(torch.device("cpu"), 10**6, kind="copies") == CPU_COPIES_PASS_TOKENS
+    assert device_batch_tokens(torch.device("cpu"), 10**6, kind="choices") == CPU_CHOICES_PASS_TOKENS
+    assert device_batch_tokens(torch.device("cpu"), 7, kind="choices") == 7
+    assert device_batch_tokens(torch.device("meta"), 10**6, kind="choices") == 10**6
+    # ValueError from the function; TypeError where the suite's runtime type checks catch it first
+    with pytest.raises((ValueError, TypeError), match="'rows'"):
+        device_batch_tokens(torch.device("cpu"), 10**6, kind="rows")
 
 
 @pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_llama"])

@@ -17,10 +17,10 @@ several masks, each masked copy of the row joins the pass at the first layer its
 A pass holds one prompt (unpadded, the batch growing between layers) or several short ones
 (left-padded; the masked copies then run every layer), up to
 :func:`~mechicl._batching.device_batch_tokens` tokens of packed rows, counting every masked
-copy (on a CPU, 512 tokens, or 2048 for a pass of masked copies; masks that leave the lowest
-layers alone run one prompt per pass, so that their copies share those layers). The
-reference, ``scoring="rows"``, gives each choice its own row (context + choice), batched with
-right padding, full logits.
+copy (on a CPU, 1024 tokens of unmasked rows, or 2048 for a pass of masked copies; masks that
+leave the lowest layers alone run one prompt per pass, so that their copies share those
+layers). The reference, ``scoring="rows"``, gives each choice its own row (context + choice),
+batched with right padding, full logits.
 
 :func:`answer_batch` gives tokens plus the mask of the answer (continuation) tokens, for
 analyses that need the loss on exactly those tokens (head importance).
@@ -264,7 +264,8 @@ def _shared_logprobs(model: HookedModel, encoded: Sequence[Encoded],
     # copies can join mid-pass); on a CPU passes of masked copies may be larger (no padding).
     shares_layers = any(mask_list[i].first_layer > 0 for i in masked)  # type: ignore[union-attr]
     passes = _shared_passes([packed_length(enc) for enc in encoded], len(masked),
-                            device_batch_tokens(model.device, batch_tokens, copies=bool(masked)),
+                            device_batch_tokens(model.device, batch_tokens,
+                                                kind="copies" if masked else "choices"),
                             alone=shares_layers)
     bar = tqdm(total=len(passes), desc="scoring", disable=not progress, unit="pass")
     for group, (lo, hi) in passes:

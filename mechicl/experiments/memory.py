@@ -58,9 +58,10 @@ next token is scored; its ``logits`` term (``N * d_vocab * s``) is kept as an up
 ``activations`` add the block attention masks, ``rows * seq_len**2 * (2 + s)`` (a boolean mask
 per layer type, at most two where sliding-window layers are mixed with full ones, and the
 float copy a layer adds to its scores). Take it at the tokens a pass really holds
-(:func:`mechicl._batching.device_batch_tokens`: on a CPU 512, or 2048 for a pass of masked
-copies): so taken, the report's choice-scoring stages measured 0.40-0.66 x their estimate on
-SmolLM2-135M and 0.15-0.40 x on Gemma-3-270M (``benchmarks/bench_stage_memory.py``;
+(:func:`mechicl._batching.device_batch_tokens`: on a CPU 512, 1024 for a pass of packed
+choice rows without masks, or 2048 for a pass of masked copies): so taken, the report's
+choice-scoring stages measured 0.40-0.66 x their estimate on SmolLM2-135M and 0.15-0.40 x on
+Gemma-3-270M (``benchmarks/bench_stage_memory.py``;
 ``benchmarks/results/stage-memory{,-gemma3-270m}-packed.json``).
 
 ``total`` is the peak: ``weights + kv_cache + max(activations, logits)`` for a forward-only

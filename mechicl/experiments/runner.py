@@ -157,9 +157,11 @@ class ModelWorker:
             provenance: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Run one job with the data of its tasks and the files of its inputs' results;
         returns ``{"files": {path: bytes}, "seconds", "batch_tokens", "pass_tokens",
-        "copies_pass_tokens", "device", "threads", "host"}`` (``pass_tokens``: the tokens per
-        forward pass the device's batch shape allowed, ``copies_pass_tokens`` the same for a pass
-        of masked copies, :func:`mechicl._batching.device_batch_tokens`; provenance, not key)."""
+        "choices_pass_tokens", "copies_pass_tokens", "device", "threads", "host"}``
+        (``pass_tokens``: the tokens per forward pass the device's batch shape allowed,
+        ``choices_pass_tokens`` and ``copies_pass_tokens`` the same for a pass of packed choice
+        rows and of masked copies, :func:`mechicl._batching.device_batch_tokens`; provenance,
+        not key)."""
         # analyses (and the report) find tasks by name: the job's tasks, for this job only
         differ = {name: (lambda task=task: task) for name, task in tasks.items()
                   if name not in TASKS or task_digest(load_task(name)) != task_digest(task)}
@@ -187,8 +189,10 @@ class ModelWorker:
                 "batch_tokens": budget, "threads": threads, "host": socket.gethostname(),
                 "pass_tokens": (None if budget is None
                                 else device_batch_tokens(model.device, int(budget))),
+                "choices_pass_tokens": (None if budget is None else device_batch_tokens(
+                    model.device, int(budget), kind="choices")),
                 "copies_pass_tokens": (None if budget is None else device_batch_tokens(
-                    model.device, int(budget), copies=True)),
+                    model.device, int(budget), kind="copies")),
                 "device": str(model.device)}
 
 
@@ -849,8 +853,8 @@ class _Run:
             return
         assert i is not None
         job = self.jobs[i]
-        extra = {k: value.get(k) for k in ("batch_tokens", "pass_tokens", "copies_pass_tokens",
-                                           "device", "threads", "host")}
+        extra = {k: value.get(k) for k in ("batch_tokens", "pass_tokens", "choices_pass_tokens",
+                                           "copies_pass_tokens", "device", "threads", "host")}
         inputs = [self.keys[d] for d in self.deps[i].values()]
         self.put(i, _manifest(job, plan.entry, plan.identity or {}, self.executor.name,
                               value["seconds"], inputs, extra), value["files"])
