@@ -20,7 +20,7 @@ CPU_PASS_TOKENS = 512
 # 2-core machine with SmolLM2 (benchmarks/bench_pass_tokens.py, docs/benchmarks.md; 5 alternated
 # rounds, round-by-round ratio 1024 / 512): 5-shot prompts of 63-286 tokens 0.89-0.95 (0.88-0.99
 # in three scratch runs; a pass of 512 holds few such rows, and its products few rows), 0- and
-# 1-shot prompts of 8-36 tokens 0.96-1.01 (0.97-1.06); 2048 was no better than 1024.
+# 1-shot prompts of 8-36 tokens 0.96-1.01 (0.97-1.06); 2048 was not consistently better.
 CPU_CHOICES_PASS_TOKENS = 1024
 
 # Tokens per forward pass on a CPU when the pass holds masked copies of one prompt (choice
