@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechicl._batching import device_batch_tokens
+from mechicl._batching import PASS_KINDS, device_batch_tokens
 from mechicl._io import atomic_write_text
 from mechicl._version import __version__
 from mechicl.analyses import Call, Job
@@ -103,6 +103,13 @@ def compute(job: Job, *, model: Any, tasks: Mapping[str, Task], inputs: Mapping[
     task = tasks[job.task] if job.task is not None else None
     return spec.run(Call(model=model, job=job, task=task, inputs=dict(inputs),
                          provenance=dict(provenance or {}), progress=progress))
+
+
+_PASS_TOKENS_KEYS = {kind: "pass_tokens" if kind == "forward" else f"{kind}_pass_tokens"
+                    for kind in PASS_KINDS}
+"""The manifest key recording the tokens per pass of each kind of pass
+(:func:`mechicl._batching.device_batch_tokens`): ``pass_tokens``, ``choices_pass_tokens``,
+``copies_pass_tokens``."""
 
 
 class ModelWorker:
@@ -187,12 +194,9 @@ class ModelWorker:
         budget = job_obj.options.get("batch_tokens")
         return {"files": files, "seconds": round(time.perf_counter() - start, 3),
                 "batch_tokens": budget, "threads": threads, "host": socket.gethostname(),
-                "pass_tokens": (None if budget is None
-                                else device_batch_tokens(model.device, int(budget))),
-                "choices_pass_tokens": (None if budget is None else device_batch_tokens(
-                    model.device, int(budget), kind="choices")),
-                "copies_pass_tokens": (None if budget is None else device_batch_tokens(
-                    model.device, int(budget), kind="copies")),
+                **{key: (None if budget is None
+                         else device_batch_tokens(model.device, int(budget), kind=kind))
+                   for kind, key in _PASS_TOKENS_KEYS.items()},
                 "device": str(model.device)}
 
 
@@ -853,8 +857,8 @@ class _Run:
             return
         assert i is not None
         job = self.jobs[i]
-        extra = {k: value.get(k) for k in ("batch_tokens", "pass_tokens", "choices_pass_tokens",
-                                           "copies_pass_tokens", "device", "threads", "host")}
+        extra = {k: value.get(k) for k in ("batch_tokens", *_PASS_TOKENS_KEYS.values(), "device",
+                                           "threads", "host")}
         inputs = [self.keys[d] for d in self.deps[i].values()]
         self.put(i, _manifest(job, plan.entry, plan.identity or {}, self.executor.name,
                               value["seconds"], inputs, extra), value["files"])
