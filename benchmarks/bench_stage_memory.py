@@ -7,7 +7,8 @@
 A stage is one kind of job of the report's paper section (:func:`mechicl.report.build.report_jobs`
 at the defaults): the scan, accuracy, each head-importance method, the FFN knock-out, the head
 and FFN pruning curves, the causal check on repeated sequences and on tasks. For each stage the
-job of the task and shot count with the longest prompts is measured, with its prompts
+job of the task and shot count with the longest prompts is measured (``--jobs``: named jobs
+instead), with its prompts
 (``n``, ``eval_n``) cut to ``--n`` and its scan to ``--seeds`` sequences: the same pass shapes
 (the longest prompts, the report's ``batch_tokens``, every mask and random draw), fewer passes.
 
@@ -19,6 +20,10 @@ model and longest row (its registry record's ``memory`` and ``sequence_length``)
 ``batch_tokens`` and at the tokens per pass the device runs (``device_batch_tokens``: on a CPU
 at most 512, 1024 for the passes of packed choice rows, 2048 for the passes of masked copies of
 choice scoring).
+
+With ``--repeat N`` each job is computed N times in its process, each run measured: the first
+includes what a process's first such job adds once (library code paged in, one-time caches),
+the later ones are the job's own memory ("warm").
 
 Prints a markdown table; with ``--out`` also writes the rows as JSON. Nothing else is written.
 ``--reestimate FILE`` compares the measurements of such a file with the current estimates.
@@ -90,7 +95,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         return j.record().sequence_length(model, j, tasks.get(j.task))
 
     jobs = [resolved(reduced(job, spec)) for name, job in report_jobs(config, spec["model"]).items()
-            if stage_of(name) == spec["stage"]]
+            if (name == spec["job"] if spec.get("job") else stage_of(name) == spec["stage"])]
     job = max(jobs, key=seq_len)
     record = job.record()
     done: dict[str, Any] = {}
@@ -104,12 +109,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         return done[key]
 
     inputs = {name: result(dep) for name, dep in job.inputs().items()}
-    reset_peak()
-    before, _ = status()
-    start = time.perf_counter()
-    compute(job, model=model, tasks=tasks, inputs=inputs)
-    seconds = time.perf_counter() - start
-    _, peak = status()
+    runs = []  # the first is the process's first such job; later ones run warm
+    for _ in range(spec.get("repeat", 1)):
+        reset_peak()
+        before, _ = status()
+        start = time.perf_counter()
+        compute(job, model=model, tasks=tasks, inputs=inputs)
+        seconds = time.perf_counter() - start
+        _, peak = status()
+        runs.append(peak - before)
     budget = job.options["batch_tokens"]
     if budget is None:  # head importance: its own default
         budget = default_batch_tokens(job.options["method"])
@@ -119,13 +127,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     if record.memory_model(job) == "choices":
         kind = "choices" if spec["stage"] == "accuracy" else "copies"
     return with_estimates({
-        "model": spec["model"], "stage": spec["stage"], "job": job.describe(),
+        "model": spec["model"], "stage": spec.get("job") or spec["stage"], "job": job.describe(),
         "shape": ModelShape.from_model(model).to_dict(),
         "dtype": str(model.dtype).removeprefix("torch."),
         "memory_model": record.memory_model(job), "seq_len": seq_len(job),
         "batch_tokens": budget, "pass_tokens": device_batch_tokens(
             model.device, budget, kind=kind),
-        "measured": peak - before, "seconds": seconds})
+        "measured": runs[0], "measured_runs": runs, "seconds": seconds})
 
 
 def with_estimates(record: dict[str, Any]) -> dict[str, Any]:
@@ -141,25 +149,35 @@ def with_estimates(record: dict[str, Any]) -> dict[str, Any]:
             "estimated_per_pass": at_pass.per_pass, "estimate_per_pass": at_pass.to_dict()}
 
 
-def stages(model: str, ablation: str) -> list[str]:
-    """The report's stages for ``model``, in the order of its jobs (no model is loaded)."""
+def job_names(model: str, ablation: str) -> list[str]:
+    """The names of the report's jobs for ``model`` (no model is loaded)."""
     from mechicl.report.build import ReportConfig, report_jobs
 
-    names = report_jobs(ReportConfig(ablation=ablation), model)
-    return list(dict.fromkeys(stage_of(name) for name in names))
+    return list(report_jobs(ReportConfig(ablation=ablation), model))
+
+
+def stages(model: str, ablation: str) -> list[str]:
+    """The report's stages for ``model``, in the order of its jobs (no model is loaded)."""
+    return list(dict.fromkeys(stage_of(name) for name in job_names(model, ablation)))
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
+    again = any(len(r.get("measured_runs", [])) > 1 for r in records)
     lines = ["| stage | memory model | longest row | tokens per pass (batch_tokens) "
              "| measured growth (MiB) | estimate per pass (MiB) | measured / estimate "
-             "| estimate at batch_tokens (MiB) | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             + ("| again, warm (MiB) | warm / estimate " if again else "")
+             + "| estimate at batch_tokens (MiB) | time (s) |",
+             "|---" * (11 if again else 9) + "|"]
     for r in records:
+        est = r["estimated_per_pass"]
+        warm = ""
+        if again:
+            later = r.get("measured_runs", [])[1:]
+            warm = (f"| {max(later) / MiB:,.0f} | {max(later) / est:.2f} " if later else "| | ")
         lines.append(
             f"| {r['stage']} | {r['memory_model']} | {r['seq_len']} "
             f"| {r['pass_tokens']} ({r['batch_tokens']}) | {r['measured'] / MiB:,.0f} "
-            f"| {r['estimated_per_pass'] / MiB:,.0f} "
-            f"| {r['measured'] / r['estimated_per_pass']:.2f} "
+            f"| {est / MiB:,.0f} | {r['measured'] / est:.2f} {warm}"
             f"| {r['estimated_at_batch_tokens'] / MiB:,.0f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
@@ -169,9 +187,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ablation", default="zero", choices=("zero", "mean"))
     parser.add_argument("--stages", default=None, help="comma-separated (default: every stage)")
+    parser.add_argument("--jobs", default=None,
+                        help="comma-separated job names of the report (e.g. "
+                             "accuracy/country_capital-5shot): measure these jobs, not the "
+                             "longest-prompt job of each stage")
     parser.add_argument("--n", type=int, default=8, help="prompts per job (n and eval_n)")
     parser.add_argument("--seeds", type=int, default=4, help="scan sequences per job")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="compute each job this many times in its process, each measured: "
+                             "the first includes what a process's first such job adds once "
+                             "(library code and caches), the later ones run warm")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--reestimate", type=Path, default=None,
                         help="a JSON file this script wrote: its measurements against the "
@@ -184,16 +210,25 @@ def main(argv: list[str] | None = None) -> None:
         return
     if as_child(args, child):
         return
-    known = stages(args.model, args.ablation)
-    wanted = known if args.stages is None else args.stages.split(",")
-    unknown = sorted(set(wanted) - set(known))
-    if unknown:
-        raise SystemExit(f"unknown stages {unknown}; allowed: {known}")
+    if args.jobs is not None:
+        known = job_names(args.model, args.ablation)
+        wanted = args.jobs.split(",")
+        unknown = sorted(set(wanted) - set(known))
+        if unknown:
+            raise SystemExit(f"unknown jobs {unknown}; allowed: {known}")
+        specs = [{"stage": stage_of(name), "job": name} for name in wanted]
+    else:
+        known = stages(args.model, args.ablation)
+        wanted = known if args.stages is None else args.stages.split(",")
+        unknown = sorted(set(wanted) - set(known))
+        if unknown:
+            raise SystemExit(f"unknown stages {unknown}; allowed: {known}")
+        specs = [{"stage": stage} for stage in wanted]
     records = []
-    for stage in wanted:
+    for spec in specs:
         records.append(run_child(__file__, {
-            "model": args.model, "ablation": args.ablation, "stage": stage, "n": args.n,
-            "seeds": args.seeds, "threads": args.threads}, timeout=3600))
+            "model": args.model, "ablation": args.ablation, "n": args.n, "seeds": args.seeds,
+            "threads": args.threads, "repeat": args.repeat, **spec}, timeout=3600))
         print(markdown(records[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         if args.out is not None:  # as it goes: a stopped run keeps the stages it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)

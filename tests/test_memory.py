@@ -10,6 +10,7 @@ import torch
 
 from mechicl.analyses.evaluation import longest_prompt
 from mechicl.analyses.induction import longest_scan_sequence
+from mechicl.analyses.metrics import LOGSUMEXP_ELEMENTS
 from mechicl.experiments.memory import (
     MEMORY_MODELS,
     REFERENCE_SHAPES,
@@ -76,18 +77,23 @@ def test_estimates_against_hand_computation():
     assert fwd.kv_cache == 2 * 2 * 16 * 30 * 4  # k and v, 2 layers, 2 kv heads x 8, fp32
     # scores + pattern (2 x P x 4) + q/k/v (3 x 32) + gated MLP (3 x 64) + residual (4 x 32)
     assert fwd.activations == 1200 * 8 + 30 * 4 * (3 * 32 + 3 * 64 + 4 * 32) == 59520
-    assert fwd.logits == 30 * 100 * 4 and fwd.gradients == 0
-    assert fwd.total == 87168 + 7680 + max(59520, 12000) == 154368
+    # the logits, and a score's logsumexp temporaries over one slice (here the whole 3000)
+    assert fwd.logits == 30 * 100 * 4 + 3000 * 4 and fwd.gradients == 0
+    assert fwd.total == 87168 + 7680 + max(59520, 24000) == 154368
+    big = estimate_memory(SMALL, dtype="float32", analysis="forward", seq_len=10,
+                          batch_tokens=30 * LOGSUMEXP_ELEMENTS)
+    assert big.logits == big.batch_tokens * 100 * 4 + LOGSUMEXP_ELEMENTS * 4  # one slice
 
     scan = estimate_memory(SMALL, dtype="fp32", analysis="scan", **kw)
-    assert scan.logits == 30 * 100 * 8  # float32 logits + logsumexp's temporary
+    assert scan.logits == fwd.logits
     assert scan.batch_bytes == 7680 + 59520
-    # the OV score between passes: 4 folded per-head tensors (2 x 4 x 32 x 8 each) and W_U in
-    # float32, plus its largest step: one vocabulary slice of W_U and W_E in float64 (the
-    # whole vocabulary of 100: 16 x 32 x 100), more than one layer's W_V, W_O and their product
-    # (24 x heads / 2) or folding one tensor (4 x heads)
+    # the OV score between passes: 2 folded per-head tensors, W_V and W_O (2 x 4 x 32 x 8
+    # each), and W_U in float32, plus its largest step: one vocabulary slice of W_U and W_E in
+    # float64 (the whole vocabulary of 100: 16 x 32 x 100) with the float64 sum and product
+    # (16 x 32 x 32), more than one layer's W_V, W_O and their product (24 x heads / 2) or
+    # folding one tensor (4 x heads)
     heads = 2 * 4 * 32 * 8
-    assert scan.circuits == (4 * heads + 32 * 100) * 4 + 16 * 32 * 100 == 96768
+    assert scan.circuits == (2 * heads + 32 * 100) * 4 + 16 * 32 * 100 + 16 * 32 * 32 == 96768
     assert scan.total == 87168 + max(7680 + 59520, 96768)
     assert scan.per_pass == scan.circuits and fwd.circuits == 0
     layer_norm = dataclasses.replace(SMALL, layer_norm=True)  # and a centred W_E
@@ -118,6 +124,8 @@ def test_estimates_against_hand_computation():
     assert half.dtype == "bfloat16" and half.weights == 21792 * 2
     # scores + pattern in bf16 + the float32 softmax output
     assert half.activations == 1200 * (2 + 2 + 4) + 30 * 2 * 416
+    # bf16 logits; the slice's float32 copy and the logsumexp temporary
+    assert half.logits == 30 * 100 * 2 + 3000 * 8
     half_imp = estimate_memory(SMALL, dtype="float16", analysis="importance", **kw)
     # norms keep float32 inputs; the pattern is saved in float32 and in float16
     assert half_imp.activations == 2 * (30 * 2 * 320 + 30 * 4 * 64 + 1200 * (4 + 2))

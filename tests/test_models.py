@@ -71,6 +71,11 @@ def test_folded_weights_equal_compatibility_mode(tiny):
                 "W_V": _raw_expanded(ref.W_V, tiny.n_heads)}
     for key, want in expected.items():
         assert_close(getattr(ours, key), want.detach(), rtol=1e-5, atol=1e-5, msg=key)
+    # for the OV circuit alone: the same tensors, bit for bit, without W_Q and W_K
+    ov = tiny.folded_weights(qk=False)
+    assert ov.W_Q is None and ov.W_K is None
+    for key in ("W_E", "W_V", "W_O", "W_U"):
+        assert torch.equal(getattr(ov, key), getattr(ours, key)), key
 
 
 def test_norm_probe_reads_layernorm_and_rmsnorm(tiny_gpt2, tiny_llama):

@@ -24,7 +24,7 @@ from mechicl._batching import (
     CPU_PASS_TOKENS,
     device_batch_tokens,
 )
-from mechicl.analyses import OptionError, evaluation
+from mechicl.analyses import OptionError, metrics
 from mechicl.analyses._registry import Call
 from mechicl.analyses.evaluation import (
     ACCURACY,
@@ -92,13 +92,13 @@ def test_shared_scoring_equals_rows_on_every_architecture(tiny, batch_tokens):
 
 @pytest.mark.parametrize("elements", [1, 200])
 def test_logsumexp_in_slices_of_rows_equals_rows(tiny_llama, monkeypatch, elements):
-    """The logsumexp runs over slices of a pass's rows (LOGSUMEXP_ELEMENTS logits each): one row
+    """The logsumexp runs over slices of a pass's logits (LOGSUMEXP_ELEMENTS each): one position
     per slice, or a few, gives the per-choice rows' scores, and the same as one slice."""
     model = tiny_llama
     prompts, masks = prompts_of_mixed_shapes(), masks_of(model)
     want, _ = masked_choice_logprobs(model, prompts, masks, scoring="rows")
     whole, _ = masked_choice_logprobs(model, prompts, masks, scoring="shared")
-    monkeypatch.setattr(evaluation, "LOGSUMEXP_ELEMENTS", elements)
+    monkeypatch.setattr(metrics, "LOGSUMEXP_ELEMENTS", elements)
     sliced, _ = masked_choice_logprobs(model, prompts, masks, scoring="shared")
     finite = torch.isfinite(want)
     assert_close(sliced[finite], want[finite], rtol=1e-5, atol=1e-5)
@@ -439,3 +439,23 @@ def test_openbookqa_by_its_own_rule_is_not_below_chance(smollm2):
           f"[{summed.ci_low:.2f}, {summed.ci_high:.2f}], tokens "
           f"{result.accuracy_with('tokens'):.2f}, chance {result.chance:.2f}")
     assert result.ci_high > result.chance, result.summary()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_logsumexp_slices_and_next_token_nll_equal_log_softmax(dtype):
+    """The sliced logsumexp of the scores (a strided view of the logits, every slice size down
+    to one position and below one row) equals one logsumexp over the logits in float32 (half
+    dtypes) or their own dtype, and the cross-entropy equals -log_softmax in float64."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(3, 6, 50, generator=gen)).to(dtype)[:, :-1]  # a strided view
+    at_least = torch.float64 if dtype == torch.float64 else torch.float32
+    want = torch.logsumexp(logits.to(at_least), -1)
+    for limit in (10, 50, 100, 120, 250, 1 << 20):
+        got = metrics.logsumexp_slices(logits, limit)
+        assert got.dtype == at_least and got.shape == (3, 5)
+        if limit >= 100:  # two positions per slice or more: bit for bit
+            assert torch.equal(got, want), limit
+        assert_close(got, want, rtol=0, atol=1e-5)
+    targets = torch.randint(50, (3, 5), generator=gen)
+    reference = -torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
+    assert_close(metrics.next_token_nll(logits, targets).double(), reference, rtol=0, atol=1e-5)

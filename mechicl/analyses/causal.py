@@ -77,6 +77,7 @@ from mechicl.analyses.evaluation import (
     resolve_normalization,
 )
 from mechicl.analyses.induction import SCAN, SCORE_ALIASES, SCORES, FixedLength, repeated_sequences
+from mechicl.analyses.metrics import next_token_nll
 from mechicl.analyses.pruning import evaluation_prompts
 from mechicl.inputs.tasks import Prompt, Task, resolve_prompts
 from mechicl.model.hooked import HookedModel, as_hooked_model
@@ -577,9 +578,9 @@ def _later_copy_losses(model: HookedModel, tokens: Tensor, length: int, masks: S
         with torch.no_grad():
             # only the positions that predict a later-copy token are unembedded
             logits = model.run_with_hooks(rows, fwd_hooks=hooks, return_type="logits",
-                                          logits_to_keep=width - start)[:, :-1].float()
-            target = rows[:, start + 1:]  # [(mask item), later]
-            nll = torch.logsumexp(logits, -1) - logits.gather(-1, target[..., None])[..., 0]
+                                          logits_to_keep=width - start)[:, :-1]
+            nll = next_token_nll(logits, rows[:, start + 1:])  # [(mask item), later]
+            del logits  # else this pass's logits stay alive through the next pass
         out[m_lo:m_hi, lo: lo + batch.shape[0]] = rearrange(
             nll.double().mean(-1).cpu(), "(mask item) -> mask item", mask=len(chunk))
     return out

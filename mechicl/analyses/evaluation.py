@@ -58,6 +58,7 @@ from mechicl.analyses._registry import (
     job_stem,
     register_analysis,
 )
+from mechicl.analyses.metrics import logsumexp_slices
 from mechicl.inputs.tasks import (
     NORMALIZATIONS,
     TASKS,
@@ -447,11 +448,10 @@ def shared_context_scores(
                            f"[{n_rows * n_p}, {packed.keep}, vocab]")
     idx = packed.targets.to(logits.device)
     # one logsumexp per kept position, not per target (the context's last position predicts
-    # every choice's first token), over slices of rows, so that no copy of the logits is made
-    # and the temporaries stay small; in the logits' dtype (float32: ~1e-6 nats; in float64 it
-    # took 13% of a masked scoring's time), the difference in float64
-    lse = torch.cat([torch.logsumexp(rows, -1) for rows in logits.split(
-        max(1, LOGSUMEXP_ELEMENTS // (packed.keep * logits.shape[-1])))])  # [(row p), pos]
+    # every choice's first token), over slices, so that no copy of the logits is made and the
+    # temporaries stay small; in float32 (~1e-6 nats; in float64 it took 13% of a masked
+    # scoring's time), the difference in float64
+    lse = logsumexp_slices(logits)  # [(row p), pos]
     logits = rearrange(logits, "(row p) pos vocab -> row p pos vocab", row=n_rows)
     lse = rearrange(lse, "(row p) pos -> row p pos", row=n_rows)
     prompt, pos, tok = idx[:, 0], idx[:, 1], idx[:, 2]
@@ -463,11 +463,6 @@ def shared_context_scores(
     for p, (_, conts) in enumerate(prompts):
         out[p, :, len(conts):] = float("-inf")
     return out
-
-
-LOGSUMEXP_ELEMENTS = 1 << 24
-"""Logits per slice of :func:`shared_context_scores`' ``logsumexp`` (64 MiB of float32): its
-temporaries stay this small however many rows a pass holds."""
 
 
 def _map_masks(masks: Tensor | dict[str, Tensor], fn: Any) -> Tensor | dict[str, Tensor]:

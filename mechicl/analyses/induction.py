@@ -58,6 +58,7 @@ from mechicl.analyses._registry import (
     job_stem,
     register_analysis,
 )
+from mechicl.analyses.metrics import next_token_nll
 from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.model.masks import Mask
 from mechicl.plotting import head_heatmap, kv_group_size
@@ -372,9 +373,8 @@ def _repeat_batch(model: HookedModel, tokens: Tensor, lengths: Tensor, block: Te
                                       **({} if want_loss else {"logits_to_keep": 1}))
         if not want_loss:
             return acc, None
-        logits = logits[:, :-1].float()
-        # cross-entropy without materialising log-probabilities over the vocabulary
-        loss = torch.logsumexp(logits, -1) - logits.gather(-1, tokens[:, 1:, None])[..., 0]
+        # cross-entropy without log-probabilities or a float32 copy of the logits
+        loss = next_token_nll(logits[:, :-1], tokens[:, 1:])
     return acc, loss
 
 
@@ -718,6 +718,8 @@ def induction_scan(
     results: dict[str, HeadScores] = {}
     loss_first = loss_later = None
 
+    if "ov_eigen" in scores:  # first: its peak (weights only) then holds nothing else
+        results["ov_eigen"] = ov_eigen_copying_scores(model)
     if repeat_names:
         seqs, blocks, params = _repeated_inputs(model, bases, n_seeds, seed, n_copies,
                                                 exclude_top, exclude_bottom, length)
@@ -761,8 +763,6 @@ def induction_scan(
                                              "tie_tolerance": tie_tolerance},
             model=info, tokens=seqs_c, extras={_TIE_EXTRA: run_c.ties})
 
-    if "ov_eigen" in scores:
-        results["ov_eigen"] = ov_eigen_copying_scores(model)
     ordered = {name: results[name] for name in SCORES if name in results}
     settings = {"scores": list(ordered), "n_seeds": n_seeds if bases is None else len(bases),
                 "seed": seed, "n_copies": n_copies, "exclude_top": exclude_top,
@@ -860,7 +860,7 @@ def ov_eigen_copying_scores(model: HookedModel) -> HeadScores:
     matrices one layer at a time. A head with a zero OV circuit (no eigenvalue mass) scores 0.
     """
     model = as_hooked_model(model)
-    w = model.folded_weights()
+    w = model.folded_weights(qk=False)  # the OV circuit only: W_Q, W_K not held
     W_UE = torch.zeros(model.d_model, model.d_model, dtype=torch.float64, device=w.W_U.device)
     for start in range(0, w.W_U.shape[-1], OV_VOCAB_SLICE):  # [d_model, d_model], once
         W_UE += (w.W_U[:, start:start + OV_VOCAB_SLICE].double()

@@ -1,4 +1,5 @@
-"""Patching metrics: what a patched run is scored by.
+"""Patching metrics: what a patched run is scored by; and the next-token cross-entropy the
+analyses share.
 
 A metric turns the logits of a run into one number per prompt pair. The built-in metrics read
 the next-token logits at each pair's answer position (the last real token) and compare the
@@ -17,6 +18,13 @@ TransformerLens's ``patching`` module (e.g. a mean logit difference over the bat
 evaluates it for many patched copies at once with :func:`torch.vmap` (falling back to a
 loop, with a log message, for callables vmap cannot trace).
 
+Scores over the whole vocabulary (the later-copy loss of the causal check, the scan's
+per-position loss, choice scoring) take their ``logsumexp`` with :func:`logsumexp_slices`: in
+float32 (float64 for float64 logits), over slices of at most :data:`LOGSUMEXP_ELEMENTS`
+logits, so that its temporaries (a float32 copy of the slice in half dtypes, and the shifted
+exponentials) stay that small however many positions a pass unembeds;
+``mechicl.experiments.memory`` counts one slice of them.
+
 Axis names: ``copy pair pos d_vocab``.
 """
 
@@ -33,7 +41,8 @@ from mechicl._checks import check_choice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "MetricFn", "MetricName", "answer_metric", "resolve_metric"]
+__all__ = ["LOGSUMEXP_ELEMENTS", "METRICS", "MetricFn", "MetricName", "answer_metric",
+           "logsumexp_slices", "next_token_nll", "resolve_metric"]
 
 MetricName = Literal["logit_diff", "logit_diff_normalized", "logprob", "prob", "loss"]
 METRICS: tuple[str, ...] = ("logit_diff", "logit_diff_normalized", "logprob", "prob", "loss")
@@ -63,6 +72,55 @@ def answer_metric(
     if name == "prob":
         return logprob.exp()
     return -logprob  # loss
+
+
+LOGSUMEXP_ELEMENTS = 1 << 20
+"""Logits per slice of :func:`logsumexp_slices` (4 MiB of float32)."""
+
+
+def logsumexp_slices(logits: Float[Tensor, "*lead d_vocab"],
+                     max_elements: int | None = None) -> Float[Tensor, "*lead"]:
+    """``logsumexp`` over the vocabulary in float32 (float64 logits: in float64), a slice of
+    at most ``max_elements`` logits (default :data:`LOGSUMEXP_ELEMENTS`) at a time along the
+    leading axes: no copy of the whole logits is made (``logits`` may be a strided view). The
+    values are those of one ``torch.logsumexp`` over the logits in that dtype (bit for bit
+    when a slice holds two positions or more; a single position may be summed in another
+    order, ~1 ulp).
+
+    >>> logits = torch.randn(3, 5, 7)
+    >>> torch.equal(logsumexp_slices(logits, max_elements=14), torch.logsumexp(logits, -1))
+    True
+    """
+    limit = LOGSUMEXP_ELEMENTS if max_elements is None else max_elements
+    dtype = _at_least_float32(logits.dtype)
+    if logits.numel() <= limit or logits.ndim < 2:
+        return torch.logsumexp(logits.to(dtype), -1)
+    row = logits[0].numel()
+    if row <= limit or logits.ndim == 2:  # whole rows per slice (at least one)
+        return torch.cat([torch.logsumexp(part.to(dtype), -1)
+                          for part in logits.split(max(1, limit // row))])
+    return torch.stack([logsumexp_slices(x, limit) for x in logits])  # a row is too big
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half dtypes, else the dtype itself (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def next_token_nll(logits: Float[Tensor, "*lead d_vocab"],
+                   targets: Int[Tensor, "*lead"]) -> Float[Tensor, "*lead"]:
+    """Cross-entropy of each target token, ``logsumexp(logits) - logits[target]``, in float32
+    (float64 logits: in float64), without log-probabilities over the vocabulary
+    (:func:`logsumexp_slices`).
+
+    >>> logits = torch.randn(2, 4, 9)
+    >>> targets = torch.randint(9, (2, 4))
+    >>> reference = -torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    >>> bool(torch.allclose(next_token_nll(logits, targets), reference, atol=1e-6))
+    True
+    """
+    picked = logits.gather(-1, targets.to(logits.device)[..., None])[..., 0]
+    return logsumexp_slices(logits) - picked.to(_at_least_float32(logits.dtype))
 
 
 @dataclass(frozen=True)

@@ -34,17 +34,22 @@ memory of SmolLM2-135M in ``benchmarks/bench_memory.py`` and docs/concepts/big-m
   the norms (float32 for RMSNorm), and q/k-norm inputs where the model has them.
 * ``circuits`` (``"scan"`` only): the OV-circuit copying score
   (:func:`mechicl.analyses.induction.ov_eigen_copying_scores`, one of the scan's default scores),
-  computed once from the weights, between passes. Kept throughout: the folded per-head W_Q,
-  W_K, W_V, W_O (``4 * H * s`` with ``H = n_layers * n_heads * d_model * d_head``) and the
+  computed once from the weights, between passes. Kept throughout: the folded per-head W_V
+  and W_O (``2 * H * s`` with ``H = n_layers * n_heads * d_model * d_head``) and the
   folded unembedding (``d_model * d_vocab * s``; LayerNorm models also keep a centred W_E,
   models that scale their embeddings a scaled one: Gemma). On
   top, the largest of its steps: folding one per-head tensor (``H * s``; LayerNorm models hold
   two more copies while centring), forming W_U W_E in float64 one vocabulary slice at a time
-  (``2 * 8 * d_model * min(d_vocab, OV_VOCAB_SLICE)``), and one layer's W_V, W_O and their
+  (``2 * 8 * d_model * min(d_vocab, OV_VOCAB_SLICE)``, plus the ``d_model x d_model`` sum
+  and one slice's product), and one layer's W_V, W_O and their
   product with W_U W_E in float64 (``3 * 8 * H / n_layers``). A scan without that score needs
   less: the term is an upper bound there.
-* ``logits``: ``N * d_vocab * s``; for ``"scan"``, whose loss is taken in float32 with a
-  ``logsumexp`` over the vocabulary, two float32 copies: ``N * d_vocab * 8``.
+* ``logits``: ``N * d_vocab * s``, plus the temporaries of a loss or score over the vocabulary
+  (:func:`mechicl.analyses.metrics.logsumexp_slices`: in float32, one slice of at most
+  ``E =`` :data:`~mechicl.analyses.metrics.LOGSUMEXP_ELEMENTS` logits at a time):
+  ``min(N * d_vocab, E) * 4``, and as much again in half dtypes for the slice's float32 copy.
+  The scan's per-position loss, the causal check's later-copy loss and choice scoring take
+  their scores so; a pass whose logits feed no such score has the term to spare.
 * ``gradients`` (``"importance"`` only): the gradient of the logits or, later in the backward,
   one layer's attention gradients (``P * 8``), whichever is larger; plus the head gates and
   their gradient. Gradient importance unembeds only the answer-predicting positions (a set
@@ -60,19 +65,18 @@ per layer type, at most two where sliding-window layers are mixed with full ones
 float copy a layer adds to its scores). Take it at the tokens a pass really holds
 (:func:`mechicl._batching.device_batch_tokens`: on a CPU 512, 1024 for a pass of packed
 choice rows without masks, or 2048 for a pass of masked copies): so taken, the report's
-choice-scoring stages measured 0.40-0.66 x their estimate on SmolLM2-135M and 0.15-0.40 x on
-Gemma-3-270M (``benchmarks/bench_stage_memory.py``;
-``benchmarks/results/stage-memory{,-gemma3-270m}-packed.json``).
+choice-scoring stages measured 0.32-0.63 x their estimate on SmolLM2-135M and 0.13-0.40 x on
+Gemma-3-270M, and every stage of the report 0.32-1.03 x and 0.13-0.99 x
+(``benchmarks/bench_stage_memory.py``;
+``benchmarks/results/stage-memory-every-stage{,-gemma3-270m}.json``).
 
 ``total`` is the peak: ``weights + kv_cache + max(activations, logits)`` for a forward-only
 pass (the layers' working sets are freed before the logits exist); for ``"scan"`` the larger
 of that and ``weights + circuits`` (the OV score runs between passes); ``weights + kv_cache +
 activations + logits + gradients`` for ``"importance"`` (all are alive when the backward
 starts). Not modelled: the allocator's fragmentation and caching (on GPU, leave 10-20% of the
-device and the CUDA context out of the budget), the ``logsumexp`` of choice scoring (over
-slices of rows of at most 64 MiB of logits:
-:data:`mechicl.analyses.evaluation.LOGSUMEXP_ELEMENTS`), and the copying score's second pass,
-whose working tensors are capped at ~8 MB each. GPT-2's tanh GELU, written in elementary ops,
+device and the CUDA context out of the budget), and the copying score's second pass, whose
+working tensors are capped at ~8 MB each. GPT-2's tanh GELU, written in elementary ops,
 keeps 4 x ``d_mlp`` per layer for the backward instead of 1, so ``"importance"`` is
 underestimated for GPT-2 (by ~15%).
 
@@ -90,6 +94,7 @@ import torch
 from mechicl._checks import check_choice, check_positive
 from mechicl.analyses import MEMORY_MODELS
 from mechicl.analyses.induction import OV_VOCAB_SLICE
+from mechicl.analyses.metrics import LOGSUMEXP_ELEMENTS
 from mechicl.model.hooked import HookedModel, as_hooked_model
 from mechicl.model.loading import parse_bytes, resolve_dtype
 
@@ -373,7 +378,8 @@ def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
     hd, kvd = m.n_heads * m.d_head, m.n_kv_heads * m.d_head
     weights = m.params * s
     kv_cache = 2 * m.n_layers * kvd * n * s
-    logits = n * m.d_vocab * s
+    # the logits and one slice of a score's float32 temporaries (logsumexp_slices)
+    logits = n * m.d_vocab * s + min(n * m.d_vocab, LOGSUMEXP_ELEMENTS) * (8 if half else 4)
     gradients = circuits = 0
     if analysis == "importance":
         norm_bytes = s if m.layer_norm else 4  # RMSNorm keeps its float32 input
@@ -393,7 +399,6 @@ def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
         if analysis == "choices":  # the packed rows' block masks: two boolean, a float copy
             activations += rows * seq_len * seq_len * (2 + s)
         if analysis == "scan":
-            logits = n * m.d_vocab * 8  # float32 logits + logsumexp's float32 temporary
             circuits = _ov_circuits(m, s)  # between passes: the larger of the two is the peak
     est = MemoryEstimate(analysis=analysis, dtype=str(dtype).removeprefix("torch."), rows=rows,
                          seq_len=seq_len, weights=weights, kv_cache=kv_cache,
@@ -406,9 +411,10 @@ def _ov_circuits(m: ModelShape, s: int) -> int:
     """The OV-circuit score's working set (the module docstring's ``circuits``)."""
     heads = m.n_layers * m.n_heads * m.d_model * m.d_head  # one per-head weight tensor
     vocab = m.d_model * m.d_vocab
-    kept = s * (4 * heads + vocab + (vocab if m.layer_norm or m.scaled_embeddings else 0))
+    kept = s * (2 * heads + vocab + (vocab if m.layer_norm or m.scaled_embeddings else 0))
     steps = (s * heads * (3 if m.layer_norm else 1),  # folding one tensor
-             16 * m.d_model * min(m.d_vocab, OV_VOCAB_SLICE),  # W_U W_E, one slice at a time
+             # W_U W_E, one slice at a time, into a float64 sum (and the slice's product)
+             16 * m.d_model * min(m.d_vocab, OV_VOCAB_SLICE) + 16 * m.d_model ** 2,
              24 * heads // m.n_layers)  # one layer's W_V, W_O and product, in float64
     return kept + max(steps)
 
@@ -483,11 +489,18 @@ def batch_tokens_for_budget(
         raise ValueError(f"budget {_readable(limit)} is too small: {analysis} on one sequence of "
                          f"{seq_len} tokens needs {_readable(one.total)} ({one}); use a shorter "
                          "sequence, a smaller dtype, or split the model over devices")
-    # What the batch adds is proportional to the rows (the scan's circuits fit: one.total)
-    rows = max(1, (limit - one.weights) // one.batch_bytes)
-    while rows > 1 and _estimate(m, torch_dtype, rows, seq_len, analysis).total > limit:
-        rows -= 1
-    return rows * seq_len
+    # the estimate grows with the rows (not in proportion: the scan's circuits, the score's
+    # slice of temporaries): the largest fit by doubling, then bisection
+    def fits(rows: int) -> bool:
+        return _estimate(m, torch_dtype, rows, seq_len, analysis).total <= limit
+
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * seq_len
 
 
 def memory_table(

@@ -347,11 +347,13 @@ class HookedScorer:
             rows.append(row)
             starts.append(len(row) - len(cont))
         for batch, logits in self._batches(rows, "loglikelihood"):
-            logp = torch.log_softmax(logits.double(), dim=-1)
             for b, r in enumerate(batch):
                 i = todo[r]
-                cont = torch.tensor(list(pairs[i][1]), device=logp.device)
-                span = logp[b, starts[r]: starts[r] + len(cont)]  # [cont, vocab]
+                cont = torch.tensor(list(pairs[i][1]), device=logits.device)
+                # log-probabilities in float64 at the continuation's positions only, not over
+                # the whole batch (two float64 copies of every position's logits)
+                span = torch.log_softmax(
+                    logits[b, starts[r]: starts[r] + len(cont)].double(), dim=-1)  # [cont, vocab]
                 ll = float(span.gather(-1, cont[:, None]).sum())
                 out[i] = (ll, bool((span.argmax(-1) == cont).all()))
         return out

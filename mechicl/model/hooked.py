@@ -108,11 +108,14 @@ class FoldedWeights:
         W_O: ``[layer, head, d_head, d_model]`` (with a post-attention norm's scale folded in,
             for models that have one, e.g. Gemma).
         W_U: ``[d_model, d_vocab]`` with the final norm folded in.
+
+    ``W_Q`` and ``W_K`` are None when the weights were folded for the OV circuit alone
+    (``folded_weights(qk=False)``).
     """
 
     W_E: Float[Tensor, "d_vocab d_model"]
-    W_Q: Float[Tensor, "layer head d_model d_head"]
-    W_K: Float[Tensor, "layer head d_model d_head"]
+    W_Q: Float[Tensor, "layer head d_model d_head"] | None
+    W_K: Float[Tensor, "layer head d_model d_head"] | None
     W_V: Float[Tensor, "layer head d_model d_head"]
     W_O: Float[Tensor, "layer head d_head d_model"]
     W_U: Float[Tensor, "d_model d_vocab"]
@@ -419,7 +422,7 @@ class HookedModel:
             "ln_final_centres": torch.tensor(final.centres),
         }
 
-    def folded_weights(self, *, center_unembed: bool = True) -> FoldedWeights:
+    def folded_weights(self, *, center_unembed: bool = True, qk: bool = True) -> FoldedWeights:
         """Per-query-head weights with the norms folded in, as HookedTransformer processes them.
 
         This is the right view for OV/QK-circuit analysis (e.g. the OV eigenvalue copying
@@ -432,13 +435,18 @@ class HookedModel:
           projection ``P = I - 11^T/d`` and writing weights (W_E, W_O) are centred too;
         * with ``center_unembed``, W_U has its mean over the vocabulary removed (softmax is
           invariant to that).
+
+        With ``qk=False`` W_Q and W_K are left out (None): an OV-circuit analysis then holds
+        two per-head tensors, not four. Key and value weights are folded per key/value head,
+        then expanded to the query heads.
         """
         norms = self.norm_affines()
         d = self.d_model
-        centre = torch.eye(d, dtype=self.dtype, device=self.device) - 1.0 / d
         layer_norm = bool(norms["ln1_centres"].any())
+        centre = (torch.eye(d, dtype=self.dtype, device=self.device) - 1.0 / d
+                  if layer_norm or bool(norms["ln_final_centres"]) else None)
 
-        def read(w: Tensor) -> Tensor:  # [layer, head, d_model, d_head]
+        def read(w: Tensor) -> Tensor:  # [layer, head or kv_head, d_model, d_head]
             w = w * norms["ln1"][:, None, :, None]
             if not layer_norm:  # RMSNorm everywhere: nothing to centre (no two more copies)
                 return w
@@ -457,8 +465,12 @@ class HookedModel:
             W_U = centre @ W_U
         if center_unembed:
             W_U -= W_U.mean(-1, keepdim=True)
-        return FoldedWeights(W_E=W_E, W_Q=read(self.W_Q), W_K=read(self.W_K),
-                             W_V=read(self.W_V), W_O=W_O, W_U=W_U)
+        W_V = self._expand_kv(read(self.bridge.W_V.detach()))
+        if not qk:
+            return FoldedWeights(W_E=W_E, W_Q=None, W_K=None, W_V=W_V, W_O=W_O, W_U=W_U)
+        return FoldedWeights(W_E=W_E, W_Q=read(self.W_Q),
+                             W_K=self._expand_kv(read(self.bridge.W_K.detach())),
+                             W_V=W_V, W_O=W_O, W_U=W_U)
 
     # ---- hooks --------------------------------------------------------------------------
 
