@@ -109,13 +109,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         return done[key]
 
     inputs = {name: result(dep) for name, dep in job.inputs().items()}
-    runs = []  # the first is the process's first such job; later ones run warm
+    runs, seconds = [], []  # the first is the process's first such job; later ones run warm
     for _ in range(spec.get("repeat", 1)):
         reset_peak()
         before, _ = status()
         start = time.perf_counter()
         compute(job, model=model, tasks=tasks, inputs=inputs)
-        seconds = time.perf_counter() - start
+        seconds.append(time.perf_counter() - start)
         _, peak = status()
         runs.append(peak - before)
     budget = job.options["batch_tokens"]
@@ -128,12 +128,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         kind = "choices" if spec["stage"] == "accuracy" else "copies"
     return with_estimates({
         "model": spec["model"], "stage": spec.get("job") or spec["stage"], "job": job.describe(),
+        "n": spec["n"], "seeds": spec["seeds"],
         "shape": ModelShape.from_model(model).to_dict(),
         "dtype": str(model.dtype).removeprefix("torch."),
         "memory_model": record.memory_model(job), "seq_len": seq_len(job),
         "batch_tokens": budget, "pass_tokens": device_batch_tokens(
             model.device, budget, kind=kind),
-        "measured": runs[0], "measured_runs": runs, "seconds": seconds})
+        "measured": runs[0], "measured_runs": runs, "seconds": seconds[0],
+        "seconds_runs": seconds})
 
 
 def with_estimates(record: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +161,15 @@ def job_names(model: str, ablation: str) -> list[str]:
 def stages(model: str, ablation: str) -> list[str]:
     """The report's stages for ``model``, in the order of its jobs (no model is loaded)."""
     return list(dict.fromkeys(stage_of(name) for name in job_names(model, ablation)))
+
+
+def known_names(kind: str, text: str | None, known: list[str]) -> list[str]:
+    """The comma-separated names of ``text`` (None: all of ``known``); exits on unknown ones."""
+    wanted = known if text is None else text.split(",")
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown {kind} {unknown}; allowed: {known}")
+    return wanted
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
@@ -210,19 +221,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if as_child(args, child):
         return
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat {args.repeat}: need at least 1")
     if args.jobs is not None:
-        known = job_names(args.model, args.ablation)
-        wanted = args.jobs.split(",")
-        unknown = sorted(set(wanted) - set(known))
-        if unknown:
-            raise SystemExit(f"unknown jobs {unknown}; allowed: {known}")
+        wanted = known_names("jobs", args.jobs, job_names(args.model, args.ablation))
         specs = [{"stage": stage_of(name), "job": name} for name in wanted]
     else:
-        known = stages(args.model, args.ablation)
-        wanted = known if args.stages is None else args.stages.split(",")
-        unknown = sorted(set(wanted) - set(known))
-        if unknown:
-            raise SystemExit(f"unknown stages {unknown}; allowed: {known}")
+        wanted = known_names("stages", args.stages, stages(args.model, args.ablation))
         specs = [{"stage": stage} for stage in wanted]
     records = []
     for spec in specs:

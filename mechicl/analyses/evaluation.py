@@ -449,8 +449,8 @@ def shared_context_scores(
     idx = packed.targets.to(logits.device)
     # one logsumexp per kept position, not per target (the context's last position predicts
     # every choice's first token), over slices, so that no copy of the logits is made and the
-    # temporaries stay small; in float32 (~1e-6 nats; in float64 it took 13% of a masked
-    # scoring's time), the difference in float64
+    # temporaries stay small; in float32 for float32 and half models (~1e-6 nats; in float64
+    # it took 13% of a masked scoring's time), the difference in float64
     lse = logsumexp_slices(logits)  # [(row p), pos]
     logits = rearrange(logits, "(row p) pos vocab -> row p pos vocab", row=n_rows)
     lse = rearrange(lse, "(row p) pos -> row p pos", row=n_rows)

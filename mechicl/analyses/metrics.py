@@ -23,7 +23,10 @@ per-position loss, choice scoring) take their ``logsumexp`` with :func:`logsumex
 float32 (float64 for float64 logits), over slices of at most :data:`LOGSUMEXP_ELEMENTS`
 logits, so that its temporaries (a float32 copy of the slice in half dtypes, and the shifted
 exponentials) stay that small however many positions a pass unembeds;
-``mechicl.experiments.memory`` counts one slice of them.
+``mechicl.experiments.memory`` counts one slice of them. (The per-choice reference rows of
+choice scoring, the masked answer losses and gradient importance's loss pick their few scored
+positions first and take the ``logsumexp`` of those alone: in float64, or in the model's
+dtype under autograd.)
 
 Axis names: ``copy pair pos d_vocab``.
 """
