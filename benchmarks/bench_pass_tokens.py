@@ -1,11 +1,14 @@
 """Would bigger CPU passes than 512 tokens pay, now that choice scoring packs each prompt into
-one row? Times choice scoring, gradient head importance and the prefix-matching scan at each cap
-in ``--caps`` (set as both ``CPU_PASS_TOKENS`` and ``CPU_CHOICES_PASS_TOKENS``; the passes of
+one row? Times choice scoring, gradient head importance and the prefix-matching scan
+(``--workloads``; ``make-scan``: the whole scan of ``make scan``) at each cap in ``--caps``
+(set as both ``CPU_PASS_TOKENS`` and ``CPU_CHOICES_PASS_TOKENS``; the passes of
 masked copies are not run here), in one process, alternating the caps within every round (the
 order reversed every other round), so that the machine's drift between rounds cancels in the
 round-by-round ratios. Not a test: run by hand on an otherwise idle machine.
 
     .venv/bin/python benchmarks/bench_pass_tokens.py --out benchmarks/results/pass-tokens.json
+    .venv/bin/python benchmarks/bench_pass_tokens.py --workloads make-scan --rounds 3 \
+        --out benchmarks/results/pass-tokens-make-scan.json
 
 Prints, per workload, the median [min-max] time at each cap, the median [min-max] of the
 round-by-round ratio of each cap's time to the first cap's, and the largest difference of the
@@ -24,7 +27,7 @@ import mechicl
 import mechicl._batching as batching
 from mechicl.analyses.evaluation import encode_prompt, masked_choice_logprobs, packed_length
 from mechicl.analyses.importance import head_importance
-from mechicl.analyses.induction import prefix_matching_scores
+from mechicl.analyses.induction import induction_scan, prefix_matching_scores
 from mechicl.inputs.tasks import build_prompts, load_task
 
 CHOICES = [("antonyms", 0, 50), ("antonyms", 1, 50), ("country_capital", 1, 50),
@@ -38,21 +41,35 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--caps", default="512,1024", help="tokens per pass, comma-separated")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workloads", default="choices,importance,scan",
+                        help="comma-separated groups: choices, importance, scan (12 short "
+                             "sequences), make-scan (the scan of `make scan`: 100 sequences of "
+                             "101-893 tokens, every default score)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     caps = [int(c) for c in args.caps.split(",")]
+    groups = args.workloads.split(",")
+    unknown = sorted(set(groups) - {"choices", "importance", "scan", "make-scan"})
+    if unknown:
+        raise SystemExit(f"unknown workloads {unknown}; allowed: choices, importance, scan, "
+                         "make-scan")
     model = mechicl.load_model(args.model)
     work = {}
-    for task, shots, n in CHOICES:
+    for task, shots, n in CHOICES if "choices" in groups else ():
         prompts = build_prompts(load_task(task), shots=shots, n=n, seed=0)
         lengths = [packed_length(encode_prompt(model, p)) for p in prompts]
         work[f"choices {task} {shots}-shot x{n} (rows of {min(lengths)}-{max(lengths)} tokens)"] = (
             lambda p=prompts: masked_choice_logprobs(model, p, None)[0])
-    for task, shots, n in IMPORTANCE:
+    for task, shots, n in IMPORTANCE if "importance" in groups else ():
         work[f"gradient importance {task} {shots}-shot x{n}"] = (
             lambda t=task, s=shots, k=n: head_importance(model, t, shots=s, n=k).mean)
-    work["prefix-matching scan, 12 sequences"] = (
-        lambda: prefix_matching_scores(model, n_seeds=12, progress=False).mean)
+    if "scan" in groups:
+        work["prefix-matching scan, 12 sequences"] = (
+            lambda: prefix_matching_scores(model, n_seeds=12, progress=False).mean)
+    if "make-scan" in groups:
+        work["the scan of make scan (100 sequences of 101-893 tokens, every default score)"] = (
+            lambda: torch.stack([s.mean for s in induction_scan(model, progress=False)
+                                 .scores.values()]))
     default = batching.CPU_PASS_TOKENS, batching.CPU_CHOICES_PASS_TOKENS
     masked_choice_logprobs(model, build_prompts(load_task("antonyms"), shots=0, n=2, seed=0),
                            None)  # warm-up
