@@ -465,12 +465,10 @@ class HookedModel:
             W_U = centre @ W_U
         if center_unembed:
             W_U -= W_U.mean(-1, keepdim=True)
-        W_V = self._expand_kv(read(self.bridge.W_V.detach()))
-        if not qk:
-            return FoldedWeights(W_E=W_E, W_Q=None, W_K=None, W_V=W_V, W_O=W_O, W_U=W_U)
-        return FoldedWeights(W_E=W_E, W_Q=read(self.W_Q),
-                             W_K=self._expand_kv(read(self.bridge.W_K.detach())),
-                             W_V=W_V, W_O=W_O, W_U=W_U)
+        return FoldedWeights(
+            W_E=W_E, W_Q=read(self.W_Q) if qk else None,
+            W_K=self._expand_kv(read(self.bridge.W_K.detach())) if qk else None,
+            W_V=self._expand_kv(read(self.bridge.W_V.detach())), W_O=W_O, W_U=W_U)
 
     # ---- hooks --------------------------------------------------------------------------
 
