@@ -134,6 +134,33 @@ def matmul_rate(model, *, tokens: int = 512, repeats: int = 7) -> float:
     return 2 * tokens * d_model * d_mlp / _median_seconds(torch.mm, (a, b), repeats)
 
 
+def packed_linear(weight: torch.Tensor):
+    """``x -> x @ weight.T`` by oneDNN's packed linear kernel, the weight packed once
+    (``torch.ops.mkldnn._reorder_linear_weight``, as ``torch.compile``'s freezing pass packs
+    it); None where this PyTorch build lacks the kernel. For the probes of
+    probe_packed_linears.py: mechicl does not run its models so (docs/benchmarks.md, "Packed
+    linear weights")."""
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and weight.device.type == "cpu" and weight.dtype == torch.float32):
+        return None
+    packed = ops._reorder_linear_weight(weight.detach(), 512)
+    return lambda x: ops._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def packed_matmul_rate(model, *, tokens: int = 512, repeats: int = 7) -> float:
+    """FLOP/s of oneDNN's packed linear kernel (:func:`packed_linear`) at :func:`matmul_rate`'s
+    shape, measured now; NaN where the kernel is not available. Not the floor (issue 20 defines
+    it by ``torch.mm``)."""
+    d_model = model.d_model
+    d_mlp = getattr(model.cfg, "d_mlp", None) or 4 * d_model
+    fn = packed_linear(torch.randn(d_mlp, d_model, dtype=model.dtype, device=model.device))
+    if fn is None:
+        return float("nan")
+    a = torch.randn(tokens, d_model, dtype=model.dtype, device=model.device)
+    return 2 * tokens * d_model * d_mlp / _median_seconds(fn, (a,), repeats)
+
+
 def _median_seconds(fn, args: tuple, repeats: int, inner: int = 10) -> float:
     """Median seconds of ``fn(*args)`` over ``repeats`` timings of ``inner`` calls each."""
     for _ in range(3):
@@ -192,6 +219,45 @@ class Rates:
         return {"single_gflops": self.single / 1e9, "body_gflops": self.body / 1e9,
                 "unembed_gflops": self.unembed / 1e9, "tokens": self.tokens,
                 "shapes_gflops": {k: v / 1e9 for k, v in self.shapes.items()}}
+
+
+def alternated(work: dict, ways: tuple[str, str], rounds: int, run) -> tuple[dict, dict]:
+    """Time every workload of ``work`` (name -> item) both ``ways``, alternating them within
+    every round (the order reversed every other round) so that the machine's drift cancels in
+    the round-by-round ratios; ``run(way, item)`` returns a tensor. Returns ``(times[name][way],
+    largest |difference| of the finite results per name)``."""
+    times = {name: {way: [] for way in ways} for name in work}
+    diffs = dict.fromkeys(work, 0.0)
+    for rnd in range(rounds):
+        for name, item in work.items():
+            outs = {}
+            for way in ways if rnd % 2 == 0 else ways[::-1]:
+                start = time.perf_counter()
+                outs[way] = run(way, item)
+                times[name][way].append(time.perf_counter() - start)
+            first, second = (outs[w] for w in ways)
+            finite = torch.isfinite(first)
+            diffs[name] = max(diffs[name], float((first[finite] - second[finite]).abs().max()))
+    return times, diffs
+
+
+def ratio_table(times: dict, diffs: dict, ways: tuple[str, str],
+                headers: tuple[str, str, str]) -> list[dict]:
+    """Print the markdown table of :func:`alternated`'s times (median [min-max] of each way, the
+    round-by-round ratio ``ways[1] / ways[0]``, the largest difference) under ``headers`` (the
+    two ways and the ratio); returns its rows for the JSON."""
+    print(f"| Workload | {headers[0]} | {headers[1]} | {headers[2]}, round by round "
+          "| max \\|diff\\| |")
+    print("| --- | --- | --- | --- | --- |")
+    rows = []
+    for name, t in times.items():
+        ratios = [b / a for a, b in zip(t[ways[0]], t[ways[1]], strict=True)]
+        rows.append({"workload": name, "times": t, "ratios": ratios,
+                     "ratio_median": statistics.median(ratios), "max_abs_diff": diffs[name]})
+        cells = [f"{statistics.median(x):.2f} s [{min(x):.2f}-{max(x):.2f}]" for x in t.values()]
+        cells.append(f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
+        print(f"| {name} | " + " | ".join(cells) + f" | {diffs[name]:.1e} |", flush=True)
+    return rows
 
 
 def probe_setup(argv: list[str] | None = None, parser=None):
