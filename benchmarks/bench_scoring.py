@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from floor import CostModel, Flops, Rates, matmul_rate  # noqa: E402
+from floor import CostModel, Flops, Rates, cpu_name, matmul_rate, packed_matmul_rate  # noqa: E402
 
 import mechicl  # noqa: E402
 from mechicl.analyses.evaluation import encode_prompt, masked_choice_logprobs  # noqa: E402
@@ -78,20 +78,26 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=12, help="scan sequences")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
+    parser.add_argument("--linear-kernel", default="auto", choices=("auto", "packed", "plain"),
+                        help="load_model's linear_kernel (default auto, as the library)")
     args = parser.parse_args()
 
     def timed(fn) -> tuple[tuple[float, float, float], object]:
         return timed_runs(fn, args.repeats)
 
-    model = mechicl.load_model(args.model)
+    model = mechicl.load_model(args.model, linear_kernel=args.linear_kernel)
     cost = CostModel.of(model)
     rates = Rates.measure(model)
     # the faster of two measurements of the single rate: one run of 2026-12-06 measured it far
     # below its own per-shape rates (docs/benchmarks.md)
     again = matmul_rate(model)
     rate = max(rates.single, again)
+    packed_rate = packed_matmul_rate(model)  # not the floor: issue 20 defines it by torch.mm
     result: dict = {"model": args.model, "threads": torch.get_num_threads(),
-                    "cpus": os.cpu_count(), "matmul_gflops": rate / 1e9,
+                    "cpus": os.cpu_count(), "cpu": cpu_name(),
+                    "linear_kernel": model.linear_kernel,
+                    "linear_kernel_info": model.linear_kernel_info,
+                    "packed_matmul_gflops": packed_rate / 1e9, "matmul_gflops": rate / 1e9,
                     "matmul_gflops_measured": [rates.single / 1e9, again / 1e9],
                     "rates": rates.to_dict(),
                     "body_params": cost.body_params, "rows": []}
@@ -225,7 +231,9 @@ def main() -> None:
     print(f"\nmatmul rate {rate / 1e9:.1f} GFLOP/s at the largest shape; per shape, {rates.tokens} "
           f"tokens: body {rates.body / 1e9:.1f}, unembedding {rates.unembed / 1e9:.1f} "
           f"({', '.join(f'{k} {v / 1e9:.0f}' for k, v in rates.shapes.items())}); "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; {cpu_name()}; linear layers on the "
+          f"{model.linear_kernel} kernel; oneDNN's packed kernel at the floor's shape "
+          f"{packed_rate / 1e9:.1f} GFLOP/s (not the floor)")
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -135,17 +135,29 @@ def matmul_rate(model, *, tokens: int = 512, repeats: int = 7) -> float:
 
 
 def packed_linear(weight: torch.Tensor):
-    """``x -> x @ weight.T`` by oneDNN's packed linear kernel, the weight packed once
-    (``torch.ops.mkldnn._reorder_linear_weight``, as ``torch.compile``'s freezing pass packs
-    it); None where this PyTorch build lacks the kernel. For the probes of
-    probe_packed_linears.py: mechicl does not run its models so (docs/benchmarks.md, "Packed
-    linear weights")."""
-    ops = torch.ops.mkldnn
-    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and weight.device.type == "cpu" and weight.dtype == torch.float32):
+    """``x -> x @ weight.T`` by oneDNN's packed linear kernel (:mod:`mechicl.model.kernels`),
+    the weight packed once, no padding of the rows; None where the kernel does not apply."""
+    from mechicl.model import kernels
+
+    if not kernels.packed_kernel_available(weight):
         return None
-    packed = ops._reorder_linear_weight(weight.detach(), 512)
-    return lambda x: ops._linear_pointwise(x, packed, None, "none", [], "")
+    packed = kernels.pack_weight(weight)
+    return lambda x: kernels.packed_linear(x, packed, bucket=1)
+
+
+def cpu_name() -> str:
+    """The CPU's model name and family / model numbers (``/proc/cpuinfo``), for the records:
+    how fast each kernel runs depends on them (docs/benchmarks.md)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "unknown"
+    return (f"{info.get('model name', 'unknown')} (family {info.get('cpu family', '?')}, "
+            f"model {info.get('model', '?')})")
 
 
 def packed_matmul_rate(model, *, tokens: int = 512, repeats: int = 7) -> float:
@@ -267,7 +279,9 @@ def probe_setup(argv: list[str] | None = None, parser=None):
     body (blocks and final norm: no unembedding, no hooks attached; under the TransformerBridge
     the layers are the bridge's block and attention wrappers around Hugging Face's weights, which
     probe_fused_forward.py compares with a plain Hugging Face model), the prefix-matching scan's
-    sequences (one ``[1, tokens]`` tensor each) and the matmul rate measured now.
+    sequences (one ``[1, tokens]`` tensor each) and the matmul rate measured now. The model's
+    linear layers run on ``F.linear`` (``linear_kernel="plain"``), as when these probes were
+    first run; probe_packed_linears.py switches them itself.
 
     Returns ``(args, model, body, sequences, rate)``.
     """
@@ -284,7 +298,7 @@ def probe_setup(argv: list[str] | None = None, parser=None):
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    model = mechicl.load_model(args.model)
+    model = mechicl.load_model(args.model, linear_kernel="plain")
     body = model.bridge.original_model.model
     sequences = [s[None].to(model.device)
                  for s in repeated_sequences(model, n_seeds=args.seeds)]

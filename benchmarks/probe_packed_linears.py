@@ -5,10 +5,14 @@ test; run by hand on an otherwise idle machine::
 
     .venv/bin/python benchmarks/probe_packed_linears.py --rounds 4 \\
         --out benchmarks/results/probe-packed-linears.json
+    .venv/bin/python benchmarks/probe_packed_linears.py --rounds 4 --bucket 64 \\
+        --out benchmarks/results/probe-packed-linears-bucket64.json
     .venv/bin/python benchmarks/probe_packed_linears.py --memory plain \\
         --out benchmarks/results/probe-packed-linears-memory-plain.json
     .venv/bin/python benchmarks/probe_packed_linears.py --memory packed \\
         --out benchmarks/results/probe-packed-linears-memory-packed.json
+    .venv/bin/python benchmarks/probe_packed_linears.py --memory packed --bucket 64 \\
+        --out benchmarks/results/probe-packed-linears-memory-packed-bucket64.json
 
 Speed, in one process, alternating the two within every round (the order reversed every other
 round) so that the machine's drift cancels in the round-by-round ratios: first the products
@@ -19,7 +23,9 @@ round-by-round ratio packed / plain and the largest difference of the results.
 
 ``--memory plain|packed``: the resident memory (``/proc/self/statm``, one thread) after loading
 and packing, and after forward passes of one sequence at each of 130 lengths (10-397 tokens),
-the way analyses send passes of many widths.
+the way analyses send passes of many widths. ``--bucket B`` (speed or memory) pads every packed product's rows
+(the pass's tokens) up to a multiple of B and drops the padding's outputs, so that the kernel
+sees a few widths only.
 """
 
 import argparse
@@ -44,23 +50,21 @@ from floor import (
 from mechicl.analyses.evaluation import masked_choice_logprobs
 from mechicl.analyses.induction import prefix_matching_scores
 from mechicl.inputs.tasks import build_prompts, load_task
+from mechicl.model.kernels import set_linear_kernel
 from mechicl.model.masks import Mask
 
 CHOICES = [("country_capital", 5, 30), ("antonyms", 0, 40), ("sentiment", 5, 30)]
 
 
-def pack(model, on: bool) -> None:
-    """Run the blocks' linear layers (not the unembedding) on packed weights, or not."""
-    for m in model.bridge.original_model.modules():
-        if isinstance(m, torch.nn.Linear) and m.out_features != model.d_vocab:
-            m.__dict__.pop("forward", None)
-            if on:
-                fn = packed_linear(m.weight)
-                bias = m.bias
-                m.forward = fn if bias is None else (lambda x, fn=fn, b=bias: fn(x) + b)
+def pack(model, on: bool, bucket: int = 0) -> None:
+    """Run the blocks' linear layers (not the unembedding) on packed weights, or not; with
+    ``bucket``, on rows padded to a multiple of it (the library pads to
+    :data:`mechicl.model.kernels.BUCKET_ROWS`; 0 here: no padding)."""
+    set_linear_kernel(model.bridge.original_model, "packed" if on else "plain",
+                      bucket=bucket or 1)
 
 
-def memory(which: str, out) -> None:
+def memory(which: str, out, bucket: int = 0) -> None:
     """Resident memory after loading (and packing) and after passes of 130 lengths."""
     import mechicl
 
@@ -69,12 +73,12 @@ def memory(which: str, out) -> None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     torch.set_num_threads(1)
-    model = mechicl.load_model("smollm2-135m")
+    model = mechicl.load_model("smollm2-135m", linear_kernel="plain")
     with torch.no_grad():
         for p in model.bridge.original_model.parameters():
             p.sum()  # page the weights in: their pages are not resident until read
-    record = {"which": which, "loaded_mib": rss()}
-    pack(model, which == "packed")
+    record = {"which": which, "bucket": bucket, "loaded_mib": rss()}
+    pack(model, which == "packed", bucket)
     record["packed_mib"] = rss()
     lengths = list(range(10, 400, 3))
     record["lengths"] = lengths
@@ -83,7 +87,7 @@ def memory(which: str, out) -> None:
         for n in lengths:
             model(torch.randint(5, 1000, (1, n)), return_type="logits")
             record["after_mib"].append(rss())
-    print(f"{which}: {record['loaded_mib']:.0f} MiB loaded, {record['packed_mib']:.0f} after "
+    print(f"{which}{f' (bucket {bucket})' if bucket else ''}: {record['loaded_mib']:.0f} MiB loaded, {record['packed_mib']:.0f} after "
           f"packing, {record['after_mib'][0]:.0f} after the first pass, "
           f"{record['after_mib'][-1]:.0f} after {len(lengths)} lengths")
     if out is not None:
@@ -124,14 +128,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--memory", choices=("plain", "packed"), default=None)
+    parser.add_argument("--bucket", type=int, default=0,
+                        help="with --memory packed: pad products' rows to a multiple of this")
     if "--memory" in sys.argv:
         args = parser.parse_known_args()[0]
+        if args.bucket < 0 or (args.bucket and args.memory != "packed"):
+            raise SystemExit(f"--bucket {args.bucket}: must be >= 0, and only with --memory packed")
         parser.add_argument("--out", type=Path)
-        memory(args.memory, parser.parse_known_args()[0].out)
+        memory(args.memory, parser.parse_known_args()[0].out, args.bucket)
         return
     args, model, body, seqs, rate = probe_setup(parser=parser)
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds {args.rounds}: must be >= 1")
+    if args.rounds < 1 or args.bucket < 0:
+        raise SystemExit(f"--rounds {args.rounds}, --bucket {args.bucket}: must be >= 1 and >= 0")
     if packed_linear(torch.zeros(1, 1, dtype=model.dtype)) is None:
         raise SystemExit("no oneDNN packed linear kernel here (or the model is not float32)")
     products = product_rates(model)
@@ -160,7 +168,7 @@ def main() -> None:
     masked_choice_logprobs(model, knock[:2], None)  # warm-up
 
     def run(way: str, fn) -> torch.Tensor:
-        pack(model, way == "packed")
+        pack(model, way == "packed", args.bucket)
         return fn()
 
     times, diffs = alternated(work, ("plain", "packed"), args.rounds, run)
@@ -173,7 +181,8 @@ def main() -> None:
                                                            "packed / F.linear"))
     if args.out is not None:
         args.out.write_text(json.dumps({
-            "model": args.model, "rounds": args.rounds, "threads": torch.get_num_threads(),
+            "model": args.model, "rounds": args.rounds, "bucket": args.bucket,
+            "threads": torch.get_num_threads(),
             "products_gflops": products, "floor_shape_gflops": floor_rates,
             "probe_setup_gflops": rate / 1e9, "rows": rows}, indent=1) + "\n")
 

@@ -54,6 +54,7 @@ from mechicl.experiments.runner import run_grid, write_run_outputs
 from mechicl.experiments.store import ResultStore, default_store
 from mechicl.inputs.tasks import TASK_ERRORS, TASK_FILE_SUFFIXES, TASKS, TaskFileError, load_task
 from mechicl.model.catalog import install_command, install_model, model_catalog
+from mechicl.model.kernels import LINEAR_KERNELS
 from mechicl.model.loading import BUILTIN_MODELS, ModelNotAvailableError, load_model, parse_bytes
 from mechicl.plotting import check_formats
 from mechicl.report.build import REPORT, ReportConfig, build_report
@@ -199,7 +200,8 @@ def parse_formats(text: str) -> list[str]:
 # Flags from the registry
 # --------------------------------------------------------------------------------------------
 
-_LOAD_OPTIONS = ("dtype", "device", "device_map", "n_devices", "max_memory", "revision")
+_LOAD_OPTIONS = ("dtype", "device", "device_map", "n_devices", "max_memory", "revision",
+                 "linear_kernel")
 
 
 def _add_model(sub: argparse.ArgumentParser) -> None:
@@ -223,6 +225,10 @@ def _add_model(sub: argparse.ArgumentParser) -> None:
                        "'0=20GiB,1=20GiB,cpu=60GiB'")
     group.add_argument("--revision", default=None, help="hub revision (branch, tag, commit; "
                        "e.g. step1000 for Pythia checkpoints)")
+    group.add_argument("--linear-kernel", choices=LINEAR_KERNELS, default=None,
+                       help="the blocks' linear layers of a float32 model on a CPU: auto "
+                       "(default: oneDNN's kernel on packed weights where it measures faster), "
+                       "packed, or plain (F.linear)")
 
 
 def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:

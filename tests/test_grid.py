@@ -92,6 +92,8 @@ def test_keys_change_with_weights_options_version_and_only_then():
      r"analyses.importance.method = 'grad' is not allowed; choose one of"),
     ("[grid]\nmodels=['m']\ntasks=['antonyms']\n[analyses.accuracy]\nnormalization='acc_norm'\n",
      "analyses.accuracy.normalization = 'acc_norm' is not allowed"),
+    ("[grid]\nmodels=['m']\n[models.m]\nlinear_kernel='fast'\n[analyses.scan]\n",
+     r"models.m.linear_kernel = 'fast': choose one of \['auto', 'packed', 'plain'\]"),
 ])
 def test_errors_name_the_bad_key(tmp_path, text, match):
     path = tmp_path / "grid.toml"

@@ -16,6 +16,7 @@ from mechicl.model import (
     load_model,
     weights_description,
 )
+from mechicl.model.kernels import set_linear_kernel
 from mechicl.model.loading import convert_gguf, gguf_quantisation
 
 
@@ -496,9 +497,11 @@ def test_default_model_shape(smollm2):
 def test_default_model_logits_equal_plain_hf(smollm2):
     from transformers import AutoModelForCausalLM
 
-    # The bridge runs HF's eager attention; compare against the same kernel.
+    # The bridge runs HF's eager attention; compare against the same kernel, and the same
+    # kernel for the linear layers (mechicl.model.kernels: packed where "auto" chose it)
     hf = AutoModelForCausalLM.from_pretrained(smollm2.source, dtype=torch.float32,
                                               attn_implementation="eager").eval()
+    set_linear_kernel(hf, smollm2.linear_kernel)
     tokens = smollm2.to_tokens(["The capital of France is", "Induction heads copy tokens"])
     with torch.no_grad():
         ours = smollm2(tokens)

@@ -181,9 +181,16 @@ def test_committed_results_of_the_old_pipeline_equal_the_new_one(smollm2, tmp_pa
     names = ["accuracy/antonyms-1shot", "importance/antonyms-1shot-bansal"]
     jobs = [mechicl.Job.from_dict(_renamed(index[name]["job"])) for name in names]
     store = ResultStore(tmp_path / "store")
-    summary = run_jobs(jobs, store, entries={"smollm2-135m": ModelEntry(
-        name="smollm2-135m", spec="smollm2-135m")}, progress=False,
-        executor=LocalExecutor(models={"smollm2-135m": smollm2}))
+    # the committed results ran on F.linear: the same kernel here, so that what is compared is
+    # the pipeline (packed weights against F.linear: tests/test_kernels.py)
+    kernel = smollm2.linear_kernel
+    smollm2.use_linear_kernel("plain")
+    try:
+        summary = run_jobs(jobs, store, entries={"smollm2-135m": ModelEntry(
+            name="smollm2-135m", spec="smollm2-135m")}, progress=False,
+            executor=LocalExecutor(models={"smollm2-135m": smollm2}))
+    finally:
+        smollm2.use_linear_kernel(kernel)
     assert summary.ok and [r["status"] for r in summary.jobs] == ["computed", "computed"]
     for name, row in zip(names, summary.jobs, strict=True):
         if _renamed(index[name]["job"]) == index[name]["job"]:

@@ -58,6 +58,7 @@ from typing import Any
 from mechicl.analyses import ANALYSES, Analysis, Job, OptionError, get_analysis
 from mechicl.experiments.checkpoints import hub_checkpoints, local_checkpoints
 from mechicl.inputs.tasks import TASKS
+from mechicl.model.kernels import LINEAR_KERNELS
 from mechicl.model.loading import parse_bytes, placement_kwargs
 
 __all__ = ["Grid", "GridError", "Job", "ModelEntry", "load_grid", "parse_grid", "task_digest"]
@@ -72,7 +73,7 @@ _GRID_KEYS = {"models": list, "tasks": list, "shots": list, "seeds": list}
 _LOAD_KEYS: dict[str, tuple[type, ...]] = {
     "spec": (str,), "dtype": (str,), "device": (str,), "device_map": (str, dict),
     "n_devices": (int,), "max_memory": (dict,), "revision": (str,),
-    "memory_budget": (str, int),
+    "memory_budget": (str, int), "linear_kernel": (str,),
 }
 _DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 _SWEEP_KEYS = {"model", "steps", "revisions", "folder"}
@@ -210,6 +211,9 @@ def _check_entry(name: str, table: Any) -> dict[str, Any]:
                             f"{' or '.join(t.__name__ for t in _LOAD_KEYS[key])}")
     if "dtype" in table and table["dtype"] not in _DTYPES:
         raise GridError(f"models.{name}.dtype = {table['dtype']!r}: choose one of {list(_DTYPES)}")
+    if "linear_kernel" in table and table["linear_kernel"] not in LINEAR_KERNELS:
+        raise GridError(f"models.{name}.linear_kernel = {table['linear_kernel']!r}: choose one "
+                        f"of {list(LINEAR_KERNELS)}")
     try:  # the checks load_model makes, except that the GPUs be on this machine
         placement_kwargs(table.get("device"), table.get("device_map"), table.get("n_devices"),
                    table.get("max_memory"), None, check_gpus=False)

@@ -164,11 +164,13 @@ class ModelWorker:
             provenance: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Run one job with the data of its tasks and the files of its inputs' results;
         returns ``{"files": {path: bytes}, "seconds", "batch_tokens", "pass_tokens",
-        "choices_pass_tokens", "copies_pass_tokens", "device", "threads", "host"}``
+        "choices_pass_tokens", "copies_pass_tokens", "device", "threads", "host",
+        "linear_kernel"}``
         (``pass_tokens``: the tokens per forward pass the device's batch shape allowed,
         ``choices_pass_tokens`` and ``copies_pass_tokens`` the same for a pass of packed choice
-        rows and of masked copies, :func:`mechicl._batching.device_batch_tokens`; provenance,
-        not key)."""
+        rows and of masked copies, :func:`mechicl._batching.device_batch_tokens`;
+        ``linear_kernel``: what ran the linear layers, :mod:`mechicl.model.kernels`;
+        provenance, not key)."""
         # analyses (and the report) find tasks by name: the job's tasks, for this job only
         differ = {name: (lambda task=task: task) for name, task in tasks.items()
                   if name not in TASKS or task_digest(load_task(name)) != task_digest(task)}
@@ -194,6 +196,7 @@ class ModelWorker:
         budget = job_obj.options.get("batch_tokens")
         return {"files": files, "seconds": round(time.perf_counter() - start, 3),
                 "batch_tokens": budget, "threads": threads, "host": socket.gethostname(),
+                "linear_kernel": getattr(model, "linear_kernel", "plain"),
                 **{key: (None if budget is None
                          else device_batch_tokens(model.device, int(budget), kind=kind))
                    for kind, key in _PASS_TOKENS_KEYS.items()},
@@ -858,7 +861,7 @@ class _Run:
         assert i is not None
         job = self.jobs[i]
         extra = {k: value.get(k) for k in ("batch_tokens", *_PASS_TOKENS_KEYS.values(), "device",
-                                           "threads", "host")}
+                                           "threads", "host", "linear_kernel")}
         inputs = [self.keys[d] for d in self.deps[i].values()]
         self.put(i, _manifest(job, plan.entry, plan.identity or {}, self.executor.name,
                               value["seconds"], inputs, extra), value["files"])

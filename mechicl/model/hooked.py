@@ -43,6 +43,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechicl._version import __version__
+from mechicl.model.kernels import (
+    choose_linear_kernel,
+    invalidate_packed,
+    packed_kernel_available,
+    set_linear_kernel,
+)
 from mechicl.model.tokens import FrequencyRanking, frequency_ranking
 
 logger = logging.getLogger(__name__)
@@ -198,6 +204,45 @@ class HookedModel:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
                              f"n_kv_heads={self.n_kv_heads}")
+        self.linear_kernel_info: dict[str, Any] = {"asked": "plain"}
+        self._packed_layers = 0
+
+    def use_linear_kernel(self, kernel: str = "auto") -> str:
+        """Run the blocks' linear layers on ``F.linear`` (``"plain"``) or on oneDNN's kernel
+        over weights packed once (``"packed"``; ``"auto"`` measures which is faster here), see
+        :mod:`mechicl.model.kernels`. :func:`~mechicl.model.load_model` calls it
+        (``linear_kernel="auto"``). Results differ only by float32 summation order.
+
+        Returns:
+            The kernel now in use, as :attr:`linear_kernel` gives it; why (what ``"auto"``
+            measured) is in :attr:`linear_kernel_info`.
+
+        >>> from mechicl.testing import tiny_model
+        >>> model = as_hooked_model(tiny_model())
+        >>> model.use_linear_kernel("plain")
+        'plain'
+        """
+        hf = getattr(self.bridge, "original_model", None)
+        if hf is None:
+            if kernel == "packed":
+                raise ValueError("linear_kernel='packed' needs a bridge over a Hugging Face model "
+                                 "(bridge.original_model); this bridge has none")
+            self.linear_kernel_info = {"asked": kernel, "reason": "no Hugging Face model"}
+            return self.linear_kernel
+        chosen, self.linear_kernel_info = choose_linear_kernel(hf, kernel)
+        self._packed_layers = set_linear_kernel(hf, "packed" if chosen == "packed" else "plain")
+        logger.info("%s: linear layers on the %s kernel (%s)", self.name, chosen,
+                    self.linear_kernel_info)
+        return self.linear_kernel
+
+    @property
+    def linear_kernel(self) -> str:
+        """``"packed"`` when the blocks' linear layers run on packed weights (set and still
+        float32 on a CPU), else ``"plain"``; provenance of results, not part of their keys."""
+        if not self._packed_layers:
+            return "plain"
+        weight = next((p for p in self.bridge.parameters()), None)
+        return "packed" if weight is not None and packed_kernel_available(weight) else "plain"
 
     def __getattr__(self, item: str) -> Any:
         # Only called for attributes not found on the wrapper: delegate to the bridge. A bridge
@@ -243,6 +288,9 @@ class HookedModel:
         False
         """
         self.__dict__.pop("weights_hash", None)
+        hf = getattr(self.bridge, "original_model", None)
+        if hf is not None:
+            invalidate_packed(hf)  # packed copies of the old weights
         if known_hash is not None:
             self.__dict__["weights_hash"] = known_hash
 

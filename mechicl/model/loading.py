@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mechicl._io import atomic_path, atomic_write_text
 from mechicl.model.hooked import HookedModel
+from mechicl.model.kernels import LINEAR_KERNELS
 
 logger = logging.getLogger(__name__)
 
@@ -904,6 +905,7 @@ def load_model(
     cache: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    linear_kernel: str = "auto",
     **bridge_kwargs: Any,
 ) -> "HookedModel":
     """Load a hooked model, on one device or split over several (accelerate dispatch).
@@ -934,6 +936,11 @@ def load_model(
         trust_remote_code: passed to transformers for hub models; off by default.
         progress: show a progress bar during the one-time conversion of a GGUF file (off:
             ``progress=False``, as ``--no-progress`` on the command line).
+        linear_kernel: what runs the blocks' linear layers of a float32 model on a CPU:
+            ``"auto"`` (default: oneDNN's kernel on weights packed once where it measures
+            clearly faster than ``F.linear`` here and its copies fit in memory), ``"packed"``
+            or ``"plain"`` (``F.linear``); :mod:`mechicl.model.kernels`. The choice is
+            recorded in results' provenance, not in their keys.
         **bridge_kwargs: passed to ``TransformerBridge.boot_transformers`` (e.g.
             ``revision``, ``n_ctx``).
 
@@ -965,9 +972,16 @@ def load_model(
     (2, 4, 2)
     """
     spec_str = os.fspath(spec)
+    if linear_kernel not in LINEAR_KERNELS:  # before any loading
+        raise ValueError(f"linear_kernel={linear_kernel!r} is not allowed; choose one of "
+                         f"{list(LINEAR_KERNELS)}")
     torch_dtype = resolve_dtype(dtype)
     placement = placement_kwargs(device, device_map, n_devices, max_memory, offload_folder)
     root = Path(cache) if cache is not None else cache_dir()
+
+    def kernel(model: HookedModel) -> HookedModel:
+        model.use_linear_kernel(linear_kernel)
+        return model
 
     def boot(folder_or_id: str, **extra: Any) -> Any:
         # Imported here: failing fast (missing package, offline hub) needs no TransformerLens.
@@ -981,8 +995,8 @@ def load_model(
     if spec_str in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[spec_str]
         folder, weights = _convert_builtin(builtin, root, progress)
-        return HookedModel(_named(boot(str(folder)), builtin.hf_id), name=spec_str,
-                           hf_id=builtin.hf_id, source=str(folder), weights=weights)
+        return kernel(HookedModel(_named(boot(str(folder)), builtin.hf_id), name=spec_str,
+                                  hf_id=builtin.hf_id, source=str(folder), weights=weights))
 
     path = Path(spec_str).expanduser()
     if path.suffix == ".gguf":
@@ -990,8 +1004,8 @@ def load_model(
             raise ModelNotAvailableError(f"GGUF file not found: {path}")
         folder, weights = _convert_gguf(path, cache=root, architectures=None, source=None,
                                         quantisation=None, progress=progress)
-        return HookedModel(_named(boot(str(folder)), path.stem), name=path.stem,
-                           source=str(path), weights=weights)
+        return kernel(HookedModel(_named(boot(str(folder)), path.stem), name=path.stem,
+                                  source=str(path), weights=weights))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotAvailableError(
@@ -1004,8 +1018,8 @@ def load_model(
                    "or built-in name again to rebuild it" if (path / _MANIFEST).is_file()
                    else "copy or download the checkpoint again")
             raise ModelNotAvailableError(f"{problem}; {fix}")
-        return HookedModel(_named(boot(str(path)), path.name), name=path.name, source=str(path),
-                           weights=_folder_weights(path))
+        return kernel(HookedModel(_named(boot(str(path)), path.name), name=path.name,
+                                  source=str(path), weights=_folder_weights(path)))
     if spec_str.startswith(("/", ".", "~")) or spec_str.count("/") > 1:
         raise ModelNotAvailableError(
             f"No model folder or .gguf file at {spec_str!r}. Built-in offline models: "
@@ -1036,7 +1050,8 @@ def load_model(
             f"({_MODELS_HINT}). Offline, download the checkpoint elsewhere and pass its local "
             "folder (or a .gguf file) instead."
         ) from err
-    return HookedModel(bridge, name=spec_str, hf_id=spec_str, source="huggingface-hub",
-                       weights={"format": _hub_format(spec_str, bridge_kwargs.get("revision"))})
+    return kernel(HookedModel(
+        bridge, name=spec_str, hf_id=spec_str, source="huggingface-hub",
+        weights={"format": _hub_format(spec_str, bridge_kwargs.get("revision"))}))
 
 

@@ -102,8 +102,9 @@ class PrunableWeight:
         return self.module.weight
 
     def rows(self) -> Tensor:
-        """The weight as ``[out, in]`` (a view)."""
-        w = self.module.weight.data
+        """The weight as ``[out, in]`` (a view; changes to it bump the weight's version
+        counter, so packed copies of it are made again, :mod:`mechicl.model.kernels`)."""
+        w = self.module.weight.detach()
         return w.T if self.transposed else w
 
 
