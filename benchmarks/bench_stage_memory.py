@@ -130,7 +130,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "model": spec["model"], "stage": spec.get("job") or spec["stage"], "job": job.describe(),
         "n": spec["n"], "seeds": spec["seeds"],
         "shape": ModelShape.from_model(model).to_dict(),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": str(model.dtype).removeprefix("torch."), "linear_kernel": model.linear_kernel,
         "memory_model": record.memory_model(job), "seq_len": seq_len(job),
         "batch_tokens": budget, "pass_tokens": device_batch_tokens(
             model.device, budget, kind=kind),
@@ -145,7 +145,8 @@ def with_estimates(record: dict[str, Any]) -> dict[str, Any]:
 
     at_budget, at_pass = (estimate_memory(
         ModelShape.from_dict(record["shape"]), dtype=record["dtype"], batch_tokens=tokens,
-        seq_len=record["seq_len"], analysis=record["memory_model"])
+        seq_len=record["seq_len"], analysis=record["memory_model"],
+        linear_kernel=record.get("linear_kernel", "plain"))
         for tokens in (record["batch_tokens"], record["pass_tokens"]))
     return {**record, "estimated_at_batch_tokens": at_budget.per_pass,
             "estimated_per_pass": at_pass.per_pass, "estimate_per_pass": at_pass.to_dict()}

@@ -254,6 +254,11 @@ def test_load_options_reach_the_model(tiny_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["scan", "--out", "o", "--max-memory", "cpu:1GiB"])
     assert "'cpu:1GiB' in --max-memory is not DEVICE=SIZE" in capsys.readouterr().err
+    args = build_parser().parse_args(["scan", "--out", "o", "--linear-kernel", "plain"])
+    assert args.linear_kernel == "plain"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["scan", "--out", "o", "--linear-kernel", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
 
 
 def test_memory_budget_chooses_batch_tokens(tiny_folder, copy_task_file, tmp_path, monkeypatch,
@@ -284,13 +289,8 @@ def test_memory_budget_chooses_batch_tokens(tiny_folder, copy_task_file, tmp_pat
     out = tmp_path / "scan"
     assert main(["scan", "--model", str(tiny_folder), "--scores", "prefix", "--seeds", "3",
                  "--memory-budget", str(budget), "--no-progress", "--formats", "html",
-                 "--linear-kernel", "plain",
                  "--store", str(tmp_path / "s1"), "--out", str(out)]) == 0
     assert sizes(tmp_path / "s1", "scan") == [(0, 3 * seq)]
-    # what ran the linear layers: provenance (the key is the same whichever kernel runs)
-    (first,) = [e for e in ResultStore(tmp_path / "s1").entries()
-                if e.manifest["job"]["analysis"] == "scan"]
-    assert first.manifest["linear_kernel"] == "plain"
     assert main(["scan", "--model", str(tiny_folder), "--scores", "prefix", "--seeds", "3",
                  "--no-progress", "--formats", "html", "--store", str(tmp_path / "s2"),
                  "--out", str(tmp_path / "scan2")]) == 0
@@ -300,7 +300,8 @@ def test_memory_budget_chooses_batch_tokens(tiny_folder, copy_task_file, tmp_pat
                if e.manifest["job"]["analysis"] == "scan"]
     assert [scan[k] for k in ("pass_tokens", "choices_pass_tokens", "copies_pass_tokens")] == [
         CPU_PASS_TOKENS, CPU_CHOICES_PASS_TOKENS, CPU_COPIES_PASS_TOKENS]
-    assert scan["linear_kernel"] in ("packed", "plain")  # "auto": what it measured here
+    # what ran the linear layers, provenance: "auto" decides once per process, as for `model`
+    assert scan["linear_kernel"] == model.linear_kernel
 
     # Importance: each task and shot count is sized for its own longest prompt.
     task = task_from_file(copy_task_file)

@@ -69,6 +69,22 @@ def test_a_weight_changed_in_place_is_packed_again():
         assert_close(layer(x), first, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+def test_a_deep_copy_runs_on_its_own_weights():
+    import copy
+
+    layer = torch.nn.Linear(8, 6)
+    layer.forward = PackedForward(layer)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = layer(x)
+        twin = copy.deepcopy(layer)
+        assert twin.forward.module is twin and torch.equal(twin(x), expected)
+        twin.weight.zero_()
+        assert torch.equal(layer(x), expected)
+        assert_close(twin(x), twin.bias.expand(3, 6), rtol=0, atol=1e-6)
+
+
 def tiny_llama():
     return as_hooked_model(tiny_model("llama", n_layers=3))
 
@@ -143,13 +159,13 @@ def test_auto_packs_only_where_it_measures_faster_and_fits(monkeypatch):
         kernel, info = choose_linear_kernel(hf, "auto")
         assert kernel == "plain" and "reason" in info
         return
-    monkeypatch.setattr(kernels, "packed_speedup", lambda *a, **k: 2.0)
+    monkeypatch.setattr(kernels, "cpu_packed_speedup", lambda: 2.0)
     kernel, info = choose_linear_kernel(hf, "auto")
     assert kernel == "packed" and info["speedup"] == 2.0
     assert info["copies_bytes"] == sum(m.weight.numel() * 4 for m in packable_linears(hf))
-    monkeypatch.setattr(kernels, "packed_speedup", lambda *a, **k: 1.1)
+    monkeypatch.setattr(kernels, "cpu_packed_speedup", lambda: 1.1)
     assert choose_linear_kernel(hf, "auto")[0] == "plain"
-    monkeypatch.setattr(kernels, "packed_speedup", lambda *a, **k: 2.0)
+    monkeypatch.setattr(kernels, "cpu_packed_speedup", lambda: 2.0)
     monkeypatch.setattr(kernels, "available_memory", lambda: info["copies_bytes"])  # 4x short
     assert choose_linear_kernel(hf, "auto")[0] == "plain"
 
@@ -191,3 +207,35 @@ def test_the_default_model_scores_the_same_on_packed_weights(smollm2):
             assert torch.equal(out["packed"].argmax(-1), out["plain"].argmax(-1))
     finally:
         smollm2.use_linear_kernel(before)
+
+
+@needs_kernel
+def test_the_memory_estimate_counts_the_packed_copies():
+    from mechicl.experiments.memory import ModelShape, estimate_memory
+
+    model = tiny_llama()
+    options = {"batch_tokens": 256, "seq_len": 64, "analysis": "choices"}
+    plain = estimate_memory(model, **options)
+    model.use_linear_kernel("packed")
+    packed = estimate_memory(model, **options)
+    copies = sum(m.weight.numel() * 4 for m in packable_linears(model.bridge.original_model))
+    assert packed.weights == plain.weights + copies
+    # oneDNN's per-width state: widths 64, 128, 192, 256 for a pass of 256 tokens, an output
+    # buffer per width of q (64), k/v (32), o (64), gate/up (d_mlp) and down (64)
+    d_mlp = model.bridge.original_model.config.intermediate_size
+    assert packed.kernel_state == 4 * (64 + 128 + 192 + 256) * (64 + 32 + 2 * 64 + d_mlp)
+    assert packed.total == plain.total + copies + packed.kernel_state
+    assert packed.batch_bytes == plain.batch_bytes  # the pass itself is the same
+    # from the shape alone, as for a model that is not loaded
+    shape = estimate_memory(ModelShape.from_model(model), linear_kernel="packed", **options)
+    assert shape.to_dict() == packed.to_dict()
+    with pytest.raises(ValueError, match="linear_kernel"):
+        estimate_memory(model, linear_kernel="fast", **options)
+
+
+@needs_kernel
+def test_the_copies_are_made_when_the_kernel_is_set_not_at_first_use():
+    model = tiny_llama()
+    model.use_linear_kernel("packed")
+    forwards = [m.forward for m in packable_linears(model.bridge.original_model)]
+    assert all(isinstance(f, PackedForward) and f.packed is not None for f in forwards)

@@ -296,7 +296,9 @@ def test_weights_equal_the_tiny_models_parameter_bytes(tiny_folder):
 
     for dtype in ("float32", "bfloat16"):
         model = mechicl.load_model(tiny_folder, dtype=dtype)
-        est = estimate_memory(model, batch_tokens=64, seq_len=16, analysis="forward")
+        # the parameters alone: packed copies, where "auto" packs, are tests/test_kernels.py's
+        est = estimate_memory(model, batch_tokens=64, seq_len=16, analysis="forward",
+                              linear_kernel="plain")
         assert est.dtype == dtype and est.weights == _param_bytes(model)
     shape = ModelShape.from_model(model)
     assert (shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.d_mlp) == (2, 4, 2, 128)
@@ -342,8 +344,8 @@ def test_importance_activations_are_what_autograd_saves(dtype):
 
 @pytest.mark.slow
 def test_default_model_shape_and_saved_activations(smollm2):
-    assert estimate_memory(smollm2, batch_tokens=256, seq_len=128,
-                           analysis="forward").weights == _param_bytes(smollm2)
+    assert estimate_memory(smollm2, batch_tokens=256, seq_len=128, analysis="forward",
+                           linear_kernel="plain").weights == _param_bytes(smollm2)
     shape = ModelShape.from_model(smollm2)
     assert shape == dataclasses.replace(REFERENCE_SHAPES["smollm2-135m"],
                                         n_params=REFERENCE_SHAPES["smollm2-135m"].params)

@@ -16,7 +16,17 @@ seq_len**2`` attention entries per layer (read from what torch actually allocate
 saves in the TransformerBridge's eager attention; checked against the measured peak resident
 memory of SmolLM2-135M in ``benchmarks/bench_memory.py`` and docs/concepts/big-models.md):
 
-* ``weights``: ``n_params * s``.
+* ``weights``: ``n_params * s``; for a loaded model whose linear layers run on packed weights
+  (:mod:`mechicl.model.kernels`), plus the packed copies (as much again as the blocks' linear
+  weights).
+* ``kernel_state``: on packed weights only, the state oneDNN keeps for every width of product
+  it has run (products are padded to multiples of ``BUCKET_ROWS`` = 64 rows): about one float32
+  output buffer per width and weight shape, as measured on SmolLM2 (docs/benchmarks.md), so the
+  sum over the widths ``w = 64, 128, ...`` up to ``N`` of ``4 * w * ((n_heads + n_kv_heads) *
+  d_head + 2 * d_model + d_mlp)`` (the outputs of the query, key/value, output, gate/up and down
+  projections), ``N`` at most the largest pass a CPU runs (2048 tokens: packing is for CPUs).
+  It stays for the process, so a pass of ``N`` tokens may find all of it there; a loose upper
+  bound (0.2-0.5 MiB per width for some shapes, measured).
 * ``kv_cache``: ``2 * n_layers * n_kv_heads * d_head * N * s``. The bridge runs the Hugging Face
   model with its default ``use_cache=True``, so every forward pass builds a key/value cache of
   all layers, held until the logits are computed.
@@ -84,18 +94,20 @@ Axis names: ``batch pos head query_pos key_pos d_model d_mlp d_vocab``.
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import pandas as pd
 import torch
 
+from mechicl._batching import CPU_CHOICES_PASS_TOKENS, CPU_COPIES_PASS_TOKENS, CPU_PASS_TOKENS
 from mechicl._checks import check_choice, check_positive
 from mechicl.analyses import MEMORY_MODELS
 from mechicl.analyses.induction import OV_VOCAB_SLICE
 from mechicl.analyses.metrics import LOGSUMEXP_ELEMENTS
 from mechicl.model.hooked import HookedModel, as_hooked_model
+from mechicl.model.kernels import BUCKET_ROWS, packed_copies_bytes
 from mechicl.model.loading import parse_bytes, resolve_dtype
 
 __all__ = [
@@ -303,6 +315,9 @@ class MemoryEstimate:
         total: the estimated peak: weights plus what the pass adds.
         circuits: the OV-circuit score's working set (``"scan"``; 0 for the others), which
             does not grow with the batch.
+        kernel_state: for linear layers on packed weights (``linear_kernel="packed"``), what
+            oneDNN keeps per width of product up to this pass's (0 otherwise; see the module
+            docstring).
     """
 
     analysis: str
@@ -316,6 +331,7 @@ class MemoryEstimate:
     gradients: int
     total: int
     circuits: int = 0
+    kernel_state: int = 0
 
     @property
     def batch_tokens(self) -> int:
@@ -344,7 +360,8 @@ class MemoryEstimate:
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {_readable(getattr(self, k))}" for k in
                           ("weights", "kv_cache", "activations", "logits", "gradients",
-                           "circuits") if k != "circuits" or self.circuits)
+                           "circuits", "kernel_state")
+                          if k not in ("circuits", "kernel_state") or getattr(self, k))
         return (f"{self.analysis} of {self.rows} x {self.seq_len} tokens in {self.dtype}: "
                 f"{_readable(self.total)} ({parts})")
 
@@ -367,6 +384,13 @@ def _resolve_dtype(shape: ModelShape | HookedModel | Any,
         raise ValueError(f"dtype {resolved} has no memory model; choose one of "
                          f"{[str(d) for d in allowed]}")
     return resolved
+
+
+def _kernel_state(m: ModelShape, tokens: int) -> int:
+    """oneDNN's per-width state for packed products of up to ``tokens`` rows (float32)."""
+    k = -(-tokens // BUCKET_ROWS)  # widths 64, 128, ..., k * 64
+    outputs = (m.n_heads + m.n_kv_heads) * m.d_head + 2 * m.d_model + m.d_mlp
+    return BUCKET_ROWS * k * (k + 1) // 2 * outputs * 4
 
 
 def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
@@ -421,7 +445,7 @@ def _ov_circuits(m: ModelShape, s: int) -> int:
 
 def estimate_memory(
     shape: ModelShape | HookedModel, *, dtype: torch.dtype | str | None = None,
-    batch_tokens: int, seq_len: int, analysis: MemoryModel,
+    batch_tokens: int, seq_len: int, analysis: MemoryModel, linear_kernel: str | None = None,
 ) -> MemoryEstimate:
     """Estimated peak memory of one pass of ``analysis`` (see the module docstring).
 
@@ -434,6 +458,9 @@ def estimate_memory(
             argument: ``max(1, batch_tokens // seq_len)`` rows.
         seq_len: the longest sequence (all rows are padded to it).
         analysis: one of :data:`MEMORY_MODELS`.
+        linear_kernel: ``"plain"`` or ``"packed"`` (:mod:`mechicl.model.kernels`: the packed
+            copies and ``kernel_state``); default: the loaded model's, or ``"plain"`` for a
+            :class:`ModelShape`.
 
     Returns:
         A :class:`MemoryEstimate` (bytes).
@@ -447,13 +474,52 @@ def estimate_memory(
     check_positive("batch_tokens", batch_tokens)
     check_positive("seq_len", seq_len)
     torch_dtype = _resolve_dtype(shape, dtype)
-    return _estimate(_as_shape(shape), torch_dtype, max(1, batch_tokens // seq_len), seq_len,
-                     analysis)
+    estimate = _estimator(shape, torch_dtype, seq_len, analysis, linear_kernel)
+    return estimate(max(1, batch_tokens // seq_len))
+
+
+def _estimator(shape: ModelShape | HookedModel | Any, dtype: torch.dtype, seq_len: int,
+               analysis: str, linear_kernel: str | None) -> Callable[[int], MemoryEstimate]:
+    """``rows -> MemoryEstimate`` for ``shape`` on ``linear_kernel`` (default: the loaded
+    model's, ``"plain"`` for a :class:`ModelShape`): with the packed copies and
+    ``kernel_state`` on packed weights."""
+    m = _as_shape(shape)
+    if linear_kernel is None:
+        linear_kernel = ("plain" if isinstance(shape, ModelShape)
+                         else as_hooked_model(shape).linear_kernel)
+    check_choice("linear_kernel", linear_kernel, ("plain", "packed"))
+    copies = _packed_copies(shape, m, dtype) if linear_kernel == "packed" else 0
+
+    def estimate(rows: int) -> MemoryEstimate:
+        est = _estimate(m, dtype, rows, seq_len, analysis)
+        if linear_kernel == "plain":
+            return est
+        # packing runs on a CPU only, whose passes hold at most the largest CPU cap of tokens
+        state = _kernel_state(m, min(est.batch_tokens, max(
+            CPU_PASS_TOKENS, CPU_CHOICES_PASS_TOKENS, CPU_COPIES_PASS_TOKENS)))
+        return dataclasses.replace(est, weights=est.weights + copies, kernel_state=state,
+                                   total=est.total + copies + state)
+
+    return estimate
+
+
+def _packed_copies(shape: ModelShape | HookedModel | Any, m: ModelShape,
+                   dtype: torch.dtype) -> int:
+    """The packed copies of the blocks' linear weights: counted on a loaded model, from the
+    shape's projections otherwise."""
+    hf = None if isinstance(shape, ModelShape) else getattr(
+        as_hooked_model(shape).bridge, "original_model", None)
+    if hf is not None:
+        return packed_copies_bytes(hf)
+    per_layer = m.d_model * ((2 * m.n_heads + 2 * m.n_kv_heads) * m.d_head
+                             + (3 if m.gated_mlp else 2) * m.d_mlp)
+    return m.n_layers * per_layer * dtype.itemsize
 
 
 def batch_tokens_for_budget(
     shape: ModelShape | HookedModel, budget: int | str, *,
     dtype: torch.dtype | str | None = None, seq_len: int, analysis: MemoryModel,
+    linear_kernel: str | None = None,
 ) -> int:
     """The largest ``batch_tokens`` (a multiple of ``seq_len``) whose estimated peak memory,
     weights included, fits in ``budget``.
@@ -468,6 +534,7 @@ def batch_tokens_for_budget(
         dtype: as in :func:`estimate_memory`.
         seq_len: the longest sequence.
         analysis: one of :data:`MEMORY_MODELS`.
+        linear_kernel: as in :func:`estimate_memory`.
 
     Returns:
         ``rows * seq_len``, at least ``seq_len``.
@@ -483,8 +550,8 @@ def batch_tokens_for_budget(
     check_positive("seq_len", seq_len)
     limit = parse_bytes(budget)
     torch_dtype = _resolve_dtype(shape, dtype)
-    m = _as_shape(shape)
-    one = _estimate(m, torch_dtype, 1, seq_len, analysis)
+    estimate = _estimator(shape, torch_dtype, seq_len, analysis, linear_kernel)
+    one = estimate(1)
     if one.total > limit:
         raise ValueError(f"budget {_readable(limit)} is too small: {analysis} on one sequence of "
                          f"{seq_len} tokens needs {_readable(one.total)} ({one}); use a shorter "
@@ -492,7 +559,7 @@ def batch_tokens_for_budget(
     # the estimate grows with the rows (not in proportion: the scan's circuits, the score's
     # slice of temporaries): the largest fit by doubling, then bisection
     def fits(rows: int) -> bool:
-        return _estimate(m, torch_dtype, rows, seq_len, analysis).total <= limit
+        return estimate(rows).total <= limit
 
     lo, hi = 1, 2
     while fits(hi):

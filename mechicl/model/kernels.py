@@ -1,12 +1,13 @@
 """Which kernel runs the model's linear layers on a CPU: PyTorch's ``F.linear`` or oneDNN's on
 weights packed once.
 
-``F.linear`` hands float32 products to the BLAS PyTorch was built with (MKL), which takes its
-AVX2 path on AMD processors; oneDNN, the library ``torch.compile``'s freezing pass and Intel's
-extension for PyTorch use for the same products, takes AVX-512 where the CPU has it, on a copy
+``F.linear`` hands float32 products to the BLAS PyTorch was built with (MKL), which on AMD
+processors ran at less than half the rate of oneDNN's kernel on a Zen 5 machine (as if on its
+AVX2 path; MKL is known to pick its paths by vendor); oneDNN, the library ``torch.compile``'s
+freezing pass and Intel's extension for PyTorch use for the same products, runs them on a copy
 of the weight reordered once into its kernel's blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``). How much that gains
-depends on the processor, so ``"auto"`` measures it when the model is loaded
+depends on the processor, so ``"auto"`` measures it, once per process
 (docs/benchmarks.md, "Packed linear weights": 2.3x on the products of a Zen 5 machine, 1.1x on
 a Zen 4 one, where ``"auto"`` keeps ``F.linear``).
 
@@ -28,6 +29,7 @@ the CPU or not float32, and a weight changed since it was packed (its version co
 again, so results never come from stale weights.
 """
 
+import copy
 import functools
 import logging
 import os
@@ -54,8 +56,8 @@ BUCKET_ROWS = 64
 then grows with ``max tokens / 64`` widths, not with every pass length (docs/benchmarks.md)."""
 
 AUTO_MIN_SPEEDUP = 1.3
-"""``"auto"`` packs when the packed kernel runs the model's largest block product at least this
-many times as fast as ``F.linear`` (measured at load, 512 rows)."""
+"""``"auto"`` packs when the packed kernel runs a reference product at least this many times as
+fast as ``F.linear`` (:func:`cpu_packed_speedup`, measured once per process)."""
 
 AUTO_MAX_MEMORY_SHARE = 0.25
 """``"auto"`` packs only when the packed copies take at most this share of the memory
@@ -133,9 +135,21 @@ class PackedForward:
         self.packed: Tensor | None = None
         self.key: tuple[int, int] | None = None
 
+    def pack(self) -> None:
+        """Pack the weight now (where packing applies), not at the first call: the copies are
+        then part of the loaded model, as memory estimates count them."""
+        weight = self.module.weight
+        if packed_kernel_available(weight):
+            self.packed, self.key = pack_weight(weight), (weight.data_ptr(), weight._version)
+
     def invalidate(self) -> None:
         """Drop the packed copy: the next call packs the weight as it is then."""
         self.packed, self.key = None, None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "PackedForward":
+        # a deep copy of the module (or of a model holding it) gets its own forward, on the
+        # copied module, packed on first use: oneDNN's opaque tensors are not copied
+        return PackedForward(copy.deepcopy(self.module, memo), bucket=self.bucket)
 
     def __call__(self, x: Tensor) -> Tensor:
         weight, bias = self.module.weight, self.module.bias
@@ -169,6 +183,12 @@ def packable_linears(hf_model: torch.nn.Module) -> list[torch.nn.Linear]:
             and m.weight.data_ptr() not in shared]
 
 
+def packed_copies_bytes(hf_model: torch.nn.Module) -> int:
+    """Bytes of the packed copies of ``hf_model``'s :func:`packable_linears` weights (as much
+    again as those weights: oneDNN's blocked layout of a float32 weight is not smaller)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in packable_linears(hf_model))
+
+
 def packed_speedup(d_in: int, d_out: int, *, rows: int = 512, repeats: int = 5) -> float:
     """``F.linear``'s time over the packed kernel's for a ``[rows, d_in] x [d_in, d_out]``
     float32 product on this CPU, now (median of ``repeats`` timings of 5 calls each); NaN
@@ -191,6 +211,14 @@ def packed_speedup(d_in: int, d_out: int, *, rows: int = 512, repeats: int = 5) 
 
     with torch.no_grad():
         return seconds(lambda: F.linear(x, weight)) / seconds(lambda: packed_linear(x, packed))
+
+
+@functools.cache
+def cpu_packed_speedup() -> float:
+    """:func:`packed_speedup` at a reference product (512 x 1024 by 1024 x 1024; under a second to
+    measure), once per process: what ``"auto"`` decides by, a property of the CPU, so that
+    every model loaded in a process gets the same kernel."""
+    return packed_speedup(1024, 1024)
 
 
 def available_memory() -> int | None:
@@ -243,9 +271,8 @@ def choose_linear_kernel(hf_model: torch.nn.Module,
         return "plain", {"asked": kernel, "reason": reason}
     if kernel == "packed":
         return "packed", {"asked": "packed"}
-    largest = max(linears, key=lambda m: m.weight.numel())
-    speedup = packed_speedup(largest.in_features, largest.out_features)
-    copies = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    speedup = cpu_packed_speedup()
+    copies = packed_copies_bytes(hf_model)
     available = available_memory()
     info = {"asked": "auto", "speedup": round(speedup, 3), "copies_bytes": copies,
             "available_bytes": available}
@@ -264,7 +291,8 @@ def set_linear_kernel(hf_model: torch.nn.Module, kernel: Literal["packed", "plai
     for m in packable_linears(hf_model):
         m.__dict__.pop("forward", None)  # the class's forward again
         if kernel == "packed":
-            m.forward = PackedForward(m, bucket=bucket)
+            m.forward = forward = PackedForward(m, bucket=bucket)
+            forward.pack()
             n += 1
     return n
 
