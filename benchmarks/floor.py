@@ -131,7 +131,7 @@ def matmul_rate(model, *, tokens: int = 512, repeats: int = 7) -> float:
     d_mlp = getattr(model.cfg, "d_mlp", None) or 4 * d_model
     a = torch.randn(tokens, d_model, dtype=model.dtype, device=model.device)
     b = torch.randn(d_model, d_mlp, dtype=model.dtype, device=model.device)
-    return 2 * tokens * d_model * d_mlp / _median_seconds(torch.mm, (a, b), repeats)
+    return 2 * tokens * d_model * d_mlp / median_seconds(torch.mm, (a, b), repeats)
 
 
 def packed_linear(weight: torch.Tensor):
@@ -170,10 +170,10 @@ def packed_matmul_rate(model, *, tokens: int = 512, repeats: int = 7) -> float:
     if fn is None:
         return float("nan")
     a = torch.randn(tokens, d_model, dtype=model.dtype, device=model.device)
-    return 2 * tokens * d_model * d_mlp / _median_seconds(fn, (a,), repeats)
+    return 2 * tokens * d_model * d_mlp / median_seconds(fn, (a,), repeats)
 
 
-def _median_seconds(fn, args: tuple, repeats: int, inner: int = 10) -> float:
+def median_seconds(fn, args: tuple, repeats: int, inner: int = 10) -> float:
     """Median seconds of ``fn(*args)`` over ``repeats`` timings of ``inner`` calls each."""
     for _ in range(3):
         fn(*args)
@@ -210,14 +210,14 @@ class Rates:
         for in_f, out_f in flops_by_shape:
             x = torch.randn(tokens, in_f, dtype=dtype, device=device)
             w = torch.randn(out_f, in_f, dtype=dtype, device=device)
-            seconds = _median_seconds(torch.nn.functional.linear, (x, w), repeats)
+            seconds = median_seconds(torch.nn.functional.linear, (x, w), repeats)
             rates[(in_f, out_f)] = 2 * tokens * in_f * out_f / seconds
         per_token = sum(flops_by_shape.values())
         body = per_token / sum(f / rates[shape] for shape, f in flops_by_shape.items())
         x = torch.randn(tokens, model.d_model, dtype=dtype, device=device)
         w = torch.randn(model.d_vocab, model.d_model, dtype=dtype, device=device)
         unembed = (2 * tokens * model.d_model * model.d_vocab
-                   / _median_seconds(torch.nn.functional.linear, (x, w), repeats, inner=2))
+                   / median_seconds(torch.nn.functional.linear, (x, w), repeats, inner=2))
         return cls(single=matmul_rate(model, tokens=tokens, repeats=repeats), body=body,
                    unembed=unembed, tokens=tokens,
                    shapes={f"{i}x{o}": r for (i, o), r in sorted(rates.items())})

@@ -31,9 +31,7 @@ sees a few widths only.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 from floor import (
     alternated,
     matmul_rate,
+    median_seconds,
     packed_linear,
     packed_matmul_rate,
     probe_setup,
@@ -104,22 +103,9 @@ def product_rates(model, tokens: int = 512, repeats: int = 7) -> dict[str, dict[
         x = torch.randn(tokens, k)
         layer = torch.nn.Linear(k, n, bias=False)
         flops = 2 * tokens * k * n
-
-        def rate(fn, flops: int = flops) -> float:
-            for _ in range(3):
-                fn()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for _ in range(10):
-                    fn()
-                times.append((time.perf_counter() - start) / 10)
-            return flops / statistics.median(times) / 1e9
-
         with torch.no_grad():
-            plain = rate(lambda layer=layer, x=x: F.linear(x, layer.weight))
-            fn = packed_linear(layer.weight)
-            packed = rate(lambda fn=fn, x=x: fn(x))
+            plain = flops / median_seconds(F.linear, (x, layer.weight), repeats) / 1e9
+            packed = flops / median_seconds(packed_linear(layer.weight), (x,), repeats) / 1e9
         out[f"{k}x{n}"] = {"plain": plain, "packed": packed}
     return out
 

@@ -158,9 +158,8 @@ class PackedForward:
                 or not packed_kernel_available(weight)
                 or grad and (weight.requires_grad or (bias is not None and bias.requires_grad))):
             return F.linear(x, weight, bias)
-        key = (weight.data_ptr(), weight._version)
-        if self.packed is None or key != self.key:
-            self.packed, self.key = pack_weight(weight), key
+        if self.packed is None or (weight.data_ptr(), weight._version) != self.key:
+            self.pack()
         if grad and x.requires_grad:
             return _PackedLinearFunction.apply(x, weight.detach(), self.packed, bias,
                                                self.bucket)
