@@ -211,7 +211,7 @@ def test_the_default_model_scores_the_same_on_packed_weights(smollm2):
 
 @needs_kernel
 def test_the_memory_estimate_counts_the_packed_copies():
-    from mechicl.experiments.memory import ModelShape, estimate_memory
+    from mechicl.experiments.memory import KERNEL_STATE_PER_WIDTH, ModelShape, estimate_memory
 
     model = tiny_llama()
     options = {"batch_tokens": 256, "seq_len": 64, "analysis": "choices"}
@@ -221,9 +221,11 @@ def test_the_memory_estimate_counts_the_packed_copies():
     copies = sum(m.weight.numel() * 4 for m in packable_linears(model.bridge.original_model))
     assert packed.weights == plain.weights + copies
     # oneDNN's per-width state: widths 64, 128, 192, 256 for a pass of 256 tokens, an output
-    # buffer per width of q (64), k/v (32), o (64), gate/up (d_mlp) and down (64)
+    # buffer per width of q (64), k/v (32), o (64), gate/up (d_mlp) and down (64), and a fixed
+    # part per width and projection
     d_mlp = model.bridge.original_model.config.intermediate_size
-    assert packed.kernel_state == 4 * (64 + 128 + 192 + 256) * (64 + 32 + 2 * 64 + d_mlp)
+    assert packed.kernel_state == (4 * (64 + 128 + 192 + 256) * (64 + 32 + 2 * 64 + d_mlp)
+                                   + 4 * 5 * KERNEL_STATE_PER_WIDTH)
     assert packed.total == plain.total + copies + packed.kernel_state
     assert packed.batch_bytes == plain.batch_bytes  # the pass itself is the same
     # from the shape alone, as for a model that is not loaded

@@ -20,13 +20,14 @@ memory of SmolLM2-135M in ``benchmarks/bench_memory.py`` and docs/concepts/big-m
   (:mod:`mechicl.model.kernels`), plus the packed copies (as much again as the blocks' linear
   weights).
 * ``kernel_state``: on packed weights only, the state oneDNN keeps for every width of product
-  it has run (products are padded to multiples of ``BUCKET_ROWS`` = 64 rows): about one float32
-  output buffer per width and weight shape, as measured on SmolLM2 (docs/benchmarks.md), so the
-  sum over the widths ``w = 64, 128, ...`` up to ``N`` of ``4 * w * ((n_heads + n_kv_heads) *
-  d_head + 2 * d_model + d_mlp)`` (the outputs of the query, key/value, output, gate/up and down
-  projections), ``N`` at most the largest pass a CPU runs (2048 tokens: packing is for CPUs).
-  It stays for the process, so a pass of ``N`` tokens may find all of it there; a loose upper
-  bound (0.2-0.5 MiB per width for some shapes, measured).
+  it has run (products are padded to multiples of ``BUCKET_ROWS`` = 64 rows), bounded by a
+  float32 output buffer plus a fixed 2 MiB (:data:`KERNEL_STATE_PER_WIDTH`) per width and
+  projection: the sum over the widths ``w = 64, 128, ...`` up to ``N`` of ``4 * w *
+  ((n_heads + n_kv_heads) * d_head + 2 * d_model + d_mlp) + 5 * 2 MiB`` (the query, key/value,
+  output, gate/up and down projections), ``N`` at most the largest pass a CPU runs (2048
+  tokens: packing is for CPUs). It stays for the process, so a pass of ``N`` tokens may find
+  all of it there. Fitted on SmolLM2's shapes (``benchmarks/probe_kernel_state.py``: 0.02-9.4
+  MiB per new width and shape, 0.29-0.43 of this term at 256-2048 tokens; docs/benchmarks.md).
 * ``kv_cache``: ``2 * n_layers * n_kv_heads * d_head * N * s``. The bridge runs the Hugging Face
   model with its default ``use_cache=True``, so every forward pass builds a key/value cache of
   all layers, held until the logits are computed.
@@ -386,11 +387,17 @@ def _resolve_dtype(shape: ModelShape | HookedModel | Any,
     return resolved
 
 
+KERNEL_STATE_PER_WIDTH = 2 * 2**20
+"""The fixed part of oneDNN's state per width of packed product and projection (bytes): the
+``kernel_state`` term (module docstring), from benchmarks/probe_kernel_state.py."""
+
+
 def _kernel_state(m: ModelShape, tokens: int) -> int:
     """oneDNN's per-width state for packed products of up to ``tokens`` rows (float32)."""
     k = -(-tokens // BUCKET_ROWS)  # widths 64, 128, ..., k * 64
     outputs = (m.n_heads + m.n_kv_heads) * m.d_head + 2 * m.d_model + m.d_mlp
-    return BUCKET_ROWS * k * (k + 1) // 2 * outputs * 4
+    return (BUCKET_ROWS * k * (k + 1) // 2 * outputs * 4  # an output buffer per width
+            + k * 5 * KERNEL_STATE_PER_WIDTH)  # and a fixed part, for 5 projections
 
 
 def _estimate(m: ModelShape, dtype: torch.dtype, rows: int, seq_len: int,
